@@ -1,0 +1,180 @@
+"""The engine: `step()` = schedule -> run the model -> sample -> append tokens and check stops.
+
+Everything a request needs is validated in `add_request`, before it can reach the step loop, and
+each error names the offending field. A failure inside a step fails that step's requests (their
+blocks are freed, their finish_reason is "error") and the engine carries on with the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from tinyserve.config import EngineConfig
+from tinyserve.engine.runner import ModelRunner
+from tinyserve.engine.sampler import Sampler
+from tinyserve.engine.scheduler import Scheduler
+from tinyserve.engine.sequence import Logprob, Sequence
+from tinyserve.kv.block_manager import BlockManager
+from tinyserve.models.loader import load_model, model_config, resolve_model
+from tinyserve.outputs import RequestOutput
+from tinyserve.sampling import SamplingParams
+from tinyserve.tokenizer import IncrementalDetokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        torch.set_num_threads(config.num_threads)
+        src = resolve_model(config.model)
+        self.model_name = src.name
+        self.model_config = mc = model_config(src)
+        self.tokenizer = load_tokenizer(src, config.tokenizer, mc.eos_token_ids)
+        dtype, device = config.torch_dtype, config.device
+
+        bs = config.block_size
+        self.num_blocks = config.num_kv_blocks or int(config.kv_cache_memory_gb * 2**30 // (mc.kv_bytes_per_token(dtype) * bs))
+        if self.num_blocks < 1:
+            raise ValueError(f"kv_cache_memory_gb={config.kv_cache_memory_gb} is too small for one block of {bs} tokens")
+        if config.max_model_len is not None and config.max_model_len > mc.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len ({config.max_model_len}) exceeds the model's context ({mc.max_position_embeddings})"
+            )
+        wanted = config.max_model_len or mc.max_position_embeddings
+        # One sequence of max_len must always fit the pool: that is what makes preemption safe.
+        self.max_len = min(wanted, self.num_blocks * bs)
+        if self.max_len < wanted:
+            log.warning("max_model_len capped at %d tokens: the KV pool holds no more", self.max_len)
+
+        self.model = load_model(src, mc, self.max_len, dtype, device)
+        self.runner = ModelRunner(self.model, mc, self.num_blocks, bs, dtype, device)
+        self.blocks = BlockManager(self.num_blocks, bs)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting)
+        self.sampler = Sampler(self.tokenizer.eos_token_ids, config.seed, self.runner.device)
+        self.requests: dict[str, list[Sequence]] = {}
+
+    # -- requests ----------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt, checked against the vocabulary and the context."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            vocab = self.model_config.vocab_size
+            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt_token_ids: token id {bad[0]!r} is out of range [0, {vocab})")
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        if len(ids) >= self.max_len:
+            raise ValueError(
+                f"prompt is {len(ids)} tokens; the context holds {self.max_len}, including at least one generated token"
+            )
+        return ids
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> list[Sequence]:
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        ids = self.encode_prompt(prompt)
+        vocab = self.model_config.vocab_size
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be < {vocab}")
+        now = time.monotonic()
+        seqs = []
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:  # each of the n samples gets its own stream
+                gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
+            seqs.append(Sequence(
+                request_id=request_id,
+                prompt=prompt if isinstance(prompt, str) else None,
+                prompt_token_ids=ids,
+                params=params,
+                detokenizer=IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
+                max_len=self.max_len,
+                arrival_time=now,
+                index=i,
+                generator=gen,
+            ))
+        self.scheduler.add(seqs)  # raises QueueFullError when the bounded queue is full
+        self.requests[request_id] = seqs
+        return seqs
+
+    def abort_request(self, request_id: str) -> None:
+        for seq in self.requests.get(request_id, []):
+            if not seq.finished:
+                seq.finish("abort")
+                self.scheduler.finish(seq)
+
+    def pop_output(self, request_id: str) -> RequestOutput:
+        """The request's output; forgets the request once it has finished."""
+        seqs = self.requests[request_id]
+        out = RequestOutput.from_seqs(request_id, seqs)
+        if out.finished:
+            del self.requests[request_id]
+        return out
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # -- the step loop ------------------------------------------------------------------------
+    def step(self) -> list[Sequence]:
+        """One forward pass over the scheduled batch; returns the sequences that got a token or ended."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        try:
+            logits, sampling = self.runner.execute(batch)
+            tokens, logprobs = self.sampler(logits, sampling) if sampling else ([], [])
+        except Exception as e:  # never a dead engine: fail this batch, keep serving the rest
+            log.exception("step failed; failing %d request(s)", len(batch))
+            for seq in batch.seqs:
+                seq.error = f"internal error while running the model: {type(e).__name__}: {e}"
+                seq.finish("error")
+                self.scheduler.finish(seq)
+            return batch.seqs
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            seq.num_computed += n
+        for seq, token, lp in zip(sampling, tokens, logprobs):
+            self._append(seq, token, lp)
+        return sampling
+
+    def _append(self, seq: Sequence, token: int, logprob: Logprob | None) -> None:
+        seq.token_ids.append(token)
+        seq.output_token_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        text_before = len(seq.output_text)
+        seq.output_text += seq.detokenizer.step(token)
+        reason = self._stop_reason(seq, token, text_before)
+        if reason is not None:
+            seq.finish(*reason)
+            self.scheduler.finish(seq)
+
+    def _stop_reason(self, seq: Sequence, token: int, text_before: int) -> tuple[str, int | str | None] | None:
+        p = seq.params
+        n_out = len(seq.output_token_ids)
+        if n_out >= p.min_tokens:
+            if token in self.tokenizer.eos_token_ids and not p.ignore_eos:
+                return "stop", None
+            if token in p.stop_token_ids:
+                return "stop", token
+            if p.stop_strings:
+                # A stop string may straddle tokens: search from where a new match could begin.
+                start = max(0, text_before - max(map(len, p.stop_strings)) + 1)
+                hits = [(i, s) for s in p.stop_strings if (i := seq.output_text.find(s, start)) != -1]
+                if hits:
+                    i, s = min(hits)
+                    seq.output_text = seq.output_text[: i + (len(s) if p.include_stop_str_in_output else 0)]
+                    return "stop", s
+        if n_out >= seq.max_output_tokens():
+            return "length", None
+        return None

@@ -1,0 +1,98 @@
+"""One request's state: its tokens, how many of them are in the KV cache, and its lifecycle.
+
+WAITING -> RUNNING -> (PREEMPTED -> WAITING -> RUNNING ...) -> FINISHED(reason)
+
+The invariant the whole engine leans on: `token_ids[:num_computed]` have their K/V in the blocks of
+`block_table`; the rest still have to be fed through the model. A decode step feeds exactly one
+token (the last sampled one); a prefill chunk feeds several. Preemption just frees the blocks and
+sets num_computed = 0: the prompt *and* the tokens generated so far are recomputed on resume.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tinyserve.sampling import SamplingParams
+from tinyserve.tokenizer import IncrementalDetokenizer
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Logprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the top-N (token id, logprob) at this position
+
+
+@dataclass(eq=False)  # identity semantics: two requests are never 'equal'
+class Sequence:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer
+    max_len: int  # prompt + output may not exceed this (the model context / KV capacity)
+    arrival_time: float = field(default_factory=time.monotonic)
+    index: int = 0  # which of the request's n samples this is
+
+    status: Status = Status.WAITING
+    token_ids: list[int] = field(init=False)
+    output_token_ids: list[int] = field(default_factory=list)
+    output_text: str = ""
+    logprobs: list[Logprob] = field(default_factory=list)
+    num_computed: int = 0
+    block_table: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stop_reason: int | str | None = None  # the stop string / token id that ended it
+    generator: torch.Generator | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    error: str | None = None  # set when finish_reason == "error": what to tell the client
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+    def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
+        self.status = Status.FINISHED
+        self.finish_reason = reason
+        self.stop_reason = stop_reason
+        self.finish_time = time.monotonic()
+
+    def visible_text(self) -> str:
+        """Text safe to show now: while running, a tail that could be the start of a stop string is
+        held back, so a stream never shows text that the stop string later cuts off."""
+        stops = self.params.stop_strings
+        if self.finished or not stops:
+            return self.output_text
+        hold = max(map(len, stops)) - 1
+        return self.output_text[: max(0, len(self.output_text) - hold)]
+
+    def max_output_tokens(self) -> int:
+        room = self.max_len - self.num_prompt_tokens
+        return room if self.params.max_tokens is None else min(room, self.params.max_tokens)

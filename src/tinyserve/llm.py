@@ -1,0 +1,87 @@
+"""`LLM`: offline batched generation with vLLM's interface."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+from typing import Any
+
+from tqdm import tqdm
+
+from tinyserve.config import EngineConfig
+from tinyserve.engine.llm_engine import LLMEngine
+from tinyserve.outputs import RequestOutput
+from tinyserve.sampling import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """`LLM(model=None | path | hub_id, dtype=..., device=..., **engine_knobs)`; see EngineConfig."""
+
+    def __init__(self, model: str | None = None, dtype: str = "auto", device: str = "cpu", **kwargs: Any) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, **kwargs))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (strings or token-id lists); outputs come back in input order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # a single prompt
+        prompts = list(prompts)
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"sampling_params: got {len(params_list)} for {len(prompts)} prompts")
+        for p in prompts:  # fail before anything is queued
+            self.engine.encode_prompt(p)
+        return self._run(list(zip(prompts, params_list)), use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        add_generation_prompt: bool = True,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"}) or a list of them, through the chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, work: list[tuple[Prompt, SamplingParams]], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.engine
+        ids = [f"offline-{next(self._ids)}" for _ in work]
+        pending = list(zip(ids, work))[::-1]
+        outputs: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(work), desc="generate", disable=not use_tqdm)
+        try:
+            while pending or len(outputs) < len(work):
+                # Feed the bounded waiting queue as it drains.
+                room = engine.config.max_waiting - len(engine.scheduler.waiting)
+                while pending and room >= pending[-1][1][1].n:
+                    rid, (prompt, params) = pending.pop()
+                    engine.add_request(rid, prompt, params)
+                    room -= params.n
+                done = {s.request_id for s in engine.step() if s.finished}
+                for rid in done:
+                    if engine.requests[rid] and all(s.finished for s in engine.requests[rid]):
+                        outputs[rid] = engine.pop_output(rid)
+                        bar.update(1)
+        except BaseException:
+            for rid in ids:
+                if rid in engine.requests:
+                    engine.abort_request(rid)
+                    engine.pop_output(rid)
+            raise
+        finally:
+            bar.close()
+        return [outputs[rid] for rid in ids]

