@@ -70,8 +70,9 @@ def test_sharegpt_sampling_respects_filters_and_lengths():
         assert r.messages == [{"role": "user", "content": r.prompt}]
     tight = sample_sharegpt(CHEAP, 200, seed=1, min_len=8, max_prompt_len=64, max_total_len=128)
     assert len(tight) == 200
-    assert all(8 <= r.prompt_len <= 64 and 8 <= r.expected_output_len and r.prompt_len + r.expected_output_len <= 128
-               for r in tight)
+    for r in tight:
+        assert 8 <= r.prompt_len <= 64 and 8 <= r.expected_output_len
+        assert r.prompt_len + r.expected_output_len <= 128
     fixed = sample_sharegpt(CHEAP, 50, seed=0, fixed_output_len=7)
     assert {r.expected_output_len for r in fixed} == {7}
 

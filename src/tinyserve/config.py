@@ -73,6 +73,33 @@ class ModelConfig:
             name=name,
         )
 
+    def to_hf(self) -> dict[str, Any]:
+        """A transformers config.json for these weights (Llama or Qwen2)."""
+        arch = "Qwen2ForCausalLM" if self.attention_bias else "LlamaForCausalLM"
+        cfg: dict[str, Any] = {
+            "architectures": [arch],
+            "model_type": "qwen2" if self.attention_bias else "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "torch_dtype": "float32",
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
+        }
+        if not self.attention_bias:
+            cfg["attention_bias"] = False
+        return cfg
+
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         """K and V, every layer: the exact price of one token of context."""
         itemsize = torch.empty((), dtype=dtype).element_size()

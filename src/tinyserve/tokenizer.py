@@ -1,20 +1,14 @@
 """Tokenizer, chat template, and the incremental detokenizer that streams text safely.
 
-HF tokenizers do the tokenizing (never hand-write BPE). A GGUF file's vocabulary is converted by
-transformers once (~15 s for SmolLM2) and cached as tokenizer.json, so later starts take milliseconds.
+HF tokenizers do the tokenizing (never hand-write BPE); a GGUF's vocabulary arrives here already
+converted to tokenizer.json by the loader's export.
 """
 
 from __future__ import annotations
 
-import logging
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
-from tinyserve.models.loader import ModelSource, cache_dir
-
-log = logging.getLogger(__name__)
+from tinyserve.models.loader import ModelSource
 
 # Tokens of prompt context the detokenizer decodes in front of the output: sentencepiece drops a
 # leading space when a piece is decoded alone, so each delta is measured against real context.
@@ -47,23 +41,7 @@ class Tokenizer:
 def load_tokenizer(src: ModelSource, override: str | None = None, eos_token_ids: tuple[int, ...] = ()) -> Tokenizer:
     from transformers import AutoTokenizer
 
-    if override:
-        return Tokenizer(AutoTokenizer.from_pretrained(override), eos_token_ids)
-    if src.kind == "hf_dir":
-        return Tokenizer(AutoTokenizer.from_pretrained(str(src.path)), eos_token_ids)
-    stat = src.path.stat()
-    cached = cache_dir() / "tokenizers" / f"{src.path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
-    if not (cached / "tokenizer.json").is_file():
-        log.info("converting the GGUF vocabulary of %s (once; cached in %s)", src.path.name, cached)
-        tok = AutoTokenizer.from_pretrained(str(src.path.parent), gguf_file=src.path.name)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cached.parent))
-        tok.save_pretrained(str(tmp))
-        try:
-            tmp.rename(cached)  # atomic: concurrent first starts never see a half-written cache
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return Tokenizer(AutoTokenizer.from_pretrained(str(cached)), eos_token_ids)
+    return Tokenizer(AutoTokenizer.from_pretrained(override or str(src.path)), eos_token_ids)
 
 
 class IncrementalDetokenizer:

@@ -46,7 +46,8 @@ def git_commit(cwd: Path | None = None) -> dict[str, Any]:
 
     def git(*args: str) -> str | None:
         try:
-            out = subprocess.run(["git", "--no-optional-locks", "-C", where, *args], capture_output=True, text=True, timeout=5)
+            out = subprocess.run(["git", "--no-optional-locks", "-C", where, *args],
+                                 capture_output=True, text=True, timeout=5)
         except (OSError, subprocess.SubprocessError):
             return None
         return out.stdout.strip() if out.returncode == 0 else None

@@ -206,9 +206,9 @@ _TITLES = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 
 def print_summary(console: Console, result: dict[str, Any], m: BenchmarkMetrics, percentiles: Sequence[float]) -> None:
     """vLLM's 'Serving Benchmark Result' block as a rich table."""
     cfg = result["config"]
-    title = (f"Serving Benchmark Result — {result.get('label') or result['server']['model']} | {cfg['dataset']} | "
-             f"rate {cfg['request_rate']} | concurrency {cfg['max_concurrency'] or 'inf'}")
-    t = Table(title=title, show_header=False, title_justify="left")
+    console.rule(f"Serving Benchmark Result: {result.get('label') or result['server']['model']} | {cfg['dataset']} | "
+                 f"rate {cfg['request_rate']} | concurrency {cfg['max_concurrency'] or 'inf'}")
+    t = Table(show_header=False)
     t.add_column("metric")
     t.add_column("value", justify="right")
     rows: list[tuple[str, str]] = [

@@ -1,7 +1,10 @@
 """Find a model (bundled GGUF, local HF directory, GGUF file, hub id) and load it into our decoder.
 
-Every source is reduced to the same two things: a ModelConfig and a stream of HF-named fp32/bf16
-tensors, which `LlamaForCausalLM.load_weights` consumes. The model is built on the meta device and
+Every source is reduced to an HF-format directory (config.json + safetensors + tokenizer files):
+a GGUF file is dequantized once (with the `gguf` package; llama.cpp's Q/K row permutation undone)
+and exported to a cache directory, because parsing a GGUF's metadata alone takes seconds of Python
+and converting its vocabulary ~15 s; later starts mmap the export in well under a second. The
+export is also what peers that cannot read GGUF (vLLM, transformers) load for side-by-side runs. The model is built on the meta device and
 materialized directly in the target dtype/device, so an 8B model never exists in fp32 on the host.
 """
 
@@ -11,6 +14,8 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +36,7 @@ SUPPORTED_ARCHS = ("llama", "qwen2", "mistral")
 
 @dataclass(frozen=True)
 class ModelSource:
-    kind: str  # "gguf" | "hf_dir"
-    path: Path
+    path: Path  # an HF-format directory: config.json, *.safetensors, tokenizer files
     name: str  # the default served model name
 
 
@@ -52,17 +56,17 @@ def bundled_gguf_path() -> Path:
 
 def resolve_model(model: str | None) -> ModelSource:
     if model is None or model in ("", BUNDLED_NAME, "default"):
-        return ModelSource("gguf", bundled_gguf_path(), BUNDLED_NAME)
+        return ModelSource(export_gguf(bundled_gguf_path()), BUNDLED_NAME)
     p = Path(model).expanduser()
     if p.is_file() and p.suffix == ".gguf":
-        return ModelSource("gguf", p, p.stem)
+        return ModelSource(export_gguf(p), p.stem)
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ValueError(f"model directory {p} has no config.json")
-        return ModelSource("hf_dir", p, p.name)
+        return ModelSource(p, p.name)
     if p.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ValueError(f"model {model!r}: not a GGUF file, an HF model directory, or a hub id (owner/name)")
-    return ModelSource("hf_dir", _download_from_hub(model), model)
+    return ModelSource(_download_from_hub(model), model)
 
 
 def _download_from_hub(repo_id: str) -> Path:
@@ -101,10 +105,7 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_config(path: Path, name: str) -> ModelConfig:
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
+def gguf_config(reader, name: str) -> ModelConfig:
     f = {k: v.contents() for k, v in reader.fields.items() if not k.startswith("tokenizer.ggml.") or k.endswith("_id")}
     arch = f["general.architecture"]
     if arch not in SUPPORTED_ARCHS:
@@ -136,16 +137,43 @@ def gguf_config(path: Path, name: str) -> ModelConfig:
     )
 
 
-def gguf_weights(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def gguf_weights(reader, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
     permuted = reader.fields["general.architecture"].contents() in ("llama", "mistral")
     for t in reader.tensors:
         w = gguf.quants.dequantize(t.data, t.tensor_type)  # float32, already [out, in]
         if permuted and t.name.endswith(("attn_q.weight", "attn_k.weight")):
             w = unpermute_qk(w, cfg.num_heads if "attn_q" in t.name else cfg.num_kv_heads)
         yield _gguf_hf_name(t.name), torch.from_numpy(np.array(w, copy=True))
+
+
+def export_gguf(path: Path) -> Path:
+    """The GGUF as a cached HF-format directory (fp32 weights, config.json, tokenizer files)."""
+    import gguf
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    stat = path.stat()
+    out = cache_dir() / "models" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    if (out / "model.safetensors").is_file():
+        return out
+    log.warning("exporting %s to %s (once; later starts load the export)", path.name, out)
+    reader = gguf.GGUFReader(str(path))
+    cfg = gguf_config(reader, path.stem)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".export-"))
+    try:
+        (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
+        save_file(dict(gguf_weights(reader, cfg)), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(tmp))
+        tmp.rename(out)  # atomic: a concurrent first start never sees a half-written export
+    except OSError:
+        if not (out / "model.safetensors").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 # -- HF directory ----------------------------------------------------------------------------------
@@ -178,7 +206,7 @@ def hf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 # -- entry point -------------------------------------------------------------------------------------
 def model_config(src: ModelSource) -> ModelConfig:
-    return gguf_config(src.path, src.name) if src.kind == "gguf" else hf_config(src.path, src.name)
+    return hf_config(src.path, src.name)
 
 
 def load_model(src: ModelSource, cfg: ModelConfig, max_len: int, dtype: torch.dtype, device: str) -> LlamaForCausalLM:
@@ -186,8 +214,7 @@ def load_model(src: ModelSource, cfg: ModelConfig, max_len: int, dtype: torch.dt
         model = LlamaForCausalLM(cfg, max_len).to(dtype)
     model = model.to_empty(device=device)
     model.rotary = RotaryEmbedding(cfg, max_len).to(device)  # fp32 tables, computed for real
-    weights = gguf_weights(src.path, cfg) if src.kind == "gguf" else hf_weights(src.path)
-    model.load_weights(weights)
+    model.load_weights(hf_weights(src.path))
     return model.eval().requires_grad_(False)
 
 

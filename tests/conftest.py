@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random HF checkpoints (fast logic tests) and the real bundled model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests share two cores with whatever else runs; oversubscription makes everything slower.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def bundled_tokenizer_dir() -> Path:
+    """The bundled model's vocabulary as tokenizer.json (converted once, cached)."""
+    from tinyserve.models.loader import resolve_model
+    from tinyserve.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(resolve_model(None))
+    return Path(tok.hf.name_or_path)
+
+
+def make_tiny_checkpoint(path: Path, arch: str = "llama", tie: bool = False, seed: int = 0, **overrides) -> Path:
+    """A random-weight transformers checkpoint with real tokenizer files, saved as an HF directory."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=tie, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+    )
+    common.update(overrides)
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(rope_theta=10000.0, **common)
+        model = transformers.LlamaForCausalLM(cfg)
+    else:
+        cfg = transformers.Qwen2Config(rope_theta=10000.0, **common)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    with torch.no_grad():  # default init is tiny; widen it so logits are far from ties
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(path)
+    for f in bundled_tokenizer_dir().iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, path / f.name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"), "llama", tie=False)
+
+
+@pytest.fixture(scope="session")
+def bundled_llm():
+    """The real SmolLM2 in fp32, shared by the end-to-end tests."""
+    from tinyserve import LLM
+
+    return LLM()
