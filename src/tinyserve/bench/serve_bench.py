@@ -26,9 +26,6 @@ from .loadgen import LoadConfig, LoadResult, fetch_first_model, normalize_base_u
 from .metrics import LATENCY_METRICS, BenchmarkMetrics, compute_metrics, parse_goodput, percentile_label
 from .tokenizer_cache import load_tokenizer
 
-# Re-exported so the CLI can offer it without knowing where it lives.
-from .tokenizer_cache import default_tokenizer  # noqa: F401
-
 DATASETS = ("sharegpt", "random", "shared-prefix", "multi-turn")
 RESULT_SCHEMA = "tinyserve.bench.serve/1"
 

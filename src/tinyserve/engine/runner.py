@@ -8,6 +8,8 @@ never need it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from tinyserve.config import ModelConfig
@@ -15,6 +17,15 @@ from tinyserve.engine.scheduler import ScheduledBatch
 from tinyserve.engine.sequence import Sequence
 from tinyserve.models.llama import LlamaForCausalLM
 from tinyserve.ops.attention import AttentionMetadata, PrefillChunk
+
+
+@dataclass
+class PreparedBatch:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    sample_idx: torch.Tensor  # [S]: rows of the flat batch whose logits we sample from
+    sampling: list[Sequence]  # the S sequences, in that order
 
 
 class ModelRunner:
@@ -37,9 +48,18 @@ class ModelRunner:
     def kv_cache_bytes(self) -> int:
         return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches)
 
-    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
         """Run one step; returns logits [S, vocab] (fp32) for the S sequences that sample now."""
+        prepared = self.prepare(batch)
+        return self.forward(prepared), prepared.sampling
+
+    @torch.inference_mode()
+    def forward(self, b: PreparedBatch) -> torch.Tensor:
+        hidden = self.model(b.input_ids, b.positions, self.kv_caches, b.meta)
+        return self.model.compute_logits(hidden[b.sample_idx]) if b.sampling else hidden.new_empty(0)
+
+    def prepare(self, batch: ScheduledBatch) -> PreparedBatch:
+        """Pack the batch into flat tensors: token ids, positions, KV slots, block tables, masks."""
         order = sorted(range(len(batch)), key=lambda i: batch.num_tokens[i] > 1)  # decodes first
         seqs = [batch.seqs[i] for i in order]
         counts = [batch.num_tokens[i] for i in order]
@@ -72,9 +92,7 @@ class ModelRunner:
             meta.decode_block_tables = self._tensor([t + [0] * (width - len(t)) for t in decode_tables])
             keys = torch.arange(width * bs, device=self.device)
             meta.decode_mask = (keys[None, :] < self._tensor(decode_lens)[:, None])[:, None, None, :]
-        hidden = self.model(self._tensor(input_ids), self._tensor(positions), self.kv_caches, meta)
-        logits = self.model.compute_logits(hidden[self._tensor(sample_idx)]) if sample_idx else hidden.new_empty(0)
-        return logits, sampling
+        return PreparedBatch(self._tensor(input_ids), self._tensor(positions), meta, self._tensor(sample_idx), sampling)
 
     def _prefill_chunk(self, start: int, n: int, num_cached: int, table: list[int]) -> PrefillChunk:
         if num_cached == 0:

@@ -1,0 +1,114 @@
+"""`tinyserve {generate,serve,bench,profile}`: one entry point for every face of the project."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import time
+from typing import Any
+
+from tinyserve.config import EngineConfig
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The engine's knobs as flags (vLLM's spelling where one exists)."""
+    d = EngineConfig.__dataclass_fields__
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="HF directory, .gguf file or hub id (default: bundled SmolLM2-135M-Instruct)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory or hub id (default: the model's)")
+    g.add_argument("--dtype", default=d["dtype"].default, help="auto | float32 | bfloat16 | float16")
+    g.add_argument("--device", default=d["device"].default, help="cpu | cuda | cuda:N")
+    g.add_argument("--block-size", type=int, default=d["block_size"].default)
+    g.add_argument("--kv-cache-memory-gb", type=float, default=d["kv_cache_memory_gb"].default,
+                   help="KV pool budget, allocated once at start")
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="exact KV pool size in blocks (overrides the budget)")
+    g.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"].default)
+    g.add_argument("--max-num-batched-tokens", type=int, default=d["max_num_batched_tokens"].default)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-waiting", type=int, default=d["max_waiting"].default, help="bounded waiting queue")
+    g.add_argument("--num-threads", type=int, default=None, help="torch threads (default: physical cores)")
+    g.add_argument("--seed", type=int, default=d["seed"].default)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    keys = ("model", "tokenizer", "dtype", "device", "block_size", "kv_cache_memory_gb", "num_kv_blocks",
+            "max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_waiting", "num_threads", "seed")
+    return EngineConfig(**{k: getattr(args, k) for k in keys})
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Stream one completion to the terminal, token by token."""
+    from tinyserve.engine.llm_engine import LLMEngine
+    from tinyserve.sampling import SamplingParams
+
+    engine = LLMEngine(engine_config(args))
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
+        seed=args.sampling_seed, stop=args.stop or None,
+    )
+    prompt: Any = args.prompt
+    if args.chat:
+        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+    seq = engine.add_request("cli", prompt, params)[0]
+    shown = 0
+    start = time.perf_counter()
+    while not seq.finished:
+        engine.step()
+        text = seq.visible_text()
+        sys.stdout.write(text[shown:])
+        sys.stdout.flush()
+        shown = len(text)
+    elapsed = time.perf_counter() - start
+    n = len(seq.output_token_ids)
+    print(f"\n[{n} tokens in {elapsed:.2f}s, {n / elapsed:.1f} tok/s, finish_reason={seq.finish_reason}]",
+          file=sys.stderr)
+    return 0
+
+
+def _attach(p: argparse.ArgumentParser, module: str, add_args: str, run: str) -> None:
+    """Flags from `module.add_args`; running the subcommand calls `module.run(args)`."""
+    mod = importlib.import_module(module)
+    getattr(mod, add_args)(p)
+    p.set_defaults(func=lambda args: (getattr(mod, run)(args), 0)[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tinyserve", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", parents=[common], help="generate text for one prompt, streamed to the terminal")
+    gen.add_argument("prompt")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--sampling-seed", type=int, default=None)
+    add_engine_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks: offline sweeps, online serving load, peers")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    offline = bench_sub.add_parser("offline", parents=[common], help="batch x input x output sweep vs transformers")
+    _attach(offline, "tinyserve.bench.offline", "add_offline_args", "run_offline")
+    serve_b = bench_sub.add_parser("serve", parents=[common], help="load generator against any OpenAI-compatible URL")
+    _attach(serve_b, "tinyserve.bench.serve_bench", "add_serve_bench_args", "run_serve_benchmark")
+
+    prof = sub.add_parser("profile", parents=[common], help="op tables, step split and roofline for prefill/decode")
+    _attach(prof, "tinyserve.bench.profile", "add_profile_args", "run_profile")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ValueError as e:  # bad flags or input: a clear message, not a traceback
+        parser.exit(2, f"tinyserve: error: {e}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
