@@ -55,3 +55,27 @@ def git_commit(cwd: Path | None = None) -> dict[str, Any]:
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no") if commit else None
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def run_header(schema: str, **extra: Any) -> dict[str, Any]:
+    """What every result file starts with: schema, UTC date, machine and code version."""
+    import datetime as dt
+
+    return {"schema": schema, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine_info(), "git": git_commit(), **extra}
+
+
+def save_json(result: dict[str, Any], result_dir: Path, stem: str) -> Path:
+    """Write `<stem>-<UTC timestamp>.json` under result_dir, never overwriting an earlier run."""
+    import datetime as dt
+    import json
+    import re
+
+    result_dir.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    name = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', stem)}-{stamp}"
+    path, n = result_dir / f"{name}.json", 1
+    while path.exists():  # two runs within one second
+        path, n = result_dir / f"{name}-{n}.json", n + 1
+    path.write_text(json.dumps(result, indent=1))
+    return path

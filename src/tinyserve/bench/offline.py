@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -24,7 +23,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from tinyserve.bench import roofline
-from tinyserve.bench.env_info import git_commit, machine_info
+from tinyserve.bench.env_info import run_header, save_json
 from tinyserve.config import EngineConfig
 from tinyserve.engine.llm_engine import LLMEngine
 from tinyserve.sampling import SamplingParams
@@ -200,23 +199,14 @@ def run_offline(args: argparse.Namespace) -> dict[str, Any]:
                 peak_mem_mb=round(mem.peak_mb, 1), kv_bytes_per_token=kv_bytes,
                 decode_gbs=round(gbs, 2), decode_gflops=round(gflops, 1),
             ))
-    result = {
-        "schema": "tinyserve.bench.offline/1",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "label": args.label,
-        "machine": machine_info() | {"engine_torch_threads": torch.get_num_threads(), "ceilings": ceilings},
-        "git": git_commit(),
-        "model": engine.model_name,
-        "config": {k: v for k, v in vars(args).items() if k != "func"},
-        "points": [asdict(p) for p in points],
-    }
+    result = run_header(
+        "tinyserve.bench.offline/1", label=args.label, model=engine.model_name,
+        engine_torch_threads=torch.get_num_threads(), ceilings=ceilings,
+        config={k: v for k, v in vars(args).items() if k != "func"}, points=[asdict(p) for p in points],
+    )
     print_points(console, points, ceilings)
     if args.result_dir:
-        out = Path(args.result_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"{args.label}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-        path.write_text(json.dumps(result, indent=1))
-        console.print(f"wrote {path}")
+        console.print(f"wrote {save_json(result, Path(args.result_dir), args.label)}")
     return result
 
 

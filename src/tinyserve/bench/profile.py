@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -23,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tinyserve.bench import roofline
-from tinyserve.bench.env_info import git_commit, machine_info
+from tinyserve.bench.env_info import run_header, save_json
 from tinyserve.bench.offline import make_prompts
 from tinyserve.config import EngineConfig
 from tinyserve.engine.llm_engine import LLMEngine
@@ -113,10 +112,8 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
     weight_bytes = n_linear * torch.empty((), dtype=dtype).element_size()
     console.print("measuring ceilings...")
     ceilings = roofline.measure(args.device)
-    report: dict[str, Any] = {"schema": "tinyserve.profile/1", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                              "machine": machine_info() | {"engine_torch_threads": torch.get_num_threads()},
-                              "git": git_commit(), "model": engine.model_name, "dtype": str(dtype),
-                              "ceilings": ceilings, "tables": {}, "split": {}}
+    report = run_header("tinyserve.profile/1", model=engine.model_name, dtype=str(dtype),
+                        engine_torch_threads=torch.get_num_threads(), ceilings=ceilings, tables={}, split={})
     _start(engine, make_prompts(mc.vocab_size, 1, 16, 0), 4)  # warm-up
     _drain(engine)
 
@@ -156,9 +153,5 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
     console.print(split_table)
     console.print(f"ceilings: {ceilings}")
     if args.result_dir:
-        out = Path(args.result_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"profile-{time.strftime('%Y%m%d-%H%M%S')}.json"
-        path.write_text(json.dumps(report, indent=1))
-        console.print(f"wrote {path}")
+        console.print(f"wrote {save_json(report, Path(args.result_dir), f'profile-{dtype}'.replace('torch.', ''))}")
     return report

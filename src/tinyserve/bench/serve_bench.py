@@ -10,10 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import json
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .datasets import sample_multi_turn, sample_random, sample_shared_prefix, sample_sharegpt
-from .env_info import git_commit, machine_info
+from .env_info import git_commit, machine_info, save_json
 from .loadgen import LoadConfig, LoadResult, fetch_first_model, normalize_base_url, run_load, run_multi_turn
 from .metrics import LATENCY_METRICS, BenchmarkMetrics, compute_metrics, parse_goodput, percentile_label
 from .tokenizer_cache import load_tokenizer
@@ -181,19 +179,10 @@ def _json_float(x: float) -> float | str:
 
 
 def write_result(result: dict[str, Any], result_dir: Path) -> Path:
-    """Write one run as JSON: <label>-<dataset>-rate<r>-conc<c>-<UTC timestamp>.json."""
-    result_dir.mkdir(parents=True, exist_ok=True)
+    """One run as <label>-<dataset>-rate<r>-conc<c>-<UTC timestamp>.json."""
     cfg = result["config"]
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    label = re.sub(r"[^A-Za-z0-9_.-]+", "_", result.get("label") or "tinyserve")
-    name = f"{label}-{cfg['dataset']}-rate{cfg['request_rate']}-conc{cfg['max_concurrency'] or 'inf'}-{stamp}.json"
-    path = result_dir / name
-    n = 1
-    while path.exists():  # two points within one second
-        path = result_dir / name.replace(".json", f"-{n}.json")
-        n += 1
-    path.write_text(json.dumps(result, indent=1))
-    return path
+    stem = f"{result.get('label') or 'tinyserve'}-{cfg['dataset']}-rate{cfg['request_rate']}-conc{cfg['max_concurrency'] or 'inf'}"
+    return save_json(result, result_dir, stem)
 
 
 _TITLES = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st token)",
