@@ -41,8 +41,9 @@ class LLM:
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params_list) != len(prompts):
             raise ValueError(f"sampling_params: got {len(params_list)} for {len(prompts)} prompts")
-        for p in prompts:  # fail before anything is queued
+        for p, sp in zip(prompts, params_list):  # fail before anything is queued
             self.engine.encode_prompt(p)
+            self.engine.check_params(sp)
         return self._run(list(zip(prompts, params_list)), use_tqdm)
 
     def chat(

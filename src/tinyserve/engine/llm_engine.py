@@ -78,13 +78,19 @@ class LLMEngine:
             )
         return ids
 
+    def check_params(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check on its own: the limits of this model and engine."""
+        vocab = self.model_config.vocab_size
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be < {vocab}")
+        if params.n > self.config.max_waiting:  # it could never be queued (QueueFullError means 'retry')
+            raise ValueError(f"n ({params.n}) exceeds the waiting queue's capacity (max_waiting={self.config.max_waiting})")
+
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> list[Sequence]:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         ids = self.encode_prompt(prompt)
-        vocab = self.model_config.vocab_size
-        if any(t >= vocab for t in params.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be < {vocab}")
+        self.check_params(params)
         now = time.monotonic()
         seqs = []
         for i in range(params.n):
@@ -165,7 +171,9 @@ class LLMEngine:
         if n_out >= p.min_tokens:
             if token in self.tokenizer.eos_token_ids and not p.ignore_eos:
                 return "stop", None
-            if token in p.stop_token_ids:
+            if token in p.stop_token_ids:  # like vLLM: the stop token's text is not output unless asked
+                if not p.include_stop_str_in_output:
+                    seq.output_text = seq.output_text[:text_before]
                 return "stop", token
             if p.stop_strings:
                 # A stop string may straddle tokens: search from where a new match could begin.

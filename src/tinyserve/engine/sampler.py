@@ -49,6 +49,9 @@ class Sampler:
         self.eos_token_ids = list(eos_token_ids)
         self.generator = torch.Generator(device=device).manual_seed(seed)  # for unseeded requests
 
+    # The runner's logits are inference tensors; penalties and bans edit them in place, which torch
+    # allows only inside inference mode.
+    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[Logprob | None]]:
         want_lp = [s.params.logprobs is not None for s in seqs]
         raw_logprobs = logits.log_softmax(-1) if any(want_lp) else None
