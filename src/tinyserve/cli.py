@@ -92,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
 
+    srv = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server (SSE, continuous batching)")
+    server_mod = importlib.import_module("tinyserve.server")  # light: FastAPI loads only when serving
+    server_mod.add_serve_args(srv)
+    srv.set_defaults(func=server_mod.run_server)
+
     bench = sub.add_parser("bench", help="benchmarks: offline sweeps, online serving load, peers")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     offline = bench_sub.add_parser("offline", parents=[common], help="batch x input x output sweep vs transformers")

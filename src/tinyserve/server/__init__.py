@@ -1,0 +1,51 @@
+"""`tinyserve serve`: the OpenAI-compatible HTTP server.
+
+This module stays light (argparse only) so `tinyserve --help` does not import FastAPI; the app
+itself is in app.py, the endpoints' logic in serving.py, the wire format in protocol.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    """The server's flags (vLLM's spelling) plus every engine knob."""
+    from tinyserve.cli import add_engine_args
+
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for all)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="model id(s) clients send and /v1/models lists; the first is used in responses "
+                        "(default: the model's own name)")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds to let in-flight requests finish before they are aborted")
+    g.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False,
+                   help="uvicorn's access log (one line per request is logged either way)")
+    add_engine_args(parser)
+
+
+def run_server(args: argparse.Namespace) -> int:
+    from tinyserve.server.app import run_server as _run
+
+    return _run(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tinyserve.server ...`: the same as `tinyserve serve ...`."""
+    parser = argparse.ArgumentParser(prog="tinyserve serve", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    add_serve_args(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run_server(args)
+    except ValueError as e:  # bad flags: a clear message, not a traceback
+        parser.exit(2, f"tinyserve serve: error: {e}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

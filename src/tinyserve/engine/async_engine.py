@@ -1,0 +1,344 @@
+"""`AsyncEngine`: the step loop in one background thread, driven from asyncio.
+
+`LLMEngine` is not thread-safe, so exactly one thread (the engine thread) ever touches it. The
+HTTP side talks to that thread through a thread-safe command queue (add / abort / stop); the thread
+drains the queue between steps and blocks on it when there is nothing to run, so an idle server
+burns no CPU. Whatever a step produced goes back to each request's asyncio.Queue through
+`loop.call_soon_threadsafe`, as immutable `RequestUpdate`s that carry only what is new (text delta,
+token ids, logprobs, finish reason): the HTTP side never reads a `Sequence` the engine is mutating.
+
+Nothing in the step loop waits on the network: a slow or vanished client only fills its own queue,
+and an abort frees the request's KV blocks on the next pass through the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tinyserve.engine.llm_engine import LLMEngine
+from tinyserve.engine.scheduler import QueueFullError
+from tinyserve.engine.sequence import Logprob, Sequence
+from tinyserve.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "AddedRequest",
+    "AsyncEngine",
+    "EngineDeadError",
+    "EngineStats",
+    "QueueFullError",
+    "RequestUpdate",
+    "SeqDelta",
+]
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread is not running (stopped, or never started)."""
+
+
+@dataclass(frozen=True)
+class SeqDelta:
+    """What one of a request's n sequences produced since the last update."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[Logprob]
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" once finished
+    stop_reason: int | str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class RequestUpdate:
+    request_id: str
+    deltas: list[SeqDelta]
+    finished: bool  # every sequence of the request has finished; no more updates follow
+    num_prompt_tokens: int = 0
+    first_token_time: float | None = None  # time.monotonic(), set on the final update
+    finish_time: float | None = None
+
+
+@dataclass(frozen=True)
+class AddedRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot taken on the engine thread after each step (read from any thread)."""
+
+    running: int = 0  # requests with a running sequence
+    waiting: int = 0  # requests with only waiting sequences
+    kv_usage: float = 0.0
+
+
+@dataclass
+class _Tracker:
+    """Engine-thread bookkeeping of what each sequence has already reported."""
+
+    loop: asyncio.AbstractEventLoop
+    sink: asyncio.Queue
+    arrival: float
+    sent_text: dict[int, int] = field(default_factory=dict)
+    sent_tokens: dict[int, int] = field(default_factory=dict)
+    sent_lps: dict[int, int] = field(default_factory=dict)
+    reported_finish: set[int] = field(default_factory=set)
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    tracker: _Tracker
+    future: concurrent.futures.Future
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class _Stop:
+    pass
+
+
+class AsyncEngine:
+    """Owns an `LLMEngine` and its step-loop thread; every public method is safe to call from asyncio."""
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        on_finish: Callable[[str, list[Sequence], float], None] | None = None,
+        on_step: Callable[[int], None] | None = None,
+        on_stats: Callable[[EngineStats], None] | None = None,
+    ) -> None:
+        """`on_finish(request_id, seqs, arrival)` fires on the engine thread when a request ends
+        (metrics); `on_step(num_new_tokens)` after each step; `on_stats` whenever the queues change."""
+        self.engine = engine
+        self._on_finish = on_finish
+        self._on_step = on_step
+        self._on_stats = on_stats
+        self._commands: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
+        self._trackers: dict[str, _Tracker] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.stats = EngineStats()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._loop, name="tinyserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Abort whatever is still in flight and join the thread (the current step finishes first)."""
+        self._stopping.set()
+        if self._thread is None:
+            return
+        self._commands.put(_Stop())
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("engine thread did not stop within %.0fs", timeout)
+        self._thread = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
+
+    # -- the HTTP side's API (runs on the event loop) --------------------------------------------
+    async def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, sink: asyncio.Queue
+    ) -> AddedRequest:
+        """Queue a request; its `RequestUpdate`s will arrive on `sink`.
+
+        Raises what `LLMEngine.add_request` raises (ValueError for bad input, QueueFullError when
+        the waiting queue is full) so the caller can answer 400 / 503."""
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        loop = asyncio.get_running_loop()
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        tracker = _Tracker(loop=loop, sink=sink, arrival=time.monotonic())
+        self._commands.put(_Add(request_id, prompt, params, tracker, fut))
+        return await asyncio.wrap_future(fut)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (client gone); a no-op if it already finished. Thread-safe, never blocks."""
+        self._commands.put(_Abort(request_id))
+
+    async def generate(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestUpdate]:
+        """One request's updates until it finishes; leaving the loop early aborts the request."""
+        sink: asyncio.Queue[RequestUpdate] = asyncio.Queue()
+        await self.add_request(request_id, prompt, params, sink)
+        finished = False
+        try:
+            while not finished:
+                update = await sink.get()
+                finished = update.finished
+                yield update
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    # -- the engine thread ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_num_threads(self.engine.config.num_threads)  # per-thread in some torch builds
+        log.info("engine loop started")
+        while True:
+            idle = not self.engine.has_unfinished()
+            try:
+                commands = [self._commands.get()] if idle else []  # sleep until there is work
+                while True:
+                    try:
+                        commands.append(self._commands.get_nowait())
+                    except queue.Empty:
+                        break
+                if any(isinstance(c, _Stop) for c in commands):
+                    self._shutdown(commands)
+                    return
+                for cmd in commands:
+                    self._handle(cmd)
+                if self.engine.has_unfinished():
+                    seqs = self.engine.step()
+                    self._emit(seqs)
+                self._publish_stats()
+            except Exception as e:  # never a dead loop: fail what was in flight, carry on
+                log.exception("engine loop error; failing %d request(s)", len(self._trackers))
+                self._fail_all(f"internal error in the engine loop: {type(e).__name__}: {e}")
+
+    def _handle(self, cmd: _Add | _Abort) -> None:
+        if isinstance(cmd, _Abort):
+            if cmd.request_id in self._trackers:
+                self.engine.abort_request(cmd.request_id)
+                self._finish_request(cmd.request_id, notify=True)
+            return
+        if not cmd.future.set_running_or_notify_cancel():
+            return  # the caller went away before we got to it
+        try:
+            seqs = self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params)
+        except (ValueError, QueueFullError) as e:
+            cmd.future.set_exception(e)
+            return
+        except Exception as e:  # unexpected: still an answer, not a hang
+            log.exception("add_request failed")
+            cmd.future.set_exception(e)
+            return
+        self._trackers[cmd.request_id] = cmd.tracker
+        cmd.future.set_result(AddedRequest(cmd.request_id, list(seqs[0].prompt_token_ids)))
+
+    def _emit(self, seqs: list[Sequence]) -> None:
+        touched: dict[str, None] = dict.fromkeys(s.request_id for s in seqs)
+        new_tokens = 0
+        for rid in touched:
+            if rid not in self._trackers:
+                continue
+            all_seqs = self.engine.requests.get(rid, [])
+            deltas = [d for s in all_seqs if (d := self._delta(self._trackers[rid], s)) is not None]
+            new_tokens += sum(len(d.token_ids) for d in deltas)
+            if all(s.finished for s in all_seqs):
+                self._finish_request(rid, notify=False, last=deltas)
+            elif deltas:
+                self._send(rid, RequestUpdate(rid, deltas, finished=False))
+        if self._on_step is not None:
+            self._on_step(new_tokens)
+
+    def _delta(self, tr: _Tracker, seq: Sequence) -> SeqDelta | None:
+        i = seq.index
+        text = seq.visible_text()
+        t0, k0, l0 = tr.sent_text.get(i, 0), tr.sent_tokens.get(i, 0), tr.sent_lps.get(i, 0)
+        finish = seq.finished and i not in tr.reported_finish
+        if len(text) <= t0 and len(seq.output_token_ids) <= k0 and not finish:
+            return None
+        tr.sent_text[i], tr.sent_tokens[i], tr.sent_lps[i] = len(text), len(seq.output_token_ids), len(seq.logprobs)
+        if finish:
+            tr.reported_finish.add(i)
+        return SeqDelta(
+            index=i,
+            text=text[t0:],
+            token_ids=list(seq.output_token_ids[k0:]),
+            logprobs=list(seq.logprobs[l0:]),
+            finish_reason=seq.finish_reason if finish else None,
+            stop_reason=seq.stop_reason if finish else None,
+            error=seq.error if finish else None,
+        )
+
+    def _finish_request(self, rid: str, notify: bool, last: list[SeqDelta] | None = None) -> None:
+        """Forget a finished (or aborted) request: final update to its sink, metrics, pop it."""
+        tr = self._trackers.pop(rid)
+        seqs = self.engine.requests.get(rid, [])
+        deltas = list(last or [])
+        if notify:  # aborted here: report the sequences' end
+            deltas += [d for s in seqs if (d := self._delta(tr, s)) is not None]
+        first = [s.first_token_time for s in seqs if s.first_token_time is not None]
+        ends = [s.finish_time for s in seqs if s.finish_time is not None]
+        self._send_to(tr, RequestUpdate(
+            rid, deltas, finished=True,
+            num_prompt_tokens=seqs[0].num_prompt_tokens if seqs else 0,
+            first_token_time=min(first) if first else None,
+            finish_time=max(ends) if ends else time.monotonic(),
+        ))
+        if self._on_finish is not None and seqs:
+            try:
+                self._on_finish(rid, seqs, tr.arrival)
+            except Exception:
+                log.exception("on_finish callback failed")
+        if rid in self.engine.requests:
+            self.engine.pop_output(rid)
+
+    def _fail_all(self, message: str) -> None:
+        for rid in list(self._trackers):
+            try:
+                for seq in self.engine.requests.get(rid, []):
+                    if not seq.finished:
+                        seq.error = message
+                        seq.finish("error")
+                        self.engine.scheduler.finish(seq)
+                self._finish_request(rid, notify=True)
+            except Exception:
+                log.exception("could not fail request %s cleanly", rid)
+                self._trackers.pop(rid, None)
+                self.engine.requests.pop(rid, None)
+
+    def _shutdown(self, commands: list[Any]) -> None:
+        for cmd in commands:
+            if isinstance(cmd, _Add) and cmd.future.set_running_or_notify_cancel():
+                cmd.future.set_exception(EngineDeadError("the server is shutting down"))
+        for rid in list(self._trackers):
+            self.engine.abort_request(rid)
+            self._finish_request(rid, notify=True)
+        self._publish_stats()
+        log.info("engine loop stopped")
+
+    def _publish_stats(self) -> None:
+        sched = self.engine.scheduler
+        running = {s.request_id for s in sched.running}
+        waiting = {s.request_id for s in sched.waiting} - running
+        self.stats = EngineStats(len(running), len(waiting), float(self.engine.blocks.usage))
+        if self._on_stats is not None:
+            self._on_stats(self.stats)
+
+    def _send(self, rid: str, update: RequestUpdate) -> None:
+        self._send_to(self._trackers[rid], update)
+
+    @staticmethod
+    def _send_to(tr: _Tracker, update: RequestUpdate) -> None:
+        try:
+            tr.loop.call_soon_threadsafe(tr.sink.put_nowait, update)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass

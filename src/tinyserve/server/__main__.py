@@ -1,0 +1,5 @@
+import sys
+
+from tinyserve.server import main
+
+sys.exit(main())

@@ -1,0 +1,88 @@
+"""Prometheus metrics for `/metrics`, in a registry of their own (not the process-global one), so
+two servers in one process (tests) never collide and nothing else leaks into our exposition.
+
+Latencies follow vLLM's definitions: TTFT = first token - arrival; E2E = finish - arrival;
+TPOT = (E2E - TTFT) / (completion tokens - 1), observed per sequence that produced >= 2 tokens.
+Arrival is when the HTTP handler submitted the request, so queueing time is included.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from tinyserve.engine.async_engine import EngineStats
+from tinyserve.engine.sequence import Sequence
+
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
+_E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class ServerMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = r = CollectorRegistry()
+        labels = ["model_name"]
+        self.model_name = model_name
+        self.running = Gauge("tinyserve_requests_running", "Requests with a sequence in the running batch.",
+                             labels, registry=r).labels(model_name)
+        self.waiting = Gauge("tinyserve_requests_waiting", "Requests waiting to be scheduled.",
+                             labels, registry=r).labels(model_name)
+        self.kv_usage = Gauge("tinyserve_kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0-1).",
+                              labels, registry=r).labels(model_name)
+        self.prompt_tokens = Counter("tinyserve_prompt_tokens", "Prompt tokens admitted.",
+                                     labels, registry=r).labels(model_name)
+        self.generation_tokens = Counter("tinyserve_generation_tokens", "Tokens generated.",
+                                         labels, registry=r).labels(model_name)
+        self._finished = Counter("tinyserve_requests_finished", "Finished sequences by finish reason "
+                                 "(stop, length, abort, error); one per choice when n > 1.",
+                                 labels + ["finished_reason"], registry=r)
+        self._rejected = Counter("tinyserve_requests_rejected", "Requests refused before reaching the engine.",
+                                 labels + ["reason"], registry=r)
+        self.ttft = Histogram("tinyserve_time_to_first_token_seconds", "Time to first token.",
+                              labels, buckets=_TTFT_BUCKETS, registry=r).labels(model_name)
+        self.tpot = Histogram("tinyserve_time_per_output_token_seconds", "Mean time per output token after the first.",
+                              labels, buckets=_TPOT_BUCKETS, registry=r).labels(model_name)
+        self.e2e = Histogram("tinyserve_e2e_request_latency_seconds", "End-to-end request latency.",
+                             labels, buckets=_E2E_BUCKETS, registry=r).labels(model_name)
+        for reason in ("stop", "length", "abort", "error"):  # visible at 0 from the start
+            self._finished.labels(model_name, reason)
+        for reason in ("invalid", "queue_full"):
+            self._rejected.labels(model_name, reason)
+
+    # Callbacks from the engine thread (prometheus_client is thread-safe).
+    def on_stats(self, stats: EngineStats) -> None:
+        self.running.set(stats.running)
+        self.waiting.set(stats.waiting)
+        self.kv_usage.set(stats.kv_usage)
+
+    def on_step(self, new_tokens: int) -> None:
+        if new_tokens:
+            self.generation_tokens.inc(new_tokens)
+
+    def on_finish(self, request_id: str, seqs: list[Sequence], arrival: float) -> None:
+        """Per request: TTFT (first token of any choice) and E2E (last choice done); per choice: TPOT
+        and the finish reason. Aborted and failed requests count by reason but not in latencies."""
+        done = [s for s in seqs if s.finish_reason in ("stop", "length")]
+        for seq in seqs:
+            self._finished.labels(self.model_name, seq.finish_reason or "abort").inc()
+        firsts = [s.first_token_time for s in done if s.first_token_time is not None]
+        ends = [s.finish_time for s in done if s.finish_time is not None]
+        if not firsts or not ends:
+            return
+        self.ttft.observe(max(0.0, min(firsts) - arrival))
+        self.e2e.observe(max(0.0, max(ends) - arrival))
+        for seq in done:
+            n = len(seq.output_token_ids)
+            if n > 1 and seq.first_token_time is not None and seq.finish_time is not None:
+                self.tpot.observe((seq.finish_time - seq.first_token_time) / (n - 1))
+
+    def on_admitted(self, num_prompt_tokens: int) -> None:
+        self.prompt_tokens.inc(num_prompt_tokens)
+
+    def on_rejected(self, reason: str) -> None:
+        self._rejected.labels(self.model_name, reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

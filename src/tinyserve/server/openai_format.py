@@ -1,0 +1,215 @@
+"""Translation between OpenAI's wire format and the engine: request -> SamplingParams / prompts,
+engine logprobs -> OpenAI's two logprobs shapes, errors -> `{"error": {...}}`, chunks -> SSE lines.
+
+Pure functions and small classes with no I/O, so they are unit-testable without a model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from tinyserve.engine.sequence import Logprob
+from tinyserve.sampling import SamplingParams
+from tinyserve.server.protocol import (
+    ChatCompletionRequest,
+    ChatLogprobs,
+    ChatMessage,
+    ChatTokenLogprob,
+    CompletionLogprobs,
+    CompletionRequest,
+    ErrorInfo,
+    ErrorResponse,
+    TopLogprob,
+)
+
+MAX_TEMPERATURE = 2.0  # OpenAI's bound; SamplingParams itself only requires >= 0
+
+
+class ApiError(Exception):
+    """An error with an HTTP status that reaches the client in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
+    return ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code)).model_dump()
+
+
+_FIELD = re.compile(r"^([A-Za-z_]+)")
+_PARAM_ALIASES = {"prompt_token_ids": "prompt"}
+
+
+def bad_value(e: ValueError, renames: dict[str, str] | None = None) -> ApiError:
+    """A 400 from a ValueError whose message starts with the offending field's name (our convention)."""
+    msg = str(e)
+    m = _FIELD.match(msg)
+    param = _PARAM_ALIASES.get(m.group(1), m.group(1)) if m else None
+    if renames and param in renames:
+        param = renames[param]
+    return ApiError(400, msg, param=param)
+
+
+# -- requests -> engine -----------------------------------------------------------------------------
+
+
+def _common_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
+                   logprobs: int | None) -> SamplingParams:
+    if req.temperature is not None and req.temperature > MAX_TEMPERATURE:
+        raise ApiError(400, f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {req.temperature!r}",
+                       param="temperature")
+    if req.logit_bias:
+        raise ApiError(400, "logit_bias is not supported", param="logit_bias")
+    return SamplingParams(
+        n=req.n,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=0 if req.top_k is None else req.top_k,
+        min_p=0.0 if req.min_p is None else req.min_p,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        seed=req.seed,
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        stop=req.stop,
+        stop_token_ids=req.stop_token_ids,
+        ignore_eos=req.ignore_eos,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        logprobs=logprobs,
+        skip_special_tokens=req.skip_special_tokens,
+    )
+
+
+def completion_params(req: CompletionRequest) -> SamplingParams:
+    if req.suffix is not None:
+        raise ApiError(400, "suffix is not supported", param="suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise ApiError(400, f"best_of must equal n (got best_of={req.best_of}, n={req.n}); "
+                            "server-side best-of ranking is not supported", param="best_of")
+    if req.echo and req.logprobs is not None:
+        raise ApiError(400, "echo together with logprobs is not supported (no prompt logprobs)", param="echo")
+    try:
+        return _common_params(req, req.max_tokens, req.logprobs)
+    except ValueError as e:
+        raise bad_value(e) from None
+
+
+def chat_params(req: ChatCompletionRequest) -> SamplingParams:
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ApiError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    try:
+        return _common_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    except ValueError as e:
+        renames = {"logprobs": "top_logprobs"}
+        if req.max_completion_tokens is not None:
+            renames["max_tokens"] = "max_completion_tokens"
+        raise bad_value(e, renames) from None
+
+
+def completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """OpenAI's four prompt forms as a list of engine prompts (a string or a list of token ids)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise ApiError(400, "prompt must not be empty", param="prompt")
+    if isinstance(prompt[0], int):
+        return [list(prompt)]  # type: ignore[arg-type]
+    return list(prompt)  # type: ignore[arg-type]
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as the chat template expects them; text content parts are joined."""
+    out = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            if any(p.type != "text" or p.text is None for p in content):
+                raise ApiError(400, f"messages[{i}].content: only text content parts are supported",
+                               param="messages")
+            content = "".join(p.text or "" for p in content)
+        msg: dict[str, Any] = {"role": m.role, "content": content or ""}
+        if m.name is not None:
+            msg["name"] = m.name
+        out.append(msg)
+    return out
+
+
+# -- engine logprobs -> OpenAI ----------------------------------------------------------------------
+
+
+class TokenText:
+    """Token id -> the text it stands for (special tokens included), cached: logprobs need it per token."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tok = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        s = self._cache.get(token_id)
+        if s is None:
+            s = self._cache[token_id] = self._tok.decode([token_id], skip_special_tokens=False)
+        return s
+
+
+def _finite(x: float) -> float:
+    return max(x, -9999.0)  # JSON has no -inf; OpenAI clamps the same way
+
+
+def completion_logprobs(lps: list[Logprob], text: TokenText, offset: int) -> tuple[CompletionLogprobs, int]:
+    """The legacy `{tokens, token_logprobs, top_logprobs, text_offset}`; returns it and the next offset."""
+    out = CompletionLogprobs()
+    for lp in lps:
+        tok = text(lp.token_id)
+        out.tokens.append(tok)
+        out.token_logprobs.append(_finite(lp.logprob))
+        top = {text(t): _finite(v) for t, v in lp.top}
+        top.setdefault(tok, _finite(lp.logprob))
+        out.top_logprobs.append(top)
+        out.text_offset.append(offset)
+        offset += len(tok)
+    return out, offset
+
+
+def chat_logprobs(lps: list[Logprob], text: TokenText) -> ChatLogprobs:
+    """Chat's `{"content": [{token, logprob, bytes, top_logprobs: [...]}, ...]}`."""
+    content = []
+    for lp in lps:
+        tok = text(lp.token_id)
+        content.append(ChatTokenLogprob(
+            token=tok, logprob=_finite(lp.logprob), bytes=list(tok.encode("utf-8")),
+            top_logprobs=[TopLogprob(token=(s := text(t)), logprob=_finite(v), bytes=list(s.encode("utf-8")))
+                          for t, v in lp.top],
+        ))
+    return ChatLogprobs(content=content)
+
+
+# -- SSE --------------------------------------------------------------------------------------------
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def chunk_payload(chunk: Any, include_usage: bool) -> dict[str, Any]:
+    """A chunk as OpenAI sends it: `usage` only when asked for, deltas without null fields."""
+    d = chunk.model_dump()
+    if not include_usage:
+        d.pop("usage", None)
+    for c in d.get("choices", []):
+        if isinstance(c.get("delta"), dict):
+            c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
+        if c.get("stop_reason") is None:
+            c.pop("stop_reason", None)
+    return d

@@ -1,0 +1,334 @@
+"""The OpenAI endpoints' logic: submit to the `AsyncEngine`, then stream SSE chunks or assemble one
+response. FastAPI wiring lives in app.py; the wire format in protocol.py / openai_format.py.
+
+A completions request with several prompts becomes one engine request per prompt (choice index =
+prompt index * n + sample index); all of them feed one asyncio.Queue. If the client goes away
+(stream cancelled, or the connection drops while we wait), every unfinished engine request is
+aborted so its KV blocks are freed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from jinja2 import TemplateError
+from starlette.requests import Request
+
+from tinyserve.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestUpdate, SeqDelta
+from tinyserve.sampling import SamplingParams
+from tinyserve.server import openai_format as fmt
+from tinyserve.server.metrics import ServerMetrics
+from tinyserve.server.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatResponseMessage,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    Usage,
+)
+
+log = logging.getLogger("tinyserve.server")
+
+
+@dataclass
+class _Choice:
+    """One choice being assembled: text, token count, logprobs so far."""
+
+    text: str = ""
+    num_tokens: int = 0
+    logprobs: list[Any] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    error: str | None = None
+
+
+class RequestGroup:
+    """The engine requests behind one HTTP request, and their merged update stream."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, n: int) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self.n = n
+        self.sink: asyncio.Queue[RequestUpdate] = asyncio.Queue()
+        self.sub_ids: list[str] = []
+        self.prompt_token_ids: list[list[int]] = []
+        self.unfinished: set[str] = set()
+        self.choices: dict[int, _Choice] = {}
+        self.start = time.monotonic()
+        self.first_token_at: float | None = None
+
+    async def submit(self, prompts: list[str | list[int]], params: SamplingParams,
+                     metrics: ServerMetrics, param_renames: dict[str, str] | None = None) -> None:
+        """Queue every prompt, or none: on the first refusal the ones already queued are aborted."""
+        try:
+            for i, prompt in enumerate(prompts):
+                rid = f"{self.request_id}-{i}" if len(prompts) > 1 else self.request_id
+                # Recorded before the await: if we are cancelled while the engine thread is adding
+                # it, abort() still reaches it (commands are handled in order).
+                self.sub_ids.append(rid)
+                self.unfinished.add(rid)
+                added = await self.engine.add_request(rid, prompt, params, self.sink)
+                self.prompt_token_ids.append(added.prompt_token_ids)
+        except BaseException as e:
+            self.abort()
+            if isinstance(e, QueueFullError):
+                metrics.on_rejected("queue_full")
+                raise fmt.ApiError(503, f"server overloaded: {e}", type="server_overloaded",
+                                   code="queue_full") from None
+            if isinstance(e, EngineDeadError):
+                raise fmt.ApiError(503, str(e), type="service_unavailable") from None
+            if isinstance(e, ValueError):
+                metrics.on_rejected("invalid")
+                raise fmt.bad_value(e, param_renames) from None
+            raise
+        for c in range(len(prompts) * self.n):
+            self.choices[c] = _Choice()
+        metrics.on_admitted(sum(map(len, self.prompt_token_ids)))
+
+    def choice_index(self, rid: str, seq_index: int) -> int:
+        return self.sub_ids.index(rid) * self.n + seq_index
+
+    async def updates(self) -> AsyncIterator[tuple[int, SeqDelta]]:
+        """(choice index, delta) pairs until every engine request has finished; also records them."""
+        while self.unfinished:
+            update = await self.sink.get()
+            if update.finished:
+                self.unfinished.discard(update.request_id)
+            for d in update.deltas:
+                c = self.choice_index(update.request_id, d.index)
+                ch = self.choices[c]
+                ch.text += d.text
+                ch.num_tokens += len(d.token_ids)
+                ch.logprobs.extend(d.logprobs)
+                if d.token_ids and self.first_token_at is None:
+                    self.first_token_at = time.monotonic()
+                if d.finish_reason is not None:
+                    ch.finish_reason, ch.stop_reason, ch.error = d.finish_reason, d.stop_reason, d.error
+                yield c, d
+
+    async def drain(self) -> None:
+        async for _ in self.updates():
+            pass
+
+    def abort(self) -> None:
+        for rid in self.unfinished:
+            self.engine.abort(rid)
+
+    def usage(self) -> Usage:
+        prompt = sum(map(len, self.prompt_token_ids))
+        completion = sum(c.num_tokens for c in self.choices.values())
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    def error(self) -> str | None:
+        return next((c.error or "internal error" for c in self.choices.values() if c.finish_reason == "error"), None)
+
+    def log_done(self, kind: str, stream: bool, status: str = "ok") -> None:
+        u = self.usage()
+        reasons = ",".join(sorted({c.finish_reason or "-" for c in self.choices.values()}))
+        ttft = f"{self.first_token_at - self.start:.3f}s" if self.first_token_at else "-"
+        log.info("%s %s stream=%s prompt_tokens=%d completion_tokens=%d finish=%s ttft=%s e2e=%.3fs %s",
+                 self.request_id, kind, stream, u.prompt_tokens, u.completion_tokens, reasons, ttft,
+                 time.monotonic() - self.start, status)
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def collect_or_abort(group: RequestGroup, request: Request) -> None:
+    """Wait for the whole result, but abort the engine requests if the client hangs up meanwhile."""
+    work = asyncio.ensure_future(group.drain())
+    gone = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+            group.abort()
+            group.log_done("request", False, "client disconnected")
+    if not work.done() or work.cancelled():
+        raise fmt.ApiError(499, "client disconnected", code="client_closed_request")
+    work.result()
+
+
+@dataclass
+class StreamResult:
+    """An SSE body plus what to call when the response ends for any reason (done, client gone,
+    shutdown): a generator that never started would not run its own `finally`."""
+
+    chunks: AsyncIterator[str]
+    on_close: Callable[[], None]
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncEngine, tokenizer: Any, served_model_names: list[str], metrics: ServerMetrics,
+                 max_model_len: int) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer  # the HTTP side's own copy: never shared with the engine thread
+        self.names = served_model_names
+        self.metrics = metrics
+        self.max_model_len = max_model_len
+        self.token_text = fmt.TokenText(tokenizer)
+
+    @property
+    def model_name(self) -> str:
+        return self.names[0]
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.names:
+            self.metrics.on_rejected("invalid")
+            raise fmt.ApiError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+    # -- /v1/completions --------------------------------------------------------------------------
+    async def completions(self, req: CompletionRequest, request: Request) -> CompletionResponse | StreamResult:
+        self.check_model(req.model)
+        try:
+            params = fmt.completion_params(req)
+        except fmt.ApiError:
+            self.metrics.on_rejected("invalid")
+            raise
+        prompts = fmt.completion_prompts(req.prompt)
+        group = RequestGroup(self.engine, f"cmpl-{uuid.uuid4().hex}", params.n)
+        await group.submit(prompts, params, self.metrics)
+        echo = [self._prompt_text(p, ids) for p, ids in zip(prompts, group.prompt_token_ids)] if req.echo else None
+        if req.stream:
+            return StreamResult(self._completion_stream(group, req, echo), group.abort)
+        await collect_or_abort(group, request)
+        self._raise_if_failed(group, "completion")
+        choices = []
+        for c, ch in sorted(group.choices.items()):
+            lps = fmt.completion_logprobs(ch.logprobs, self.token_text, 0)[0] if req.logprobs is not None else None
+            prefix = echo[c // group.n] if echo else ""
+            choices.append(CompletionChoice(index=c, text=prefix + ch.text, logprobs=lps,
+                                            finish_reason=ch.finish_reason, stop_reason=ch.stop_reason))
+        group.log_done("completion", False)
+        return CompletionResponse(id=group.request_id, model=self.model_name, choices=choices, usage=group.usage())
+
+    async def _completion_stream(self, group: RequestGroup, req: CompletionRequest,
+                                 echo: list[str] | None) -> AsyncIterator[str]:
+        created = int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        offsets: dict[int, int] = {}
+        status = "ok"
+
+        def chunk(c: int, text: str, lps: Any = None, finish: str | None = None, stop: Any = None) -> str:
+            choice = CompletionChoice(index=c, text=text, logprobs=lps, finish_reason=finish, stop_reason=stop)
+            return fmt.sse(fmt.chunk_payload(
+                CompletionChunk(id=group.request_id, created=created, model=self.model_name, choices=[choice]),
+                include_usage))
+
+        try:
+            if echo:
+                for c in group.choices:
+                    yield chunk(c, echo[c // group.n])
+            async for c, d in group.updates():
+                if d.finish_reason == "error":
+                    status = "error"
+                    yield fmt.sse(fmt.error_body(d.error or "internal error", "internal_error", code=500))
+                    continue
+                lps = None
+                if req.logprobs is not None:
+                    lps, offsets[c] = fmt.completion_logprobs(d.logprobs, self.token_text, offsets.get(c, 0))
+                if d.text or d.finish_reason or (lps is not None and lps.tokens):
+                    yield chunk(c, d.text, lps, d.finish_reason, d.stop_reason)
+            if include_usage:
+                yield fmt.sse(CompletionChunk(id=group.request_id, created=created, model=self.model_name,
+                                              choices=[], usage=group.usage()).model_dump())
+            yield fmt.SSE_DONE
+        except BaseException:
+            status = "client disconnected"
+            raise
+        finally:
+            group.abort()
+            group.log_done("completion", True, status)
+
+    # -- /v1/chat/completions ---------------------------------------------------------------------
+    async def chat(self, req: ChatCompletionRequest, request: Request) -> ChatCompletionResponse | StreamResult:
+        self.check_model(req.model)
+        try:
+            params = fmt.chat_params(req)
+            messages = fmt.chat_messages(req.messages)
+            try:
+                prompt = self.tokenizer.apply_chat_template(messages, req.add_generation_prompt)
+            except ValueError as e:
+                raise fmt.bad_value(e) from None
+            except (TemplateError, TypeError, KeyError) as e:  # the template rejects this conversation
+                raise fmt.ApiError(400, f"messages: the chat template rejected them: {e}", param="messages") from None
+        except fmt.ApiError:
+            self.metrics.on_rejected("invalid")
+            raise
+        group = RequestGroup(self.engine, f"chatcmpl-{uuid.uuid4().hex}", params.n)
+        await group.submit([prompt], params, self.metrics, {"prompt": "messages"})
+        if req.stream:
+            return StreamResult(self._chat_stream(group, req), group.abort)
+        await collect_or_abort(group, request)
+        self._raise_if_failed(group, "chat")
+        choices = [
+            ChatChoice(index=c, message=ChatResponseMessage(content=ch.text),
+                       logprobs=fmt.chat_logprobs(ch.logprobs, self.token_text) if req.logprobs else None,
+                       finish_reason=ch.finish_reason, stop_reason=ch.stop_reason)
+            for c, ch in sorted(group.choices.items())
+        ]
+        group.log_done("chat", False)
+        return ChatCompletionResponse(id=group.request_id, model=self.model_name, choices=choices,
+                                      usage=group.usage())
+
+    async def _chat_stream(self, group: RequestGroup, req: ChatCompletionRequest) -> AsyncIterator[str]:
+        created = int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        status = "ok"
+
+        def chunk(choice: ChatChunkChoice) -> str:
+            return fmt.sse(fmt.chunk_payload(
+                ChatCompletionChunk(id=group.request_id, created=created, model=self.model_name, choices=[choice]),
+                include_usage))
+
+        try:
+            for c in group.choices:  # OpenAI opens every choice with the role
+                yield chunk(ChatChunkChoice(index=c, delta=DeltaMessage(role="assistant", content="")))
+            async for c, d in group.updates():
+                if d.finish_reason == "error":
+                    status = "error"
+                    yield fmt.sse(fmt.error_body(d.error or "internal error", "internal_error", code=500))
+                    continue
+                lps = fmt.chat_logprobs(d.logprobs, self.token_text) if req.logprobs and d.logprobs else None
+                if d.text or lps is not None:
+                    yield chunk(ChatChunkChoice(index=c, delta=DeltaMessage(content=d.text), logprobs=lps))
+                if d.finish_reason is not None:
+                    yield chunk(ChatChunkChoice(index=c, delta=DeltaMessage(), finish_reason=d.finish_reason,
+                                                stop_reason=d.stop_reason))
+            if include_usage:
+                yield fmt.sse(ChatCompletionChunk(id=group.request_id, created=created, model=self.model_name,
+                                                  choices=[], usage=group.usage()).model_dump())
+            yield fmt.SSE_DONE
+        except BaseException:
+            status = "client disconnected"
+            raise
+        finally:
+            group.abort()
+            group.log_done("chat", True, status)
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _prompt_text(self, prompt: str | list[int], ids: list[int]) -> str:
+        return prompt if isinstance(prompt, str) else self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    @staticmethod
+    def _raise_if_failed(group: RequestGroup, kind: str) -> None:
+        err = group.error()
+        if err is not None:
+            group.log_done(kind, False, "error")
+            raise fmt.ApiError(500, err, type="internal_error")
