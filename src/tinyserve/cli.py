@@ -103,9 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     _attach(offline, "tinyserve.bench.offline", "add_offline_args", "run_offline")
     serve_b = bench_sub.add_parser("serve", parents=[common], help="load generator against any OpenAI-compatible URL")
     _attach(serve_b, "tinyserve.bench.serve_bench", "add_serve_bench_args", "run_serve_benchmark")
+    kv = bench_sub.add_parser("kv-math", parents=[common], help="KV-cache bytes per token/request, checked against the engine's pool")
+    _attach(kv, "tinyserve.bench.kv_math", "add_kv_math_args", "run_kv_math")
 
     prof = sub.add_parser("profile", parents=[common], help="op tables, step split and roofline for prefill/decode")
     _attach(prof, "tinyserve.bench.profile", "add_profile_args", "run_profile")
+    rep = sub.add_parser("report", parents=[common], help="plots + SUMMARY.md from every result JSON under --results")
+    _attach(rep, "tinyserve.bench.report", "add_report_args", "run_report")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
