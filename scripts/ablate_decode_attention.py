@@ -1,0 +1,87 @@
+"""Ablation of the decode attention path, side by side in one process on the bundled model.
+
+v0: `cache[block_tables]` gather + SDPA(enable_gqa)   (the first version)
+v1: index_select gather   + SDPA(enable_gqa)
+v2: index_select gather   + KV-head-grouped queries   (current: ops.attention.decode_attention)
+Variants are interleaved round by round so machine drift hits all of them alike.
+Usage: .venv/bin/python scripts/ablate_decode_attention.py [--rounds 3] [--steps 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tinyserve.bench.env_info import run_header, save_json
+from tinyserve.bench.offline import make_prompts
+from tinyserve.bench.profile import _drain, _start
+from tinyserve.engine.llm_engine import LLMEngine
+from tinyserve.config import EngineConfig
+from tinyserve.ops import attention
+
+
+def v0(q, k_cache, v_cache, tables, mask, scale):
+    b, nb = tables.shape
+    _, bs, h_kv, d = k_cache.shape
+    k = k_cache[tables].view(b, nb * bs, h_kv, d).transpose(1, 2)
+    v = v_cache[tables].view(b, nb * bs, h_kv, d).transpose(1, 2)
+    return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=True).squeeze(2)
+
+
+def v1(q, k_cache, v_cache, tables, mask, scale):
+    k, v = attention.gather_blocks(k_cache, tables), attention.gather_blocks(v_cache, tables)
+    return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=True).squeeze(2)
+
+
+VARIANTS = {"v0_index_gqa": v0, "v1_index_select_gqa": v1, "v2_grouped_queries": attention.decode_attention}
+
+
+def decode_ms(engine: LLMEngine, batch: int, context: int, steps: int) -> float:
+    _start(engine, make_prompts(engine.model_config.vocab_size, batch, context, 0), steps + 2)
+    while any(s.num_computed < s.num_prompt_tokens for seqs in engine.requests.values() for s in seqs):
+        engine.step()
+    engine.step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    ms = (time.perf_counter() - t) / steps * 1e3
+    _drain(engine)
+    return ms
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--result-dir", default="docs/results")
+    args = p.parse_args()
+    engine = LLMEngine(EngineConfig(max_num_seqs=32, max_num_batched_tokens=2048))
+    points = [(1, 128), (1, 512), (32, 128), (32, 512)]
+    best: dict[str, dict[str, float]] = {name: {} for name in VARIANTS}
+    original = attention.decode_attention
+    try:
+        for r in range(args.rounds):
+            names = list(VARIANTS)[r % 3:] + list(VARIANTS)[: r % 3]
+            for name in names:
+                attention.decode_attention = VARIANTS[name]
+                for batch, ctx in points:
+                    ms = decode_ms(engine, batch, ctx, args.steps)
+                    key = f"batch{batch}_ctx{ctx}"
+                    best[name][key] = min(best[name].get(key, float("inf")), ms)
+    finally:
+        attention.decode_attention = original
+    print(f"{'decode ms/step (best of rounds)':<24}" + "".join(f"{k:>18}" for k in best["v0_index_gqa"]))
+    for name, row in best.items():
+        print(f"{name:<24}" + "".join(f"{v:>18.1f}" for v in row.values()))
+    result = run_header("tinyserve.ablation/1", experiment="decode_attention", torch_threads=torch.get_num_threads(),
+                        rounds=args.rounds, steps=args.steps, ms_per_step=best)
+    print("wrote", save_json(result, Path(args.result_dir), "ablation-decode-attention"))
+
+
+if __name__ == "__main__":
+    main()
