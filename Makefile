@@ -9,7 +9,7 @@ TORCH   ?= torch==2.13.0
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 
-.PHONY: install serve generate test bench clean
+.PHONY: install serve generate test bench bench-full peers clean
 
 install: $(STAMP)
 
@@ -29,6 +29,17 @@ generate: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# Peers for side-by-side serving runs (llama.cpp built from source, vLLM for CPU), into .peers/.
+peers: install
+	scripts/install_peers.sh
+
+# Every instrument + report into docs/results (quick: ~15 min here; peers that are not installed are skipped).
+bench: install
+	$(BIN)/tinyserve bench all
+
+bench-full: install
+	$(BIN)/tinyserve bench all --full
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

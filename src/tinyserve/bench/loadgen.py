@@ -190,7 +190,7 @@ class _Runner:
         self.t0 = 0.0
 
     async def run(self, records: list[RequestRecord], unit_coros) -> LoadResult:
-        connector = aiohttp.TCPConnector(limit=self.cfg.max_concurrency or 0, force_close=False)
+        connector = aiohttp.TCPConnector(limit=self.cfg.max_concurrency or 0, force_close=True)
         timeout = aiohttp.ClientTimeout(total=self.cfg.request_timeout_s)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as session:
             self.session = session
