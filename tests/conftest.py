@@ -13,6 +13,19 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+# A tiny model gains nothing from a second thread, and on a shared 2-core machine one thread is many
+# times faster than two fighting the neighbours. The engine sets torch's (process-wide) thread count,
+# so modules that use TINY restore it afterwards with `restore_torch_threads`.
+TINY = dict(num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def restore_torch_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def bundled_tokenizer_dir() -> Path:
     """The bundled model's vocabulary as tokenizer.json (converted once, cached)."""
     from tinyserve.models.loader import resolve_model

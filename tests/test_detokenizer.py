@@ -6,22 +6,14 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from tinyserve import LLM, SamplingParams
 from tinyserve.engine.sequence import Sequence
 from tinyserve.tokenizer import IncrementalDetokenizer, load_tokenizer
 
-# A tiny model gains nothing from a second thread, and on a shared 2-core machine one thread is many
-# times faster than two fighting the neighbours; the engine sets torch's thread count, so restore it.
-TINY = dict(num_threads=1)
+from conftest import TINY  # noqa: E402  (one engine thread for tiny models)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
 
 TEXTS = [

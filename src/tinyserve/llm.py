@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -61,15 +62,15 @@ class LLM:
     def _run(self, work: list[tuple[Prompt, SamplingParams]], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.engine
         ids = [f"offline-{next(self._ids)}" for _ in work]
-        pending = list(zip(ids, work))[::-1]
+        pending = deque((rid, prompt, params) for rid, (prompt, params) in zip(ids, work))
         outputs: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(work), desc="generate", disable=not use_tqdm)
         try:
             while pending or len(outputs) < len(work):
                 # Feed the bounded waiting queue as it drains.
                 room = engine.config.max_waiting - len(engine.scheduler.waiting)
-                while pending and room >= pending[-1][1][1].n:
-                    rid, (prompt, params) = pending.pop()
+                while pending and room >= pending[0][2].n:
+                    rid, prompt, params = pending.popleft()
                     engine.add_request(rid, prompt, params)
                     room -= params.n
                 done = {s.request_id for s in engine.step() if s.finished}
