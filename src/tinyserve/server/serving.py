@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -218,12 +218,11 @@ class OpenAIServing:
         group.log_done("completion", False)
         return CompletionResponse(id=group.request_id, model=self.model_name, choices=choices, usage=group.usage())
 
-    async def _completion_stream(self, group: RequestGroup, req: CompletionRequest,
-                                 echo: list[str] | None) -> AsyncIterator[str]:
+    def _completion_stream(self, group: RequestGroup, req: CompletionRequest,
+                           echo: list[str] | None) -> AsyncIterator[str]:
         created = int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         offsets: dict[int, int] = {}
-        status = "ok"
 
         def chunk(c: int, text: str, lps: Any = None, finish: str | None = None, stop: Any = None) -> str:
             choice = CompletionChoice(index=c, text=text, logprobs=lps, finish_reason=finish, stop_reason=stop)
@@ -231,30 +230,17 @@ class OpenAIServing:
                 CompletionChunk(id=group.request_id, created=created, model=self.model_name, choices=[choice]),
                 include_usage))
 
-        try:
-            if echo:
-                for c in group.choices:
-                    yield chunk(c, echo[c // group.n])
-            async for c, d in group.updates():
-                if d.finish_reason == "error":
-                    status = "error"
-                    yield fmt.sse(fmt.error_body(d.error or "internal error", "internal_error", code=500))
-                    continue
-                lps = None
-                if req.logprobs is not None:
-                    lps, offsets[c] = fmt.completion_logprobs(d.logprobs, self.token_text, offsets.get(c, 0))
-                if d.text or d.finish_reason or (lps is not None and lps.tokens):
-                    yield chunk(c, d.text, lps, d.finish_reason, d.stop_reason)
-            if include_usage:
-                yield fmt.sse(CompletionChunk(id=group.request_id, created=created, model=self.model_name,
-                                              choices=[], usage=group.usage()).model_dump())
-            yield fmt.SSE_DONE
-        except BaseException:
-            status = "client disconnected"
-            raise
-        finally:
-            group.abort()
-            group.log_done("completion", True, status)
+        def render(c: int, d: SeqDelta) -> Iterator[str]:
+            lps = None
+            if req.logprobs is not None:
+                lps, offsets[c] = fmt.completion_logprobs(d.logprobs, self.token_text, offsets.get(c, 0))
+            if d.text or d.finish_reason or (lps is not None and lps.tokens):
+                yield chunk(c, d.text, lps, d.finish_reason, d.stop_reason)
+
+        usage = (lambda: CompletionChunk(id=group.request_id, created=created, model=self.model_name, choices=[],
+                                         usage=group.usage())) if include_usage else None
+        opening = [chunk(c, echo[c // group.n]) for c in group.choices] if echo else []
+        return self._stream(group, "completion", opening, render, usage)
 
     # -- /v1/chat/completions ---------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest, request: Request) -> ChatCompletionResponse | StreamResult:
@@ -287,40 +273,55 @@ class OpenAIServing:
         return ChatCompletionResponse(id=group.request_id, model=self.model_name, choices=choices,
                                       usage=group.usage())
 
-    async def _chat_stream(self, group: RequestGroup, req: ChatCompletionRequest) -> AsyncIterator[str]:
+    def _chat_stream(self, group: RequestGroup, req: ChatCompletionRequest) -> AsyncIterator[str]:
         created = int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        status = "ok"
 
         def chunk(choice: ChatChunkChoice) -> str:
             return fmt.sse(fmt.chunk_payload(
                 ChatCompletionChunk(id=group.request_id, created=created, model=self.model_name, choices=[choice]),
                 include_usage))
 
+        def render(c: int, d: SeqDelta) -> Iterator[str]:
+            lps = fmt.chat_logprobs(d.logprobs, self.token_text) if req.logprobs and d.logprobs else None
+            if d.text or lps is not None:
+                yield chunk(ChatChunkChoice(index=c, delta=DeltaMessage(content=d.text), logprobs=lps))
+            if d.finish_reason is not None:
+                yield chunk(ChatChunkChoice(index=c, delta=DeltaMessage(), finish_reason=d.finish_reason,
+                                            stop_reason=d.stop_reason))
+
+        usage = (lambda: ChatCompletionChunk(id=group.request_id, created=created, model=self.model_name, choices=[],
+                                             usage=group.usage())) if include_usage else None
+        # OpenAI opens every choice with the role.
+        opening = [chunk(ChatChunkChoice(index=c, delta=DeltaMessage(role="assistant", content="")))
+                   for c in group.choices]
+        return self._stream(group, "chat", opening, render, usage)
+
+    async def _stream(self, group: RequestGroup, kind: str, opening: list[str],
+                      render: Callable[[int, SeqDelta], Iterator[str]], usage: Callable[[], Any] | None,
+                      ) -> AsyncIterator[str]:
+        """What every SSE stream shares: opening events, each update rendered (a failed choice becomes an
+        error event), the usage chunk, [DONE]; and however it ends, the request is aborted and logged."""
+        status = "ok"
         try:
-            for c in group.choices:  # OpenAI opens every choice with the role
-                yield chunk(ChatChunkChoice(index=c, delta=DeltaMessage(role="assistant", content="")))
+            for event in opening:
+                yield event
             async for c, d in group.updates():
                 if d.finish_reason == "error":
                     status = "error"
                     yield fmt.sse(fmt.error_body(d.error or "internal error", "internal_error", code=500))
                     continue
-                lps = fmt.chat_logprobs(d.logprobs, self.token_text) if req.logprobs and d.logprobs else None
-                if d.text or lps is not None:
-                    yield chunk(ChatChunkChoice(index=c, delta=DeltaMessage(content=d.text), logprobs=lps))
-                if d.finish_reason is not None:
-                    yield chunk(ChatChunkChoice(index=c, delta=DeltaMessage(), finish_reason=d.finish_reason,
-                                                stop_reason=d.stop_reason))
-            if include_usage:
-                yield fmt.sse(ChatCompletionChunk(id=group.request_id, created=created, model=self.model_name,
-                                                  choices=[], usage=group.usage()).model_dump())
+                for event in render(c, d):
+                    yield event
+            if usage is not None:
+                yield fmt.sse(usage().model_dump())
             yield fmt.SSE_DONE
         except BaseException:
             status = "client disconnected"
             raise
         finally:
             group.abort()
-            group.log_done("chat", True, status)
+            group.log_done(kind, True, status)
 
     # -- helpers ----------------------------------------------------------------------------------
     def _prompt_text(self, prompt: str | list[int], ids: list[int]) -> str:
