@@ -10,7 +10,6 @@ Usage: .venv/bin/python scripts/ablate_decode_attention.py [--rounds 3] [--steps
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 
 from tinyserve.bench.env_info import run_header, save_json
 from tinyserve.bench.offline import make_prompts
-from tinyserve.bench.profile import _drain, _start
+from tinyserve.bench.profile import drain, finish_prefill, start_greedy
 from tinyserve.engine.llm_engine import LLMEngine
 from tinyserve.config import EngineConfig
 from tinyserve.ops import attention
@@ -42,15 +41,14 @@ VARIANTS = {"v0_index_gqa": v0, "v1_index_select_gqa": v1, "v2_grouped_queries":
 
 
 def decode_ms(engine: LLMEngine, batch: int, context: int, steps: int) -> float:
-    _start(engine, make_prompts(engine.model_config.vocab_size, batch, context, 0), steps + 2)
-    while any(s.num_computed < s.num_prompt_tokens for seqs in engine.requests.values() for s in seqs):
-        engine.step()
+    start_greedy(engine, make_prompts(engine.model_config.vocab_size, batch, context, 0), steps + 2)
+    finish_prefill(engine)
     engine.step()
     t = time.perf_counter()
     for _ in range(steps):
         engine.step()
     ms = (time.perf_counter() - t) / steps * 1e3
-    _drain(engine)
+    drain(engine)
     return ms
 
 

@@ -157,9 +157,7 @@ def run_offline(args: argparse.Namespace) -> dict[str, Any]:
     mc = engine.model_config
     dtype = engine.config.torch_dtype
     kv_bytes = mc.kv_bytes_per_token(dtype)
-    linear = [m for m in engine.model.modules() if isinstance(m, torch.nn.Linear)]
-    n_linear = sum(m.weight.numel() for m in linear) + mc.vocab_size * mc.hidden_size  # + LM head
-    weight_bytes = n_linear * torch.empty((), dtype=dtype).element_size()
+    n_linear, weight_bytes = roofline.decode_weights(engine.model)
 
     hf = None
     if "hf" in args.engines:

@@ -63,13 +63,19 @@ class StepTimer:
         self.totals.clear()
 
 
-def _start(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> None:
+def start_greedy(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> None:
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(f"profile-{time.monotonic_ns()}-{i}", p, params)
 
 
-def _drain(engine: LLMEngine) -> None:
+def finish_prefill(engine: LLMEngine) -> None:
+    """Step until every prompt is in the KV cache, so what follows measures decode steps only."""
+    while any(s.num_computed < s.num_prompt_tokens for seqs in engine.requests.values() for s in seqs):
+        engine.step()
+
+
+def drain(engine: LLMEngine) -> None:
     while engine.has_unfinished():
         engine.step()
     for rid in list(engine.requests):
@@ -107,20 +113,18 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
     engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                                     max_num_seqs=max(args.batch_sizes), max_num_batched_tokens=max(args.prefill_len, 1024)))
     mc, dtype = engine.model_config, engine.config.torch_dtype
-    n_linear = sum(m.weight.numel() for m in engine.model.modules() if isinstance(m, torch.nn.Linear))
-    n_linear += mc.vocab_size * mc.hidden_size  # the (tied) LM head
-    weight_bytes = n_linear * torch.empty((), dtype=dtype).element_size()
+    n_linear, weight_bytes = roofline.decode_weights(engine.model)
     console.print("measuring ceilings...")
     ceilings = roofline.measure(args.device)
     report = run_header("tinyserve.profile/1", model=engine.model_name, dtype=str(dtype),
                         engine_torch_threads=torch.get_num_threads(), ceilings=ceilings, tables={}, split={})
-    _start(engine, make_prompts(mc.vocab_size, 1, 16, 0), 4)  # warm-up
-    _drain(engine)
+    start_greedy(engine, make_prompts(mc.vocab_size, 1, 16, 0), 4)  # warm-up
+    drain(engine)
 
     # Prefill: one prompt, one step.
-    _start(engine, make_prompts(mc.vocab_size, 1, args.prefill_len, 1), 1)
+    start_greedy(engine, make_prompts(mc.vocab_size, 1, args.prefill_len, 1), 1)
     table, ms = op_table(engine, 1, args.rows)
-    _drain(engine)
+    drain(engine)
     report["tables"][f"prefill_{args.prefill_len}"] = {"ms_per_step": ms, "table": table}
     console.print(f"[bold]prefill of {args.prefill_len} tokens: {ms:.1f} ms ({args.prefill_len / ms * 1e3:.0f} tok/s)")
     console.print(table)
@@ -130,9 +134,8 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
     for col in ("batch", "ms/step", *PARTS, "GB/s", "GFLOP/s"):
         split_table.add_column(col, justify="right")
     for batch in args.batch_sizes:
-        _start(engine, make_prompts(mc.vocab_size, batch, args.context_len, 2), args.steps * 2 + 4)
-        while any(s.num_computed < s.num_prompt_tokens for seqs in engine.requests.values() for s in seqs):
-            engine.step()  # finish prefill first: only decode steps are measured
+        start_greedy(engine, make_prompts(mc.vocab_size, batch, args.context_len, 2), args.steps * 2 + 4)
+        finish_prefill(engine)
         table, _ = op_table(engine, 2, args.rows)
         timer.reset()
         t = time.perf_counter()
@@ -140,7 +143,7 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
             engine.step()
         ms = (time.perf_counter() - t) / args.steps * 1e3
         shares = {k: 100 * v / args.steps / (ms / 1e3) for k, v in timer.totals.items()}
-        _drain(engine)
+        drain(engine)
         kv_read = batch * (args.context_len + args.steps) * mc.kv_bytes_per_token(dtype)
         gbs = (weight_bytes + kv_read) / ms / 1e6
         gflops = 2 * n_linear * batch / ms / 1e6

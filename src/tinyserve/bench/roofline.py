@@ -49,3 +49,12 @@ def measure(device: str = "cpu") -> dict[str, float]:
         "gemm_fp32_gflops": round(gemm_gflops(torch.float32, device), 1),
         "gemm_bf16_gflops": round(gemm_gflops(torch.bfloat16, device), 1),
     }
+
+
+def decode_weights(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameters, bytes) that one decode step multiplies by: every linear, plus the embedding
+    when it doubles as the LM head (tied); an untied head is already one of the linears."""
+    linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if getattr(model, "lm_head", None) is None:
+        linears.append(model.embed_tokens.weight)
+    return sum(w.numel() for w in linears), sum(w.numel() * w.element_size() for w in linears)
