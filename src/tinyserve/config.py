@@ -14,6 +14,8 @@ _DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
 
+QUANTIZATION_MODES = ("auto", "none", "int8", "int4", "gguf")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -118,12 +120,32 @@ def physical_cores() -> int:
     return max(1, min(n or avail, avail))
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo); empty where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matmuls run natively (AVX512-BF16 dot products or AMX tiles) rather than emulated."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        # CPU: fp32 is exact and the reference; bf16 is faster for batched work (opt in).
-        return torch.float32 if device == "cpu" else torch.bfloat16
+        # bf16 where the hardware computes it natively; else fp32 (emulated bf16 is slower than fp32).
+        # fp32 stays the exact reference path, selected explicitly.
+        if device != "cpu":
+            return torch.bfloat16
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     try:
         return _DTYPES[dtype]
     except KeyError:
@@ -145,6 +167,9 @@ class EngineConfig:
     num_threads: int | None = None  # default: physical cores
     seed: int = 0
     tokenizer: str | None = None
+    # Weight quantization (vLLM's flag name): auto | none | int8 | int4 | gguf. See layers/quant.py.
+    quantization: str = "auto"
+    quant_group_size: int = 32  # int4 groups (32 or 64: 576-wide models have no 128 groups)
     torch_dtype: torch.dtype = field(init=False, default=torch.float32)
 
     def __post_init__(self) -> None:
@@ -160,5 +185,9 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.quantization not in QUANTIZATION_MODES:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}; got {self.quantization!r}")
+        if self.quant_group_size not in (32, 64, 128, 256):
+            raise ValueError(f"quant_group_size must be 32, 64, 128 or 256; got {self.quant_group_size}")
         if self.num_threads is None:
             self.num_threads = physical_cores()
