@@ -197,7 +197,7 @@ def test_serve_subcommand_flags():
     """`tinyserve serve` parses the server's and the engine's flags (vLLM's spelling)."""
     import argparse
 
-    from tinyserve.cli import engine_config
+    from tinyserve.engine_args import engine_config
     from tinyserve.server import add_serve_args
 
     p = argparse.ArgumentParser()
@@ -212,3 +212,27 @@ def test_serve_subcommand_flags():
     with pytest.raises(SystemExit) as e:
         main(["serve", "--help"])
     assert e.value.code == 0
+
+
+def test_engine_flags_generated_from_engine_config():
+    """Every EngineConfig knob is a flag with the field's default (and nothing else is); an instrument's
+    subset keeps its own defaults and fills the rest from EngineConfig."""
+    import argparse
+    import dataclasses
+
+    from tinyserve.bench.offline import add_offline_args
+    from tinyserve.engine_args import add_engine_args, engine_config
+
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    args = p.parse_args([])
+    knobs = [f for f in dataclasses.fields(EngineConfig) if f.init]
+    assert vars(args) == {f.name: f.default for f in knobs}  # torch_dtype is derived, not a flag
+    assert engine_config(p.parse_args(["--dtype", "fp32", "--quantization", "int8"])).quantization == "int8"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--quant-group-size", "48"])
+
+    p = argparse.ArgumentParser()
+    add_offline_args(p)
+    cfg = engine_config(p.parse_args(["--max-num-batched-tokens", "256"]), max_num_seqs=2)
+    assert (cfg.dtype, cfg.max_num_batched_tokens, cfg.max_num_seqs, cfg.block_size) == ("float32", 256, 2, 16)

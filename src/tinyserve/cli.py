@@ -9,33 +9,7 @@ import sys
 import time
 from typing import Any
 
-from tinyserve.config import EngineConfig
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """The engine's knobs as flags (vLLM's spelling where one exists)."""
-    d = EngineConfig.__dataclass_fields__
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="HF directory, .gguf file or hub id (default: bundled SmolLM2-135M-Instruct)")
-    g.add_argument("--tokenizer", default=None, help="tokenizer directory or hub id (default: the model's)")
-    g.add_argument("--dtype", default=d["dtype"].default, help="auto | float32 | bfloat16 | float16")
-    g.add_argument("--device", default=d["device"].default, help="cpu | cuda | cuda:N")
-    g.add_argument("--block-size", type=int, default=d["block_size"].default)
-    g.add_argument("--kv-cache-memory-gb", type=float, default=d["kv_cache_memory_gb"].default,
-                   help="KV pool budget, allocated once at start")
-    g.add_argument("--num-kv-blocks", type=int, default=None, help="exact KV pool size in blocks (overrides the budget)")
-    g.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"].default)
-    g.add_argument("--max-num-batched-tokens", type=int, default=d["max_num_batched_tokens"].default)
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-waiting", type=int, default=d["max_waiting"].default, help="bounded waiting queue")
-    g.add_argument("--num-threads", type=int, default=None, help="torch threads (default: physical cores)")
-    g.add_argument("--seed", type=int, default=d["seed"].default)
-
-
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    keys = ("model", "tokenizer", "dtype", "device", "block_size", "kv_cache_memory_gb", "num_kv_blocks",
-            "max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_waiting", "num_threads", "seed")
-    return EngineConfig(**{k: getattr(args, k) for k in keys})
+from tinyserve.engine_args import add_engine_args, engine_config
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

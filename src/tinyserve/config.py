@@ -15,6 +15,7 @@ _DTYPES = {
 }
 
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4", "gguf")
+QUANT_GROUP_SIZES = (32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
@@ -152,25 +153,41 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
         raise ValueError(f"dtype must be one of auto, {', '.join(sorted(_DTYPES))}; got {dtype!r}") from None
 
 
+def knob(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+    """A dataclass field that carries its own help (and any argparse extras, e.g. `choices`), so the
+    command-line flags are generated from EngineConfig itself (see engine_args.py)."""
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
 @dataclass
 class EngineConfig:
-    model: str | None = None  # None: the bundled SmolLM2-135M-Instruct GGUF
-    dtype: str = "auto"
-    device: str = "cpu"
-    block_size: int = 16
-    kv_cache_memory_gb: float = 1.0  # the KV pool is allocated once from this budget
-    num_kv_blocks: int | None = None  # overrides the memory budget (tests use tiny pools)
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 1024
-    max_model_len: int | None = None  # default: the model's context, capped by the KV pool
-    max_waiting: int = 1024  # the waiting queue is bounded; beyond it new requests are refused
-    num_threads: int | None = None  # default: physical cores
-    seed: int = 0
-    tokenizer: str | None = None
-    # Weight quantization (vLLM's flag name): auto | none | int8 | int4 | gguf. See layers/quant.py.
-    quantization: str = "auto"
-    quant_group_size: int = 32  # int4 groups (32 or 64: 576-wide models have no 128 groups)
-    torch_dtype: torch.dtype = field(init=False, default=torch.float32)
+    """Every engine knob; each one is also a `--kebab-case` flag of every engine-running command."""
+
+    model: str | None = knob(None, "HF directory, .gguf file or hub id (default: the bundled SmolLM2-135M-Instruct)")
+    dtype: str = knob(
+        "auto", "weights and activations; auto = bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX, "
+        "float32 elsewhere (emulated bf16 is slower than fp32)",
+        choices=("auto", *_DTYPES), metavar="{auto,float32,bfloat16,float16}",
+    )
+    device: str = knob("cpu", "cpu | cuda | cuda:N")
+    block_size: int = knob(16, "tokens per KV-cache block")
+    kv_cache_memory_gb: float = knob(1.0, "KV pool budget, allocated once at start")
+    num_kv_blocks: int | None = knob(None, "exact KV pool size in blocks (overrides the budget; tests use tiny pools)")
+    max_num_seqs: int = knob(64, "sequences in one batch")
+    max_num_batched_tokens: int = knob(1024, "token budget of one step (decodes + prefill chunks)")
+    max_model_len: int | None = knob(None, "context length (default: the model's, capped by the KV pool)")
+    max_waiting: int = knob(1024, "bounded waiting queue; beyond it new requests are refused")
+    num_threads: int | None = knob(None, "torch threads (default: physical cores; oversubscribed threads are slower)")
+    seed: int = knob(0, "engine seed for sampling")
+    tokenizer: str | None = knob(None, "tokenizer directory or hub id (default: the model's)")
+    quantization: str = knob(  # vLLM's flag name; see layers/quant.py
+        "auto", "weight quantization; auto: a GGUF keeps its own quantized blocks "
+        "when activations are 16-bit, float32 dequantizes",
+        choices=QUANTIZATION_MODES,
+    )
+    # 32 or 64 for the bundled model: 576-wide layers have no 128 groups
+    quant_group_size: int = knob(32, "int4 group size (weights sharing one scale)", choices=QUANT_GROUP_SIZES)
+    torch_dtype: torch.dtype = field(init=False, default=torch.float32)  # resolved from dtype and device
 
     def __post_init__(self) -> None:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -187,7 +204,7 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.quantization not in QUANTIZATION_MODES:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}; got {self.quantization!r}")
-        if self.quant_group_size not in (32, 64, 128, 256):
-            raise ValueError(f"quant_group_size must be 32, 64, 128 or 256; got {self.quant_group_size}")
+        if self.quant_group_size not in QUANT_GROUP_SIZES:
+            raise ValueError(f"quant_group_size must be one of {QUANT_GROUP_SIZES}; got {self.quant_group_size}")
         if self.num_threads is None:
             self.num_threads = physical_cores()

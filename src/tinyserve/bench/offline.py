@@ -26,6 +26,7 @@ from tinyserve.bench import roofline
 from tinyserve.bench.env_info import run_header, save_json
 from tinyserve.config import EngineConfig
 from tinyserve.engine.llm_engine import LLMEngine
+from tinyserve.engine_args import add_engine_args, engine_config
 from tinyserve.sampling import SamplingParams
 
 ENGINES = ("tinyserve", "hf")
@@ -135,22 +136,19 @@ def add_offline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64])
     p.add_argument("--input-lens", type=int, nargs="+", default=[32, 128, 512, 1024])
     p.add_argument("--output-lens", type=int, nargs="+", default=[32, 128, 512])
-    p.add_argument("--model", default=None)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--max-num-batched-tokens", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the random prompts (and the engine)")
     p.add_argument("--result-dir", default="docs/results")
     p.add_argument("--label", default="offline")
+    # The engine is sized from the grid; these are the knobs left to choose.
+    add_engine_args(p, only=("model", "dtype", "device", "max_num_batched_tokens", "quantization", "quant_group_size"),
+                    dtype="float32")
 
 
 def run_offline(args: argparse.Namespace) -> dict[str, Any]:
     grid = list(itertools.product(args.batch_sizes, args.input_lens, args.output_lens))
     max_tokens = max(b * (i + o) for b, i, o in grid)
-    engine = LLMEngine(EngineConfig(
-        model=args.model, dtype=args.dtype, device=args.device,
-        max_num_seqs=max(args.batch_sizes), max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=max(i + o for _, i, o in grid) + 1,
+    engine = LLMEngine(engine_config(
+        args, max_num_seqs=max(args.batch_sizes), max_model_len=max(i + o for _, i, o in grid) + 1,
         # Room for the largest point at once: offline numbers should not include preemption.
         num_kv_blocks=-(-max_tokens // EngineConfig.block_size) + max(args.batch_sizes),
     ))

@@ -24,8 +24,8 @@ from rich.table import Table
 from tinyserve.bench import roofline
 from tinyserve.bench.env_info import run_header, save_json
 from tinyserve.bench.offline import make_prompts
-from tinyserve.config import EngineConfig
 from tinyserve.engine.llm_engine import LLMEngine
+from tinyserve.engine_args import add_engine_args, engine_config
 from tinyserve.sampling import SamplingParams
 
 PARTS = {  # label -> (owner attribute on the engine, method name)
@@ -97,21 +97,20 @@ def op_table(engine: LLMEngine, steps: int, rows: int) -> tuple[str, float]:
 
 
 def add_profile_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     p.add_argument("--context-len", type=int, default=128, help="prompt length before the profiled decode steps")
     p.add_argument("--steps", type=int, default=16, help="decode steps measured per batch size")
     p.add_argument("--rows", type=int, default=12, help="ops shown per profiler table")
     p.add_argument("--result-dir", default="docs/results")
+    # The engine is sized from the batch sizes and prefill length; these are the knobs left to choose.
+    add_engine_args(p, only=("model", "dtype", "device", "quantization", "quant_group_size"), dtype="float32")
 
 
 def run_profile(args: argparse.Namespace) -> dict[str, Any]:
     console = Console()
-    engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
-                                    max_num_seqs=max(args.batch_sizes), max_num_batched_tokens=max(args.prefill_len, 1024)))
+    engine = LLMEngine(engine_config(args, max_num_seqs=max(args.batch_sizes),
+                                     max_num_batched_tokens=max(args.prefill_len, 1024)))
     mc, dtype = engine.model_config, engine.config.torch_dtype
     n_linear, weight_bytes = roofline.decode_weights(engine.model)
     console.print("measuring ceilings...")

@@ -1,7 +1,7 @@
 """`tinyserve serve`: the OpenAI-compatible HTTP server.
 
-This module stays light (argparse only) so `tinyserve --help` does not import FastAPI; the app
-itself is in app.py, the endpoints' logic in serving.py, the wire format in protocol.py.
+This module stays light (argparse and the engine's flags) so `tinyserve --help` does not import
+FastAPI; the app itself is in app.py, the endpoints' logic in serving.py, the wire format in protocol.py.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import argparse
 import logging
 import sys
 
+from tinyserve.engine_args import add_engine_args
+
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     """The server's flags (vLLM's spelling) plus every engine knob."""
-    from tinyserve.cli import add_engine_args
-
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for all)")
     g.add_argument("--port", type=int, default=8000)

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tinyserve import __version__
 from tinyserve.engine.async_engine import AsyncEngine
 from tinyserve.engine.llm_engine import LLMEngine
+from tinyserve.engine_args import engine_config
 from tinyserve.server import openai_format as fmt
 from tinyserve.server.metrics import ServerMetrics
 from tinyserve.server.protocol import (
@@ -192,8 +193,6 @@ def build_app(engine: LLMEngine, served_model_names: list[str] | None = None) ->
 def run_server(args: argparse.Namespace) -> int:
     """Load the model, then serve until SIGTERM/SIGINT; returns the exit code (0 after a clean shutdown)."""
     import uvicorn
-
-    from tinyserve.cli import engine_config
 
     engine = LLMEngine(engine_config(args))
     app = build_app(engine, args.served_model_name)
