@@ -28,6 +28,7 @@ generate: install
 	$(BIN)/tinyserve generate "Write a haiku about paged attention." --max-tokens 64 --chat
 
 test: install
+	$(BIN)/ruff check src tests scripts
 	$(BIN)/python -m pytest -q tests
 
 # Peers for side-by-side serving runs (llama.cpp built from source, vLLM for CPU), into .peers/.

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from tinyserve.bench.env_info import run_header, save_json
 from tinyserve.bench.offline import make_prompts
 from tinyserve.bench.profile import drain, finish_prefill, start_greedy
-from tinyserve.engine.llm_engine import LLMEngine
 from tinyserve.config import EngineConfig
+from tinyserve.engine.llm_engine import LLMEngine
 from tinyserve.ops import attention
 
 

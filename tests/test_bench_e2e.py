@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -25,7 +26,7 @@ def test_serve_benchmark_against_real_server(tmp_path):
         ])
         out = run_serve_benchmark(args)
     (path,) = out["files"]
-    result = json.loads(open(path).read())
+    result = json.loads(Path(path).read_text())
     m = result["metrics"]
     assert m["completed"] == 6 and m["failed"] == 0
     assert m["total_output"] == 6 * 12  # ignore_eos + max_tokens pin every output length

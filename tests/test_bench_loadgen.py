@@ -7,6 +7,7 @@ import math
 import socket
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -211,10 +212,10 @@ def test_serve_benchmark_sweep_writes_results(server, tmp_path):
          "--percentiles", "50,99", "--result-dir", str(tmp_path), "--label", "fake", "--disable-tqdm"])
     out = run_serve_benchmark(args, tokenizer=WordTokenizer())
     assert len(out["runs"]) == 2 and len(out["files"]) == 2
-    saved = json.loads(open(out["files"][1]).read())
+    saved = json.loads(Path(out["files"][1]).read_text())
     assert saved["server"]["model"] == "fake-model" and saved["config"]["request_rate"] == 50.0
     assert saved["machine"]["cpu_count"] >= 1 and "commit" in saved["git"]
     assert saved["metrics"]["completed"] == 4 and saved["metrics"]["total_output"] == 12
     assert saved["metrics"]["request_goodput"] > 0 and "ttft_p50_ms" in saved["metrics"]
     assert len(saved["requests"]) == 4 and all(r["success"] for r in saved["requests"])
-    assert json.loads(open(out["files"][0]).read())["config"]["request_rate"] == "inf"
+    assert json.loads(Path(out["files"][0]).read_text())["config"]["request_rate"] == "inf"

@@ -40,14 +40,15 @@ def write_serve(d: Path, label: str, conc: int, ttft: float, step: float, out_le
     records = []
     for i in range(n):
         t = ttft * (1 + 0.1 * i)
-        records.append(RequestRecord(index=i, success=True, prompt_len=32, output_len=out_len, expected_output_len=out_len,
-                                     ttft=t, itl=[step] * (out_len - 1), e2el=t + step * (out_len - 1),
-                                     start_time=0.01 * i))
+        records.append(RequestRecord(index=i, success=True, prompt_len=32, output_len=out_len,
+                                     expected_output_len=out_len, ttft=t, itl=[step] * (out_len - 1),
+                                     e2el=t + step * (out_len - 1), start_time=0.01 * i))
     records += [RequestRecord(index=n + j, success=False, error="boom") for j in range(failed)]
     duration = max(r.start_time + r.e2el for r in records)  # first send to last finish
     metrics = compute_metrics(records, duration, (50, 99))
     result = {"schema": RESULT_SCHEMA, "date": "2025-01-02T03:04:05+00:00", "label": label, "git": git_commit(),
-              "machine": machine_info(), "server": {"base_url": "http://127.0.0.1:1/v1", "model": "m", "endpoint": "completions"},
+              "machine": machine_info(),
+              "server": {"base_url": "http://127.0.0.1:1/v1", "model": "m", "endpoint": "completions"},
               "config": {"dataset": "random", "num_prompts": n, "num_requests": n + failed, "request_rate": "inf",
                          "max_concurrency": conc, "percentiles": [50, 99]},
               "metrics": metrics.to_dict(), "requests": [r.to_dict() for r in records],
@@ -113,7 +114,7 @@ def test_report_writes_plots_and_summary(results_dir: Path, tmp_path: Path) -> N
     # Serving: per label x load; throughput from the metrics; ratio to the baseline by hand.
     ts4 = json.loads(next((results_dir / "peers").glob("tinyserve-random-rateinf-conc4-*.json")).read_text())
     bl4 = json.loads(next((results_dir / "peers").glob("baseline-random-rateinf-conc4-*.json")).read_text())
-    line = next(l for l in text.splitlines() if l.startswith("| tinyserve | random | inf | 4 |"))
+    line = next(row for row in text.splitlines() if row.startswith("| tinyserve | random | inf | 4 |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     # 6 x 8 tokens; the last request starts at 0.05 s, TTFT 0.2 x 1.5 = 0.3 s, + 7 x 0.02 s: ends at 0.49 s
     assert cells[6] == f"{ts4['metrics']['output_throughput']:.1f}" == f"{48 / 0.49:.1f}" == "98.0"
@@ -121,7 +122,7 @@ def test_report_writes_plots_and_summary(results_dir: Path, tmp_path: Path) -> N
     assert cells[7] == f"{ts4['metrics']['output_throughput'] / bl4['metrics']['output_throughput']:.2f}" == "3.27"
     assert cells[8] == f"{ts4['metrics']['ttft_median_ms']:.1f}"
     assert cells[10] == f"{ts4['metrics']['tpot_median_ms']:.1f}" == "20.0"
-    bline = next(l for l in text.splitlines() if l.startswith("| baseline | random | inf | 4 |"))
+    bline = next(row for row in text.splitlines() if row.startswith("| baseline | random | inf | 4 |"))
     assert "| 6 / 1 |" in bline
     assert "llamacpp: skipped" in text
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_checkpoint
 from tinyserve import LLM, SamplingParams
 from tinyserve.config import ModelConfig
 from tinyserve.engine.runner import ModelRunner
 from tinyserve.models.llama import rope_inv_freq
 from tinyserve.models.loader import hf_config, load_model, resolve_model
 from tinyserve.ops.attention import AttentionMetadata, PrefillChunk
+
+from conftest import make_tiny_checkpoint
 
 CASES = [  # (arch, tied head, kv heads)
     ("llama", False, 2),

@@ -15,7 +15,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from tinyserve.server.launcher import ServerProcess
+from tinyserve.server.launcher import ServerProcess  # noqa: E402  (after the openai importorskip)
 
 pytestmark = pytest.mark.slow
 

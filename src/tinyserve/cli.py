@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     _attach(peers_b, "tinyserve.bench.peers", "add_peers_args", "run_peers")
     suite = bench_sub.add_parser("all", parents=[common], help="every instrument, then the report (make bench)")
     _attach(suite, "tinyserve.bench.suite", "add_suite_args", "run_suite")
-    kv = bench_sub.add_parser("kv-math", parents=[common], help="KV-cache bytes per token/request, checked against the engine's pool")
+    kv = bench_sub.add_parser("kv-math", parents=[common],
+                              help="KV-cache bytes per token/request, checked against the engine's pool")
     _attach(kv, "tinyserve.bench.kv_math", "add_kv_math_args", "run_kv_math")
 
     prof = sub.add_parser("profile", parents=[common], help="op tables, step split and roofline for prefill/decode")

@@ -44,7 +44,7 @@ class ModelConfig:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
 
     @classmethod
-    def from_hf(cls, cfg: dict[str, Any], name: str = "model") -> "ModelConfig":
+    def from_hf(cls, cfg: dict[str, Any], name: str = "model") -> ModelConfig:
         """Read a transformers config.json (Llama, Qwen2, Mistral-style) into our fields."""
         arch = (cfg.get("architectures") or [""])[0]
         heads = cfg["num_attention_heads"]

@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.model is None:
         from tinyserve.models.loader import BUNDLED_NAME, bundled_gguf_path, export_gguf
 
-        args.model, args.served_model_name = str(export_gguf(bundled_gguf_path())), args.served_model_name or BUNDLED_NAME
+        args.model = str(export_gguf(bundled_gguf_path()))
+        args.served_model_name = args.served_model_name or BUNDLED_NAME
     app = build_app(args.model, args.served_model_name or Path(args.model).name, getattr(torch, args.dtype))
     import uvicorn
 

@@ -61,7 +61,7 @@ def run_header(schema: str, **extra: Any) -> dict[str, Any]:
     """What every result file starts with: schema, UTC date, machine and code version."""
     import datetime as dt
 
-    return {"schema": schema, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    return {"schema": schema, "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "machine": machine_info(), "git": git_commit(), **extra}
 
 
@@ -72,7 +72,7 @@ def save_json(result: dict[str, Any], result_dir: Path, stem: str) -> Path:
     import re
 
     result_dir.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     name = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', stem)}-{stamp}"
     path, n = result_dir / f"{name}.json", 1
     while path.exists():  # two runs within one second

@@ -19,8 +19,9 @@ import asyncio
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -172,7 +173,7 @@ async def send_request(
         record.output_len = int(usage_out) if usage_out is not None else n_chunks
         record.generated_text = "".join(text_parts)
         record.success = True
-    except asyncio.TimeoutError:
+    except TimeoutError:
         record.error = f"timeout after {cfg.request_timeout_s:g} s"
     except Exception as e:  # any broken response is the server's failure, not the benchmark's
         record.error = f"{type(e).__name__}: {e}"[:300]

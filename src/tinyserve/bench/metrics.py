@@ -16,8 +16,8 @@ Everything here is a pure function of the records, so it is tested on hand-made 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -58,7 +58,7 @@ class RequestRecord:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "RequestRecord":
+    def from_dict(cls, d: Mapping) -> RequestRecord:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 

@@ -56,7 +56,7 @@ class PeakMemory:
         self.device = device
         self.peak_mb = 0.0
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
             return self

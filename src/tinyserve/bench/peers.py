@@ -19,6 +19,7 @@ with its quantized kernels, the others run the fp32 weights dequantized from tha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as dt
 import importlib.util
@@ -32,9 +33,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import httpx
 from rich.console import Console
@@ -79,7 +81,8 @@ def add_peers_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--restart-per-point", action=argparse.BooleanOptionalAction, default=True,
                    help="a fresh peer server for every sweep point, so no point inherits another's prompt cache")
     for name in PEERS:
-        g.add_argument(f"--{name}-args", default="", help=f"extra flags for {name}, one string: --{name}-args=\"--flag value\"")
+        g.add_argument(f"--{name}-args", default="",
+                       help=f"extra flags for {name}, one string: --{name}-args=\"--flag value\"")
     return parser
 
 
@@ -104,7 +107,9 @@ def model_paths(args: argparse.Namespace) -> tuple[Path | None, Path]:
     return gguf, hf
 
 
-def build_specs(args: argparse.Namespace, port: int, gguf: Path | None, hf_dir: Path, slots: int) -> dict[str, PeerSpec]:
+def build_specs(
+    args: argparse.Namespace, port: int, gguf: Path | None, hf_dir: Path, slots: int
+) -> dict[str, PeerSpec]:
     """Command lines of every peer for this port; the ones missing here say how to get them."""
     peers_dir, name, t = Path(args.peers_dir), args.model, str(args.threads)
     common = ["--host", "127.0.0.1", "--port", str(port)]
@@ -172,7 +177,7 @@ class PeerProcess:
         self.spec, self.port, self.log_path, self.stop_timeout = spec, port, log_path, stop_timeout
         self.proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> "PeerProcess":
+    def __enter__(self) -> PeerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.spec.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -234,10 +239,8 @@ class PeerProcess:
                 break
             except subprocess.TimeoutExpired:
                 continue
-        try:  # children that outlived the leader
+        with contextlib.suppress(ProcessLookupError):  # children that outlived the leader
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _slots(args: argparse.Namespace, concurrencies: Sequence[int | None]) -> int:
@@ -269,9 +272,10 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 def _run_peers(args: argparse.Namespace, tokenizer: Any, bench: Callable[..., dict[str, Any]]) -> dict[str, Any]:
     console = Console(width=max(Console().width, 150))  # the comparison table is wide; logs are not terminals
     gguf, hf_dir = model_paths(args)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(args.tokenizer or (str(hf_dir) if args.hf_dir else None))
+    if tokenizer is None:
+        tokenizer = load_tokenizer(args.tokenizer or (str(hf_dir) if args.hf_dir else None))
     result_dir = Path(args.result_dir) if args.result_dir else None
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     log_dir = result_dir / "logs" if result_dir else Path(tempfile.gettempdir())
     points = sweep_points(args.request_rate, args.max_concurrency)
     # A fresh server per point by default: the same prompts are sent at every point, and a server that kept
@@ -374,12 +378,15 @@ def print_comparison(console: Console, rows: Sequence[dict[str, Any]], outcomes:
         f"{k}: {v['weights']}" for k, v in outcomes.items() if v.get("weights")))
     for k, v in outcomes.items():
         if v["status"] != "ok":
-            console.print(f"[yellow]{k}: {v['status']}: {v.get('message', '').splitlines()[0] if v.get('message') else ''}[/yellow]")
+            first_line = v.get("message", "").splitlines()[0] if v.get("message") else ""
+            console.print(f"[yellow]{k}: {v['status']}: {first_line}[/yellow]")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """`python -m tinyserve.bench.peers ...` until the CLI wires it in."""
-    parser = add_peers_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser = add_peers_args(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    )
     return run_peers(parser.parse_args(argv))
 
 

@@ -12,8 +12,9 @@ import asyncio
 import datetime as dt
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -140,7 +141,7 @@ def run_serve_benchmark(args: argparse.Namespace, tokenizer: Any = None) -> dict
             temperature=args.temperature, request_timeout_s=args.request_timeout, total_timeout_s=args.timeout,
             seed=args.seed, api_key=args.api_key, keep_text=args.save_text, progress=not args.disable_tqdm,
         )
-        date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         part, metrics = run_one(cfg, workload, args, percentiles, slos)
         result = {"schema": RESULT_SCHEMA, "date": date, **static, **part}
         print_summary(console, result, metrics, percentiles)
@@ -181,7 +182,8 @@ def _json_float(x: float) -> float | str:
 def write_result(result: dict[str, Any], result_dir: Path) -> Path:
     """One run as <label>-<dataset>-rate<r>-conc<c>-<UTC timestamp>.json."""
     cfg = result["config"]
-    stem = f"{result.get('label') or 'tinyserve'}-{cfg['dataset']}-rate{cfg['request_rate']}-conc{cfg['max_concurrency'] or 'inf'}"
+    label, conc = result.get("label") or "tinyserve", cfg["max_concurrency"] or "inf"
+    stem = f"{label}-{cfg['dataset']}-rate{cfg['request_rate']}-conc{conc}"
     return save_json(result, result_dir, stem)
 
 

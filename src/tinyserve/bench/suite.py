@@ -71,7 +71,8 @@ def run_suite(args: argparse.Namespace) -> None:
         steps.append(("offline", _step("offline", "add_offline_args", "run_offline",
                                        plan["offline"] + out + ["--label", label])))
     if "report" not in args.skip:
-        steps.append(("report", _step("report", "add_report_args", "run_report", ["--results", args.result_dir, "--out", str(Path(args.result_dir).parent)])))
+        report_argv = ["--results", args.result_dir, "--out", str(Path(args.result_dir).parent)]
+        steps.append(("report", _step("report", "add_report_args", "run_report", report_argv)))
     console = Console()
     start = time.perf_counter()
     for i, (name, fn) in enumerate(steps, 1):

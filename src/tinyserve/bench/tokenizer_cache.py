@@ -12,7 +12,7 @@ def load_tokenizer(name_or_path: str | None = None) -> Any:
     from tinyserve.models.loader import resolve_model
     from tinyserve.tokenizer import load_tokenizer as load
 
-    if name_or_path and not Path(name_or_path).suffix == ".gguf" and not Path(name_or_path).is_dir():
+    if name_or_path and Path(name_or_path).suffix != ".gguf" and not Path(name_or_path).is_dir():
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(name_or_path)  # a hub id: no model weights needed

@@ -116,7 +116,8 @@ def build_app(engine: LLMEngine, served_model_names: list[str] | None = None) ->
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = _STATUS_TYPES.get(exc.status_code, "invalid_request_error" if exc.status_code < 500 else "internal_error")
+        fallback = "invalid_request_error" if exc.status_code < 500 else "internal_error"
+        kind = _STATUS_TYPES.get(exc.status_code, fallback)
         return JSONResponse(fmt.error_body(str(exc.detail), kind, code=exc.status_code),
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
