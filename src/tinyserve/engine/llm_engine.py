@@ -18,7 +18,7 @@ from tinyserve.engine.sampler import Sampler
 from tinyserve.engine.scheduler import Scheduler
 from tinyserve.engine.sequence import Logprob, Sequence
 from tinyserve.kv.block_manager import BlockManager
-from tinyserve.models.loader import load_model, model_config, resolve_model
+from tinyserve.models.loader import load_model, model_config, resolve_model, resolve_quantization
 from tinyserve.outputs import RequestOutput
 from tinyserve.sampling import SamplingParams
 from tinyserve.tokenizer import IncrementalDetokenizer, load_tokenizer
@@ -50,7 +50,8 @@ class LLMEngine:
         if self.max_len < wanted:
             log.warning("max_model_len capped at %d tokens: the KV pool holds no more", self.max_len)
 
-        self.model = load_model(src, mc, self.max_len, dtype, device)
+        self.quantization = resolve_quantization(config.quantization, src, dtype)
+        self.model = load_model(src, mc, self.max_len, dtype, device, self.quantization, config.quant_group_size)
         self.runner = ModelRunner(self.model, mc, self.num_blocks, bs, dtype, device)
         self.blocks = BlockManager(self.num_blocks, bs)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinyserve.config import ModelConfig
+from tinyserve.layers.linear import Linear, QuantMethod, Unquantized, WeightSource, as_dense
 from tinyserve.ops.attention import AttentionMetadata, paged_attention
 
 
@@ -75,11 +76,12 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, method: QuantMethod) -> None:
         super().__init__()
         self.h, self.h_kv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.h + 2 * self.h_kv) * self.d, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
+        qkv = [self.h * self.d, self.h_kv * self.d, self.h_kv * self.d]
+        self.qkv_proj = Linear(cfg.hidden_size, qkv, bias=cfg.attention_bias, method=method)
+        self.o_proj = Linear(self.h * self.d, [cfg.hidden_size], bias=False, method=method)
         self.scale = self.d**-0.5
 
     def forward(self, x, cos, sin, kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
@@ -92,10 +94,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, method: QuantMethod) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        inter = cfg.intermediate_size
+        self.gate_up_proj = Linear(cfg.hidden_size, [inter, inter], bias=False, method=method)
+        self.down_proj = Linear(inter, [cfg.hidden_size], bias=False, method=method)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -103,12 +106,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, method: QuantMethod) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, method)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, method)
 
     def forward(self, x, cos, sin, kv, meta) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, meta)
@@ -116,13 +119,18 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_len: int) -> None:
+    """Built on the meta device; `load_weights` then fills the embedding and norms and hands each
+    `Linear` its shards, which it packs with the engine's quantization method."""
+
+    def __init__(self, cfg: ModelConfig, max_len: int, method: QuantMethod | None = None) -> None:
         super().__init__()
+        method = method or Unquantized()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, method) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # Tied or not, the head is a Linear of its own, so it can be quantized like any projection.
+        self.lm_head = Linear(cfg.hidden_size, [cfg.vocab_size], bias=False, method=method)
         self.rotary = RotaryEmbedding(cfg, max_len)
 
     def forward(
@@ -140,36 +148,58 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return self.lm_head(hidden).float()
 
     # -- loading ---------------------------------------------------------------------------------
     _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors in, packing q/k/v and gate/up into their fused matrices."""
-        params = dict(self.named_parameters())
-        h, h_kv, d, inter = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim, self.cfg.intermediate_size
-        splits = {"qkv_proj": [h * d, h_kv * d, h_kv * d], "gate_up_proj": [inter, inter]}
+    def load_weights(self, weights: Iterable[tuple[str, WeightSource]], dtype: torch.dtype,
+                     device: torch.device | str) -> None:
+        """Take HF-named weights (dense tensors or GGUF blocks): linears get their shards (q/k/v and
+        gate/up fused), everything else is copied into its parameter."""
+        device = torch.device(device)
+        linears = {n: m for n, m in self.named_modules() if isinstance(m, Linear)}
+        params = dict(self.named_parameters())  # before loading: embedding, norms, biases
         # Every (parameter, shard) that must be written; whatever is left at the end is missing.
-        missing = {(n, i) for n in params for i in range(len(splits.get(n.split(".")[-2], [0])))}
+        missing = {(n, i) for n, m in linears.items() for i in range(len(m.out_sizes))}
+        missing |= {(n, i) for n in params for i in range(len(linears[n[:-5]].out_sizes) if n.endswith(".bias") else 1)}
         for name, w in weights:
             name = name.removeprefix("model.")
-            if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
+            if "rotary_emb" in name or (name == "lm_head.weight" and self.cfg.tie_word_embeddings):
                 continue  # recomputed / tied to the embedding
             parts = name.split(".")
             fused, shard = self._FUSED.get(parts[-2], (None, 0)) if len(parts) >= 2 else (None, 0)
-            target = ".".join(parts[:-2] + [fused, parts[-1]]) if fused else name
-            if target not in params:
-                raise ValueError(f"unexpected weight {name!r} for {type(self).__name__}")
-            dst = params[target].data
-            if fused:
-                dst = dst.split(splits[fused], dim=0)[shard]
-            if dst.shape != w.shape:
-                raise ValueError(f"weight {name!r} has shape {tuple(w.shape)}, expected {tuple(dst.shape)}")
-            dst.copy_(w)
-            missing.discard((target, shard))
+            module = ".".join(parts[:-2] + [fused] if fused else parts[:-1])
+            try:
+                if parts[-1] == "weight" and module in linears:
+                    linears[module].load_shard(shard, w, dtype, device)
+                    missing.discard((module, shard))
+                    continue
+                target = f"{module}.{parts[-1]}"
+                if target not in params:
+                    raise ValueError(f"unexpected weight for {type(self).__name__}")
+                dst = params[target].data
+                if fused:
+                    dst = dst.split(linears[module].out_sizes, dim=0)[shard]
+                dense = as_dense(w)
+                if dst.shape != dense.shape:
+                    raise ValueError(f"shape {tuple(dense.shape)}, expected {tuple(dst.shape)}")
+                dst.copy_(dense)
+                missing.discard((target, shard))
+                if name == "embed_tokens.weight" and self.cfg.tie_word_embeddings:
+                    self.lm_head.load_shard(0, w, dtype, device)
+                    missing.discard(("lm_head", 0))
+            except ValueError as e:
+                raise ValueError(f"weight {name!r}: {e}") from None
         if missing:
             raise ValueError(f"checkpoint is missing weights: {sorted(n for n, _ in missing)[:5]} ...")
+        self._share_tied_embedding()
+
+    def _share_tied_embedding(self) -> None:
+        """A tied head whose weight module holds a dense table in the model dtype serves the
+        embedding lookups too: one table in memory, not two."""
+        table = getattr(self.lm_head.impl, "dense_weight", None)
+        if self.cfg.tie_word_embeddings and table is not None and table.dtype == self.embed_tokens.weight.dtype:
+            self.embed_tokens.weight = nn.Parameter(table, requires_grad=False)

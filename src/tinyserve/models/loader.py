@@ -24,6 +24,8 @@ import numpy as np
 import torch
 
 from tinyserve.config import ModelConfig
+from tinyserve.layers.linear import GGUFTensor, WeightSource
+from tinyserve.layers.quant import make_method
 from tinyserve.models.llama import LlamaForCausalLM, RotaryEmbedding
 
 log = logging.getLogger(__name__)
@@ -34,10 +36,19 @@ BUNDLED_NAME = "SmolLM2-135M-Instruct"
 SUPPORTED_ARCHS = ("llama", "qwen2", "mistral")
 
 
+GGUF_BLOCKS_FILE = "gguf-blocks.safetensors"  # beside the export: the file's quantized blocks, kept raw
+
+
 @dataclass(frozen=True)
 class ModelSource:
     path: Path  # an HF-format directory: config.json, *.safetensors, tokenizer files
     name: str  # the default served model name
+
+    @property
+    def gguf_blocks(self) -> Path | None:
+        """The raw GGUF blocks saved by the export, when the model came from a GGUF file."""
+        path = self.path / GGUF_BLOCKS_FILE
+        return path if path.is_file() else None
 
 
 def bundled_gguf_path() -> Path:
@@ -137,25 +148,31 @@ def gguf_config(reader, name: str) -> ModelConfig:
     )
 
 
-def gguf_weights(reader, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def gguf_weights(reader, cfg: ModelConfig, raw: bool = False) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """(HF name, tensor, GGML type name) for every tensor: dequantized to fp32, or with `raw` the
+    quantized ones as their uint8 blocks [rows, row_bytes] (float tensors are skipped then)."""
     import gguf
 
     permuted = reader.fields["general.architecture"].contents() in ("llama", "mistral")
+    float_types = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
     for t in reader.tensors:
-        w = gguf.quants.dequantize(t.data, t.tensor_type)  # float32, already [out, in]
+        if raw and t.tensor_type in float_types:
+            continue
+        w = t.data if raw else gguf.quants.dequantize(t.data, t.tensor_type)  # [out, in] either way
         if permuted and t.name.endswith(("attn_q.weight", "attn_k.weight")):
             w = unpermute_qk(w, cfg.num_heads if "attn_q" in t.name else cfg.num_kv_heads)
-        yield _gguf_hf_name(t.name), torch.from_numpy(np.array(w, copy=True))
+        yield _gguf_hf_name(t.name), torch.from_numpy(np.array(w, copy=True)), t.tensor_type.name
 
 
 def export_gguf(path: Path) -> Path:
-    """The GGUF as a cached HF-format directory (fp32 weights, config.json, tokenizer files)."""
+    """The GGUF as a cached HF-format directory (fp32 weights, config.json, tokenizer files), plus its
+    quantized blocks as they are in the file (`GGUF_BLOCKS_FILE`) for `--quantization gguf`."""
     import gguf
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
     stat = path.stat()
-    out = cache_dir() / "models" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    out = cache_dir() / "models" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-v2"
     if (out / "model.safetensors").is_file():
         return out
     log.warning("exporting %s to %s (once; later starts load the export)", path.name, out)
@@ -165,7 +182,12 @@ def export_gguf(path: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".export-"))
     try:
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
-        save_file(dict(gguf_weights(reader, cfg)), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file({n: w for n, w, _ in gguf_weights(reader, cfg)}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        blocks = {n: (w, qtype) for n, w, qtype in gguf_weights(reader, cfg, raw=True)}
+        if blocks:  # tensor name -> GGML type in the metadata; safetensors keeps only the bytes
+            save_file({n: w for n, (w, _) in blocks.items()}, str(tmp / GGUF_BLOCKS_FILE),
+                      metadata={n: qtype for n, (_, qtype) in blocks.items()})
         AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(tmp))
         tmp.rename(out)  # atomic: a concurrent first start never sees a half-written export
     except OSError:
@@ -195,7 +217,7 @@ def hf_config(path: Path, name: str) -> ModelConfig:
 def hf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(p for p in path.glob("*.safetensors") if p.name != GGUF_BLOCKS_FILE)
     if not files:
         raise ValueError(f"no *.safetensors files in {path}")
     for file in files:
@@ -204,17 +226,46 @@ def hf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key, f.get_tensor(key)
 
 
+def gguf_block_weights(src: ModelSource) -> Iterator[tuple[str, WeightSource]]:
+    """The export's weights with every quantized tensor replaced by its raw GGUF blocks."""
+    from safetensors import safe_open
+
+    assert src.gguf_blocks is not None
+    with safe_open(str(src.gguf_blocks), framework="pt") as blocks, \
+            safe_open(str(src.path / "model.safetensors"), framework="pt") as dense:
+        qtypes = blocks.metadata()
+        for name in dense.keys():
+            if name in qtypes:
+                rows, cols = dense.get_slice(name).get_shape()
+                yield name, GGUFTensor(qtypes[name], blocks.get_tensor(name), (rows, cols))
+            else:
+                yield name, dense.get_tensor(name)
+
+
 # -- entry point -------------------------------------------------------------------------------------
 def model_config(src: ModelSource) -> ModelConfig:
     return hf_config(src.path, src.name)
 
 
-def load_model(src: ModelSource, cfg: ModelConfig, max_len: int, dtype: torch.dtype, device: str) -> LlamaForCausalLM:
+def resolve_quantization(mode: str, src: ModelSource, dtype: torch.dtype) -> str:
+    """`auto`: a GGUF served with 16-bit activations keeps its blocks (the file's own weights, on the
+    packed kernels); fp32 dequantizes (the exact reference path); any other checkpoint is dense."""
+    if mode == "auto":
+        return "gguf" if src.gguf_blocks is not None and dtype in (torch.bfloat16, torch.float16) else "none"
+    if mode == "gguf" and src.gguf_blocks is None:
+        raise ValueError(f"quantization='gguf' needs a GGUF model; {src.name} is not one")
+    return mode
+
+
+def load_model(src: ModelSource, cfg: ModelConfig, max_len: int, dtype: torch.dtype, device: str,
+               quantization: str = "none", group_size: int = 32) -> LlamaForCausalLM:
+    """The model on `device` in `dtype`, its linears packed by the `quantization` method (resolved)."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, max_len).to(dtype)
+        model = LlamaForCausalLM(cfg, max_len, make_method(quantization, group_size)).to(dtype)
     model = model.to_empty(device=device)
     model.rotary = RotaryEmbedding(cfg, max_len).to(device)  # fp32 tables, computed for real
-    model.load_weights(hf_weights(src.path))
+    weights = gguf_block_weights(src) if quantization == "gguf" else hf_weights(src.path)
+    model.load_weights(weights, dtype, device)
     return model.eval().requires_grad_(False)
 
 

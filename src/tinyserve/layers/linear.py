@@ -1,0 +1,121 @@
+"""Every projection of the model, the LM head included, is a `Linear` built here.
+
+A `Linear` is a shell: it knows its shape (one projection, or several fused along the output dim,
+like q/k/v) and collects its weight shards as the loader hands them over. Once every shard is in,
+its `QuantMethod` packs them into a weight module (`impl`) — dense, int8, int4, a GGUF block type —
+and from then on `forward` is `impl(x)` (+ bias). Quantization is therefore a module swap inside the
+shell (gpt-fast's way), chosen per engine by `--quantization`, and the model file never changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """A weight as it sits in a GGUF file: raw blocks [rows, row_bytes] of `qtype` (rows already in
+    HF order). Packers that understand the type keep the blocks; others dequantize them."""
+
+    qtype: str  # GGMLQuantizationType name: "Q4_1", "Q8_0", ...
+    data: torch.Tensor  # uint8 [rows, row_bytes]
+    shape: tuple[int, int]  # (rows, cols) of the dequantized matrix
+
+    def dequantize(self) -> torch.Tensor:
+        import gguf
+
+        qtype = gguf.GGMLQuantizationType[self.qtype]
+        w = gguf.quants.dequantize(self.data.numpy(), qtype)
+        return torch.from_numpy(w.copy()).view(self.shape)
+
+
+WeightSource = torch.Tensor | GGUFTensor
+
+
+def as_dense(src: WeightSource) -> torch.Tensor:
+    """The fp32 (or checkpoint-dtype) matrix of any weight source."""
+    return src.dequantize() if isinstance(src, GGUFTensor) else src
+
+
+class QuantMethod(Protocol):
+    """Turns a linear's fp32 shards into the module that multiplies by them."""
+
+    name: str
+
+    def pack(self, shards: Sequence[WeightSource], dtype: torch.dtype, device: torch.device) -> nn.Module: ...
+
+
+class DenseWeight(nn.Module):
+    """W [out, in] in the model dtype; F.linear. The reference, and the large-batch kernel."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    @property
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight
+
+    @property
+    def kind(self) -> str:
+        return f"dense-{str(self.weight.dtype).removeprefix('torch.')}"
+
+
+class Unquantized:
+    """`--quantization none`: every weight dequantized into the model dtype."""
+
+    name = "none"
+
+    def pack(self, shards: Sequence[WeightSource], dtype: torch.dtype, device: torch.device) -> nn.Module:
+        return DenseWeight(torch.cat([as_dense(s) for s in shards]).to(device=device, dtype=dtype))
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b); W is `sum(out_sizes)` x `in_features`, loaded shard by shard."""
+
+    def __init__(self, in_features: int, out_sizes: Sequence[int], bias: bool, method: QuantMethod) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_sizes = list(out_sizes)
+        self.out_features = sum(out_sizes)
+        self.method = method
+        self.bias = nn.Parameter(torch.empty(self.out_features), requires_grad=False) if bias else None
+        self.impl: nn.Module | None = None
+        self._pending: dict[int, WeightSource] = {}
+
+    @property
+    def loaded(self) -> bool:
+        return self.impl is not None
+
+    def load_shard(self, shard: int, src: WeightSource, dtype: torch.dtype, device: torch.device) -> None:
+        """Take one shard; when the last one arrives, pack them all (and drop the fp32 copies)."""
+        rows, cols = src.shape
+        if (rows, cols) != (self.out_sizes[shard], self.in_features):
+            raise ValueError(f"shape {(rows, cols)}, expected {(self.out_sizes[shard], self.in_features)}")
+        self._pending[shard] = src
+        if len(self._pending) == len(self.out_sizes):
+            self.impl = self.method.pack([self._pending[i] for i in range(len(self.out_sizes))], dtype, device)
+            self._pending.clear()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.impl(x)  # type: ignore[misc]  # loaded before the first forward
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        kind = getattr(self.impl, "kind", "unloaded")
+        return f"in={self.in_features}, out={self.out_sizes}, bias={self.bias is not None}, weight={kind}"
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of every parameter and buffer (packed weights, scales, dense copies) under `module`."""
+    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}  # tied weights once
+    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -1,0 +1,261 @@
+"""Weight-only quantized linears on PyTorch's packed CPU kernels, and the methods that build them.
+
+Two kernels do the work: `aten._weight_int8pack_mm` (int8 per output channel) and
+`aten._weight_int4pack_mm_for_cpu` (int4 in groups along K, computing `(q - 8) * s + z`). Both read
+a quarter/eighth of the bytes a bf16 GEMV reads, so they win batch-1 decode, which is bandwidth
+bound; both lose to a plain bf16 GEMM once a step carries more than a handful of tokens (docs/REPORT.md
+has the measurements). So a packed weight may also keep a dense copy in the model dtype and switch
+to it above `max_packed_rows` rows — set from a start-up measurement (`choose_packed_max_rows`).
+
+GGUF blocks map onto the int4 kernel exactly, so `--quantization gguf` serves the file's weights:
+  Q4_1: d * q + m        = (q - 8) * d + (m + 8 d)            -> s = d,   z = m + 8 d
+  Q4_0: d * (q - 8)                                           -> s = d,   z = 0
+  Q8_0: d * q, q + 128 = 16 h + l (two nibbles)
+        = (h - 8) * 16 d + (l - 8) * d + 8 d                  -> two int4 halves, summed
+The scales are stored in the activation dtype (the kernel requires it): exact in fp32, rounded to
+bf16's 8 significant bits otherwise (docs/REPORT.md measures the cost).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinyserve.layers.linear import GGUFTensor, Linear, Unquantized, WeightSource, as_dense
+
+GGUF_INT4_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # block types kept packed; the rest are dequantized
+
+
+class PackedWeight(nn.Module):
+    """A packed weight plus an optional dense copy for steps with many rows."""
+
+    def __init__(self, dense: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("dense", dense)
+        self.max_packed_rows = 1 << 30  # packed kernel for every batch until a measurement says otherwise
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None and x.shape[0] > self.max_packed_rows:
+            return F.linear(x, self.dense)
+        return self.packed_mm(x)
+
+    @property
+    def dense_weight(self) -> torch.Tensor | None:
+        return self.dense
+
+    def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Int8Weight(PackedWeight):
+    """int8 [out, in] with one scale per output channel."""
+
+    kind = "int8"
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, dense: torch.Tensor | None) -> None:
+        super().__init__(dense)
+        self.register_buffer("q", q)
+        self.register_buffer("scales", scales)
+
+    def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x, self.q, self.scales)
+
+
+class Int4Weight(PackedWeight):
+    """int4 packed for the CPU kernel, scales and zeros per `group` weights along K. With `halves`
+    the packed rows hold two matrices stacked along N whose products are summed (Q8_0's nibbles)."""
+
+    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, halves: bool,
+                 dense: torch.Tensor | None) -> None:
+        super().__init__(dense)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_zeros", scales_zeros)
+        self.group = group
+        self.halves = halves
+        self.kind = f"int4-g{group}" + ("x2" if halves else "")
+
+    def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scales_zeros)
+        if self.halves:
+            hi, lo = y.chunk(2, dim=-1)
+            return hi + lo
+        return y
+
+
+# -- packing ----------------------------------------------------------------------------------------
+def pack_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int, dtype: torch.dtype,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [N, K] in 0..15, scales/zeros [N, K/group] -> the kernel's (packed, scales_and_zeros)."""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+    sz = torch.stack([scales.t(), zeros.t()], dim=-1).to(dtype).contiguous()  # [K/group, N, 2]
+    return packed.to(device), sz.to(device)
+
+
+def quantize_int4(w: torch.Tensor, group: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric round-to-nearest per group: each group's [min, max] spans q = 0..15. Scales and
+    zeros are rounded to `dtype` first and q is chosen against the rounded values."""
+    n, k = w.shape
+    if k % group:
+        raise ValueError(f"int4 group size {group} does not divide the input width {k}; try 32")
+    wg = w.float().view(n, k // group, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scales = ((hi - lo) / 15).clamp(min=1e-8).to(dtype).float()
+    zeros = (lo + 8 * scales).to(dtype).float()
+    q = ((wg - zeros[..., None]) / scales[..., None] + 8).round().clamp(0, 15)
+    return q.view(n, k), scales, zeros
+
+
+def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per output channel; the scale is rounded to `dtype` before q is chosen."""
+    scales = (w.float().abs().amax(-1) / 127).clamp(min=1e-8).to(dtype).float()
+    q = (w.float() / scales[:, None]).round().clamp(-128, 127).to(torch.int8)
+    return q, scales
+
+
+def gguf_int4(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Q4_0 / Q4_1 / Q8_0 tensor's exact int4 form: q [N', K], scales and zeros [N', K/32] (fp32);
+    N' = 2N for Q8_0 (high nibbles' rows, then low nibbles')."""
+    n, k = t.shape
+    block_bytes = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[t.qtype]
+    b = t.data.view(n, k // 32, block_bytes)
+    d = b[..., 0:2].contiguous().view(torch.float16).float().squeeze(-1)  # [N, K/32]
+    if t.qtype == "Q8_0":
+        u = (b[..., 2:].contiguous().view(torch.int8).to(torch.int16) + 128).view(n, k)
+        q = torch.cat([u >> 4, u & 15])
+        return q, torch.cat([16 * d, d]), torch.cat([torch.zeros_like(d), 8 * d])
+    nibbles = b[..., 4:] if t.qtype == "Q4_1" else b[..., 2:]  # 16 bytes: elements j and j + 16
+    q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).view(n, k)
+    zeros = b[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1) + 8 * d if t.qtype == "Q4_1" else 0 * d
+    return q, d, zeros
+
+
+# -- methods ------------------------------------------------------------------------------------------
+class Int8Method:
+    """`--quantization int8`: per-channel weight-only int8 from any checkpoint."""
+
+    name = "int8"
+
+    def __init__(self, keep_dense: bool = True) -> None:
+        self.keep_dense = keep_dense
+
+    def pack(self, shards: Sequence[WeightSource], dtype: torch.dtype, device: torch.device) -> nn.Module:
+        w = torch.cat([as_dense(s).float() for s in shards])
+        q, scales = quantize_int8(w, dtype)
+        dense = (q.float() * scales[:, None]).to(device=device, dtype=dtype) if self.keep_dense else None
+        return Int8Weight(q.to(device), scales.to(device=device, dtype=dtype), dense)
+
+
+class Int4Method:
+    """`--quantization int4`: group-wise asymmetric int4 (RTN) from any checkpoint."""
+
+    name = "int4"
+
+    def __init__(self, group: int, keep_dense: bool = True) -> None:
+        self.group = group
+        self.keep_dense = keep_dense
+
+    def pack(self, shards: Sequence[WeightSource], dtype: torch.dtype, device: torch.device) -> nn.Module:
+        w = torch.cat([as_dense(s).float() for s in shards])
+        q, scales, zeros = quantize_int4(w, self.group, dtype)
+        packed, sz = pack_int4(q, scales, zeros, self.group, dtype, device)
+        dense = _dequant(q, scales, zeros, self.group).to(device=device, dtype=dtype) if self.keep_dense else None
+        return Int4Weight(packed, sz, self.group, False, dense)
+
+
+class GGUFMethod:
+    """`--quantization gguf`: a GGUF's Q4_0 / Q4_1 / Q8_0 blocks stay packed (the file's own weights);
+    other block types, and linears whose shards mix Q8_0 with 4-bit types, are dequantized."""
+
+    name = "gguf"
+
+    def __init__(self, keep_dense: bool = True) -> None:
+        self.keep_dense = keep_dense
+
+    def pack(self, shards: Sequence[WeightSource], dtype: torch.dtype, device: torch.device) -> nn.Module:
+        types = {s.qtype if isinstance(s, GGUFTensor) else "dense" for s in shards}
+        if not (types <= set(GGUF_INT4_TYPES)) or ("Q8_0" in types and len(types) > 1):
+            return Unquantized().pack(shards, dtype, device)
+        halves = types == {"Q8_0"}
+        parts = [gguf_int4(s) for s in shards if isinstance(s, GGUFTensor)]
+        if halves:  # [hi_1; hi_2; ...; lo_1; lo_2; ...] so one chunk(2) splits every shard's halves
+            parts = [tuple(torch.cat([p[i].chunk(2)[h] for p in parts]) for i in range(3)) for h in (0, 1)]
+        q, scales, zeros = (torch.cat([p[i] for p in parts]) for i in range(3))
+        packed, sz = pack_int4(q, scales, zeros, 32, dtype, device)
+        dense = None
+        if self.keep_dense:
+            dense = torch.cat([as_dense(s) for s in shards]).to(device=device, dtype=dtype)
+        return Int4Weight(packed, sz, 32, halves, dense)
+
+
+def _dequant(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int) -> torch.Tensor:
+    n, k = q.shape
+    w = (q.float().view(n, k // group, group) - 8) * scales[..., None] + zeros[..., None]
+    return w.view(n, k)
+
+
+def make_method(name: str, group: int) -> Unquantized | Int8Method | Int4Method | GGUFMethod:
+    """The method registered under `--quantization name` (auto is resolved by the loader first)."""
+    if name == "none":
+        return Unquantized()
+    if name == "int8":
+        return Int8Method()
+    if name == "int4":
+        return Int4Method(group)
+    if name == "gguf":
+        return GGUFMethod()
+    raise ValueError(f"unknown quantization method {name!r}")
+
+
+# -- kernel choice per batch size -------------------------------------------------------------------------
+def packed_weights(model: nn.Module) -> list[tuple[Linear, PackedWeight]]:
+    return [(m, m.impl) for m in model.modules() if isinstance(m, Linear) and isinstance(m.impl, PackedWeight)]
+
+
+def set_packed_max_rows(model: nn.Module, rows: int) -> None:
+    """Packed kernels for steps of up to `rows` rows, the dense copies above. Dense copies that can
+    never be used (rows >= every step's size) should be dropped by the caller with `drop_dense`."""
+    for _, w in packed_weights(model):
+        w.max_packed_rows = rows
+
+
+def drop_dense(model: nn.Module) -> None:
+    for _, w in packed_weights(model):
+        w.dense = None
+
+
+@torch.inference_mode()
+def choose_packed_max_rows(model: nn.Module, dtype: torch.dtype, candidates: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
+                           reps: int = 3) -> tuple[int, dict[int, tuple[float, float]]]:
+    """Time every packed linear of the model both ways at each candidate row count; the largest
+    count at which packed is still faster (0 if it never is). Also returns the timings (ms)."""
+    weights = packed_weights(model)
+    if not weights or any(w.dense is None for _, w in weights):
+        return (1 << 30 if weights else 0), {}
+    timings: dict[int, tuple[float, float]] = {}
+    for m in candidates:
+        xs = {lin.in_features: torch.randn(m, lin.in_features, dtype=dtype, device=w.dense.device)
+              for lin, w in weights}
+
+        def run(packed: bool) -> float:
+            best = float("inf")
+            for _ in range(reps):
+                start = time.perf_counter()
+                for lin, w in weights:
+                    w.packed_mm(xs[lin.in_features]) if packed else F.linear(xs[lin.in_features], w.dense)
+                best = min(best, time.perf_counter() - start)
+            return best * 1e3
+
+        run(True), run(False)  # warm-up
+        timings[m] = (run(True), run(False))
+    wins = [m for m in candidates if timings[m][0] <= timings[m][1]]
+    # The largest winning count whose smaller counts all win too: one crossover, robust to noise.
+    best = 0
+    for m in candidates:
+        if m not in wins:
+            break
+        best = m
+    return best, timings
