@@ -4,8 +4,9 @@ Every source is reduced to an HF-format directory (config.json + safetensors + t
 a GGUF file is dequantized once (with the `gguf` package; llama.cpp's Q/K row permutation undone)
 and exported to a cache directory, because parsing a GGUF's metadata alone takes seconds of Python
 and converting its vocabulary ~15 s; later starts mmap the export in well under a second. The
-export is also what peers that cannot read GGUF (vLLM, transformers) load for side-by-side runs. The model is built on the meta device and
-materialized directly in the target dtype/device, so an 8B model never exists in fp32 on the host.
+export is also what peers that cannot read GGUF (vLLM, transformers) load for side-by-side runs.
+The model is built on the meta device and materialized directly in the target dtype/device, so an
+8B model never exists in fp32 on the host.
 """
 
 from __future__ import annotations
