@@ -187,6 +187,11 @@ class EngineConfig:
     )
     # 32 or 64 for the bundled model: 576-wide layers have no 128 groups
     quant_group_size: int = knob(32, "int4 group size (weights sharing one scale)", choices=QUANT_GROUP_SIZES)
+    packed_max_batch: int | None = knob(
+        None, "quantized linears run their packed kernel for steps of up to this many tokens and a dense "
+        "copy above (0: always dense; >= max-num-batched-tokens: always packed, no dense copy kept). "
+        "Default: measured at start-up on this machine",
+    )
     torch_dtype: torch.dtype = field(init=False, default=torch.float32)  # resolved from dtype and device
 
     def __post_init__(self) -> None:
@@ -206,5 +211,7 @@ class EngineConfig:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}; got {self.quantization!r}")
         if self.quant_group_size not in QUANT_GROUP_SIZES:
             raise ValueError(f"quant_group_size must be one of {QUANT_GROUP_SIZES}; got {self.quant_group_size}")
+        if self.packed_max_batch is not None and self.packed_max_batch < 0:
+            raise ValueError(f"packed_max_batch must be >= 0, got {self.packed_max_batch}")
         if self.num_threads is None:
             self.num_threads = physical_cores()

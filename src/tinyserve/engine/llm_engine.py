@@ -18,6 +18,7 @@ from tinyserve.engine.sampler import Sampler
 from tinyserve.engine.scheduler import Scheduler
 from tinyserve.engine.sequence import Logprob, Sequence
 from tinyserve.kv.block_manager import BlockManager
+from tinyserve.layers.quant import configure_packed_kernels
 from tinyserve.models.loader import load_model, model_config, resolve_model, resolve_quantization
 from tinyserve.outputs import RequestOutput
 from tinyserve.sampling import SamplingParams
@@ -52,6 +53,8 @@ class LLMEngine:
 
         self.quantization = resolve_quantization(config.quantization, src, dtype)
         self.model = load_model(src, mc, self.max_len, dtype, device, self.quantization, config.quant_group_size)
+        self.packed_max_batch = configure_packed_kernels(
+            self.model, config.packed_max_batch, config.max_num_batched_tokens, dtype)
         self.runner = ModelRunner(self.model, mc, self.num_blocks, bs, dtype, device)
         self.blocks = BlockManager(self.num_blocks, bs)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting)

@@ -18,6 +18,7 @@ bf16's 8 significant bits otherwise (docs/REPORT.md measures the cost).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 
@@ -26,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinyserve.layers.linear import GGUFTensor, Linear, Unquantized, WeightSource, as_dense
+
+log = logging.getLogger(__name__)
 
 GGUF_INT4_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # block types kept packed; the rest are dequantized
 
@@ -215,16 +218,21 @@ def packed_weights(model: nn.Module) -> list[tuple[Linear, PackedWeight]]:
     return [(m, m.impl) for m in model.modules() if isinstance(m, Linear) and isinstance(m.impl, PackedWeight)]
 
 
-def set_packed_max_rows(model: nn.Module, rows: int) -> None:
-    """Packed kernels for steps of up to `rows` rows, the dense copies above. Dense copies that can
-    never be used (rows >= every step's size) should be dropped by the caller with `drop_dense`."""
-    for _, w in packed_weights(model):
+def configure_packed_kernels(model: nn.Module, rows: int | None, max_step_rows: int, dtype: torch.dtype) -> int:
+    """Packed kernels for steps of up to `rows` rows (measured when None), the dense copies above;
+    copies that no step can reach are freed. Returns the threshold in force."""
+    weights = packed_weights(model)
+    if not weights:
+        return 0
+    if rows is None:
+        rows, timings = choose_packed_max_rows(model, dtype)
+        log.info("packed kernels up to %d rows per step (ms packed/dense by rows: %s)", rows,
+                 ", ".join(f"{m}: {p:.1f}/{d:.1f}" for m, (p, d) in timings.items()))
+    for _, w in weights:
         w.max_packed_rows = rows
-
-
-def drop_dense(model: nn.Module) -> None:
-    for _, w in packed_weights(model):
-        w.dense = None
+        if rows >= max_step_rows:
+            w.dense = None
+    return rows
 
 
 @torch.inference_mode()
@@ -245,7 +253,7 @@ def choose_packed_max_rows(model: nn.Module, dtype: torch.dtype, candidates: Seq
             for _ in range(reps):
                 start = time.perf_counter()
                 for lin, w in weights:
-                    w.packed_mm(xs[lin.in_features]) if packed else F.linear(xs[lin.in_features], w.dense)
+                    w.packed_mm(xs[lin.in_features]) if packed else F.linear(xs[lin.in_features], w.dense)  # noqa: B023
                 best = min(best, time.perf_counter() - start)
             return best * 1e3
 
