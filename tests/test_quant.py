@@ -1,0 +1,135 @@
+"""Quantized linears: GGUF blocks map exactly onto the int4 kernel, the packers stay within their
+error bounds, the packed and dense paths agree, and every mode loads and generates."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from tinyserve import LLM, SamplingParams
+from tinyserve.layers.linear import GGUFTensor, Linear, Unquantized, weight_bytes
+from tinyserve.layers.quant import (
+    GGUFMethod,
+    Int4Method,
+    Int4Weight,
+    Int8Method,
+    _dequant,
+    configure_packed_kernels,
+    gguf_int4,
+    quantize_int4,
+)
+
+from conftest import TINY
+
+
+def _gguf_tensor(w: np.ndarray, qtype: str) -> GGUFTensor:
+    raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType[qtype])
+    return GGUFTensor(qtype, torch.from_numpy(raw), w.shape)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_blocks_map_exactly_onto_int4(qtype):
+    w = np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32)
+    t = _gguf_tensor(w, qtype)
+    q, scales, zeros = gguf_int4(t)
+    assert int(q.min()) >= 0 and int(q.max()) <= 15
+    w_int4 = _dequant(q, scales, zeros, 32)
+    if qtype == "Q8_0":  # two nibble halves, summed
+        w_int4 = w_int4[:64] + w_int4[64:]
+    assert torch.equal(w_int4, t.dequantize())
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+def test_gguf_packed_matmul_fp32_equals_dequantized(qtype):
+    """fp32 activations keep fp32 scales: the packed kernel serves the file's weights exactly."""
+    rng = np.random.default_rng(1)
+    shards = [_gguf_tensor(rng.standard_normal((n, 64)).astype(np.float32), qtype) for n in (32, 64)]
+    impl = GGUFMethod(keep_dense=False).pack(shards, torch.float32, torch.device("cpu"))
+    assert isinstance(impl, Int4Weight)
+    x = torch.randn(5, 64)
+    ref = x @ torch.cat([s.dequantize() for s in shards]).t()
+    torch.testing.assert_close(impl(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_gguf_unsupported_or_mixed_types_fall_back_to_dense():
+    rng = np.random.default_rng(2)
+    q5 = _gguf_tensor(rng.standard_normal((32, 64)).astype(np.float32), "Q5_0")
+    q8 = _gguf_tensor(rng.standard_normal((32, 64)).astype(np.float32), "Q8_0")
+    q4 = _gguf_tensor(rng.standard_normal((32, 64)).astype(np.float32), "Q4_1")
+    for shards in ([q5], [q8, q4]):
+        impl = GGUFMethod().pack(shards, torch.float32, torch.device("cpu"))
+        assert impl.kind == "dense-float32"
+        torch.testing.assert_close(impl.weight, torch.cat([s.dequantize() for s in shards]))
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_int4_rtn_error_is_within_half_a_step(group):
+    w = torch.randn(48, 128)
+    q, scales, zeros = quantize_int4(w, group, torch.float32)
+    err = (_dequant(q, scales, zeros, group) - w).abs().view(48, -1, group)
+    assert bool((err <= scales[..., None] / 2 + 1e-6).all())
+
+
+def test_int4_group_must_divide_width():
+    with pytest.raises(ValueError, match="group size 64"):
+        Int4Method(64).pack([torch.randn(8, 96)], torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("method", [Int8Method(), Int4Method(32)], ids=["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_and_dense_paths_agree(method, dtype):
+    """The packed kernel and the dense copy hold the same (quantized) weights: switching kernels
+    by batch size changes rounding, not the model."""
+    w = torch.randn(96, 64) * 0.05
+    impl = method.pack([w], dtype, torch.device("cpu"))
+    x = torch.randn(4, 64, dtype=dtype)
+    packed = impl.packed_mm(x).float()
+    dense = torch.nn.functional.linear(x, impl.dense).float()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(packed, dense, atol=tol, rtol=tol)
+    rel = (dense - x.float() @ w.t()).norm() / (x.float() @ w.t()).norm()
+    assert rel < (0.01 if isinstance(method, Int8Method) else 0.12)
+
+
+def test_packed_threshold_switches_kernels_and_frees_unreachable_copies():
+    model = torch.nn.Sequential()
+    lin = Linear(64, [32], bias=False, method=Int8Method())
+    lin.load_shard(0, torch.randn(32, 64), torch.float32, torch.device("cpu"))
+    model.append(lin)
+    assert configure_packed_kernels(model, 4, max_step_rows=16, dtype=torch.float32) == 4
+    assert lin.impl.dense is not None and lin.impl.max_packed_rows == 4
+    before = weight_bytes(model)
+    configure_packed_kernels(model, 16, max_step_rows=16, dtype=torch.float32)
+    assert lin.impl.dense is None and weight_bytes(model) < before
+    assert configure_packed_kernels(torch.nn.Sequential(), None, 16, torch.float32) == 0  # nothing to measure
+
+
+def test_unquantized_keeps_dtype():
+    impl = Unquantized().pack([torch.randn(8, 4), torch.randn(4, 4)], torch.bfloat16, torch.device("cpu"))
+    assert impl.weight.shape == (12, 4) and impl.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_modes_load_and_track_fp32(tiny_llama_dir, quant, restore_torch_threads):
+    """Every mode runs the whole engine with the packed kernel forced on every step; int8 still
+    follows the fp32 model's first greedy choice (int4 RTN on random weights is too coarse to)."""
+    kw = {**TINY, "num_kv_blocks": 32, "block_size": 4}
+    params = SamplingParams(temperature=0, max_tokens=6)
+    ref = LLM(str(tiny_llama_dir), **kw).generate(["Hello there"], params)[0].outputs[0].token_ids
+    llm = LLM(str(tiny_llama_dir), **{**kw, "dtype": "bfloat16"}, quantization=quant, packed_max_batch=1024)
+    assert llm.engine.model.lm_head.impl.dense is None  # never used at this threshold: freed
+    out = llm.generate(["Hello there"], params)[0].outputs[0].token_ids
+    assert len(out) == 6 and all(0 <= t < 49152 for t in out)
+    if quant == "int8":
+        assert out[0] == ref[0]
+
+
+def test_gguf_mode_needs_a_gguf(tiny_llama_dir, restore_torch_threads):
+    with pytest.raises(ValueError, match="needs a GGUF"):
+        LLM(str(tiny_llama_dir), **TINY, num_kv_blocks=8, quantization="gguf")
+
+
+def test_auto_quantization_resolves_by_source_and_dtype(tiny_llama_dir, restore_torch_threads):
+    assert LLM(str(tiny_llama_dir), **TINY, num_kv_blocks=8).engine.quantization == "none"
