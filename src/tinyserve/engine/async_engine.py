@@ -29,6 +29,7 @@ from tinyserve.engine.llm_engine import LLMEngine
 from tinyserve.engine.scheduler import QueueFullError
 from tinyserve.engine.sequence import Logprob, Sequence
 from tinyserve.sampling import SamplingParams
+from tinyserve.outputs import seq_prompt_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ class SeqDelta:
     stop_reason: int | str | None = None
     error: str | None = None
 
+    # When asked for: the prompt's logprobs (RequestOutput's shape), once, with the first token (the
+    # prompt is fully scored by the step that samples it).
+    prompt_logprobs: list[Logprob | None] | None = None
 
 @dataclass(frozen=True)
 class RequestUpdate:
@@ -274,6 +278,7 @@ class AsyncEngine:
             token_ids=list(seq.output_token_ids[k0:]),
             logprobs=list(seq.logprobs[l0:]),
             finish_reason=seq.finish_reason if finish else None,
+            prompt_logprobs=seq_prompt_logprobs(seq) if k0 == 0 and seq.output_token_ids else None,
             stop_reason=seq.stop_reason if finish else None,
             error=seq.error if finish else None,
         )

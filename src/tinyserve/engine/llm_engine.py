@@ -14,7 +14,7 @@ import torch
 
 from tinyserve.config import EngineConfig
 from tinyserve.engine.runner import ModelRunner
-from tinyserve.engine.sampler import Sampler
+from tinyserve.engine.sampler import Sampler, prompt_logprobs
 from tinyserve.engine.scheduler import Scheduler
 from tinyserve.engine.sequence import Logprob, Sequence
 from tinyserve.kv.block_manager import BlockManager
@@ -140,8 +140,9 @@ class LLMEngine:
         if not batch:
             return []
         try:
-            logits, sampling = self.runner.execute(batch)
-            tokens, logprobs = self.sampler(logits, sampling) if sampling else ([], [])
+            out = self.runner.execute(batch)
+            tokens, logprobs = self.sampler(out.logits, out.sampling) if out.sampling else ([], [])
+            scored = prompt_logprobs(out.prompt_logits, out.prompt_spans)
         except Exception as e:  # never a dead engine: fail this batch, keep serving the rest
             log.exception("step failed; failing %d request(s)", len(batch))
             for seq in batch.seqs:
@@ -151,9 +152,11 @@ class LLMEngine:
             return batch.seqs
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed += n
-        for seq, token, lp in zip(sampling, tokens, logprobs):
+        for (seq, _), lps in zip(out.prompt_spans, scored):
+            seq.prompt_logprobs += lps
+        for seq, token, lp in zip(out.sampling, tokens, logprobs):
             self._append(seq, token, lp)
-        return sampling
+        return out.sampling
 
     def _append(self, seq: Sequence, token: int, logprob: Logprob | None) -> None:
         seq.token_ids.append(token)

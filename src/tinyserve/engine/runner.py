@@ -3,7 +3,7 @@
 Packing order: decode tokens first (one per sequence, attended in one batched call), then the
 prefill chunks. Only the last position of a sequence whose uncomputed tokens are all fed this step
 gets logits: the LM head (hidden x vocab) is the largest matmul per token, and prompt positions
-never need it.
+need it only for a request that asked for `prompt_logprobs`, which alone pays for its rows.
 """
 
 from __future__ import annotations
@@ -26,6 +26,18 @@ class PreparedBatch:
     meta: AttentionMetadata
     sample_idx: torch.Tensor  # [S]: rows of the flat batch whose logits we sample from
     sampling: list[Sequence]  # the S sequences, in that order
+    prompt_idx: torch.Tensor | None  # [R]: rows whose logits score prompt tokens (None: nobody asked)
+    prompt_spans: list[tuple[Sequence, range]]  # the sequences and positions of those R rows, in order
+
+
+@dataclass
+class StepLogits:
+    """One step's fp32 logits: the rows that sample now, and the prompt positions asked to be scored."""
+
+    logits: torch.Tensor  # [S, vocab]
+    sampling: list[Sequence]
+    prompt_logits: torch.Tensor  # [R, vocab]
+    prompt_spans: list[tuple[Sequence, range]]
 
 
 class ModelRunner:
@@ -48,22 +60,28 @@ class ModelRunner:
     def kv_cache_bytes(self) -> int:
         return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches)
 
-    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
-        """Run one step; returns logits [S, vocab] (fp32) for the S sequences that sample now."""
+    def execute(self, batch: ScheduledBatch) -> StepLogits:
+        """Run one step; returns the logits of the sequences that sample now and of the prompt rows."""
         prepared = self.prepare(batch)
-        return self.forward(prepared), prepared.sampling
+        logits, prompt_logits = self.forward(prepared)
+        return StepLogits(logits, prepared.sampling, prompt_logits, prepared.prompt_spans)
 
     @torch.inference_mode()
-    def forward(self, b: PreparedBatch) -> torch.Tensor:
+    def forward(self, b: PreparedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of the sampling rows and of the prompt rows, in separate LM-head calls: the sampled
+        rows' numerics never depend on whether a neighbour asked for prompt logprobs."""
         hidden = self.model(b.input_ids, b.positions, self.kv_caches, b.meta)
-        return self.model.compute_logits(hidden[b.sample_idx]) if b.sampling else hidden.new_empty(0)
+        logits = self.model.compute_logits(hidden[b.sample_idx]) if b.sampling else hidden.new_empty(0)
+        if b.prompt_idx is None:
+            return logits, hidden.new_empty(0)
+        return logits, self.model.compute_logits(hidden[b.prompt_idx])
 
     def prepare(self, batch: ScheduledBatch) -> PreparedBatch:
         """Pack the batch into flat tensors: token ids, positions, KV slots, block tables, masks."""
         order = sorted(range(len(batch)), key=lambda i: batch.num_tokens[i] > 1)  # decodes first
         seqs = [batch.seqs[i] for i in order]
         counts = [batch.num_tokens[i] for i in order]
-        input_ids, positions, slots, sample_idx, sampling = [], [], [], [], []
+        input_ids, positions, slots, sample_idx, sampling, prompt_idx, prompt_spans = [], [], [], [], [], [], []
         decode_tables, decode_lens, prefills = [], [], []
         bs = self.block_size
         for seq, n in zip(seqs, counts):
@@ -80,6 +98,9 @@ class ModelRunner:
             if hi == seq.num_tokens:
                 sample_idx.append(start + n - 1)
                 sampling.append(seq)
+            if scored := seq.prompt_positions_to_score(lo, hi):
+                prompt_idx += [start + p - lo for p in scored]
+                prompt_spans.append((seq, scored))
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slots),
             num_decodes=len(decode_tables),
@@ -92,7 +113,8 @@ class ModelRunner:
             meta.decode_block_tables = self._tensor([t + [0] * (width - len(t)) for t in decode_tables])
             keys = torch.arange(width * bs, device=self.device)
             meta.decode_mask = (keys[None, :] < self._tensor(decode_lens)[:, None])[:, None, None, :]
-        return PreparedBatch(self._tensor(input_ids), self._tensor(positions), meta, self._tensor(sample_idx), sampling)
+        return PreparedBatch(self._tensor(input_ids), self._tensor(positions), meta, self._tensor(sample_idx), sampling,
+                             self._tensor(prompt_idx) if prompt_idx else None, prompt_spans)
 
     def _prefill_chunk(self, start: int, n: int, num_cached: int, table: list[int]) -> PrefillChunk:
         if num_cached == 0:

@@ -5,10 +5,12 @@ top-k/top-p require runs only on the rows that asked for them. Draws use the exp
 (argmax p_i / E_i with E_i ~ Exp(1)), which samples from p exactly and lets each seeded request
 draw from its own torch.Generator, so its tokens do not depend on its batch neighbours.
 Logprobs, like vLLM's default, are those of the raw model distribution (before penalties and
-temperature).
+temperature), for sampled tokens and, when asked, for prompt tokens alike.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 
@@ -25,6 +27,25 @@ def apply_penalties(logits: torch.Tensor, seq: Sequence) -> None:
     if (p.presence_penalty or p.frequency_penalty) and seq.output_token_ids:
         counts = torch.bincount(torch.tensor(seq.output_token_ids, device=logits.device), minlength=logits.shape[0])
         logits -= p.frequency_penalty * counts[: logits.shape[0]] + p.presence_penalty * (counts[: logits.shape[0]] > 0)
+
+
+def token_logprobs(logprobs: torch.Tensor, tokens: list[int], top_ns: list[int]) -> list[Logprob]:
+    """Row i of a log-softmaxed [R, vocab] tensor as a Logprob: tokens[i]'s value and the top top_ns[i].
+    One gather and one topk for all rows: prompt scoring asks for hundreds at once."""
+    picked = logprobs.gather(-1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
+    vals, ids = (t.tolist() for t in logprobs.topk(max(top_ns), -1))
+    return [Logprob(tok, lp, list(zip(ids[i][:n], vals[i][:n])))
+            for i, (tok, lp, n) in enumerate(zip(tokens, picked, top_ns))]
+
+
+def prompt_logprobs(logits: torch.Tensor, spans: list[tuple[Sequence, range]]) -> list[list[Logprob]]:
+    """Per span, the Logprobs of the prompt tokens its positions score (position p scores token p + 1)."""
+    if not spans:
+        return []
+    targets = [seq.prompt_token_ids[p + 1] for seq, pos in spans for p in pos]
+    top_ns = [seq.params.prompt_logprobs or 0 for seq, pos in spans for _ in pos]
+    flat = iter(token_logprobs(logits.log_softmax(-1), targets, top_ns))
+    return [list(itertools.islice(flat, len(pos))) for _, pos in spans]
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -53,8 +74,8 @@ class Sampler:
     # allows only inside inference mode.
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[Logprob | None]]:
-        want_lp = [s.params.logprobs is not None for s in seqs]
-        raw_logprobs = logits.log_softmax(-1) if any(want_lp) else None
+        want_lp = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        raw_logprobs = logits[want_lp].log_softmax(-1) if want_lp else None  # a copy: before the edits below
         for i, seq in enumerate(seqs):
             p = seq.params
             if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
@@ -69,9 +90,10 @@ class Sampler:
         token_list = tokens.tolist()
         lps: list[Logprob | None] = [None] * len(seqs)
         if raw_logprobs is not None:
-            for i, seq in enumerate(seqs):
-                if want_lp[i]:
-                    lps[i] = self._logprob(raw_logprobs[i], token_list[i], seq.params.logprobs or 0)
+            rows = token_logprobs(raw_logprobs, [token_list[i] for i in want_lp],
+                                  [seqs[i].params.logprobs or 0 for i in want_lp])
+            for i, lp in zip(want_lp, rows):
+                lps[i] = lp
         return token_list, lps
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -88,11 +110,3 @@ class Sampler:
         for i, seq in enumerate(seqs):
             noise[i].exponential_(generator=seq.generator or self.generator)
         return (probs / noise).argmax(-1)
-
-    @staticmethod
-    def _logprob(row: torch.Tensor, token: int, top_n: int) -> Logprob:
-        top = []
-        if top_n:
-            vals, ids = row.topk(top_n)
-            top = list(zip(ids.tolist(), vals.tolist()))
-        return Logprob(token, float(row[token]), top)

@@ -49,6 +49,7 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     output_text: str = ""
     logprobs: list[Logprob] = field(default_factory=list)
+    prompt_logprobs: list[Logprob] = field(default_factory=list)  # of prompt tokens 1, 2, ... scored so far
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
@@ -92,6 +93,15 @@ class Sequence:
             return self.output_text
         hold = max(map(len, stops)) - 1
         return self.output_text[: max(0, len(self.output_text) - hold)]
+
+    def prompt_positions_to_score(self, lo: int, hi: int) -> range:
+        """Positions in [lo, hi) whose logits give a prompt logprob not yet recorded (none unless asked).
+
+        Position p scores prompt token p + 1, so the last prompt position (it samples) never does; a
+        prefix recomputed after preemption was scored the first time and is not scored again."""
+        if self.params.prompt_logprobs is None:
+            return range(0)
+        return range(max(lo, len(self.prompt_logprobs)), min(hi, self.num_prompt_tokens - 1))
 
     def max_output_tokens(self) -> int:
         room = self.max_len - self.num_prompt_tokens

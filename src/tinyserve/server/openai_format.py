@@ -21,6 +21,7 @@ from tinyserve.server.protocol import (
     CompletionRequest,
     ErrorInfo,
     ErrorResponse,
+    PromptLogprob,
     TopLogprob,
 )
 
@@ -61,7 +62,7 @@ def bad_value(e: ValueError, renames: dict[str, str] | None = None) -> ApiError:
 
 
 def _common_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
-                   logprobs: int | None) -> SamplingParams:
+                   logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
     if req.temperature is not None and req.temperature > MAX_TEMPERATURE:
         raise ApiError(400, f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {req.temperature!r}",
                        param="temperature")
@@ -84,6 +85,7 @@ def _common_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: i
         ignore_eos=req.ignore_eos,
         include_stop_str_in_output=req.include_stop_str_in_output,
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
         skip_special_tokens=req.skip_special_tokens,
     )
 
@@ -94,10 +96,12 @@ def completion_params(req: CompletionRequest) -> SamplingParams:
     if req.best_of is not None and req.best_of != req.n:
         raise ApiError(400, f"best_of must equal n (got best_of={req.best_of}, n={req.n}); "
                             "server-side best-of ranking is not supported", param="best_of")
-    if req.echo and req.logprobs is not None:
-        raise ApiError(400, "echo together with logprobs is not supported (no prompt logprobs)", param="echo")
+    if req.stream and req.prompt_logprobs:  # as vLLM: a stream choice has no place for them
+        raise ApiError(400, "prompt_logprobs are not available when stream is true", param="prompt_logprobs")
+    # As vLLM: echo with logprobs scores the prompt too, unless prompt_logprobs says how.
+    prompt_logprobs = req.logprobs if req.prompt_logprobs is None and req.echo else req.prompt_logprobs
     try:
-        return _common_params(req, req.max_tokens, req.logprobs)
+        return _common_params(req, req.max_tokens, req.logprobs, prompt_logprobs)
     except ValueError as e:
         raise bad_value(e) from None
 
@@ -164,19 +168,44 @@ def _finite(x: float) -> float:
     return max(x, -9999.0)  # JSON has no -inf; OpenAI clamps the same way
 
 
-def completion_logprobs(lps: list[Logprob], text: TokenText, offset: int) -> tuple[CompletionLogprobs, int]:
-    """The legacy `{tokens, token_logprobs, top_logprobs, text_offset}`; returns it and the next offset."""
+def completion_logprobs(lps: list[Logprob | None], text: TokenText, offset: int,
+                        token_ids: list[int] | None = None) -> tuple[CompletionLogprobs, int]:
+    """The legacy `{tokens, token_logprobs, top_logprobs, text_offset}`; returns it and the next offset.
+
+    A None entry (the first prompt token under echo: nothing precedes it) is its token with null
+    logprobs, as OpenAI and vLLM send it; its id comes from `token_ids`, parallel to `lps`."""
     out = CompletionLogprobs()
-    for lp in lps:
-        tok = text(lp.token_id)
+    ids = token_ids if token_ids is not None else [lp.token_id for lp in lps if lp is not None]
+    for token_id, lp in zip(ids, lps, strict=True):
+        tok = text(token_id)
         out.tokens.append(tok)
+        out.text_offset.append(offset)
+        offset += len(tok)
+        if lp is None:
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            continue
         out.token_logprobs.append(_finite(lp.logprob))
         top = {text(t): _finite(v) for t, v in lp.top}
         top.setdefault(tok, _finite(lp.logprob))
         out.top_logprobs.append(top)
-        out.text_offset.append(offset)
-        offset += len(tok)
     return out, offset
+
+
+def prompt_logprobs(lps: list[Logprob | None], text: TokenText) -> list[dict[int, PromptLogprob] | None]:
+    """vLLM's `prompt_logprobs` of a choice: per prompt token, token id -> logprob for the token itself
+    and the top N; a top-N entry's rank is its place, the token's own rank is known only among them."""
+    out: list[dict[int, PromptLogprob] | None] = []
+    for lp in lps:
+        if lp is None:
+            out.append(None)
+            continue
+        ranks = {t: r for r, (t, _) in enumerate(lp.top, 1)}
+        entry: dict[int, PromptLogprob] = {}
+        for t, v in [(lp.token_id, lp.logprob), *lp.top]:
+            entry.setdefault(t, PromptLogprob(logprob=_finite(v), rank=ranks.get(t), decoded_token=text(t)))
+        out.append(entry)
+    return out
 
 
 def chat_logprobs(lps: list[Logprob], text: TokenText) -> ChatLogprobs:
@@ -210,6 +239,7 @@ def chunk_payload(chunk: Any, include_usage: bool) -> dict[str, Any]:
     for c in d.get("choices", []):
         if isinstance(c.get("delta"), dict):
             c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
-        if c.get("stop_reason") is None:
-            c.pop("stop_reason", None)
+        for extra in ("stop_reason", "prompt_logprobs"):  # vLLM's extras, only when set
+            if c.get(extra) is None:
+                c.pop(extra, None)
     return d

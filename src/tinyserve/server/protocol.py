@@ -55,6 +55,7 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = 16  # OpenAI's default for completions
     logprobs: int | None = None
     echo: bool = False
+    prompt_logprobs: int | None = None  # vLLM extra: top-N logprobs of each prompt token (not with stream)
     best_of: int | None = None  # accepted only when equal to n
     suffix: str | None = None  # not supported (400 when set)
 
@@ -126,12 +127,23 @@ class CompletionLogprobs(_Response):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(_Response):
+    """vLLM's Logprob on the wire. `rank` (1 = most likely) is null where we do not know it: for a
+    prompt token outside the top N (our engine reports that token's value and the top N, not its rank)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 class CompletionChoice(_Response):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # vLLM extra: the stop string or token id that ended it
+    # vLLM extra, when prompt logprobs were computed: per prompt token (the first null), token id -> logprob
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
 
 
 class CompletionResponse(_Response):

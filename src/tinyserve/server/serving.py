@@ -21,6 +21,7 @@ from jinja2 import TemplateError
 from starlette.requests import Request
 
 from tinyserve.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestUpdate, SeqDelta
+from tinyserve.engine.sequence import Logprob
 from tinyserve.sampling import SamplingParams
 from tinyserve.server import openai_format as fmt
 from tinyserve.server.metrics import ServerMetrics
@@ -33,6 +34,7 @@ from tinyserve.server.protocol import (
     ChatResponseMessage,
     CompletionChoice,
     CompletionChunk,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
@@ -49,6 +51,7 @@ class _Choice:
     text: str = ""
     num_tokens: int = 0
     logprobs: list[Any] = field(default_factory=list)
+    prompt_logprobs: list[Any] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     error: str | None = None
@@ -112,6 +115,8 @@ class RequestGroup:
                 ch.text += d.text
                 ch.num_tokens += len(d.token_ids)
                 ch.logprobs.extend(d.logprobs)
+                if d.prompt_logprobs is not None:
+                    ch.prompt_logprobs = d.prompt_logprobs
                 if d.token_ids and self.first_token_at is None:
                     self.first_token_at = time.monotonic()
                 if d.finish_reason is not None:
@@ -204,22 +209,40 @@ class OpenAIServing:
         prompts = fmt.completion_prompts(req.prompt)
         group = RequestGroup(self.engine, f"cmpl-{uuid.uuid4().hex}", params.n)
         await group.submit(prompts, params, self.metrics)
-        echo = [self._prompt_text(p, ids) for p, ids in zip(prompts, group.prompt_token_ids)] if req.echo else None
+        echo = None  # per prompt: the text and token ids to echo
+        if req.echo:
+            echo = [(self._prompt_text(p, ids), ids) for p, ids in zip(prompts, group.prompt_token_ids)]
         if req.stream:
             return StreamResult(self._completion_stream(group, req, echo), group.abort)
         await collect_or_abort(group, request)
         self._raise_if_failed(group, "completion")
         choices = []
         for c, ch in sorted(group.choices.items()):
-            lps = fmt.completion_logprobs(ch.logprobs, self.token_text, 0)[0] if req.logprobs is not None else None
-            prefix = echo[c // group.n] if echo else ""
-            choices.append(CompletionChoice(index=c, text=prefix + ch.text, logprobs=lps,
-                                            finish_reason=ch.finish_reason, stop_reason=ch.stop_reason))
+            prompt = echo[c // group.n] if echo else None
+            text, lps, _ = self._completion_piece(req, prompt, ch.prompt_logprobs, ch.text, ch.logprobs, 0)
+            scored = None if ch.prompt_logprobs is None else fmt.prompt_logprobs(ch.prompt_logprobs, self.token_text)
+            choices.append(CompletionChoice(index=c, text=text, logprobs=lps, finish_reason=ch.finish_reason,
+                                            stop_reason=ch.stop_reason, prompt_logprobs=scored))
         group.log_done("completion", False)
         return CompletionResponse(id=group.request_id, model=self.model_name, choices=choices, usage=group.usage())
 
+    def _completion_piece(self, req: CompletionRequest, echo: tuple[str, list[int]] | None,
+                          prompt_lps: list[Logprob | None] | None, text: str, lps: list[Logprob],
+                          offset: int) -> tuple[str, CompletionLogprobs | None, int]:
+        """A choice's text and legacy logprobs from `offset` on, and the next offset. With `echo` (the
+        prompt's text and ids, on the choice's first piece) the prompt comes first, its tokens' logprobs
+        too: the first one null, as OpenAI and vLLM send it (all null if it ended before being scored)."""
+        ids = [lp.token_id for lp in lps]
+        if echo is not None:
+            echo_text, prompt_ids = echo
+            text, ids = echo_text + text, prompt_ids + ids
+            lps = [*(prompt_lps or [None] * len(prompt_ids)), *lps]
+        if req.logprobs is None:
+            return text, None, offset
+        return text, *fmt.completion_logprobs(lps, self.token_text, offset, ids)
+
     def _completion_stream(self, group: RequestGroup, req: CompletionRequest,
-                           echo: list[str] | None) -> AsyncIterator[str]:
+                           echo: list[tuple[str, list[int]]] | None) -> AsyncIterator[str]:
         created = int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         offsets: dict[int, int] = {}
@@ -231,16 +254,16 @@ class OpenAIServing:
                 include_usage))
 
         def render(c: int, d: SeqDelta) -> Iterator[str]:
-            lps = None
-            if req.logprobs is not None:
-                lps, offsets[c] = fmt.completion_logprobs(d.logprobs, self.token_text, offsets.get(c, 0))
-            if d.text or d.finish_reason or (lps is not None and lps.tokens):
-                yield chunk(c, d.text, lps, d.finish_reason, d.stop_reason)
+            # As vLLM: the echo opens the choice's first chunk, with the prompt's logprobs (scored by then).
+            prompt = echo[c // group.n] if echo and c not in offsets else None
+            text, lps, offsets[c] = self._completion_piece(req, prompt, d.prompt_logprobs, d.text, d.logprobs,
+                                                           offsets.get(c, 0))
+            if text or d.finish_reason or (lps is not None and lps.tokens):
+                yield chunk(c, text, lps, d.finish_reason, d.stop_reason)
 
         usage = (lambda: CompletionChunk(id=group.request_id, created=created, model=self.model_name, choices=[],
                                          usage=group.usage())) if include_usage else None
-        opening = [chunk(c, echo[c // group.n]) for c in group.choices] if echo else []
-        return self._stream(group, "completion", opening, render, usage)
+        return self._stream(group, "completion", [], render, usage)
 
     # -- /v1/chat/completions ---------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest, request: Request) -> ChatCompletionResponse | StreamResult:
