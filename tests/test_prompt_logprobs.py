@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tinyserve import LLM, SamplingParams
-from tinyserve.engine.sequence import Logprob
+from tinyserve.outputs import Logprob
 from tinyserve.server import openai_format as fmt
 from tinyserve.server.launcher import ServerProcess
 

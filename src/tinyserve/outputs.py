@@ -1,10 +1,21 @@
-"""What generation returns, with vLLM's names (`out.outputs[0].text`, `.token_ids`, `.finish_reason`)."""
+"""What generation returns, with vLLM's names (`out.outputs[0].text`, `.token_ids`, `.finish_reason`).
+
+Plain types only, low in the import graph (it imports nothing from the engine): engine/output.py
+builds them from sequences; the engine, the server and users all import them from here.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tinyserve.engine.sequence import Logprob, Sequence
+
+@dataclass
+class Logprob:
+    """A token's logprob under the raw model distribution, and the top N at its position."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the top-N (token id, logprob) at this position
 
 
 @dataclass
@@ -31,30 +42,3 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     prompt_logprobs: list[Logprob | None] | None = None
-
-    @classmethod
-    def from_seqs(cls, request_id: str, seqs: list[Sequence]) -> "RequestOutput":
-        first = seqs[0]
-        return cls(
-            request_id=request_id,
-            prompt=first.prompt,
-            prompt_token_ids=first.prompt_token_ids,
-            outputs=[
-                CompletionOutput(
-                    index=s.index,
-                    text=s.output_text,
-                    token_ids=list(s.output_token_ids),
-                    finish_reason=s.finish_reason,
-                    stop_reason=s.stop_reason,
-                    logprobs=list(s.logprobs) if s.params.logprobs is not None else None,
-                )
-                for s in seqs
-            ],
-            finished=all(s.finished for s in seqs),
-            prompt_logprobs=seq_prompt_logprobs(first),
-        )
-
-
-def seq_prompt_logprobs(seq: Sequence) -> list[Logprob | None] | None:
-    """A sequence's prompt logprobs scored so far, in `RequestOutput.prompt_logprobs`' shape; None unless asked."""
-    return None if seq.params.prompt_logprobs is None else [None, *seq.prompt_logprobs]

@@ -4,8 +4,8 @@
 HTTP side talks to that thread through a thread-safe command queue (add / abort / stop); the thread
 drains the queue between steps and blocks on it when there is nothing to run, so an idle server
 burns no CPU. Whatever a step produced goes back to each request's asyncio.Queue through
-`loop.call_soon_threadsafe`, as immutable `RequestUpdate`s that carry only what is new (text delta,
-token ids, logprobs, finish reason): the HTTP side never reads a `Sequence` the engine is mutating.
+`loop.call_soon_threadsafe`, as immutable `RequestUpdate`s that carry only what is new (the
+`SeqDelta`s of engine/output.py): the HTTP side never reads a `Sequence` the engine is mutating.
 
 Nothing in the step loop waits on the network: a slow or vanished client only fills its own queue,
 and an abort frees the request's KV blocks on the next pass through the loop.
@@ -26,10 +26,10 @@ from typing import Any
 import torch
 
 from tinyserve.engine.llm_engine import LLMEngine
+from tinyserve.engine.output import DeltaTracker, SeqDelta
 from tinyserve.engine.scheduler import QueueFullError
-from tinyserve.engine.sequence import Logprob, Sequence
+from tinyserve.engine.sequence import Sequence
 from tinyserve.sampling import SamplingParams
-from tinyserve.outputs import seq_prompt_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +47,6 @@ __all__ = [
 class EngineDeadError(RuntimeError):
     """The engine thread is not running (stopped, or never started)."""
 
-
-@dataclass(frozen=True)
-class SeqDelta:
-    """What one of a request's n sequences produced since the last update."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[Logprob]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" once finished
-    stop_reason: int | str | None = None
-    error: str | None = None
-
-    # When asked for: the prompt's logprobs (RequestOutput's shape), once, with the first token (the
-    # prompt is fully scored by the step that samples it).
-    prompt_logprobs: list[Logprob | None] | None = None
 
 @dataclass(frozen=True)
 class RequestUpdate:
@@ -91,15 +75,12 @@ class EngineStats:
 
 @dataclass
 class _Tracker:
-    """Engine-thread bookkeeping of what each sequence has already reported."""
+    """Engine-thread bookkeeping of one request: where its updates go, and what it has reported."""
 
     loop: asyncio.AbstractEventLoop
     sink: asyncio.Queue
     arrival: float
-    sent_text: dict[int, int] = field(default_factory=dict)
-    sent_tokens: dict[int, int] = field(default_factory=dict)
-    sent_lps: dict[int, int] = field(default_factory=dict)
-    reported_finish: set[int] = field(default_factory=set)
+    reported: DeltaTracker = field(default_factory=DeltaTracker)
 
 
 @dataclass
@@ -253,7 +234,7 @@ class AsyncEngine:
             if rid not in self._trackers:
                 continue
             all_seqs = self.engine.requests.get(rid, [])
-            deltas = [d for s in all_seqs if (d := self._delta(self._trackers[rid], s)) is not None]
+            deltas = self._trackers[rid].reported.deltas(all_seqs)
             new_tokens += sum(len(d.token_ids) for d in deltas)
             if all(s.finished for s in all_seqs):
                 self._finish_request(rid, notify=False, last=deltas)
@@ -262,34 +243,13 @@ class AsyncEngine:
         if self._on_step is not None:
             self._on_step(new_tokens)
 
-    def _delta(self, tr: _Tracker, seq: Sequence) -> SeqDelta | None:
-        i = seq.index
-        text = seq.visible_text()
-        t0, k0, l0 = tr.sent_text.get(i, 0), tr.sent_tokens.get(i, 0), tr.sent_lps.get(i, 0)
-        finish = seq.finished and i not in tr.reported_finish
-        if len(text) <= t0 and len(seq.output_token_ids) <= k0 and not finish:
-            return None
-        tr.sent_text[i], tr.sent_tokens[i], tr.sent_lps[i] = len(text), len(seq.output_token_ids), len(seq.logprobs)
-        if finish:
-            tr.reported_finish.add(i)
-        return SeqDelta(
-            index=i,
-            text=text[t0:],
-            token_ids=list(seq.output_token_ids[k0:]),
-            logprobs=list(seq.logprobs[l0:]),
-            finish_reason=seq.finish_reason if finish else None,
-            prompt_logprobs=seq_prompt_logprobs(seq) if k0 == 0 and seq.output_token_ids else None,
-            stop_reason=seq.stop_reason if finish else None,
-            error=seq.error if finish else None,
-        )
-
     def _finish_request(self, rid: str, notify: bool, last: list[SeqDelta] | None = None) -> None:
         """Forget a finished (or aborted) request: final update to its sink, metrics, pop it."""
         tr = self._trackers.pop(rid)
         seqs = self.engine.requests.get(rid, [])
         deltas = list(last or [])
         if notify:  # aborted here: report the sequences' end
-            deltas += [d for s in seqs if (d := self._delta(tr, s)) is not None]
+            deltas += tr.reported.deltas(seqs)
         first = [s.first_token_time for s in seqs if s.first_token_time is not None]
         ends = [s.finish_time for s in seqs if s.finish_time is not None]
         self._send_to(tr, RequestUpdate(

@@ -13,14 +13,15 @@ import time
 import torch
 
 from tinyserve.config import EngineConfig
+from tinyserve.engine.output import request_output
 from tinyserve.engine.runner import ModelRunner
 from tinyserve.engine.sampler import Sampler, prompt_logprobs
 from tinyserve.engine.scheduler import Scheduler
-from tinyserve.engine.sequence import Logprob, Sequence
+from tinyserve.engine.sequence import Sequence
 from tinyserve.kv.block_manager import BlockManager
 from tinyserve.layers.quant import configure_packed_kernels
 from tinyserve.models.loader import load_model, model_config, resolve_model, resolve_quantization
-from tinyserve.outputs import RequestOutput
+from tinyserve.outputs import Logprob, RequestOutput
 from tinyserve.sampling import SamplingParams
 from tinyserve.tokenizer import IncrementalDetokenizer, load_tokenizer
 
@@ -125,7 +126,7 @@ class LLMEngine:
     def pop_output(self, request_id: str) -> RequestOutput:
         """The request's output; forgets the request once it has finished."""
         seqs = self.requests[request_id]
-        out = RequestOutput.from_seqs(request_id, seqs)
+        out = request_output(request_id, seqs)
         if out.finished:
             del self.requests[request_id]
         return out

@@ -14,7 +14,8 @@ import itertools
 
 import torch
 
-from tinyserve.engine.sequence import Logprob, Sequence
+from tinyserve.engine.sequence import Sequence
+from tinyserve.outputs import Logprob
 
 
 def apply_penalties(logits: torch.Tensor, seq: Sequence) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tinyserve.outputs import Logprob
 from tinyserve.sampling import SamplingParams
 from tinyserve.tokenizer import IncrementalDetokenizer
 
@@ -24,13 +25,6 @@ class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-@dataclass
-class Logprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]  # the top-N (token id, logprob) at this position
 
 
 @dataclass(eq=False)  # identity semantics: two requests are never 'equal'

@@ -10,7 +10,7 @@ import json
 import re
 from typing import Any
 
-from tinyserve.engine.sequence import Logprob
+from tinyserve.outputs import Logprob
 from tinyserve.sampling import SamplingParams
 from tinyserve.server.protocol import (
     ChatCompletionRequest,

@@ -21,7 +21,7 @@ from jinja2 import TemplateError
 from starlette.requests import Request
 
 from tinyserve.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestUpdate, SeqDelta
-from tinyserve.engine.sequence import Logprob
+from tinyserve.outputs import Logprob
 from tinyserve.sampling import SamplingParams
 from tinyserve.server import openai_format as fmt
 from tinyserve.server.metrics import ServerMetrics
