@@ -64,14 +64,24 @@ install_llamacpp() {
   [[ -f "$lc/CMakeLists.txt" ]] || { log "llama.cpp: no vendored llama.cpp in $src"; return 1; }
   # LLAMA_CURL is deprecated (ignored) in recent llama.cpp; LLAMA_OPENSSL=OFF drops HTTPS model download,
   # LLAMA_USE_PREBUILT_UI=OFF stops it fetching the web UI at configure time (no network here).
-  log "llama.cpp: configuring $lc (log: $PEERS/logs/llamacpp-build.log)"
-  cmake -S "$lc" -B "$lc/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF \
+  # Its fastest working build: native everywhere, except on AMX CPUs, where the native build's AMX
+  # repacking crashes (SIGSEGV at ldtilecfg) — there the AVX-512/VNNI/BF16 kernels without AMX, which
+  # can still repack (faster than the native build run with --no-repack).
+  local arch=(-DGGML_NATIVE=ON)
+  if grep -qw amx_tile /proc/cpuinfo; then
+    arch=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON
+          -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF
+          -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+  fi
+  log "llama.cpp: configuring $lc (${arch[*]}; log: $PEERS/logs/llamacpp-build.log)"
+  cmake -S "$lc" -B "$lc/build" -DCMAKE_BUILD_TYPE=Release "${arch[@]}" -DBUILD_SHARED_LIBS=OFF \
       -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
       -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON \
       >"$PEERS/logs/llamacpp-build.log" 2>&1 || { log "llama.cpp: cmake configure failed, see the log"; return 1; }
-  log "llama.cpp: building llama-server with -j$JOBS (several minutes)"
-  cmake --build "$lc/build" --target llama-server -j"$JOBS" >>"$PEERS/logs/llamacpp-build.log" 2>&1 \
+  log "llama.cpp: building llama-server and llama-bench with -j$JOBS (several minutes)"
+  cmake --build "$lc/build" --target llama-server llama-bench -j"$JOBS" >>"$PEERS/logs/llamacpp-build.log" 2>&1 \
       || { log "llama.cpp: build failed, tail of the log:"; tail -20 "$PEERS/logs/llamacpp-build.log"; return 1; }
+  cp "$lc/build/bin/llama-bench" "$PEERS/bin/llama-bench" || return 1
   cp "$lc/build/bin/llama-server" "$bin.tmp" && mv "$bin.tmp" "$bin" || return 1
   "$bin" --version >/dev/null 2>&1 || { log "llama.cpp: built binary does not run: $("$bin" --version 2>&1 | tail -2)"; return 1; }
   echo "$name" >"$PEERS/bin/llama-server.source"
