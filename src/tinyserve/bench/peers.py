@@ -11,9 +11,10 @@ point of the sweep with the same sampled requests, and stopped (SIGTERM to its p
 SIGKILL). Each point's JSON (the `tinyserve bench serve` schema plus a `peer` block: command, weights,
 startup time) goes to --result-dir, with the peer's log; one table compares them at the end.
 
-Weights are not identical across peers, and the results say so: llama.cpp runs the bundled Q4_1 GGUF
-with its quantized kernels, the others run the fp32 weights dequantized from that same GGUF (vLLM in
---vllm-dtype). Same model, same tokenizer, same prompts.
+Each peer runs in its best configuration here, and the results say which: llama.cpp and tinyserve
+serve the bundled Q4_1 GGUF's own blocks on their quantized kernels (tinyserve: its defaults, dtype
+auto and quantization auto), vLLM the weights dequantized from that same GGUF in bf16 (--vllm-dtype),
+the naive baseline fp32. Same model, same tokenizer, same prompts.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def add_peers_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--max-model-len", type=int, default=2048, help="context per sequence (llama.cpp: per slot)")
     g.add_argument("--slots", type=int, default=None,
                    help="parallel sequences for llama.cpp -np / vLLM --max-num-seqs (default: largest concurrency)")
-    g.add_argument("--vllm-dtype", choices=("float32", "bfloat16"), default="float32")
+    g.add_argument("--vllm-dtype", choices=("float32", "bfloat16"), default="bfloat16",
+                   help="vLLM's CPU backend is built for bf16; fp32 undersells it")
     g.add_argument("--vllm-kv-cache-gb", type=float, default=4.0, help="VLLM_CPU_KVCACHE_SPACE")
     g.add_argument("--startup-timeout", type=float, default=900.0, help="seconds for a peer to become ready")
     g.add_argument("--stop-timeout", type=float, default=30.0, help="seconds between SIGTERM and SIGKILL")
@@ -120,11 +122,13 @@ def build_specs(
 
     # `python -m tinyserve.server` is `tinyserve serve` without depending on the CLI's wiring
     has_server = importlib.util.find_spec("tinyserve.server.app") is not None
+    source = args.gguf if args.gguf else (str(hf_dir) if args.hf_dir else None)
     specs["tinyserve"] = PeerSpec(
         "tinyserve", [sys.executable, "-m", "tinyserve.server", *common, "--served-model-name", name,
-                      "--num-threads", t] + (["--model", str(hf_dir)] if args.hf_dir or args.gguf else [])
+                      "--num-threads", t] + (["--model", source] if source else [])
         + shlex.split(args.tinyserve_args),
-        fp32, {**offline, **threads},
+        f"{gguf.name if gguf else hf_dir.name}, tinyserve defaults (dtype auto, quantization auto)"
+        + (f" {args.tinyserve_args}" if args.tinyserve_args else ""), {**offline, **threads},
         missing=None if has_server else "tinyserve.server.app not found: our server is not in this install")
 
     specs["baseline"] = PeerSpec(
@@ -135,11 +139,11 @@ def build_specs(
     server = peers_dir / "bin" / "llama-server"
     specs["llamacpp"] = PeerSpec(
         "llamacpp", [str(server), "-m", str(gguf), *common, "--alias", name, "-np", str(slots), "-cb",
-                     "-c", str(args.max_model_len * slots), "-t", t, "-tb", t,
-                     # -nr: no extra weight buffers. With them, the AMX kernels that a GGML_NATIVE build picks on
-                     # these AMX-capable VMs crash (SIGSEGV at ldtilecfg). --llamacpp-args=--repack turns it back on.
-                     "-nr"] + shlex.split(args.llamacpp_args),
-        f"{gguf.name if gguf else '?'} native (llama.cpp's quantized kernels; NOT the fp32 weights)", offline,
+                     # Weights repacked for its fastest kernels (its default). install_peers.sh builds without
+                     # AMX on AMX CPUs, where the native build's AMX repacking crashes; a native build there
+                     # needs --llamacpp-args=--no-repack.
+                     "-c", str(args.max_model_len * slots), "-t", t, "-tb", t] + shlex.split(args.llamacpp_args),
+        f"{gguf.name if gguf else '?'} native (llama.cpp's quantized kernels, repacked)", offline,
         missing=("no GGUF (pass --gguf)" if gguf is None else
                  None if os.access(server, os.X_OK) else f"not installed ({server}): run {INSTALL_HINT}"))
 
@@ -151,7 +155,7 @@ def build_specs(
                  "--served-model-name", name, "--dtype", args.vllm_dtype,
                  "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(slots)]
         + shlex.split(args.vllm_args),
-        f"{args.vllm_dtype} ({fp32})",
+        f"{args.vllm_dtype} (dequantized from {gguf.name})" if gguf else f"{args.vllm_dtype} ({hf_dir})",
         {**offline, "VLLM_CPU_KVCACHE_SPACE": f"{args.vllm_kv_cache_gb:g}",
          # vLLM's "auto" reserves a core for its API/scheduler process: on 2 cores that leaves the model 1.
          # Give the engine the first `threads` usable cores instead, like every other peer gets.
