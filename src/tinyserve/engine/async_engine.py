@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import queue
 import threading
@@ -303,7 +304,5 @@ class AsyncEngine:
 
     @staticmethod
     def _send_to(tr: _Tracker, update: RequestUpdate) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is listening any more
             tr.loop.call_soon_threadsafe(tr.sink.put_nowait, update)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass

@@ -39,9 +39,12 @@ class LLMEngine:
         dtype, device = config.torch_dtype, config.device
 
         bs = config.block_size
-        self.num_blocks = config.num_kv_blocks or int(config.kv_cache_memory_gb * 2**30 // (mc.kv_bytes_per_token(dtype) * bs))
+        block_bytes = mc.kv_bytes_per_token(dtype) * bs
+        self.num_blocks = config.num_kv_blocks or int(config.kv_cache_memory_gb * 2**30 // block_bytes)
         if self.num_blocks < 1:
-            raise ValueError(f"kv_cache_memory_gb={config.kv_cache_memory_gb} is too small for one block of {bs} tokens")
+            raise ValueError(
+                f"kv_cache_memory_gb={config.kv_cache_memory_gb} is too small for one block of {bs} tokens"
+            )
         if config.max_model_len is not None and config.max_model_len > mc.max_position_embeddings:
             raise ValueError(
                 f"max_model_len ({config.max_model_len}) exceeds the model's context ({mc.max_position_embeddings})"
@@ -89,7 +92,9 @@ class LLMEngine:
         if any(t >= vocab for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be < {vocab}")
         if params.n > self.config.max_waiting:  # it could never be queued (QueueFullError means 'retry')
-            raise ValueError(f"n ({params.n}) exceeds the waiting queue's capacity (max_waiting={self.config.max_waiting})")
+            raise ValueError(
+                f"n ({params.n}) exceeds the waiting queue's capacity (max_waiting={self.config.max_waiting})"
+            )
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> list[Sequence]:
         if request_id in self.requests:
