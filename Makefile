@@ -29,6 +29,7 @@ generate: install
 
 test: install
 	$(BIN)/ruff check src tests scripts
+	$(BIN)/mypy src
 	$(BIN)/python -m pytest -q tests
 
 # Peers for side-by-side serving runs (llama.cpp built from source, vLLM for CPU), into .peers/.

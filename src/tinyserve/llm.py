@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Sequence as Seq
-from typing import Any
+from typing import Any, cast
 
 from tqdm import tqdm
 
@@ -37,7 +37,8 @@ class LLM:
         """Generate for every prompt (strings or token-id lists); outputs come back in input order."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # a single prompt
-        prompts = list(prompts)
+        # By now a batch; the checker cannot tell a token-id list from a list of prompts by their elements.
+        prompts = list(cast(Seq[Prompt], prompts))
         params = sampling_params if sampling_params is not None else SamplingParams()
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params_list) != len(prompts):

@@ -42,6 +42,7 @@ class TokenStreamer(TextIteratorStreamer):
         self.n_tokens += len(value)
         self.token_cache.extend(value.tolist())
         text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+        assert isinstance(text, str)  # one flat id list decodes to one string
         if len(text) > self.print_len and not text.endswith("\ufffd"):
             self.on_finalized_text(text[self.print_len:])
             self.print_len = len(text)

@@ -91,7 +91,9 @@ def iter_json_array(text: str) -> Iterator[object]:
     decoder = json.JSONDecoder()
     pos = start + 1
     while True:
-        pos = _SEPARATORS.match(text, pos).end()
+        sep = _SEPARATORS.match(text, pos)
+        assert sep is not None  # the pattern also matches the empty string
+        pos = sep.end()
         if pos >= len(text) or text[pos] == "]":
             return
         try:
@@ -105,7 +107,7 @@ def iter_json_array(text: str) -> Iterator[object]:
 def load_sharegpt(path: str | None = None) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
     """All conversations as (id, ((role, text), ...)); cached because parsing 125 MB takes ~1 s."""
     text = Path(path or sharegpt_path()).read_text(encoding="utf-8")
-    out = []
+    out: list[tuple[str, tuple[tuple[str, str], ...]]] = []
     for obj in iter_json_array(text):
         if not isinstance(obj, dict):
             continue
@@ -214,8 +216,8 @@ def _allowed_ids(tokenizer: DecodingTokenizer) -> np.ndarray:
     """Token ids that are safe to put in a prompt: the vocabulary minus special and added tokens."""
     special = set(getattr(tokenizer, "all_special_ids", None) or [])
     special |= set(getattr(tokenizer, "added_tokens_decoder", None) or {})
-    special = np.asarray(sorted(special), dtype=np.int64)
-    return np.setdiff1d(np.arange(int(tokenizer.vocab_size), dtype=np.int64), special)
+    special_ids = np.asarray(sorted(special), dtype=np.int64)
+    return np.setdiff1d(np.arange(int(tokenizer.vocab_size), dtype=np.int64), special_ids)
 
 
 def random_text(tokenizer: DecodingTokenizer, rng: np.random.Generator, num_tokens: int, allowed: np.ndarray) -> str:

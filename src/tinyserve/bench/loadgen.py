@@ -204,8 +204,8 @@ class _Runner:
             duration = time.perf_counter() - self.t0
         self.pbar.close()
         for t in done:
-            if t.exception() is not None:  # a bug, not a server failure: surface it
-                raise t.exception()
+            if (exc := t.exception()) is not None:  # a bug, not a server failure: surface it
+                raise exc
         if pending:
             for r in records:
                 if not r.success and not r.error:

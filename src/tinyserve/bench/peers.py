@@ -104,9 +104,10 @@ def model_paths(args: argparse.Namespace) -> tuple[Path | None, Path]:
     """(GGUF for llama.cpp or None, HF dir for the others)."""
     from tinyserve.models.loader import bundled_gguf_path, export_gguf
 
-    gguf = Path(args.gguf) if args.gguf else (bundled_gguf_path() if not args.hf_dir else None)
-    hf = Path(args.hf_dir) if args.hf_dir else export_gguf(gguf)
-    return gguf, hf
+    if args.hf_dir:
+        return (Path(args.gguf) if args.gguf else None), Path(args.hf_dir)
+    gguf = Path(args.gguf) if args.gguf else bundled_gguf_path()
+    return gguf, export_gguf(gguf)
 
 
 def build_specs(
@@ -204,6 +205,7 @@ class PeerProcess:
 
     def wait_ready(self, timeout_s: float, poll_s: float = 0.5) -> float:
         """Seconds until /health and /v1/models answer 200; RuntimeError if it exits or the deadline passes."""
+        assert self.proc is not None, "started by __enter__"
         t0 = time.monotonic()
         with httpx.Client(timeout=5.0, trust_env=False) as client:
             while time.monotonic() - t0 < timeout_s:
@@ -252,7 +254,7 @@ def _slots(args: argparse.Namespace, concurrencies: Sequence[int | None]) -> int
     if args.slots:
         return args.slots
     if all(concurrencies):
-        return max(concurrencies)  # type: ignore[type-var]
+        return max(c for c in concurrencies if c)
     return max(1, min(args.num_prompts, 64))
 
 
@@ -317,6 +319,7 @@ def _run_peers(args: argparse.Namespace, tokenizer: Any, bench: Callable[..., di
                         if result_dir:
                             files.append(str(write_result(run, result_dir)))
                         outcome["runs"].append(run)
+                    assert proc.proc is not None, "started by __enter__"
                     if proc.proc.poll() is not None:
                         raise RuntimeError(f"{exit_reason(proc.proc.returncode)} during the benchmark")
                 except Exception as e:  # one broken peer must not stop the others
@@ -340,7 +343,7 @@ def _axes(group: Sequence[tuple[float, int | None]]) -> tuple[list[float], list[
     """The --request-rate and --max-concurrency lists that make serve_bench run exactly these points."""
     rates = list(dict.fromkeys(r for r, _ in group))
     concs = list(dict.fromkeys(c for _, c in group))
-    return rates, (None if concs == [None] else concs)  # type: ignore[return-value]
+    return rates, (None if concs == [None] else [c for c in concs if c is not None])
 
 
 def comparison_rows(outcomes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

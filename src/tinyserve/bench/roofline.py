@@ -56,5 +56,5 @@ def decode_weights(model: torch.nn.Module) -> tuple[int, int]:
     when it doubles as the LM head (tied); an untied head is already one of the linears."""
     linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     if getattr(model, "lm_head", None) is None:
-        linears.append(model.embed_tokens.weight)
+        linears.append(model.get_parameter("embed_tokens.weight"))
     return sum(w.numel() for w in linears), sum(w.numel() * w.element_size() for w in linears)

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from .datasets import sample_multi_turn, sample_random, sample_shared_prefix, sample_sharegpt
 from .env_info import git_commit, machine_info, save_json
-from .loadgen import LoadConfig, LoadResult, fetch_first_model, normalize_base_url, run_load, run_multi_turn
+from .loadgen import Endpoint, LoadConfig, LoadResult, fetch_first_model, normalize_base_url, run_load, run_multi_turn
 from .metrics import LATENCY_METRICS, BenchmarkMetrics, compute_metrics, parse_goodput, percentile_label
 from .tokenizer_cache import load_tokenizer
 
@@ -112,7 +112,8 @@ def sample_workload(args: argparse.Namespace, tokenizer: Any) -> list:
 
 
 def sweep_points(rates: Sequence[float], concurrencies: Sequence[int] | None) -> list[tuple[float, int | None]]:
-    return [(r, c) for c in (concurrencies or [None]) for r in rates]
+    levels: Sequence[int | None] = concurrencies or [None]
+    return [(r, c) for c in levels for r in rates]
 
 
 def run_serve_benchmark(args: argparse.Namespace, tokenizer: Any = None) -> dict[str, Any]:
@@ -129,7 +130,8 @@ def run_serve_benchmark(args: argparse.Namespace, tokenizer: Any = None) -> dict
     workload = sample_workload(args, tokenizer)
     if not workload:
         raise RuntimeError(f"dataset {args.dataset!r} produced no requests")
-    endpoint = args.endpoint if args.endpoint != "auto" else ("chat" if args.dataset == "multi-turn" else "completions")
+    endpoint: Endpoint = (args.endpoint if args.endpoint != "auto"
+                          else "chat" if args.dataset == "multi-turn" else "completions")
     static = {"label": args.label, "git": git_commit(), "machine": machine_info(),
               "server": {"base_url": base_url, "model": model, "endpoint": endpoint}}
     console = Console()

@@ -184,6 +184,7 @@ class AsyncEngine:
 
     # -- the engine thread ------------------------------------------------------------------------
     def _loop(self) -> None:
+        assert self.engine.config.num_threads is not None  # resolved in EngineConfig.__post_init__
         torch.set_num_threads(self.engine.config.num_threads)  # per-thread in some torch builds
         log.info("engine loop started")
         while True:
@@ -199,6 +200,7 @@ class AsyncEngine:
                     self._shutdown(commands)
                     return
                 for cmd in commands:
+                    assert not isinstance(cmd, _Stop)  # a stop returned above
                     self._handle(cmd)
                 if self.engine.has_unfinished():
                     seqs = self.engine.step()

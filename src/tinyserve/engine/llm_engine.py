@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        assert config.num_threads is not None  # resolved in EngineConfig.__post_init__
         torch.set_num_threads(config.num_threads)
         src = resolve_model(config.model)
         self.model_name = src.name
@@ -89,6 +90,7 @@ class LLMEngine:
     def check_params(self, params: SamplingParams) -> None:
         """What SamplingParams cannot check on its own: the limits of this model and engine."""
         vocab = self.model_config.vocab_size
+        assert params.stop_token_ids is not None  # a list after SamplingParams.__post_init__
         if any(t >= vocab for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be < {vocab}")
         if params.n > self.config.max_waiting:  # it could never be queued (QueueFullError means 'retry')
@@ -184,6 +186,7 @@ class LLMEngine:
         if n_out >= p.min_tokens:
             if token in self.tokenizer.eos_token_ids and not p.ignore_eos:
                 return "stop", None
+            assert p.stop_token_ids is not None  # a list after SamplingParams.__post_init__
             if token in p.stop_token_ids:  # like vLLM: the stop token's text is not output unless asked
                 if not p.include_stop_str_in_output:
                     seq.output_text = seq.output_text[:text_before]

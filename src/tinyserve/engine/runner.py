@@ -81,7 +81,9 @@ class ModelRunner:
         order = sorted(range(len(batch)), key=lambda i: batch.num_tokens[i] > 1)  # decodes first
         seqs = [batch.seqs[i] for i in order]
         counts = [batch.num_tokens[i] for i in order]
-        input_ids, positions, slots, sample_idx, sampling, prompt_idx, prompt_spans = [], [], [], [], [], [], []
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots, sample_idx, sampling, prompt_idx, prompt_spans = [], [], [], [], []
         decode_tables, decode_lens, prefills = [], [], []
         bs = self.block_size
         for seq, n in zip(seqs, counts):
@@ -124,5 +126,5 @@ class ModelRunner:
         mask = torch.arange(ctx, device=self.device)[None, :] <= q_pos[:, None]  # causal, offset by the prefix
         return PrefillChunk(start, n, num_cached, self._tensor(table[: -(-ctx // self.block_size)]), mask[None, None])
 
-    def _tensor(self, values: list[int]) -> torch.Tensor:
+    def _tensor(self, values: list[int] | list[list[int]]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)

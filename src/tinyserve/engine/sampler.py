@@ -83,6 +83,7 @@ class Sampler:
             if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
                 apply_penalties(logits[i], seq)
             if len(seq.output_token_ids) < p.min_tokens:  # too early to end: ban every way of stopping
+                assert p.stop_token_ids is not None  # a list after SamplingParams.__post_init__
                 banned = p.stop_token_ids + ([] if p.ignore_eos else self.eos_token_ids)
                 logits[i, banned] = float("-inf")
         tokens = logits.argmax(-1)

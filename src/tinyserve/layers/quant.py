@@ -36,6 +36,8 @@ GGUF_INT4_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # block types kept packed; the rest 
 class PackedWeight(nn.Module):
     """A packed weight plus an optional dense copy for steps with many rows."""
 
+    dense: torch.Tensor | None  # buffers: declared for the type checker (nn.Module.__getattr__ is untyped)
+
     def __init__(self, dense: torch.Tensor | None) -> None:
         super().__init__()
         self.register_buffer("dense", dense)
@@ -58,6 +60,8 @@ class Int8Weight(PackedWeight):
     """int8 [out, in] with one scale per output channel."""
 
     kind = "int8"
+    q: torch.Tensor
+    scales: torch.Tensor
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, dense: torch.Tensor | None) -> None:
         super().__init__(dense)
@@ -71,6 +75,9 @@ class Int8Weight(PackedWeight):
 class Int4Weight(PackedWeight):
     """int4 packed for the CPU kernel, scales and zeros per `group` weights along K. With `halves`
     the packed rows hold two matrices stacked along N whose products are summed (Q8_0's nibbles)."""
+
+    packed: torch.Tensor
+    scales_zeros: torch.Tensor
 
     def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, halves: bool,
                  dense: torch.Tensor | None) -> None:
@@ -183,7 +190,7 @@ class GGUFMethod:
         if not (types <= set(GGUF_INT4_TYPES)) or ("Q8_0" in types and len(types) > 1):
             return Unquantized().pack(shards, dtype, device)
         halves = types == {"Q8_0"}
-        parts = [gguf_int4(s) for s in shards if isinstance(s, GGUFTensor)]
+        parts: list[tuple[torch.Tensor, ...]] = [gguf_int4(s) for s in shards if isinstance(s, GGUFTensor)]
         if halves:  # [hi_1; hi_2; ...; lo_1; lo_2; ...] so one chunk(2) splits every shard's halves
             parts = [tuple(torch.cat([p[i].chunk(2)[h] for p in parts]) for i in range(3)) for h in (0, 1)]
         q, scales, zeros = (torch.cat([p[i] for p in parts]) for i in range(3))
@@ -241,19 +248,20 @@ def choose_packed_max_rows(model: nn.Module, dtype: torch.dtype, candidates: Seq
     """Time every packed linear of the model both ways at each candidate row count; the largest
     count at which packed is still faster (0 if it never is). Also returns the timings (ms)."""
     weights = packed_weights(model)
-    if not weights or any(w.dense is None for _, w in weights):
+    with_dense = [(lin, w, w.dense) for lin, w in weights if w.dense is not None]
+    if not weights or len(with_dense) < len(weights):
         return (1 << 30 if weights else 0), {}
     timings: dict[int, tuple[float, float]] = {}
     for m in candidates:
-        xs = {lin.in_features: torch.randn(m, lin.in_features, dtype=dtype, device=w.dense.device)
-              for lin, w in weights}
+        xs = {lin.in_features: torch.randn(m, lin.in_features, dtype=dtype, device=dense.device)
+              for lin, _, dense in with_dense}
 
         def run(packed: bool) -> float:
             best = float("inf")
             for _ in range(reps):
                 start = time.perf_counter()
-                for lin, w in weights:
-                    w.packed_mm(xs[lin.in_features]) if packed else F.linear(xs[lin.in_features], w.dense)  # noqa: B023
+                for lin, w, dense in with_dense:
+                    w.packed_mm(xs[lin.in_features]) if packed else F.linear(xs[lin.in_features], dense)  # noqa: B023
                 best = min(best, time.perf_counter() - start)
             return best * 1e3
 

@@ -46,6 +46,9 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for every position, computed once; a step just indexes them."""
 
+    cos: torch.Tensor  # buffers, declared for the type checker
+    sin: torch.Tensor
+
     def __init__(self, cfg: ModelConfig, max_len: int) -> None:
         super().__init__()
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(cfg))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from tinyserve.outputs import Logprob
@@ -126,8 +127,8 @@ def completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) ->
     if not prompt:
         raise ApiError(400, "prompt must not be empty", param="prompt")
     if isinstance(prompt[0], int):
-        return [list(prompt)]  # type: ignore[arg-type]
-    return list(prompt)  # type: ignore[arg-type]
+        return [list(prompt)]
+    return list(prompt)
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -168,7 +169,7 @@ def _finite(x: float) -> float:
     return max(x, -9999.0)  # JSON has no -inf; OpenAI clamps the same way
 
 
-def completion_logprobs(lps: list[Logprob | None], text: TokenText, offset: int,
+def completion_logprobs(lps: Sequence[Logprob | None], text: TokenText, offset: int,
                         token_ids: list[int] | None = None) -> tuple[CompletionLogprobs, int]:
     """The legacy `{tokens, token_logprobs, top_logprobs, text_offset}`; returns it and the next offset.
 

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -233,13 +233,14 @@ class OpenAIServing:
         prompt's text and ids, on the choice's first piece) the prompt comes first, its tokens' logprobs
         too: the first one null, as OpenAI and vLLM send it (all null if it ended before being scored)."""
         ids = [lp.token_id for lp in lps]
+        all_lps: Sequence[Logprob | None] = lps
         if echo is not None:
             echo_text, prompt_ids = echo
             text, ids = echo_text + text, prompt_ids + ids
-            lps = [*(prompt_lps or [None] * len(prompt_ids)), *lps]
+            all_lps = [*(prompt_lps or [None] * len(prompt_ids)), *lps]
         if req.logprobs is None:
             return text, None, offset
-        return text, *fmt.completion_logprobs(lps, self.token_text, offset, ids)
+        return text, *fmt.completion_logprobs(all_lps, self.token_text, offset, ids)
 
     def _completion_stream(self, group: RequestGroup, req: CompletionRequest,
                            echo: list[tuple[str, list[int]]] | None) -> AsyncIterator[str]:
