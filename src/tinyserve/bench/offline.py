@@ -155,7 +155,6 @@ def run_offline(args: argparse.Namespace) -> dict[str, Any]:
     mc = engine.model_config
     dtype = engine.config.torch_dtype
     kv_bytes = mc.kv_bytes_per_token(dtype)
-    n_linear, weight_bytes = roofline.decode_weights(engine.model)
 
     hf = None
     if "hf" in args.engines:
@@ -185,6 +184,9 @@ def run_offline(args: argparse.Namespace) -> dict[str, Any]:
                 else:
                     prefill_s, e2e_s, decoded = run_hf(hf, prompts, output_len, mc.eos_token_ids[0])
             decode_s = max(e2e_s - prefill_s, 1e-9)
+            n_linear, weight_bytes = roofline.decode_weights(engine.model, batch)
+            if name != "tinyserve":  # transformers: every linear dense in the same dtype
+                weight_bytes = n_linear * dtype.itemsize
             gbs, gflops = decode_roofline(n_linear, weight_bytes, kv_bytes, batch, input_len,
                                           output_len, decode_s)
             points.append(Point(

@@ -112,7 +112,6 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
     engine = LLMEngine(engine_config(args, max_num_seqs=max(args.batch_sizes),
                                      max_num_batched_tokens=max(args.prefill_len, 1024)))
     mc, dtype = engine.model_config, engine.config.torch_dtype
-    n_linear, weight_bytes = roofline.decode_weights(engine.model)
     console.print("measuring ceilings...")
     ceilings = roofline.measure(args.device)
     report = run_header("tinyserve.profile/1", model=engine.model_name, dtype=str(dtype),
@@ -144,6 +143,7 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
         shares = {k: 100 * v / args.steps / (ms / 1e3) for k, v in timer.totals.items()}
         drain(engine)
         kv_read = batch * (args.context_len + args.steps) * mc.kv_bytes_per_token(dtype)
+        n_linear, weight_bytes = roofline.decode_weights(engine.model, batch)
         gbs = (weight_bytes + kv_read) / ms / 1e6
         gflops = 2 * n_linear * batch / ms / 1e6
         report["split"][str(batch)] = {"ms_per_step": ms, "share_pct": shares, "gbs": gbs, "gflops": gflops}

@@ -36,6 +36,16 @@ def memory_bandwidth_gbs(device: str = "cpu", size_mb: int = 512, repeats: int =
     return x.numel() * 4 / t / 1e9
 
 
+def gemv_bandwidth_gbs(device: str = "cpu", size_mb: int = 256, repeats: int = 5) -> float:
+    """Read bandwidth with the access pattern of a decode step: one row times a weight matrix far
+    larger than the caches (fp32 GEMV). On the 2-core VMs it streams faster than a tensor sum."""
+    k = 2048
+    w = torch.randn(size_mb * 2**20 // 4 // k, k, device=device)
+    x = torch.randn(1, k, device=device)
+    t = _best_time(lambda: torch.nn.functional.linear(x, w), repeats, _sync_for(device))
+    return w.numel() * 4 / t / 1e9
+
+
 def gemm_gflops(dtype: torch.dtype, device: str = "cpu", n: int = 2048, repeats: int = 3) -> float:
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
@@ -46,15 +56,16 @@ def gemm_gflops(dtype: torch.dtype, device: str = "cpu", n: int = 2048, repeats:
 def measure(device: str = "cpu") -> dict[str, float]:
     return {
         "mem_read_gbs": round(memory_bandwidth_gbs(device), 1),
+        "gemv_read_gbs": round(gemv_bandwidth_gbs(device), 1),
         "gemm_fp32_gflops": round(gemm_gflops(torch.float32, device), 1),
         "gemm_bf16_gflops": round(gemm_gflops(torch.bfloat16, device), 1),
     }
 
 
-def decode_weights(model: torch.nn.Module) -> tuple[int, int]:
-    """(parameters, bytes) that one decode step multiplies by: every linear, plus the embedding
-    when it doubles as the LM head (tied); an untied head is already one of the linears."""
-    linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    if getattr(model, "lm_head", None) is None:
-        linears.append(model.get_parameter("embed_tokens.weight"))
-    return sum(w.numel() for w in linears), sum(w.numel() * w.element_size() for w in linears)
+def decode_weights(model: torch.nn.Module, batch: int = 1) -> tuple[int, int]:
+    """(parameters, bytes) that one decode step of `batch` sequences multiplies by: every linear, the
+    LM head included, in the form its kernel reads at that batch size (packed or dense)."""
+    from tinyserve.layers.linear import Linear
+
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    return sum(m.in_features * m.out_features for m in linears), sum(m.bytes_read(batch) for m in linears)

@@ -65,6 +65,9 @@ class DenseWeight(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         return self.weight
 
+    def bytes_read(self, rows: int) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
     @property
     def kind(self) -> str:
         return f"dense-{str(self.weight.dtype).removeprefix('torch.')}"
@@ -109,6 +112,11 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.impl(x)  # type: ignore[misc]  # loaded before the first forward
         return y if self.bias is None else y + self.bias
+
+    def bytes_read(self, rows: int) -> int:
+        """Weight bytes a product with `rows` rows streams (the kernel depends on the row count)."""
+        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return self.impl.bytes_read(rows) + bias  # type: ignore[union-attr,operator]  # loaded
 
     def extra_repr(self) -> str:
         kind = getattr(self.impl, "kind", "unloaded")

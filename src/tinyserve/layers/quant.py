@@ -52,6 +52,12 @@ class PackedWeight(nn.Module):
     def dense_weight(self) -> torch.Tensor | None:
         return self.dense
 
+    def bytes_read(self, rows: int) -> int:
+        """Weight bytes one product with `rows` rows streams: the dense copy's or the packed ones'."""
+        if self.dense is not None and rows > self.max_packed_rows:
+            return self.dense.numel() * self.dense.element_size()
+        return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if n != "dense")
+
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

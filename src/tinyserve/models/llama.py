@@ -89,9 +89,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.h * self.d, self.h_kv * self.d, self.h_kv * self.d], dim=-1)
-        q = apply_rope(q.view(t, self.h, self.d), cos, sin)
-        k = apply_rope(k.view(t, self.h_kv, self.d), cos, sin)
+        qk, v = self.qkv_proj(x).split([(self.h + self.h_kv) * self.d, self.h_kv * self.d], dim=-1)
+        # q and k heads rotate together: one set of RoPE ops per layer instead of two (op overhead
+        # is a first-order cost of a batch-1 step on a CPU).
+        q, k = apply_rope(qk.view(t, self.h + self.h_kv, self.d), cos, sin).split([self.h, self.h_kv], dim=1)
         o = paged_attention(q, k, v.view(t, self.h_kv, self.d), kv[0], kv[1], meta, self.scale)
         return self.o_proj(o.view(t, self.h * self.d))
 
