@@ -74,8 +74,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in fp32 like the reference, then scale in the model's dtype.
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        # One fused op (it accumulates in fp32): bit-identical to the reference's normalize-then-scale
+        # in fp32, and no less accurate in bf16 than upcasting by hand, which costs 3 more ops per call.
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class Attention(nn.Module):

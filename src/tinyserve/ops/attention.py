@@ -76,9 +76,12 @@ def paged_attention(
     _, _, h_kv, d = k_cache.shape
     k_cache.view(-1, h_kv, d).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, h_kv, d).index_copy_(0, meta.slot_mapping, v)
+    nd = meta.num_decodes
+    if nd == q.shape[0]:  # a pure decode step (the common one): no output buffer to fill
+        assert meta.decode_block_tables is not None and meta.decode_mask is not None
+        return decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_mask, scale)
     gqa = q.shape[1] != h_kv
     out = torch.empty_like(q)
-    nd = meta.num_decodes
     if nd:
         assert meta.decode_block_tables is not None and meta.decode_mask is not None
         out[:nd] = decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_mask, scale)
