@@ -133,3 +133,26 @@ def test_gguf_mode_needs_a_gguf(tiny_llama_dir, restore_torch_threads):
 
 def test_auto_quantization_resolves_by_source_and_dtype(tiny_llama_dir, restore_torch_threads):
     assert LLM(str(tiny_llama_dir), **TINY, num_kv_blocks=8).engine.quantization == "none"
+
+
+def test_measured_crossover_is_cached(tmp_path, monkeypatch):
+    """The start-up measurement runs once per (model, mode, machine); later starts read it back."""
+    import tinyserve.layers.quant as quant
+
+    def model() -> torch.nn.Module:
+        lin = Linear(64, [32], bias=False, method=Int8Method())
+        lin.load_shard(0, torch.randn(32, 64), torch.float32, torch.device("cpu"))
+        return torch.nn.Sequential(lin)
+
+    cache = (tmp_path / "kernel-choice.json", "model|int8|machine")
+    monkeypatch.setattr(quant, "choose_packed_max_rows", lambda m, d: (4, {4: (1.0, 2.0)}))
+    assert configure_packed_kernels(model(), None, 64, torch.float32, cache=cache) == 4
+
+    def must_not_measure(m, d):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(quant, "choose_packed_max_rows", must_not_measure)
+    assert configure_packed_kernels(model(), None, 64, torch.float32, cache=cache) == 4
+    other = (cache[0], "model|int4|machine")
+    monkeypatch.setattr(quant, "choose_packed_max_rows", lambda m, d: (8, {}))
+    assert configure_packed_kernels(model(), None, 64, torch.float32, cache=other) == 8

@@ -133,6 +133,20 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo); the platform's processor string elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
 def cpu_has_fast_bf16() -> bool:
     """bf16 matmuls run natively (AVX512-BF16 dot products or AMX tiles) rather than emulated."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())

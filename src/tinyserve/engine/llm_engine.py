@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from tinyserve.config import EngineConfig
+from tinyserve.config import EngineConfig, cpu_model
 from tinyserve.engine.output import request_output
 from tinyserve.engine.runner import ModelRunner
 from tinyserve.engine.sampler import Sampler, prompt_logprobs
@@ -20,7 +20,7 @@ from tinyserve.engine.scheduler import Scheduler
 from tinyserve.engine.sequence import Sequence
 from tinyserve.kv.block_manager import BlockManager
 from tinyserve.layers.quant import configure_packed_kernels
-from tinyserve.models.loader import load_model, model_config, resolve_model, resolve_quantization
+from tinyserve.models.loader import cache_dir, load_model, model_config, resolve_model, resolve_quantization
 from tinyserve.outputs import Logprob, RequestOutput
 from tinyserve.sampling import SamplingParams
 from tinyserve.tokenizer import IncrementalDetokenizer, load_tokenizer
@@ -58,8 +58,12 @@ class LLMEngine:
 
         self.quantization = resolve_quantization(config.quantization, src, dtype)
         self.model = load_model(src, mc, self.max_len, dtype, device, self.quantization, config.quant_group_size)
+        # The packed/dense crossover depends on the machine, the model and the mode: measured once, cached.
+        machine = f"{cpu_model()}|{config.device}|{config.num_threads} threads|torch {torch.__version__}"
+        key = f"{src.path}|{self.quantization}|g{config.quant_group_size}|{dtype}|{machine}"
         self.packed_max_batch = configure_packed_kernels(
-            self.model, config.packed_max_batch, config.max_num_batched_tokens, dtype)
+            self.model, config.packed_max_batch, config.max_num_batched_tokens, dtype,
+            cache=(cache_dir() / "kernel-choice.json", key))
         self.runner = ModelRunner(self.model, mc, self.num_blocks, bs, dtype, device)
         self.blocks = BlockManager(self.num_blocks, bs)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting)

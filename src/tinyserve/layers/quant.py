@@ -18,9 +18,12 @@ bf16's 8 significant bits otherwise (docs/REPORT.md measures the cost).
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -231,16 +234,24 @@ def packed_weights(model: nn.Module) -> list[tuple[Linear, PackedWeight]]:
     return [(m, m.impl) for m in model.modules() if isinstance(m, Linear) and isinstance(m.impl, PackedWeight)]
 
 
-def configure_packed_kernels(model: nn.Module, rows: int | None, max_step_rows: int, dtype: torch.dtype) -> int:
-    """Packed kernels for steps of up to `rows` rows (measured when None), the dense copies above;
-    copies that no step can reach are freed. Returns the threshold in force."""
+def configure_packed_kernels(model: nn.Module, rows: int | None, max_step_rows: int, dtype: torch.dtype,
+                             cache: tuple[Path, str] | None = None) -> int:
+    """Packed kernels for steps of up to `rows` rows, the dense copies above; copies that no step can
+    reach are freed. `rows=None` measures the crossover on this machine, once: with `cache` =
+    (json file, key naming model, mode and machine) later starts read the answer instead.
+    Returns the threshold in force."""
     weights = packed_weights(model)
     if not weights:
         return 0
     if rows is None:
-        rows, timings = choose_packed_max_rows(model, dtype)
-        log.info("packed kernels up to %d rows per step (ms packed/dense by rows: %s)", rows,
-                 ", ".join(f"{m}: {p:.1f}/{d:.1f}" for m, (p, d) in timings.items()))
+        store = _CrossoverCache(cache[0]) if cache else None
+        rows = store.get(cache[1]) if store and cache else None
+        if rows is None:
+            rows, timings = choose_packed_max_rows(model, dtype)
+            log.info("packed kernels up to %d rows per step (ms packed/dense by rows: %s)", rows,
+                     ", ".join(f"{m}: {p:.1f}/{d:.1f}" for m, (p, d) in timings.items()))
+            if store and cache:
+                store.put(cache[1], rows)
     for _, w in weights:
         w.max_packed_rows = rows
         if rows >= max_step_rows:
@@ -248,16 +259,43 @@ def configure_packed_kernels(model: nn.Module, rows: int | None, max_step_rows: 
     return rows
 
 
+class _CrossoverCache:
+    """Measured crossovers in a small JSON file: {key: rows}."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _read(self) -> dict[str, int]:
+        try:
+            return dict(json.loads(self.path.read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    def get(self, key: str) -> int | None:
+        return self._read().get(key)
+
+    def put(self, key: str, rows: int) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({**self._read(), key: rows}, indent=1, sort_keys=True))
+            tmp.replace(self.path)  # atomic: concurrent starts never read half a file
+        except OSError as e:  # a read-only home is no reason not to serve
+            log.warning("could not cache the kernel choice in %s: %s", self.path, e)
+
+
 @torch.inference_mode()
 def choose_packed_max_rows(model: nn.Module, dtype: torch.dtype, candidates: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
                            reps: int = 3) -> tuple[int, dict[int, tuple[float, float]]]:
-    """Time every packed linear of the model both ways at each candidate row count; the largest
-    count at which packed is still faster (0 if it never is). Also returns the timings (ms)."""
+    """Time every packed linear of the model both ways at growing row counts until the dense copy
+    wins; the last count at which packed was faster (0 if it never is). Also returns the timings (ms).
+    Stopping at the first loss bounds the start-up cost (a slow packed kernel loses at once)."""
     weights = packed_weights(model)
     with_dense = [(lin, w, w.dense) for lin, w in weights if w.dense is not None]
     if not weights or len(with_dense) < len(weights):
         return (1 << 30 if weights else 0), {}
     timings: dict[int, tuple[float, float]] = {}
+    best = 0
     for m in candidates:
         xs = {lin.in_features: torch.randn(m, lin.in_features, dtype=dtype, device=dense.device)
               for lin, _, dense in with_dense}
@@ -273,11 +311,7 @@ def choose_packed_max_rows(model: nn.Module, dtype: torch.dtype, candidates: Seq
 
         run(True), run(False)  # warm-up
         timings[m] = (run(True), run(False))
-    wins = [m for m in candidates if timings[m][0] <= timings[m][1]]
-    # The largest winning count whose smaller counts all win too: one crossover, robust to noise.
-    best = 0
-    for m in candidates:
-        if m not in wins:
+        if timings[m][0] > timings[m][1]:
             break
         best = m
     return best, timings
