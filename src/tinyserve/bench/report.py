@@ -7,11 +7,13 @@ Reads the JSON files the benchmarks write (by their "schema" field):
 - tinyserve.bench.peers/1    `bench peers` summary: which peers ran, were skipped or failed
 - tinyserve.profile/1        `profile`: the split of a decode step
 - tinyserve.kv_math/1        `bench kv-math`: KV bytes per token and the engine allocation check
+- tinyserve.bench.quality/1  `bench quality`: perplexity, KLD and greedy agreement vs fp32, memory, speed per mode
 
 and writes into <out>/results/: one PNG per idea (batch scaling, prefill, serving throughput, serving
-latency, latency CDFs, peers side by side, decode step split) and SUMMARY.md with the tables, each
-stating the machine, the thread count and the dates of the data it shows. When several runs measured
-the same point, the newest one counts. A kind of result that is missing skips its section, with a note.
+latency, latency CDFs, peers side by side, decode step split, quality vs weight memory) and SUMMARY.md
+with the tables, each stating the machine, the thread count and the dates of the data it shows. When
+several runs measured the same point, the newest one counts. A kind of result that is missing skips its
+section, with a note.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ SERVE_SCHEMA = "tinyserve.bench.serve/1"
 PEERS_SCHEMA = "tinyserve.bench.peers/1"
 PROFILE_SCHEMA = "tinyserve.profile/1"
 KV_SCHEMA = "tinyserve.kv_math/1"
+QUALITY_SCHEMA = "tinyserve.bench.quality/1"
 
 FIGURES = {
     "offline_decode": "offline_decode_scaling.png",
@@ -40,6 +43,7 @@ FIGURES = {
     "latency_cdf": "latency_cdf.png",
     "peers": "peers_side_by_side.png",
     "profile": "profile_decode_split.png",
+    "quality": "quality_kld_vs_weights.png",
 }
 PROFILE_PARTS = ("schedule", "pack", "forward", "sample", "postprocess")
 ENGINE_STYLE = {"tinyserve": "-", "hf": "--"}
@@ -56,6 +60,7 @@ class Results:
     peers: list[dict[str, Any]] = field(default_factory=list)
     profile: list[dict[str, Any]] = field(default_factory=list)
     kv: list[dict[str, Any]] = field(default_factory=list)
+    quality: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # 'path: why'
 
 
@@ -74,7 +79,7 @@ def _parse_date(value: Any, path: Path) -> dt.datetime:
 def load_results(dirs: Iterable[Path | str]) -> Results:
     res = Results()
     kinds = {OFFLINE_SCHEMA: res.offline, SERVE_SCHEMA: res.serve, PEERS_SCHEMA: res.peers,
-             PROFILE_SCHEMA: res.profile, KV_SCHEMA: res.kv}
+             PROFILE_SCHEMA: res.profile, KV_SCHEMA: res.kv, QUALITY_SCHEMA: res.quality}
     seen: set[Path] = set()
     for d in dirs:
         d = Path(d)
@@ -588,6 +593,37 @@ def plot_profile(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_quality(docs: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """Mean KLD from fp32 vs weight MiB per mode (newest run): filled at the packed size, hollow as held
+    (with the dense copies the engine keeps for large steps). Exact modes (KLD 0) sit on the floor."""
+    if not docs:
+        return None
+    modes = max(docs, key=lambda d: d["_date"])["modes"]
+    positive = [r["kld_mean"] for r in modes if r["kld_mean"] > 0]
+    floor = min(positive) / 10 if positive else 1e-6
+    colors = _colors([r["mode"] for r in modes])
+    fig, axes = _figure(1, 1, w=7.5, h=4.8)
+    ax = axes[0, 0]
+    for r in modes:
+        y = r["kld_mean"] if r["kld_mean"] > 0 else floor
+        packed, held = r["weight_bytes_packed"] / 2**20, r["weight_bytes"] / 2**20
+        c = colors[r["mode"]]
+        ax.plot([packed, held], [y, y], color=c, linewidth=0.8, alpha=0.6)
+        ax.scatter([packed], [y], color=c, s=40, zorder=3,
+                   label=f"{r['mode']} (PPL {r['ppl']:.3f}, {r['ppl_delta_pct']:+.2f}%)")
+        if held > packed:
+            ax.scatter([held], [y], facecolors="none", edgecolors=c, s=40, zorder=3)
+        ax.annotate(r["mode"] + (" (KLD 0)" if r["kld_mean"] <= 0 else ""), (packed, y), xytext=(4, 4),
+                    textcoords="offset points", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("weight memory (MiB): filled = packed, hollow = as held (+ dense copies)")
+    ax.set_ylabel("mean KL(P_fp32 || P_mode) per token (log)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title("Quality vs weight memory per precision mode")
+    return _save(fig, path)
+
+
 # -- tables ------------------------------------------------------------------------------------------
 def _cell(p: dict[str, Any] | None, key: str, fmt: str = ".1f") -> str:
     return _f(p.get(key), fmt) if p else "-"
@@ -701,6 +737,15 @@ def kv_section(kv_docs: Sequence[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def quality_section(docs: Sequence[dict[str, Any]]) -> str:
+    """The newest `bench quality` run's table (formatted by bench/quality.py, as the terminal shows it)."""
+    from tinyserve.bench.quality import markdown_table
+
+    doc = max(docs, key=lambda d: d["_date"])
+    return "\n".join(["## Quality per precision mode (`tinyserve bench quality`)\n", provenance([doc]),
+                      markdown_table(doc)])
+
+
 # -- driver ------------------------------------------------------------------------------------------
 def build_report(result_dirs: Sequence[Path | str], out_dir: Path | str, cdf_runs: Sequence[str] | None = None,
                  reference: str | None = "baseline") -> dict[str, Any]:
@@ -722,6 +767,7 @@ def build_report(result_dirs: Sequence[Path | str], out_dir: Path | str, cdf_run
         "latency_cdf": (plot_latency_cdf, cdf, "no per-request records in the chosen serving runs"),
         "peers": (plot_peers, runs, "no peer results (`tinyserve bench peers`) and fewer than two servers measured"),
         "profile": (plot_profile, prof, "no profile results (`tinyserve profile`)"),
+        "quality": (plot_quality, res.quality, "no quality results (`tinyserve bench quality`)"),
     }
     figures: dict[str, Path] = {}
     notes: list[str] = [f"--cdf-runs {sel!r} matched no serving run (LABEL@LOAD, e.g. tinyserve@8 or "
@@ -737,7 +783,7 @@ def build_report(result_dirs: Sequence[Path | str], out_dir: Path | str, cdf_run
         return f"![{alt}]({FIGURES[name]})\n" if name in figures else ""
 
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    all_docs = res.offline + res.serve + res.profile + res.kv
+    all_docs = res.offline + res.serve + res.profile + res.kv + res.quality
     parts = [f"# Benchmark summary\n\nGenerated by `tinyserve report` on {now} from {len(all_docs)} result file(s) "
              f"in {', '.join(str(d) for d in result_dirs)}. Image paths are relative to this file "
              f"(from docs/REPORT.md: `results/<name>.png`). Where several runs measured one point, the newest is shown."
@@ -764,6 +810,11 @@ def build_report(result_dirs: Sequence[Path | str], out_dir: Path | str, cdf_run
     else:
         parts.append("## Decode step split\n\n_Skipped: no `tinyserve.profile/1` results._\n")
     parts.append(kv_section(res.kv))
+    if res.quality:
+        parts.append(quality_section(res.quality))
+        parts.append(img("quality", "KLD vs weight memory per mode"))
+    else:
+        parts.append("## Quality per precision mode\n\n_Skipped: no `tinyserve.bench.quality/1` results._\n")
     if notes or res.skipped:
         parts.append("## Notes\n\n" + "\n".join(f"- {n}" for n in notes + [f"ignored {s}" for s in res.skipped]) + "\n")
     summary = fig_dir / "SUMMARY.md"
