@@ -321,6 +321,9 @@ def run_modes(modes: Sequence[Mode], windows: int = 4, tokens: int = 512, prompt
     blocks = engine_kwargs.setdefault("num_kv_blocks", -(-need // EngineConfig.block_size) + max(SPEED_BATCHES))
     engine_kwargs.setdefault("max_model_len", min(blocks * EngineConfig.block_size, mc.max_position_embeddings))
 
+    # The header first: its git commit is the code that runs (others may commit while this runs).
+    doc = run_header(RESULT_SCHEMA, model=src.name, engine_torch_threads=None, text=text,
+                     greedy={"prompts": list(chat), "max_tokens": GREEDY_TOKENS, "template": "chat"}, kernels=kernels)
     ref: Reference | None = None
     results: list[ModeResult] = []
     for mode in tqdm(modes, desc="quality modes", disable=not progress):
@@ -329,9 +332,7 @@ def run_modes(modes: Sequence[Mode], windows: int = 4, tokens: int = 512, prompt
         results.append(result)
         del mine
         gc.collect()  # the engine is gone with measure_mode's frame; give its memory back before the next one
-    return run_header(RESULT_SCHEMA, model=src.name, engine_torch_threads=torch.get_num_threads(), text=text,
-                      greedy={"prompts": list(chat), "max_tokens": GREEDY_TOKENS, "template": "chat"},
-                      kernels=kernels, modes=[asdict(r) for r in results])
+    return {**doc, "engine_torch_threads": torch.get_num_threads(), "modes": [asdict(r) for r in results]}
 
 
 # -- output ----------------------------------------------------------------------------------------------------
