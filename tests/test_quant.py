@@ -101,9 +101,14 @@ def test_packed_threshold_switches_kernels_and_frees_unreachable_copies():
     assert configure_packed_kernels(model, 4, max_step_rows=16, dtype=torch.float32) == 4
     assert lin.impl.dense is not None and lin.impl.max_packed_rows == 4
     before = weight_bytes(model)
+    assert weight_bytes(model, dense_copies=False) < before
     configure_packed_kernels(model, 16, max_step_rows=16, dtype=torch.float32)
     assert lin.impl.dense is None and weight_bytes(model) < before
     assert configure_packed_kernels(torch.nn.Sequential(), None, 16, torch.float32) == 0  # nothing to measure
+    never = Linear(64, [32], bias=False, method=Int8Method())
+    never.load_shard(0, torch.randn(32, 64), torch.float32, torch.device("cpu"))
+    configure_packed_kernels(torch.nn.Sequential(never), 0, max_step_rows=16, dtype=torch.float32)
+    assert never.impl.kind == "dense-float32"  # never packed: the packed weights are freed
 
 
 def test_unquantized_keeps_dtype():
@@ -156,3 +161,13 @@ def test_measured_crossover_is_cached(tmp_path, monkeypatch):
     other = (cache[0], "model|int4|machine")
     monkeypatch.setattr(quant, "choose_packed_max_rows", lambda m, d: (8, {}))
     assert configure_packed_kernels(model(), None, 64, torch.float32, cache=other) == 8
+
+
+def test_gguf_export_is_a_plain_hf_directory():
+    """Peers (vLLM, transformers) load every top-level *.safetensors of the export as weights: the
+    raw GGUF blocks kept for `--quantization gguf` must live out of their way."""
+    from tinyserve.models.loader import resolve_model
+
+    src = resolve_model(None)
+    assert [p.name for p in src.path.glob("*.safetensors")] == ["model.safetensors"]
+    assert src.gguf_blocks is not None and src.gguf_blocks.parent != src.path

@@ -29,7 +29,7 @@ import gc
 import importlib.resources
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm import tqdm
+
+from tinyserve.layers.linear import weight_bytes
 
 RESULT_SCHEMA = "tinyserve.bench.quality/1"
 
@@ -195,17 +197,8 @@ def decode_kernels(model: nn.Module) -> Iterator[None]:
 
 
 def weight_memory(model: nn.Module) -> tuple[int, int]:
-    """(bytes of the weights as the engine holds them, the same without the dense copies of packed weights).
-    Counted per storage: a tied embedding that shares the head's dense table is one table."""
-    from tinyserve.layers.quant import packed_weights
-
-    tensors = [*model.parameters(), *model.buffers()]
-    copies = {id(w.dense) for _, w in packed_weights(model) if w.dense is not None}
-
-    def storage_bytes(ts: Iterable[torch.Tensor]) -> int:
-        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}.values())
-
-    return storage_bytes(tensors), storage_bytes(t for t in tensors if id(t) not in copies)
+    """(bytes of the weights as the engine holds them, the same without the dense copies of packed weights)."""
+    return weight_bytes(model), weight_bytes(model, dense_copies=False)
 
 
 # -- one mode ---------------------------------------------------------------------------------------------------

@@ -123,7 +123,10 @@ class Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_sizes}, bias={self.bias is not None}, weight={kind}"
 
 
-def weight_bytes(module: nn.Module) -> int:
-    """Bytes of every parameter and buffer (packed weights, scales, dense copies) under `module`."""
-    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}  # tied weights once
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+def weight_bytes(module: nn.Module, dense_copies: bool = True) -> int:
+    """Bytes of every parameter and buffer under `module`, counted once per storage (a tied embedding
+    sharing the head's table is one table). Without `dense_copies`, the dense copies that packed
+    weights keep for large batches are left out: the packed model's own size."""
+    skip = set() if dense_copies else {id(t) for m in module.modules() if (t := getattr(m, "dense", None)) is not None}
+    tensors = [t for t in [*module.parameters(), *module.buffers()] if id(t) not in skip]
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())

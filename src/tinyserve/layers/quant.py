@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinyserve.layers.linear import GGUFTensor, Linear, Unquantized, WeightSource, as_dense
+from tinyserve.layers.linear import DenseWeight, GGUFTensor, Linear, Unquantized, WeightSource, as_dense
 
 log = logging.getLogger(__name__)
 
@@ -236,10 +236,10 @@ def packed_weights(model: nn.Module) -> list[tuple[Linear, PackedWeight]]:
 
 def configure_packed_kernels(model: nn.Module, rows: int | None, max_step_rows: int, dtype: torch.dtype,
                              cache: tuple[Path, str] | None = None) -> int:
-    """Packed kernels for steps of up to `rows` rows, the dense copies above; copies that no step can
-    reach are freed. `rows=None` measures the crossover on this machine, once: with `cache` =
-    (json file, key naming model, mode and machine) later starts read the answer instead.
-    Returns the threshold in force."""
+    """Packed kernels for steps of up to `rows` rows, the dense copies above; what no step can reach
+    is freed (the dense copies, or with `rows=0` the packed weights). `rows=None` measures the
+    crossover on this machine, once: with `cache` = (json file, key naming model, mode and machine)
+    later starts read the answer instead. Returns the threshold in force."""
     weights = packed_weights(model)
     if not weights:
         return 0
@@ -252,10 +252,12 @@ def configure_packed_kernels(model: nn.Module, rows: int | None, max_step_rows: 
                      ", ".join(f"{m}: {p:.1f}/{d:.1f}" for m, (p, d) in timings.items()))
             if store and cache:
                 store.put(cache[1], rows)
-    for _, w in weights:
+    for lin, w in weights:
         w.max_packed_rows = rows
         if rows >= max_step_rows:
             w.dense = None
+        elif rows == 0 and w.dense is not None:  # never packed: keep only the dense copy
+            lin.impl = DenseWeight(w.dense)
     return rows
 
 

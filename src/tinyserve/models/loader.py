@@ -37,7 +37,9 @@ BUNDLED_NAME = "SmolLM2-135M-Instruct"
 SUPPORTED_ARCHS = ("llama", "qwen2", "mistral")
 
 
-GGUF_BLOCKS_FILE = "gguf-blocks.safetensors"  # beside the export: the file's quantized blocks, kept raw
+# The GGUF's quantized blocks, kept raw beside the export. In a subdirectory: loaders that take every
+# top-level *.safetensors of an HF directory (vLLM, for one) must not read them as weights.
+GGUF_BLOCKS_FILE = "gguf/blocks.safetensors"
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,7 @@ def export_gguf(path: Path) -> Path:
     from transformers import AutoTokenizer
 
     stat = path.stat()
-    out = cache_dir() / "models" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-v2"
+    out = cache_dir() / "models" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-v3"
     if (out / "model.safetensors").is_file():
         return out
     log.warning("exporting %s to %s (once; later starts load the export)", path.name, out)
@@ -187,6 +189,7 @@ def export_gguf(path: Path) -> Path:
                   metadata={"format": "pt"})
         blocks = {n: (w, qtype) for n, w, qtype in gguf_weights(reader, cfg, raw=True)}
         if blocks:  # tensor name -> GGML type in the metadata; safetensors keeps only the bytes
+            (tmp / GGUF_BLOCKS_FILE).parent.mkdir()
             save_file({n: w for n, (w, _) in blocks.items()}, str(tmp / GGUF_BLOCKS_FILE),
                       metadata={n: qtype for n, (_, qtype) in blocks.items()})
         AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(tmp))
@@ -218,7 +221,7 @@ def hf_config(path: Path, name: str) -> ModelConfig:
 def hf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
-    files = sorted(p for p in path.glob("*.safetensors") if p.name != GGUF_BLOCKS_FILE)
+    files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ValueError(f"no *.safetensors files in {path}")
     for file in files:
