@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Side-by-side decode-step timing of two commits, alternating runs, in one session:
+#   scripts/ablate_commits.sh BEFORE AFTER [rounds]     e.g. scripts/ablate_commits.sh fab36e3 b752202 3
+# Each config runs `rounds` times per commit (best kept by the reader); one JSON line per run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+before=$1; after=$2; rounds=${3:-3}
+tmp=$(mktemp -d)
+trap 'git worktree remove --force "$tmp/before"; git worktree remove --force "$tmp/after"; rm -rf "$tmp"' EXIT
+git worktree add -q --detach "$tmp/before" "$before"
+git worktree add -q --detach "$tmp/after" "$after"
+for r in $(seq "$rounds"); do
+  for cfg in "--dtype float32 --quantization none --batch 1" "--dtype bfloat16 --quantization gguf --batch 1 --packed-max-batch 16" \
+             "--dtype bfloat16 --quantization gguf --batch 32 --packed-max-batch 16"; do
+    for side in before after; do
+      # shellcheck disable=SC2086
+      echo "{\"commit\": \"$side\", \"round\": $r, \"run\": $(PYTHONPATH="$tmp/$side/src" .venv/bin/python "$tmp/$side/scripts/time_decode_step.py" $cfg 2>/dev/null || PYTHONPATH="$tmp/$side/src" .venv/bin/python scripts/time_decode_step.py $cfg 2>/dev/null)}"
+    done
+  done
+done
