@@ -36,7 +36,7 @@ test: install
 peers: install
 	scripts/install_peers.sh
 
-# Every instrument + report into docs/results (quick: ~15 min here; peers that are not installed are skipped).
+# Every instrument + report into docs/results (quick: ~20 min here; peers that are not installed are skipped).
 bench: install
 	$(BIN)/tinyserve bench all
 

@@ -19,6 +19,7 @@ from rich.console import Console
 
 QUICK = {
     "kv_math": [],
+    "quality": [],
     "profile": ["--batch-sizes", "1", "32", "--steps", "12"],
     "offline": ["--batch-sizes", "1", "8", "32", "--input-lens", "128", "512", "--output-lens", "32"],
     "serve": ["--dataset", "random", "--random-input-len", "128", "--random-output-len", "32",
@@ -26,6 +27,7 @@ QUICK = {
 }
 FULL = {
     "kv_math": [],
+    "quality": [],
     "profile": ["--batch-sizes", "1", "8", "32", "64", "--steps", "24"],
     "offline": [],  # the defaults are the full grid
     "serve": ["--dataset", "sharegpt", "--num-prompts", "200", "--max-concurrency", "1", "4", "16", "64"],
@@ -48,7 +50,8 @@ def _step(module: str, add_args: str, run: str, argv: list[str]) -> Callable[[],
 def add_suite_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full", action="store_true", help="the whole grid (hours), not the quick suite")
     p.add_argument("--result-dir", default="docs/results")
-    p.add_argument("--skip", nargs="+", default=[], choices=("kv_math", "profile", "offline", "serve", "report"))
+    p.add_argument("--skip", nargs="+", default=[],
+                   choices=("kv_math", "quality", "profile", "offline", "serve", "report"))
 
 
 def run_suite(args: argparse.Namespace) -> None:
@@ -64,6 +67,8 @@ def run_suite(args: argparse.Namespace) -> None:
                                                          plan[key] + peers + out + ["--disable-tqdm"])))
     if "kv_math" not in args.skip:
         steps.append(("kv_math", _step("kv_math", "add_kv_math_args", "run_kv_math", plan["kv_math"] + out)))
+    if "quality" not in args.skip:
+        steps.append(("quality", _step("quality", "add_quality_args", "run_quality", plan["quality"] + out)))
     if "profile" not in args.skip:
         steps.append(("profile", _step("profile", "add_profile_args", "run_profile", plan["profile"] + out)))
     if "offline" not in args.skip:
