@@ -171,3 +171,15 @@ def test_gguf_export_is_a_plain_hf_directory():
     src = resolve_model(None)
     assert [p.name for p in src.path.glob("*.safetensors")] == ["model.safetensors"]
     assert src.gguf_blocks is not None and src.gguf_blocks.parent != src.path
+
+
+def test_packed_modes_are_cpu_only():
+    """auto never picks the CPU kernels for another device; asking for them there is a clear error."""
+    from tinyserve.models.loader import resolve_model, resolve_quantization
+
+    src = resolve_model(None)
+    assert resolve_quantization("auto", src, torch.bfloat16, "cpu") == "gguf"
+    assert resolve_quantization("auto", src, torch.bfloat16, "cuda") == "none"
+    assert resolve_quantization("auto", src, torch.float32, "cpu") == "none"
+    with pytest.raises(ValueError, match="CPU kernels"):
+        resolve_quantization("int8", src, torch.bfloat16, "cuda")

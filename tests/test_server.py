@@ -28,7 +28,10 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def server():
-    srv = ServerProcess(["--served-model-name", MODEL, "--kv-cache-memory-gb", "0.5", "--max-num-seqs", "48"])
+    # fp32: the exact path, where a request's greedy text is the same in any batch (the streams below
+    # are compared with offline generation).
+    srv = ServerProcess(["--served-model-name", MODEL, "--dtype", "float32", "--kv-cache-memory-gb", "0.5",
+                         "--max-num-seqs", "48"])
     srv.start()
     try:
         yield srv

@@ -56,7 +56,7 @@ class LLMEngine:
         if self.max_len < wanted:
             log.warning("max_model_len capped at %d tokens: the KV pool holds no more", self.max_len)
 
-        self.quantization = resolve_quantization(config.quantization, src, dtype)
+        self.quantization = resolve_quantization(config.quantization, src, dtype, device)
         self.model = load_model(src, mc, self.max_len, dtype, device, self.quantization, config.quant_group_size)
         # The packed/dense crossover depends on the machine, the model and the mode: measured once, cached.
         machine = f"{cpu_model()}|{config.device}|{config.num_threads} threads|torch {torch.__version__}"

@@ -251,11 +251,15 @@ def model_config(src: ModelSource) -> ModelConfig:
     return hf_config(src.path, src.name)
 
 
-def resolve_quantization(mode: str, src: ModelSource, dtype: torch.dtype) -> str:
-    """`auto`: a GGUF served with 16-bit activations keeps its blocks (the file's own weights, on the
-    packed kernels); fp32 dequantizes (the exact reference path); any other checkpoint is dense."""
+def resolve_quantization(mode: str, src: ModelSource, dtype: torch.dtype, device: str = "cpu") -> str:
+    """`auto`: a GGUF served with 16-bit activations on a CPU keeps its blocks (the file's own weights,
+    on the packed kernels); fp32 dequantizes (the exact reference path); any other checkpoint, and any
+    other device, is dense. The packed kernels are PyTorch's CPU ones."""
     if mode == "auto":
-        return "gguf" if src.gguf_blocks is not None and dtype in (torch.bfloat16, torch.float16) else "none"
+        keep = src.gguf_blocks is not None and dtype in (torch.bfloat16, torch.float16) and device == "cpu"
+        return "gguf" if keep else "none"
+    if mode != "none" and device != "cpu":
+        raise ValueError(f"quantization={mode!r} runs on PyTorch's CPU kernels; use quantization='none' on {device}")
     if mode == "gguf" and src.gguf_blocks is None:
         raise ValueError(f"quantization='gguf' needs a GGUF model; {src.name} is not one")
     return mode
