@@ -129,13 +129,9 @@ GREEDY_WIRE = dict(temperature=0, extra_body={"ignore_eos": True})
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir):
-    srv = ServerProcess(["--model", str(tiny_llama_dir), "--served-model-name", MODEL, "--dtype", "float32",
-                         "--num-threads", "1", "--num-kv-blocks", "64", "--block-size", "4"])
-    srv.start()
-    try:
+    with ServerProcess(["--model", str(tiny_llama_dir), "--served-model-name", MODEL, "--dtype", "float32",
+                       "--num-threads", "1", "--num-kv-blocks", "64", "--block-size", "4"]) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

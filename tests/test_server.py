@@ -30,13 +30,9 @@ PROMPTS = [
 def server():
     # fp32: the exact path, where a request's greedy text is the same in any batch (the streams below
     # are compared with offline generation).
-    srv = ServerProcess(["--served-model-name", MODEL, "--dtype", "float32", "--kv-cache-memory-gb", "0.5",
-                         "--max-num-seqs", "48"])
-    srv.start()
-    try:
+    with ServerProcess(["--served-model-name", MODEL, "--dtype", "float32", "--kv-cache-memory-gb", "0.5",
+                       "--max-num-seqs", "48"]) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
