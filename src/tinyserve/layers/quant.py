@@ -205,8 +205,12 @@ class GGUFMethod:
         q, scales, zeros = (torch.cat([p[i] for p in parts]) for i in range(3))
         packed, sz = pack_int4(q, scales, zeros, 32, dtype, device)
         dense = None
-        if self.keep_dense:
-            dense = torch.cat([as_dense(s) for s in shards]).to(device=device, dtype=dtype)
+        if self.keep_dense:  # the int4 form dequantizes to the file's values exactly (tests/test_quant.py)
+            w = _dequant(q, scales, zeros, 32)
+            if halves:
+                hi, lo = w.chunk(2)
+                w = hi + lo
+            dense = w.to(device=device, dtype=dtype)
         return Int4Weight(packed, sz, 32, halves, dense)
 
 
