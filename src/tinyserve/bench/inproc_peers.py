@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,9 +115,9 @@ def build_inproc_spec(args: argparse.Namespace, name: str, hf_dir: Path) -> Inpr
         int4 = wf == "int4"
         out = peers_dir / "models" / (f"{hf_dir.name}-openvino-{wf}" + (f"-g{gs}" if int4 else ""))
         cmd = [str(py.parent / "optimum-cli"), "export", "openvino", "--model", str(hf_dir),
-               "--task", "text-generation-with-past", "--weight-format", wf, str(out)]
+               "--task", "text-generation-with-past", "--weight-format", wf]
         # its int4 default group size 128 does not divide this model's hidden size (576): export fails
-        cmd += ["--group-size", str(gs), "--ratio", "1.0"] if int4 else []
+        cmd += (["--group-size", str(gs), "--ratio", "1.0"] if int4 else []) + [str(out)]
         weights = (f"{wf} OpenVINO IR by optimum-cli export openvino (NNCF"
                    + (f", group size {gs}, all linears int4" if int4 else "") + f") from {hf_dir.name}")
     else:
@@ -257,9 +258,10 @@ def inproc_concurrencies(name: str, concurrencies: list[int | None]) -> list[int
     return list(dict.fromkeys(concurrencies))
 
 
-def run_inproc_peer(name: str, args: argparse.Namespace, hf_dir: Path, workload: list, tokenizer: Any,
+def run_inproc_peer(name: str, args: argparse.Namespace, hf_dir: Path, workload: Callable[[], list], tokenizer: Any,
                     log_dir: Path, stamp: str, console: Any) -> dict[str, Any]:
-    """Export if needed, run the worker for each concurrency point; the outcome dict `peers.run_peers` keeps."""
+    """Export if needed, run the worker for each concurrency point; the outcome dict `peers.run_peers` keeps.
+    `workload()` gives the sampled requests (called only when the peer can run)."""
     from .metrics import parse_goodput
     from .serve_bench import parse_percentiles, sweep_points
 
@@ -271,6 +273,7 @@ def run_inproc_peer(name: str, args: argparse.Namespace, hf_dir: Path, workload:
     outcome: dict[str, Any] = {"status": "ok", "runs": [], "startup_s": [], "weights": spec.weights,
                                "env": spec.env, "log": str(log_path), "mode": "in-process"}
     try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         if not exported(spec):
             console.print(f"peer {name}: exporting the model: {shlex.join(spec.export_cmd)}")
         export_s = export_model(spec, log_path, args.inproc_timeout)
@@ -278,7 +281,7 @@ def run_inproc_peer(name: str, args: argparse.Namespace, hf_dir: Path, workload:
             _ortgenai_threads(spec.model_dir / "genai_config.json", args.threads)
         percentiles, slos = parse_percentiles(args.percentiles), parse_goodput(args.goodput)
         concs = inproc_concurrencies(name, [c for _, c in sweep_points(args.request_rate, args.max_concurrency)])
-        reqs = worker_requests(workload, tokenizer)
+        reqs = worker_requests(workload(), tokenizer)
         if args.max_tokens:
             for r in reqs:
                 r["output_len"] = args.max_tokens

@@ -97,7 +97,10 @@ def run_openvino(args: argparse.Namespace, requests: list[dict[str, Any]]) -> di
     sched.enable_prefix_caching = False  # every prompt is distinct; no cache carried between requests
     sched.dynamic_split_fuse = True
     sched.max_num_batched_tokens = args.ov_max_batched_tokens
-    props = {"INFERENCE_NUM_THREADS": args.threads}
+    props: dict[str, Any] = {"INFERENCE_NUM_THREADS": args.threads}
+    for kv in args.ov_prop:  # e.g. KV_CACHE_PRECISION=u8
+        k, _, v = kv.partition("=")
+        props[k] = int(v) if v.isdigit() else v
     t0 = time.perf_counter()
     pipe = ov_genai.ContinuousBatchingPipeline(args.model_dir, sched, "CPU", props)
     load_s = time.perf_counter() - t0
@@ -170,6 +173,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-concurrency", type=int, default=None, help="openvino: requests in flight (default: all)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured short requests first")
     p.add_argument("--ov-cache-gb", type=float, default=2.0, help="openvino: KV cache size")
+    p.add_argument("--ov-prop", action="append", default=[], metavar="KEY=VALUE",
+                   help="openvino: extra compile property (repeatable), e.g. KV_CACHE_PRECISION=u8")
     p.add_argument("--ov-max-batched-tokens", type=int, default=2048, help="openvino: tokens per scheduler step")
     return p.parse_args(argv)
 

@@ -295,11 +295,15 @@ def _run_peers(args: argparse.Namespace, tokenizer: Any, bench: Callable[..., di
     groups = [[p] for p in points] if args.restart_per_point else [points]
     outcomes: dict[str, dict[str, Any]] = {}
     files: list[str] = []
-    workload: list | None = None
+    sampled: list[list] = []
+
+    def workload() -> list:  # the requests serve_bench sends the HTTP peers (same flags, same seed), once
+        if not sampled:
+            sampled.append(sample_workload(args, tokenizer))
+        return sampled[0]
+
     for name in args.peers:
         if name in INPROC_PEERS:
-            if workload is None:  # the requests serve_bench sends the HTTP peers (same flags, same seed)
-                workload = sample_workload(args, tokenizer)
             outcomes[name] = run_inproc_peer(name, args, hf_dir, workload, tokenizer, log_dir, stamp, console)
             if result_dir:
                 files.extend(str(write_result(run, result_dir)) for run in outcomes[name].get("runs", []))
