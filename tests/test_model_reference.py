@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from tinyserve import LLM, SamplingParams
+from tinyserve.attention import AttentionMetadata
 from tinyserve.config import ModelConfig
 from tinyserve.engine.runner import ModelRunner
 from tinyserve.models.llama import rope_inv_freq
 from tinyserve.models.loader import hf_config, load_model, resolve_model
-from tinyserve.ops.attention import AttentionMetadata, PrefillChunk
 
 from conftest import make_tiny_checkpoint
 
@@ -39,7 +39,7 @@ def test_prefill_logits_match_transformers(tmp_path, arch, tie, kv_heads):
     ours = load_model(src, cfg, 512, torch.float32, "cpu")
     runner = ModelRunner(ours, cfg, num_blocks=8, block_size=16, dtype=torch.float32, device="cpu")
     ids = torch.randint(0, cfg.vocab_size, (37,))
-    meta = AttentionMetadata(torch.arange(37), 0, None, None, [PrefillChunk(0, 37, 0, None, None)])
+    meta = AttentionMetadata.fresh_prompt(37, "cpu")
     with torch.inference_mode():
         logits = ours.compute_logits(ours(ids, torch.arange(37), runner.kv_caches, meta))
         ref = _hf_model(path, arch)(ids[None]).logits[0]

@@ -206,6 +206,11 @@ class EngineConfig:
         "copy above (0: always dense; >= max-num-batched-tokens: always packed, no dense copy kept). "
         "Default: measured at start-up on this machine",
     )
+    attention_backend: str = knob(
+        "auto", "how attention reads the paged KV pool: sdpa (gathers each context, then SDPA; any device), "
+        "paged (in place, native CPU kernel built on first use); auto = paged on CPU, sdpa elsewhere",
+        choices=("auto", "sdpa", "paged"),
+    )
     torch_dtype: torch.dtype = field(init=False, default=torch.float32)  # resolved from dtype and device
 
     def __post_init__(self) -> None:

@@ -160,14 +160,13 @@ def shakespeare_windows(tokenizer: Any, windows: int, tokens: int) -> tuple[list
 def window_logits(engine: Any, token_ids: Sequence[int]) -> torch.Tensor:
     """fp32 logits [T, vocab] at every position of one fresh prefill, written into the engine's KV pool
     from slot 0 (the engine must be idle: no request holds a block)."""
-    from tinyserve.ops.attention import AttentionMetadata, PrefillChunk
+    from tinyserve.attention import AttentionMetadata
 
     runner, t = engine.runner, len(token_ids)
     if t > min(engine.num_blocks * engine.config.block_size, engine.max_len):
         raise ValueError(f"a window of {t} tokens does not fit this engine's KV pool / context ({engine.max_len})")
     positions = torch.arange(t, device=runner.device)
-    meta = AttentionMetadata(slot_mapping=positions, num_decodes=0, decode_block_tables=None, decode_mask=None,
-                             prefills=[PrefillChunk(0, t, 0, None, None)])
+    meta = AttentionMetadata.fresh_prompt(t, runner.device)
     ids = torch.tensor(list(token_ids), dtype=torch.long, device=runner.device)
     hidden = engine.model(ids, positions, runner.kv_caches, meta)
     return engine.model.compute_logits(hidden).cpu()

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from tinyserve.attention import select_backend
 from tinyserve.config import EngineConfig, cpu_model
 from tinyserve.engine.output import request_output
 from tinyserve.engine.runner import ModelRunner
@@ -57,7 +58,9 @@ class LLMEngine:
             log.warning("max_model_len capped at %d tokens: the KV pool holds no more", self.max_len)
 
         self.quantization = resolve_quantization(config.quantization, src, dtype, device)
-        self.model = load_model(src, mc, self.max_len, dtype, device, self.quantization, config.quant_group_size)
+        self.attention = select_backend(config.attention_backend, device)
+        self.model = load_model(src, mc, self.max_len, dtype, device, self.quantization, config.quant_group_size,
+                                self.attention)
         # The packed/dense crossover depends on the machine, the model and the mode: measured once, cached.
         machine = f"{cpu_model()}|{config.device}|{config.num_threads} threads|torch {torch.__version__}"
         key = f"{src.path}|{self.quantization}|g{config.quant_group_size}|{dtype}|{machine}"

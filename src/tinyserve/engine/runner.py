@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
+from tinyserve.attention import AttentionMetadata, BatchLayout, SeqSpan
 from tinyserve.config import ModelConfig
 from tinyserve.engine.scheduler import ScheduledBatch
 from tinyserve.engine.sequence import Sequence
 from tinyserve.models.llama import LlamaForCausalLM
-from tinyserve.ops.attention import AttentionMetadata, PrefillChunk
 
 
 @dataclass
@@ -77,54 +77,32 @@ class ModelRunner:
         return logits, self.model.compute_logits(hidden[b.prompt_idx])
 
     def prepare(self, batch: ScheduledBatch) -> PreparedBatch:
-        """Pack the batch into flat tensors: token ids, positions, KV slots, block tables, masks."""
+        """Pack the batch into flat tensors (token ids, positions, KV slots); the attention back end
+        turns the layout into its own metadata."""
         order = sorted(range(len(batch)), key=lambda i: batch.num_tokens[i] > 1)  # decodes first
-        seqs = [batch.seqs[i] for i in order]
-        counts = [batch.num_tokens[i] for i in order]
         input_ids: list[int] = []
         positions: list[int] = []
         slots, sample_idx, sampling, prompt_idx, prompt_spans = [], [], [], [], []
-        decode_tables, decode_lens, prefills = [], [], []
+        decodes: list[SeqSpan] = []
+        prefills: list[SeqSpan] = []
         bs = self.block_size
-        for seq, n in zip(seqs, counts):
+        for i in order:
+            seq, n = batch.seqs[i], batch.num_tokens[i]
             start, lo, hi = len(input_ids), seq.num_computed, seq.num_computed + n
             table = seq.block_table
             input_ids += seq.token_ids[lo:hi]
             positions += range(lo, hi)
             slots += [table[p // bs] * bs + p % bs for p in range(lo, hi)]
-            if n == 1:
-                decode_tables.append(table[: -(-hi // bs)])
-                decode_lens.append(hi)
-            else:
-                prefills.append(self._prefill_chunk(start, n, lo, table))
+            (decodes if n == 1 else prefills).append(SeqSpan(start, n, lo, table))
             if hi == seq.num_tokens:
                 sample_idx.append(start + n - 1)
                 sampling.append(seq)
             if scored := seq.prompt_positions_to_score(lo, hi):
                 prompt_idx += [start + p - lo for p in scored]
                 prompt_spans.append((seq, scored))
-        meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots),
-            num_decodes=len(decode_tables),
-            decode_block_tables=None,
-            decode_mask=None,
-            prefills=prefills,
-        )
-        if decode_tables:
-            width = max(map(len, decode_tables))
-            meta.decode_block_tables = self._tensor([t + [0] * (width - len(t)) for t in decode_tables])
-            keys = torch.arange(width * bs, device=self.device)
-            meta.decode_mask = (keys[None, :] < self._tensor(decode_lens)[:, None])[:, None, None, :]
+        meta = self.model.attention.build(BatchLayout(decodes, prefills, self._tensor(slots), bs, self.device))
         return PreparedBatch(self._tensor(input_ids), self._tensor(positions), meta, self._tensor(sample_idx), sampling,
                              self._tensor(prompt_idx) if prompt_idx else None, prompt_spans)
 
-    def _prefill_chunk(self, start: int, n: int, num_cached: int, table: list[int]) -> PrefillChunk:
-        if num_cached == 0:
-            return PrefillChunk(start, n, 0, None, None)
-        ctx = num_cached + n
-        q_pos = torch.arange(num_cached, ctx, device=self.device)
-        mask = torch.arange(ctx, device=self.device)[None, :] <= q_pos[:, None]  # causal, offset by the prefix
-        return PrefillChunk(start, n, num_cached, self._tensor(table[: -(-ctx // self.block_size)]), mask[None, None])
-
-    def _tensor(self, values: list[int] | list[list[int]]) -> torch.Tensor:
+    def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)

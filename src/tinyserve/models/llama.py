@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinyserve.attention import AttentionBackend, AttentionMetadata, SdpaBackend
 from tinyserve.config import ModelConfig
 from tinyserve.layers.linear import Linear, QuantMethod, Unquantized, WeightSource, as_dense
-from tinyserve.ops.attention import AttentionMetadata, paged_attention
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -80,8 +80,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, method: QuantMethod) -> None:
+    def __init__(self, cfg: ModelConfig, method: QuantMethod, backend: AttentionBackend) -> None:
         super().__init__()
+        self.backend = backend
         self.h, self.h_kv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         qkv = [self.h * self.d, self.h_kv * self.d, self.h_kv * self.d]
         self.qkv_proj = Linear(cfg.hidden_size, qkv, bias=cfg.attention_bias, method=method)
@@ -94,7 +95,7 @@ class Attention(nn.Module):
         # q and k heads rotate together: one set of RoPE ops per layer instead of two (op overhead
         # is a first-order cost of a batch-1 step on a CPU).
         q, k = apply_rope(qk.view(t, self.h + self.h_kv, self.d), cos, sin).split([self.h, self.h_kv], dim=1)
-        o = paged_attention(q, k, v.view(t, self.h_kv, self.d), kv[0], kv[1], meta, self.scale)
+        o = self.backend.forward(q, k, v.view(t, self.h_kv, self.d), kv[0], kv[1], meta, self.scale)
         return self.o_proj(o.view(t, self.h * self.d))
 
 
@@ -111,10 +112,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, method: QuantMethod) -> None:
+    def __init__(self, cfg: ModelConfig, method: QuantMethod, backend: AttentionBackend) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, method)
+        self.self_attn = Attention(cfg, method, backend)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, method)
 
@@ -125,14 +126,17 @@ class DecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """Built on the meta device; `load_weights` then fills the embedding and norms and hands each
-    `Linear` its shards, which it packs with the engine's quantization method."""
+    `Linear` its shards, which it packs with the engine's quantization method. Every layer attends
+    through the same `attention` back end, which also builds the step's metadata (`attention.build`)."""
 
-    def __init__(self, cfg: ModelConfig, max_len: int, method: QuantMethod | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, max_len: int, method: QuantMethod | None = None,
+                 attention: AttentionBackend | None = None) -> None:
         super().__init__()
         method = method or Unquantized()
+        self.attention = attention or SdpaBackend()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, method) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, method, self.attention) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # Tied or not, the head is a Linear of its own, so it can be quantized like any projection.
         self.lm_head = Linear(cfg.hidden_size, [cfg.vocab_size], bias=False, method=method)
@@ -151,6 +155,13 @@ class LlamaForCausalLM(nn.Module):
         for layer, kv in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, kv, meta)
         return self.norm(x)
+
+    def set_attention(self, backend: AttentionBackend) -> None:
+        """Swap the attention back end of every layer (ablations compare them on one loaded model)."""
+        self.attention = backend
+        for layer in self.layers:
+            assert isinstance(layer, DecoderLayer)
+            layer.self_attn.backend = backend
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tinyserve.attention import AttentionBackend
 from tinyserve.config import ModelConfig
 from tinyserve.layers.linear import GGUFTensor, WeightSource
 from tinyserve.layers.quant import make_method
@@ -266,10 +267,12 @@ def resolve_quantization(mode: str, src: ModelSource, dtype: torch.dtype, device
 
 
 def load_model(src: ModelSource, cfg: ModelConfig, max_len: int, dtype: torch.dtype, device: str,
-               quantization: str = "none", group_size: int = 32) -> LlamaForCausalLM:
-    """The model on `device` in `dtype`, its linears packed by the `quantization` method (resolved)."""
+               quantization: str = "none", group_size: int = 32,
+               attention: AttentionBackend | None = None) -> LlamaForCausalLM:
+    """The model on `device` in `dtype`, its linears packed by the `quantization` method (resolved),
+    attending through `attention` (default: sdpa)."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, max_len, make_method(quantization, group_size)).to(dtype)
+        model = LlamaForCausalLM(cfg, max_len, make_method(quantization, group_size), attention).to(dtype)
     model = model.to_empty(device=device)
     model.rotary = RotaryEmbedding(cfg, max_len).to(device)  # fp32 tables, computed for real
     weights = gguf_block_weights(src) if quantization == "gguf" else hf_weights(src.path)

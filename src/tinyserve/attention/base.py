@@ -1,0 +1,172 @@
+"""What every attention back end shares: the step's layout, the KV write, prefill chunks.
+
+The KV pool of one layer is a tensor [num_blocks, block_size, num_kv_heads, head_dim]. A step's
+tokens arrive as one flat batch: first the decode tokens (one query each), then the prefill chunks.
+Every layer first writes its new K/V into the pool at `slot_mapping`, then attends each query to its
+context. The runner describes the step once (`BatchLayout`: plain Python, no tensors but the slots);
+the back end turns that into its own `AttentionMetadata` (`build`), which every layer then shares.
+Back ends differ in how decodes read the pool (`decode`); prefill chunks go through SDPA in all of
+them: a chunk is many queries against one context, a GEMM-shaped job SDPA does well.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class SeqSpan:
+    """One sequence's share of a step: query tokens [start, start + num_tokens) of the flat batch,
+    at context positions [num_cached, num_cached + num_tokens); `block_table` covers them all."""
+
+    start: int
+    num_tokens: int
+    num_cached: int
+    block_table: list[int]
+
+    @property
+    def context_len(self) -> int:
+        return self.num_cached + self.num_tokens
+
+
+@dataclass
+class BatchLayout:
+    """A step as the runner packed it: the decode spans (one token each) first, then prefill chunks."""
+
+    decodes: list[SeqSpan]
+    prefills: list[SeqSpan]
+    slot_mapping: torch.Tensor  # [T] int64: where each new token's K/V goes in the flat pool
+    block_size: int
+    device: torch.device
+
+
+@dataclass
+class PrefillChunk:
+    """A prefill span in tensors: its block table and mask exist only when it has cached context."""
+
+    start: int
+    num_tokens: int
+    num_cached: int
+    block_table: torch.Tensor | None  # [n_blocks] int64; None when there is no cached context
+    mask: torch.Tensor | None  # [1, 1, q, ctx] bool; None when is_causal suffices
+
+
+@dataclass
+class DecodeMeta:
+    """The decodes' block tables (padded with block 0) and context lengths, in the back end's
+    index dtype; `mask` only for back ends that pad the context and mask it."""
+
+    block_tables: torch.Tensor  # [B, max_blocks]
+    context_lens: torch.Tensor  # [B]
+    mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] bool: key < context length
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor
+    num_decodes: int  # the first num_decodes tokens are single-query decodes
+    decode: DecodeMeta | None  # None when the step has no decodes
+    prefills: list[PrefillChunk]
+
+    @classmethod
+    def fresh_prompt(cls, num_tokens: int, device: torch.device | str) -> AttentionMetadata:
+        """One fresh prompt of `num_tokens`, its K/V written from slot 0 (scoring, tests)."""
+        return cls(torch.arange(num_tokens, device=device), 0, None, [PrefillChunk(0, num_tokens, 0, None, None)])
+
+
+def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """[B, nb] block ids -> the sequences' contiguous K or V as [B, kv_heads, nb * block_size, dim].
+    index_select on the flat table: 1.3 ms vs 3.6 ms for `cache[block_tables]` (B=32, 576 tokens)."""
+    b, nb = block_tables.shape
+    _, bs, h, d = cache.shape
+    return cache.index_select(0, block_tables.flatten()).view(b, nb * bs, h, d).transpose(1, 2)
+
+
+def padded_tables(spans: list[SeqSpan], block_size: int) -> list[list[int]]:
+    """Each span's blocks up to its context length, padded with block 0 to the longest."""
+    tables = [s.block_table[: -(-s.context_len // block_size)] for s in spans]
+    width = max(map(len, tables))
+    return [t + [0] * (width - len(t)) for t in tables]
+
+
+class AttentionBackend(ABC):
+    """Builds its metadata from a `BatchLayout`; attends a flat batch over the paged pool."""
+
+    name: str
+    index_dtype: torch.dtype = torch.long  # dtype of the decode block tables and lengths
+
+    def build(self, layout: BatchLayout) -> AttentionMetadata:
+        decode = None
+        if layout.decodes:
+            decode = self.build_decode(layout)
+        return AttentionMetadata(layout.slot_mapping, len(layout.decodes), decode,
+                                 [self._prefill_chunk(s, layout) for s in layout.prefills])
+
+    def build_decode(self, layout: BatchLayout) -> DecodeMeta:
+        tables = padded_tables(layout.decodes, layout.block_size)
+        lens = [s.context_len for s in layout.decodes]
+        return DecodeMeta(torch.tensor(tables, dtype=self.index_dtype, device=layout.device),
+                          torch.tensor(lens, dtype=self.index_dtype, device=layout.device))
+
+    @staticmethod
+    def _prefill_chunk(span: SeqSpan, layout: BatchLayout) -> PrefillChunk:
+        if span.num_cached == 0:
+            return PrefillChunk(span.start, span.num_tokens, 0, None, None)
+        dev = layout.device
+        q_pos = torch.arange(span.num_cached, span.context_len, device=dev)
+        mask = torch.arange(span.context_len, device=dev)[None, :] <= q_pos[:, None]  # causal, offset by the prefix
+        table = torch.tensor(span.block_table[: -(-span.context_len // layout.block_size)], device=dev)
+        return PrefillChunk(span.start, span.num_tokens, span.num_cached, table, mask[None, None])
+
+    @abstractmethod
+    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMeta,
+               scale: float) -> torch.Tensor:
+        """q [B, H, D], one query per sequence -> [B, H, D]."""
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, H, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Write this step's K/V into the pool, attend every query to its context; returns [T, H, D]."""
+        _, _, h_kv, d = k_cache.shape
+        k_cache.view(-1, h_kv, d).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, h_kv, d).index_copy_(0, meta.slot_mapping, v)
+        nd = meta.num_decodes
+        if nd == q.shape[0]:  # a pure decode step (the common one): no output buffer to fill
+            assert meta.decode is not None
+            return self.decode(q, k_cache, v_cache, meta.decode, scale)
+        out = torch.empty_like(q)
+        if nd:
+            assert meta.decode is not None
+            out[:nd] = self.decode(q[:nd], k_cache, v_cache, meta.decode, scale)
+        for c in meta.prefills:
+            out[c.start : c.start + c.num_tokens] = prefill_attention(q, k, v, k_cache, v_cache, c, scale)
+        return out
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, c: PrefillChunk, scale: float) -> torch.Tensor:
+    """One chunk's queries against its context, [L, H, D]."""
+    gqa = q.shape[1] != k_cache.shape[2]
+    qc = q[c.start : c.start + c.num_tokens].transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
+    if c.block_table is None:  # a fresh prompt: its own K/V are the whole context
+        kc = k[c.start : c.start + c.num_tokens].transpose(0, 1).unsqueeze(0)
+        vc = v[c.start : c.start + c.num_tokens].transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:  # a later chunk: read the cached prefix and itself back from the pool
+        bt = c.block_table.unsqueeze(0)
+        ctx = c.num_cached + c.num_tokens
+        kc = gather_blocks(k_cache, bt)[:, :, :ctx]
+        vc = gather_blocks(v_cache, bt)[:, :, :ctx]
+        o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask, scale=scale, enable_gqa=gqa)
+    return o.squeeze(0).transpose(0, 1)

