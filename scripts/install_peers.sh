@@ -16,7 +16,7 @@
 #     as CUDA builds that break `import vllm`, so they are removed. -> .peers/vllm-venv/bin/vllm
 # (c) ONNX Runtime GenAI (in-process peer `ortgenai`): onnxruntime-genai + its model builder's needs
 #     (torch CPU, transformers, onnx, onnx-ir), pinned, in .peers/ortgenai-venv; then the bundled model
-#     is built into .peers/models/ (int4, CPU, accuracy level 4, LM head pruned; ~10 s).
+#     is built into .peers/models/ (int4 k_quant, CPU, accuracy level 4, LM head pruned; ~15 s).
 # (d) OpenVINO GenAI (in-process peer `openvino`): openvino-genai + optimum-intel[openvino] + nncf for
 #     `optimum-cli export openvino`, pinned, in .peers/openvino-venv (torchvision, a CUDA build that
 #     breaks `import transformers` there, is removed); then the bundled model is exported (int4, ~1 min).

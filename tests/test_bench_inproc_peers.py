@@ -144,7 +144,8 @@ def test_specs_commands_and_install_hint(tmp_path: Path) -> None:
     c = ort.export_cmd
     assert c[1:3] == ["-m", "onnxruntime_genai.models.builder"] and c[c.index("-i") + 1] == str(hf)
     assert c[c.index("-p") + 1] == "int4" and c[c.index("-e") + 1] == "cpu"
-    assert "accuracy_level=4" in c and "prune_lm_head=true" in c and "pruned" in ort.weights
+    assert "accuracy_level=4" in c and "algo_config=k_quant" in c and "prune_lm_head=true" in c
+    assert "pruned" in ort.weights
     c = ov.export_cmd
     assert c[1:3] == ["export", "openvino"] and c[c.index("--weight-format") + 1] == "int4"
     assert c[c.index("--group-size") + 1] == "64" and c[-1] == str(ov.model_dir)

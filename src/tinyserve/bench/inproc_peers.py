@@ -17,8 +17,9 @@ schema. Differences, also written into every result (`peer.note`):
 Models are exported from the same HF dir the other peers use (the fp32 export of the bundled GGUF),
 once, into <peers-dir>/models/ (scripts/install_peers.sh does it ahead of time via `prepare`):
 - ortgenai: `python -m onnxruntime_genai.models.builder -i HF -o OUT -p int4 -e cpu` with
-  accuracy_level=4 (int8 activations in the int4 MatMulNBits kernels) and prune_lm_head=true
-  (prefill computes the last position's logits only);
+  accuracy_level=4 (int8 activations in the int4 MatMulNBits kernels), algo_config=k_quant (same
+  format and speed as its default RTN, closer to fp32) and prune_lm_head=true (prefill computes the
+  last position's logits only);
 - openvino: `optimum-cli export openvino --model HF --weight-format int4|int8 OUT` (int4: --group-size 64
   --ratio 1.0; its default group of 128 does not divide the hidden size 576).
 """
@@ -55,6 +56,9 @@ def add_inproc_args(g: argparse._ArgumentGroup) -> None:
                    help="ortgenai: model builder -p")
     g.add_argument("--ortgenai-accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=4,
                    help="ortgenai int4/int8: MatMulNBits accuracy level (4 = int8 activations, fastest on CPU)")
+    g.add_argument("--ortgenai-algo", choices=("default", "rtn", "k_quant"), default="k_quant",
+                   help="ortgenai int4/int8: the builder's algo_config; k_quant keeps greedy output close to fp32 "
+                        "here (plain RTN drifts within 10 tokens) at the same kernel speed")
     g.add_argument("--ortgenai-prune-lm-head", action=argparse.BooleanOptionalAction, default=True,
                    help="ortgenai: the builder's prune_lm_head (prefill computes logits of the last position only)")
     g.add_argument("--openvino-weight-format", choices=("int4", "int8", "fp16", "fp32"), default="int4",
@@ -97,18 +101,18 @@ def build_inproc_spec(args: argparse.Namespace, name: str, hf_dir: Path) -> Inpr
     missing = None if installed(peers_dir, name) else (
         f"not installed ({py.parent.parent}): run {INSTALL_HINT.format(name=name)}")
     if name == "ortgenai":
-        prec, acc = args.ortgenai_precision, args.ortgenai_accuracy_level
-        tag = (f"{prec}-acc{acc}" if prec in ("int4", "int8") else prec) + (
-            "-prune" if args.ortgenai_prune_lm_head else "")
+        prec, acc, algo = args.ortgenai_precision, args.ortgenai_accuracy_level, args.ortgenai_algo
+        quant = prec in ("int4", "int8")
+        tag = (f"{prec}-{algo}-acc{acc}" if quant else prec) + ("-prune" if args.ortgenai_prune_lm_head else "")
         out = peers_dir / "models" / f"{hf_dir.name}-ortgenai-{tag}"
         cmd = [str(py), "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out), "-p", prec,
                "-e", "cpu", "-c", str(peers_dir / "models" / "ortgenai-cache")]
-        extra = ([f"accuracy_level={acc}"] if prec in ("int4", "int8") else []) + (
+        extra = ([f"accuracy_level={acc}", f"algo_config={algo}"] if quant else []) + (
             ["prune_lm_head=true"] if args.ortgenai_prune_lm_head else [])
         if extra:
             cmd += ["--extra_options", *extra]
         weights = f"{prec} ONNX by the onnxruntime-genai model builder" + (
-            f" (accuracy level {acc})" if prec in ("int4", "int8") else "") + (
+            f" ({algo}, block 32, accuracy level {acc} = int8 activations)" if quant else "") + (
             ", LM head pruned to the last position" if args.ortgenai_prune_lm_head else "") + f" from {hf_dir.name}"
     elif name == "openvino":
         wf, gs = args.openvino_weight_format, args.openvino_group_size
