@@ -295,7 +295,7 @@ def run_inproc_peer(name: str, args: argparse.Namespace, hf_dir: Path, workload:
             for conc in concs:
                 cmd = worker_command(spec, args, req_path, conc)
                 console.rule(f"peer {name} (in-process, {conc or 'all'} in flight): {shlex.join(cmd)}")
-                t0 = time.monotonic()
+                t0, load0 = time.monotonic(), _loadavg()
                 with open(log_path, "ab") as log:
                     proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
                                           env={**os.environ, **spec.env}, timeout=args.inproc_timeout)
@@ -305,6 +305,8 @@ def run_inproc_peer(name: str, args: argparse.Namespace, hf_dir: Path, workload:
                                        f"{_tail(log_path)}")
                 out = parse_worker_output(stdout)
                 run = to_result(out, args, spec, percentiles, slos, cmd, export_s, log_path)
+                # the 1-min load average around the run: above --threads, something else shared the cores
+                run["peer"]["loadavg_1m"] = {"before": load0, "after": _loadavg()}
                 outcome["startup_s"].append(out.get("load_s"))
                 m = run["metrics"]
                 console.print(f"peer {name}: {m['completed']} requests in {time.monotonic() - t0:.1f} s; "
@@ -315,6 +317,13 @@ def run_inproc_peer(name: str, args: argparse.Namespace, hf_dir: Path, workload:
         outcome.update(status="failed", message=f"{type(e).__name__}: {e}")
         console.print(f"[red]peer {name}: {outcome['message']}[/red]")
     return outcome
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def _fmt(x: float | None) -> str:
