@@ -17,7 +17,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # times faster than two fighting the neighbours. The engine sets torch's (process-wide) thread count,
 # so modules that use TINY restore it afterwards with `restore_torch_threads`. fp32: the exact path,
 # where the invariants (batch invariance, equality with transformers) hold bit for bit.
-TINY = dict(num_threads=1, dtype="float32")
+TINY = dict(num_threads=1, dtype="float32", enforce_eager=True)
 
 
 @pytest.fixture(scope="module")
@@ -76,4 +76,4 @@ def bundled_llm():
     """The real SmolLM2 in fp32, shared by the end-to-end tests."""
     from tinyserve import LLM
 
-    return LLM(dtype="float32")
+    return LLM(dtype="float32", enforce_eager=True)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_serve_benchmark_against_real_server(tmp_path):
-    with ServerProcess(["--served-model-name", "smol-bench", "--max-num-seqs", "8"]) as server:
+    with ServerProcess(["--served-model-name", "smol-bench", "--max-num-seqs", "8", "--enforce-eager"]) as server:
         parser = argparse.ArgumentParser()
         add_serve_bench_args(parser)
         args = parser.parse_args([

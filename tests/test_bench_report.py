@@ -201,7 +201,7 @@ def test_kv_math_engine_allocation(tiny_llama_dir: Path) -> None:
     from tinyserve.config import EngineConfig
     from tinyserve.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), dtype="float32", num_kv_blocks=7))
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), dtype="float32", num_kv_blocks=7, enforce_eager=True))
     check = kv_math.check_engine_allocation(engine)
     # tiny checkpoint: 2 layers x 2 KV heads x head_dim 16 (64 / 4 heads), fp32
     assert check["bytes_per_token"] == 2 * 2 * 2 * 16 * 4

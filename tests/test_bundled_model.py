@@ -63,7 +63,7 @@ def test_batch_invariance_with_staggered_arrival_and_preemption(bundled_llm):
     solo = [bundled_llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
 
     # 40 blocks of 16 tokens = 640 tokens of KV for ~4.8k tokens of demand; small prefill chunks.
-    engine = LLM(dtype="float32", num_kv_blocks=40, max_num_batched_tokens=128).engine
+    engine = LLM(dtype="float32", num_kv_blocks=40, max_num_batched_tokens=128, enforce_eager=True).engine
     pending = list(enumerate(prompts))
     preemptions = step = 0
     while pending or engine.has_unfinished():

@@ -39,8 +39,9 @@ def test_reduced_precision_tracks_float32(tiny_llama_dir, dtype):
     """Same weights in bf16/fp16: the first generated tokens' logprobs stay close to fp32's."""
     prompt = [list(range(200, 240))]
     params = SamplingParams(temperature=0, max_tokens=4, logprobs=3, ignore_eos=True)
-    ref = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory_gb=0.01).generate(prompt, params)[0]
-    low = LLM(str(tiny_llama_dir), dtype=dtype, kv_cache_memory_gb=0.01).generate(prompt, params)[0]
+    kw = dict(kv_cache_memory_gb=0.01, enforce_eager=True)
+    ref = LLM(str(tiny_llama_dir), dtype="float32", **kw).generate(prompt, params)[0]
+    low = LLM(str(tiny_llama_dir), dtype=dtype, **kw).generate(prompt, params)[0]
     first_ref, first_low = ref.outputs[0].logprobs[0], low.outputs[0].logprobs[0]
     assert first_low.token_id == first_ref.token_id
     assert abs(first_low.logprob - first_ref.logprob) < 0.1

@@ -51,7 +51,8 @@ def test_paged_decode_and_chunked_prefill_match_transformers(tmp_path, arch, tie
     """Through the whole engine: chunked prefill + paged decode; every generated position's
     logprobs equal transformers' on the same token sequence."""
     path = make_tiny_checkpoint(tmp_path, arch, tie=tie, num_key_value_heads=kv_heads)
-    llm = LLM(str(path), dtype="float32", block_size=4, max_num_batched_tokens=16, kv_cache_memory_gb=0.01)
+    llm = LLM(str(path), dtype="float32", block_size=4, max_num_batched_tokens=16, kv_cache_memory_gb=0.01,
+              enforce_eager=True)
     prompts = [list(range(100, 150)), list(range(7, 12)), [5]]
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, logprobs=5, ignore_eos=True))
     hf = _hf_model(path, arch)

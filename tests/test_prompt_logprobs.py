@@ -130,7 +130,7 @@ GREEDY_WIRE = dict(temperature=0, extra_body={"ignore_eos": True})
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir):
     with ServerProcess(["--model", str(tiny_llama_dir), "--served-model-name", MODEL, "--dtype", "float32",
-                       "--num-threads", "1", "--num-kv-blocks", "64", "--block-size", "4"]) as srv:
+                        "--enforce-eager", "--num-threads", "1", "--num-kv-blocks", "64", "--block-size", "4"]) as srv:
         yield srv
 
 

@@ -30,8 +30,8 @@ PROMPTS = [
 def server():
     # fp32: the exact path, where a request's greedy text is the same in any batch (the streams below
     # are compared with offline generation).
-    with ServerProcess(["--served-model-name", MODEL, "--dtype", "float32", "--kv-cache-memory-gb", "0.5",
-                       "--max-num-seqs", "48"]) as srv:
+    with ServerProcess(["--served-model-name", MODEL, "--dtype", "float32", "--enforce-eager",
+                        "--kv-cache-memory-gb", "0.5", "--max-num-seqs", "48"]) as srv:
         yield srv
 
 

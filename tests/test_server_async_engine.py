@@ -18,8 +18,8 @@ from tinyserve.server.protocol import ChatCompletionRequest, CompletionRequest
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir):
-    return LLMEngine(EngineConfig(model=str(tiny_llama_dir), dtype="float32", num_kv_blocks=512, block_size=4,
-                                  max_num_seqs=4, max_waiting=4))
+    return LLMEngine(EngineConfig(model=str(tiny_llama_dir), dtype="float32", enforce_eager=True, num_kv_blocks=512,
+                                  block_size=4, max_num_seqs=4, max_waiting=4))
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ LONG = {"prompt": "Tell me a long story about the sea.", "max_tokens": 2000, "ig
 
 @pytest.fixture(scope="module")
 def server():
-    srv = ServerProcess(["--max-num-seqs", "1", "--max-waiting", "2", "--kv-cache-memory-gb", "0.25",
+    srv = ServerProcess(["--enforce-eager", "--max-num-seqs", "1", "--max-waiting", "2", "--kv-cache-memory-gb", "0.25",
                          "--shutdown-timeout", "30"])
     srv.start()
     try:

@@ -211,6 +211,8 @@ class EngineConfig:
         "paged (in place, native CPU kernel built on first use); auto = paged on CPU, sdpa elsewhere",
         choices=("auto", "sdpa", "paged"),
     )
+    enforce_eager: bool = knob(
+        False, "run every step eagerly: no compiled decode step (vLLM's flag; skips the start-up compile)")
     torch_dtype: torch.dtype = field(init=False, default=torch.float32)  # resolved from dtype and device
 
     def __post_init__(self) -> None:

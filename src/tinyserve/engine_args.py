@@ -51,7 +51,11 @@ def add_engine_args(parser: argparse.ArgumentParser, only: Iterable[str] | None 
         default = defaults.get(f.name, f.default)
         extra = dict(f.metadata)
         help_ = extra.pop("help") + ("" if default is None else " (default: %(default)s)")
-        group.add_argument("--" + f.name.replace("_", "-"), type=types_[f.name], default=default, help=help_, **extra)
+        flag = "--" + f.name.replace("_", "-")
+        if types_[f.name] is bool:  # a switch, as in vLLM: --enforce-eager / --no-enforce-eager
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_, **extra)
+        else:
+            group.add_argument(flag, type=types_[f.name], default=default, help=help_, **extra)
 
 
 def engine_config(args: argparse.Namespace, **overrides: Any) -> EngineConfig:

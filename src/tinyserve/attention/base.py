@@ -109,8 +109,13 @@ class AttentionBackend(ABC):
     def build_decode(self, layout: BatchLayout) -> DecodeMeta:
         tables = padded_tables(layout.decodes, layout.block_size)
         lens = [s.context_len for s in layout.decodes]
-        return DecodeMeta(torch.tensor(tables, dtype=self.index_dtype, device=layout.device),
-                          torch.tensor(lens, dtype=self.index_dtype, device=layout.device))
+        return self.decode_meta(torch.tensor(tables, dtype=self.index_dtype, device=layout.device),
+                                torch.tensor(lens, dtype=self.index_dtype, device=layout.device), layout.block_size)
+
+    def decode_meta(self, block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> DecodeMeta:
+        """The decode metadata from its tensors alone: the compiled decode step calls this inside its
+        graph, so whatever a back end derives (a mask) is computed there, not per step in Python."""
+        return DecodeMeta(block_tables, context_lens)
 
     @staticmethod
     def _prefill_chunk(span: SeqSpan, layout: BatchLayout) -> PrefillChunk:

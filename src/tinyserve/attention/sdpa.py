@@ -9,17 +9,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import AttentionBackend, BatchLayout, DecodeMeta, gather_blocks
+from .base import AttentionBackend, DecodeMeta, gather_blocks
 
 
 class SdpaBackend(AttentionBackend):
     name = "sdpa"
 
-    def build_decode(self, layout: BatchLayout) -> DecodeMeta:
-        meta = super().build_decode(layout)
-        keys = torch.arange(meta.block_tables.shape[1] * layout.block_size, device=layout.device)
-        meta.mask = (keys[None, :] < meta.context_lens[:, None])[:, None, None, :]
-        return meta
+    def decode_meta(self, block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> DecodeMeta:
+        keys = torch.arange(block_tables.shape[1] * block_size, device=block_tables.device)
+        mask = (keys[None, :] < context_lens[:, None])[:, None, None, :]
+        return DecodeMeta(block_tables, context_lens, mask)
 
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMeta,
                scale: float) -> torch.Tensor:

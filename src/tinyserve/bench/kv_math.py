@@ -128,7 +128,7 @@ def check_engine_allocation(engine: Any = None, num_kv_blocks: int = 64, model: 
         from tinyserve.config import EngineConfig
         from tinyserve.engine.llm_engine import LLMEngine
 
-        engine = LLMEngine(EngineConfig(model=model, dtype=dtype, num_kv_blocks=num_kv_blocks))
+        engine = LLMEngine(EngineConfig(model=model, dtype=dtype, num_kv_blocks=num_kv_blocks, enforce_eager=True))
     dt = engine.config.torch_dtype
     per_token = kv_bytes_per_token(engine.model_config, dt)
     blocks, bs = engine.num_blocks, engine.config.block_size

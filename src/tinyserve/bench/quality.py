@@ -255,8 +255,10 @@ def measure_mode(mode: Mode, windows: list[list[int]], prompts: Sequence[str], r
     from tinyserve.sampling import SamplingParams
 
     start = time.perf_counter()
+    # Eager: the scoring pass flips the linears' kernels (decode_kernels), which a compiled graph
+    # would have baked in; speed here is the eager engine's (bench offline/serve measure compiled).
     llm = LLM(dtype=mode.dtype, quantization=mode.quantization, quant_group_size=mode.group_size,
-              packed_max_batch=mode.packed_max_batch, **engine_kwargs)
+              packed_max_batch=mode.packed_max_batch, enforce_eager=True, **engine_kwargs)
     startup_s = time.perf_counter() - start
     engine = llm.engine
     with decode_kernels(engine.model) if kernels == "decode" else nullcontext():

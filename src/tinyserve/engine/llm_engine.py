@@ -14,13 +14,14 @@ import torch
 
 from tinyserve.attention import select_backend
 from tinyserve.config import EngineConfig, cpu_model
+from tinyserve.engine.compiled import CompiledDecode
 from tinyserve.engine.output import request_output
 from tinyserve.engine.runner import ModelRunner
 from tinyserve.engine.sampler import Sampler, prompt_logprobs
 from tinyserve.engine.scheduler import Scheduler
 from tinyserve.engine.sequence import Sequence
 from tinyserve.kv.block_manager import BlockManager
-from tinyserve.layers.quant import configure_packed_kernels
+from tinyserve.layers.quant import configure_packed_kernels, packed_weights
 from tinyserve.models.loader import cache_dir, load_model, model_config, resolve_model, resolve_quantization
 from tinyserve.outputs import Logprob, RequestOutput
 from tinyserve.sampling import SamplingParams
@@ -68,10 +69,23 @@ class LLMEngine:
             self.model, config.packed_max_batch, config.max_num_batched_tokens, dtype,
             cache=(cache_dir() / "kernel-choice.json", key))
         self.runner = ModelRunner(self.model, mc, self.num_blocks, bs, dtype, device)
+        self.compile_seconds = 0.0
+        self.runner.compiled = self._compile_decode()
         self.blocks = BlockManager(self.num_blocks, bs)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting)
         self.sampler = Sampler(self.tokenizer.eos_token_ids, config.seed, self.runner.device)
         self.requests: dict[str, list[Sequence]] = {}
+
+    def _compile_decode(self) -> CompiledDecode | None:
+        """The compiled decode step, warmed up at start-up (None: --enforce-eager). It covers batches
+        up to the quantized linears' packed/dense crossover, or every batch when there is none."""
+        if self.config.enforce_eager:
+            return None
+        dense_copies = any(w.dense is not None for _, w in packed_weights(self.model))
+        max_batch = min(self.packed_max_batch, self.config.max_num_seqs) if dense_copies else self.config.max_num_seqs
+        compiled = CompiledDecode(self.model, self.config.block_size, max(1, max_batch))
+        self.compile_seconds = compiled.warm_up(self.runner.kv_caches, self.attention.index_dtype)
+        return compiled
 
     # -- requests ----------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:

@@ -14,6 +14,7 @@ import torch
 
 from tinyserve.attention import AttentionMetadata, BatchLayout, SeqSpan
 from tinyserve.config import ModelConfig
+from tinyserve.engine.compiled import CompiledDecode
 from tinyserve.engine.scheduler import ScheduledBatch
 from tinyserve.engine.sequence import Sequence
 from tinyserve.models.llama import LlamaForCausalLM
@@ -43,9 +44,10 @@ class StepLogits:
 class ModelRunner:
     def __init__(
         self, model: LlamaForCausalLM, cfg: ModelConfig, num_blocks: int, block_size: int,
-        dtype: torch.dtype, device: str,
+        dtype: torch.dtype, device: str, compiled: CompiledDecode | None = None,
     ) -> None:
         self.model = model
+        self.compiled = compiled  # runs the pure decode steps when set
         self.block_size = block_size
         self.device = torch.device(device)
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
@@ -60,6 +62,7 @@ class ModelRunner:
     def kv_cache_bytes(self) -> int:
         return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches)
 
+    @torch.inference_mode()  # the step's tensors are inference tensors, as the compiled graphs expect
     def execute(self, batch: ScheduledBatch) -> StepLogits:
         """Run one step; returns the logits of the sequences that sample now and of the prompt rows."""
         prepared = self.prepare(batch)
@@ -70,6 +73,13 @@ class ModelRunner:
     def forward(self, b: PreparedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits of the sampling rows and of the prompt rows, in separate LM-head calls: the sampled
         rows' numerics never depend on whether a neighbour asked for prompt logprobs."""
+        d = b.meta.decode
+        if (self.compiled is not None and d is not None and not b.meta.prefills and b.prompt_idx is None
+                and b.meta.num_decodes <= self.compiled.max_batch):
+            # A pure decode step: every row samples, in order.
+            logits = self.compiled(b.input_ids, b.positions, self.kv_caches, b.meta.slot_mapping, d.block_tables,
+                                   d.context_lens)
+            return logits, logits.new_empty(0)
         hidden = self.model(b.input_ids, b.positions, self.kv_caches, b.meta)
         logits = self.model.compute_logits(hidden[b.sample_idx]) if b.sampling else hidden.new_empty(0)
         if b.prompt_idx is None:

@@ -1,0 +1,89 @@
+"""The compiled decode step: one torch.compile'd graph per batch-size regime for the steps where
+every sequence decodes one token (the steady state of serving).
+
+Why: a batch-1 step of a small model is ~60 small ops per layer, each paying dispatcher and Python
+overhead that dwarfs its arithmetic on a CPU. Inductor fuses the elementwise work (RoPE, SwiGLU,
+residuals, norms) into generated C++ loops; `cpp_wrapper` calls the kernels from C++ instead of
+Python; `freezing` folds the weights in as constants. Matmuls, the quantized kernels and the
+attention op stay the library kernels they are.
+
+Shapes: the batch and the block-table width are dynamic, so two graphs cover every step size up to
+`max_batch`: batch 1 (PyTorch specializes size 1) and batches of 2+. Both are compiled at start-up
+(`warm_up`), so no request waits for a compile, and nothing recompiles at run time: a decode step
+above `max_batch` runs eager (where quantized linears switch to their dense copies, a third graph
+would cost as much start-up again for steps whose matmuls dominate anyway). Inductor's on-disk
+caches (/tmp/torchinductor_$USER unless TORCHINDUCTOR_CACHE_DIR says otherwise) make a restart
+on the same machine much cheaper than the first start. Prefill and mixed steps run eager: their
+shapes vary too much to be worth graphs, and their matmuls are big enough that overhead is not
+their cost.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from tinyserve.attention import AttentionMetadata
+from tinyserve.models.llama import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
+
+
+def decode_forward(
+    model: LlamaForCausalLM,
+    input_ids: torch.Tensor,  # [B]
+    positions: torch.Tensor,  # [B]
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    slot_mapping: torch.Tensor,  # [B]
+    block_tables: torch.Tensor,  # [B, W]
+    context_lens: torch.Tensor,  # [B]
+    block_size: int,
+) -> torch.Tensor:
+    """fp32 logits [B, vocab] of a pure decode step (every row samples)."""
+    decode = model.attention.decode_meta(block_tables, context_lens, block_size)
+    meta = AttentionMetadata(slot_mapping, input_ids.shape[0], decode, [])
+    return model.compute_logits(model(input_ids, positions, kv_caches, meta))
+
+
+class CompiledDecode:
+    """`decode_forward` under torch.compile, warmed up for every batch-size regime at start-up."""
+
+    MIN_TABLE_WIDTH = 2  # width 1 would be specialized (a graph of its own): pad tables to >= 2 blocks
+
+    def __init__(self, model: LlamaForCausalLM, block_size: int, max_batch: int) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.max_batch = max_batch  # larger decode steps run eager
+        self.fn = torch.compile(decode_forward, fullgraph=True, dynamic=False,
+                                options={"freezing": True, "cpp_wrapper": True})
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], slot_mapping: torch.Tensor,
+                 block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+        if block_tables.shape[1] < self.MIN_TABLE_WIDTH:  # padding blocks are never read (context_lens)
+            block_tables = torch.nn.functional.pad(block_tables, (0, self.MIN_TABLE_WIDTH - block_tables.shape[1]))
+        for t in (input_ids, positions, slot_mapping, block_tables, context_lens):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        torch._dynamo.maybe_mark_dynamic(block_tables, 1)
+        return self.fn(self.model, input_ids, positions, kv_caches, slot_mapping, block_tables, context_lens,
+                       self.block_size)
+
+    @torch.inference_mode()  # as the runner's steps are: graphs are guarded on it
+    def warm_up(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], index_dtype: torch.dtype) -> float:
+        """Compile (or load from the caches) both graphs; returns seconds. The dummy steps write K/V
+        into slot 0 of block 0, which holds no sequence's data yet."""
+        start = time.perf_counter()
+        dev = kv_caches[0][0].device
+        batch_sizes = [1, 2] if self.max_batch >= 2 else [1]
+        for b in batch_sizes:
+            # Distinct tensors: graphs are guarded on which inputs alias each other.
+            ids, positions, slots = (torch.zeros(b, dtype=torch.long, device=dev) for _ in range(3))
+            tables = torch.zeros(b, self.MIN_TABLE_WIDTH, dtype=index_dtype, device=dev)
+            lens = torch.ones(b, dtype=index_dtype, device=dev)
+            self(ids, positions, kv_caches, slots, tables, lens)
+        seconds = time.perf_counter() - start
+        log.info("compiled decode step ready for batch sizes %s in %.1fs", batch_sizes, seconds)
+        return seconds
