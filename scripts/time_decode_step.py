@@ -21,8 +21,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--packed-max-batch", type=int, default=None)
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--enforce-eager", action="store_true")
     args = p.parse_args()
     kw = {} if args.packed_max_batch is None else {"packed_max_batch": args.packed_max_batch}
+    kw |= {"attention_backend": args.attention_backend, "enforce_eager": args.enforce_eager}
     engine = LLM(dtype=args.dtype, quantization=args.quantization, max_num_seqs=max(64, args.batch), **kw).engine
     params = SamplingParams(temperature=0, max_tokens=args.steps + 8, ignore_eos=True)
     for i in range(args.batch):
@@ -36,6 +39,7 @@ def main() -> None:
         engine.step()
     ms = (time.perf_counter() - start) / args.steps * 1e3
     print(json.dumps({"dtype": args.dtype, "quantization": args.quantization, "batch": args.batch,
+                      "attention_backend": engine.attention.name, "compiled": engine.runner.compiled is not None,
                       "ms_per_step": round(ms, 2), "tok_s": round(args.batch / ms * 1e3, 1)}))
 
 

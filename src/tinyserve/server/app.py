@@ -78,12 +78,13 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg) + more, param
 
 
-def build_app(engine: LLMEngine, served_model_names: list[str] | None = None) -> FastAPI:
+def build_app(engine: LLMEngine | AsyncEngine, served_model_names: list[str] | None = None) -> FastAPI:
     """An app serving `engine`; the engine thread runs while the app's lifespan does."""
+    async_engine = engine if isinstance(engine, AsyncEngine) else AsyncEngine(engine)
+    engine = async_engine.engine
     names = list(served_model_names or [engine.model_name])
     metrics = ServerMetrics(names[0])
-    async_engine = AsyncEngine(engine, on_finish=metrics.on_finish, on_step=metrics.on_step,
-                               on_stats=metrics.on_stats)
+    async_engine.set_callbacks(on_finish=metrics.on_finish, on_step=metrics.on_step, on_stats=metrics.on_stats)
     tokenizer = copy.deepcopy(engine.tokenizer)  # the event loop's own: HF tokenizers are not thread-safe
     serving = OpenAIServing(async_engine, tokenizer, names, metrics, engine.max_len)
 
@@ -195,13 +196,12 @@ def run_server(args: argparse.Namespace) -> int:
     """Load the model, then serve until SIGTERM/SIGINT; returns the exit code (0 after a clean shutdown)."""
     import uvicorn
 
-    engine = LLMEngine(engine_config(args))
-    app = build_app(engine, args.served_model_name)
-    config = uvicorn.Config(
+    config = engine_config(args)
+    app = build_app(AsyncEngine.build(lambda: LLMEngine(config)), args.served_model_name)
+    server = uvicorn.Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=str(getattr(args, "log_level", "info")).lower(),
         access_log=args.access_log, timeout_graceful_shutdown=args.shutdown_timeout, timeout_keep_alive=5,
-    )
-    server = uvicorn.Server(config)
+    ))
     # uvicorn re-raises the signal it shut down for once it is done; with the default handlers that
     # would kill us with 143/130 after a clean shutdown. These no-op handlers make the exit code 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
