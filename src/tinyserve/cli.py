@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     _attach(offline, "tinyserve.bench.offline", "add_offline_args", "run_offline")
     serve_b = bench_sub.add_parser("serve", parents=[common], help="load generator against any OpenAI-compatible URL")
     _attach(serve_b, "tinyserve.bench.serve_bench", "add_serve_bench_args", "run_serve_benchmark")
-    peers_b = bench_sub.add_parser("peers", parents=[common], help="same serving workload vs baseline, llama.cpp, vLLM")
+    peers_b = bench_sub.add_parser("peers", parents=[common],
+                                    help="same workload vs baseline, llama.cpp, vLLM, ORT GenAI, OpenVINO")
     _attach(peers_b, "tinyserve.bench.peers", "add_peers_args", "run_peers")
     suite = bench_sub.add_parser("all", parents=[common], help="every instrument, then the report (make bench)")
     _attach(suite, "tinyserve.bench.suite", "add_suite_args", "run_suite")

@@ -37,6 +37,8 @@ FULL = {
 # reuse earlier prompts); the cheap peers get a fresh server per point.
 VLLM_ONCE = ["--peers", "vllm", "--no-restart-per-point", "--vllm-args=--no-enable-prefix-caching"]
 CHEAP_PEERS = ["--peers", "tinyserve", "baseline", "llamacpp"]
+# ONNX Runtime GenAI and OpenVINO GenAI run in-process (bench/inproc_peers.py) on the same prompts.
+INPROC_PEERS = ["--peers", "ortgenai", "openvino"]
 
 
 def _step(module: str, add_args: str, run: str, argv: list[str]) -> Callable[[], object]:
@@ -62,7 +64,7 @@ def run_suite(args: argparse.Namespace) -> None:
     # made after them once measured half the throughput of a standalone rerun (cause not pinned down).
     if "serve" not in args.skip:
         for key in [k for k in ("serve", "serve_rates") if k in plan]:
-            for peers in (CHEAP_PEERS, VLLM_ONCE):
+            for peers in (CHEAP_PEERS, VLLM_ONCE, INPROC_PEERS):
                 steps.append((f"{key}:{peers[1]}", _step("peers", "add_peers_args", "run_peers",
                                                          plan[key] + peers + out + ["--disable-tqdm"])))
     if "kv_math" not in args.skip:
