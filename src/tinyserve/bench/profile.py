@@ -104,7 +104,8 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", type=int, default=12, help="ops shown per profiler table")
     p.add_argument("--result-dir", default="docs/results")
     # The engine is sized from the batch sizes and prefill length; these are the knobs left to choose.
-    add_engine_args(p, only=("model", "dtype", "device", "quantization", "quant_group_size"), dtype="float32")
+    add_engine_args(p, only=("model", "dtype", "device", "quantization", "quant_group_size", "attention_backend",
+                             "enforce_eager"), dtype="float32")
 
 
 def run_profile(args: argparse.Namespace) -> dict[str, Any]:

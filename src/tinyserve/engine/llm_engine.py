@@ -77,14 +77,17 @@ class LLMEngine:
         self.requests: dict[str, list[Sequence]] = {}
 
     def _compile_decode(self) -> CompiledDecode | None:
-        """The compiled decode step, warmed up at start-up (None: --enforce-eager). It covers batches
-        up to the quantized linears' packed/dense crossover, or every batch when there is none."""
+        """The compiled decode step, warmed up at start-up for every batch-size regime (None with
+        --enforce-eager): batch 1, 2+, and above the quantized linears' packed/dense crossover."""
         if self.config.enforce_eager:
             return None
-        dense_copies = any(w.dense is not None for _, w in packed_weights(self.model))
-        max_batch = min(self.packed_max_batch, self.config.max_num_seqs) if dense_copies else self.config.max_num_seqs
-        compiled = CompiledDecode(self.model, self.config.block_size, max(1, max_batch))
-        self.compile_seconds = compiled.warm_up(self.runner.kv_caches, self.attention.index_dtype)
+        top = self.config.max_num_seqs
+        sizes = {1, 2}
+        if any(w.dense is not None for _, w in packed_weights(self.model)):
+            sizes.add(self.packed_max_batch + 1)  # the first batch that runs the dense copies
+        compiled = CompiledDecode(self.model, self.config.block_size, top)
+        self.compile_seconds = compiled.warm_up(self.runner.kv_caches, self.attention.index_dtype,
+                                                sorted(b for b in sizes if b <= top))
         return compiled
 
     # -- requests ----------------------------------------------------------------------------
