@@ -13,29 +13,37 @@ from tinyserve import LLM, SamplingParams
 from tinyserve.engine.compiled import CompiledDecode
 
 orig = torch.compile
-engine = LLM().engine  # default options: freezing + cpp_wrapper
-variants = {"freezing+cpp_wrapper": engine.runner.compiled}
 
 
 def freezing_only(fn, **kw):
     return orig(fn, **{**kw, "options": {"freezing": True}})
 
 
-torch.compile = freezing_only
-c = CompiledDecode(engine.model, engine.config.block_size, engine.config.max_num_seqs)
-sizes = [1, 2, engine.packed_max_batch + 1]
-t = time.perf_counter()
-c.warm_up(engine.runner.kv_caches, engine.attention.index_dtype, sizes)
-print("freezing-only compile", round(time.perf_counter() - t, 1), flush=True)
-variants["freezing"] = c
-engine.add_request("r", [100 + j for j in range(128)], SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True))
-for _ in range(8): engine.step()
-res = {k: [] for k in variants}
-for r in range(4):
-    for name, comp in variants.items():
-        engine.runner.compiled = comp
-        for _ in range(3): engine.step()
-        t = time.perf_counter()
-        for _ in range(40): engine.step()
-        res[name].append(round((time.perf_counter() - t) / 40 * 1e3, 2))
-print(json.dumps(res))
+def main() -> None:
+    engine = LLM().engine  # default options: freezing + cpp_wrapper
+    variants = {"freezing+cpp_wrapper": engine.runner.compiled}
+    torch.compile = freezing_only
+    c = CompiledDecode(engine.model, engine.config.block_size, engine.config.max_num_seqs)
+    t = time.perf_counter()
+    c.warm_up(engine.runner.kv_caches, engine.attention.index_dtype, [1, 2, engine.packed_max_batch + 1])
+    print("freezing-only compile", round(time.perf_counter() - t, 1), flush=True)
+    variants["freezing"] = c
+    params = SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
+    engine.add_request("r", [100 + j for j in range(128)], params)
+    for _ in range(8):
+        engine.step()
+    res: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(4):
+        for name, compiled in variants.items():
+            engine.runner.compiled = compiled
+            for _ in range(3):
+                engine.step()
+            t = time.perf_counter()
+            for _ in range(40):
+                engine.step()
+            res[name].append(round((time.perf_counter() - t) / 40 * 1e3, 2))
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
