@@ -23,7 +23,7 @@ def main() -> None:
     engine = LLM().engine  # default options: freezing + cpp_wrapper
     variants = {"freezing+cpp_wrapper": engine.runner.compiled}
     torch.compile = freezing_only
-    c = CompiledDecode(engine.model, engine.config.block_size, engine.config.max_num_seqs)
+    c = CompiledDecode(engine.model, engine.config.block_size)
     t = time.perf_counter()
     c.warm_up(engine.runner.kv_caches, engine.attention.index_dtype, [1, 2, engine.packed_max_batch + 1])
     print("freezing-only compile", round(time.perf_counter() - t, 1), flush=True)

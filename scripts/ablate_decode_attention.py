@@ -11,7 +11,6 @@ Usage: .venv/bin/python scripts/ablate_decode_attention.py [--rounds 3] [--steps
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
@@ -22,8 +21,7 @@ from tinyserve.attention.base import gather_blocks
 from tinyserve.attention.paged import PagedBackend
 from tinyserve.attention.sdpa import SdpaBackend
 from tinyserve.bench.env_info import run_header, save_json
-from tinyserve.bench.offline import make_prompts
-from tinyserve.bench.profile import drain, finish_prefill, start_greedy
+from tinyserve.bench.profile import decode_ms
 from tinyserve.config import EngineConfig
 from tinyserve.engine.llm_engine import LLMEngine
 
@@ -47,18 +45,6 @@ class V1(SdpaBackend):
 
 VARIANTS: dict[str, type[AttentionBackend]] = {
     "v0_index_gqa": V0, "v1_index_select_gqa": V1, "v2_grouped_queries": SdpaBackend, "v3_paged_in_place": PagedBackend}
-
-
-def decode_ms(engine: LLMEngine, batch: int, context: int, steps: int) -> float:
-    start_greedy(engine, make_prompts(engine.model_config.vocab_size, batch, context, 0), steps + 2)
-    finish_prefill(engine)
-    engine.step()
-    t = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    ms = (time.perf_counter() - t) / steps * 1e3
-    drain(engine)
-    return ms
 
 
 def main() -> None:

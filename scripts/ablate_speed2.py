@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 
 from tinyserve.bench.env_info import run_header, save_json
-from tinyserve.bench.offline import make_prompts
-from tinyserve.bench.profile import drain, finish_prefill, start_greedy
+from tinyserve.bench.profile import decode_ms
 from tinyserve.config import EngineConfig
 from tinyserve.engine.llm_engine import LLMEngine
 
@@ -25,18 +24,6 @@ VARIANTS = {
     "eager_paged": dict(enforce_eager=True, attention_backend="paged"),
     "compiled_paged": dict(enforce_eager=False, attention_backend="paged"),
 }
-
-
-def decode_ms(engine: LLMEngine, batch: int, steps: int) -> float:
-    start_greedy(engine, make_prompts(engine.model_config.vocab_size, batch, 128, 0), steps + 3)
-    finish_prefill(engine)
-    engine.step()
-    t = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    ms = (time.perf_counter() - t) / steps * 1e3
-    drain(engine)
-    return ms
 
 
 def main() -> None:
@@ -55,7 +42,7 @@ def main() -> None:
     for r in range(args.rounds):
         for name in list(VARIANTS)[r % 3:] + list(VARIANTS)[: r % 3]:
             for b in args.batches:
-                rounds[name][f"batch{b}"].append(round(decode_ms(engines[name], b, args.steps), 2))
+                rounds[name][f"batch{b}"].append(round(decode_ms(engines[name], b, 128, args.steps), 2))
     best = {n: {k: min(v) for k, v in row.items()} for n, row in rounds.items()}
     print(f"{'ms/step (best of rounds)':<26}" + "".join(f"{k:>12}" for k in best["eager_sdpa"]) + f"{'start-up s':>12}")
     for name, row in best.items():

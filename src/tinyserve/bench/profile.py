@@ -69,6 +69,20 @@ def start_greedy(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -
         engine.add_request(f"profile-{time.monotonic_ns()}-{i}", p, params)
 
 
+def decode_ms(engine: LLMEngine, batch: int, context: int, steps: int) -> float:
+    """ms per pure decode step: `batch` fresh prompts of `context` tokens, prefilled, one warm-up
+    decode, then `steps` timed; the requests are drained afterwards."""
+    start_greedy(engine, make_prompts(engine.model_config.vocab_size, batch, context, 0), steps + 2)
+    finish_prefill(engine)
+    engine.step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    ms = (time.perf_counter() - t) / steps * 1e3
+    drain(engine)
+    return ms
+
+
 def finish_prefill(engine: LLMEngine) -> None:
     """Step until every prompt is in the KV cache, so what follows measures decode steps only."""
     while any(s.num_computed < s.num_prompt_tokens for seqs in engine.requests.values() for s in seqs):

@@ -51,10 +51,9 @@ class CompiledDecode:
 
     MIN_TABLE_WIDTH = 2  # width 1 would be specialized (a graph of its own): pad tables to >= 2 blocks
 
-    def __init__(self, model: LlamaForCausalLM, block_size: int, max_batch: int) -> None:
+    def __init__(self, model: LlamaForCausalLM, block_size: int) -> None:
         self.model = model
         self.block_size = block_size
-        self.max_batch = max_batch  # decode steps above it run eager (the engine passes max_num_seqs)
         self.warm = False
         self.fn = torch.compile(decode_forward, fullgraph=True, dynamic=False,
                                 options={"freezing": True, "cpp_wrapper": True})

@@ -85,7 +85,7 @@ class LLMEngine:
         sizes = {1, 2}
         if any(w.dense is not None for _, w in packed_weights(self.model)):
             sizes.add(self.packed_max_batch + 1)  # the first batch that runs the dense copies
-        compiled = CompiledDecode(self.model, self.config.block_size, top)
+        compiled = CompiledDecode(self.model, self.config.block_size)
         self.compile_seconds = compiled.warm_up(self.runner.kv_caches, self.attention.index_dtype,
                                                 sorted(b for b in sizes if b <= top))
         return compiled

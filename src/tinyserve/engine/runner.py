@@ -44,10 +44,10 @@ class StepLogits:
 class ModelRunner:
     def __init__(
         self, model: LlamaForCausalLM, cfg: ModelConfig, num_blocks: int, block_size: int,
-        dtype: torch.dtype, device: str, compiled: CompiledDecode | None = None,
+        dtype: torch.dtype, device: str,
     ) -> None:
         self.model = model
-        self.compiled = compiled  # runs the pure decode steps when set
+        self.compiled: CompiledDecode | None = None  # runs the pure decode steps once the engine sets it
         self.block_size = block_size
         self.device = torch.device(device)
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
@@ -74,8 +74,7 @@ class ModelRunner:
         """Logits of the sampling rows and of the prompt rows, in separate LM-head calls: the sampled
         rows' numerics never depend on whether a neighbour asked for prompt logprobs."""
         d = b.meta.decode
-        if (self.compiled is not None and d is not None and not b.meta.prefills and b.prompt_idx is None
-                and b.meta.num_decodes <= self.compiled.max_batch):
+        if self.compiled is not None and d is not None and not b.meta.prefills and b.prompt_idx is None:
             # A pure decode step: every row samples, in order.
             logits = self.compiled(b.input_ids, b.positions, self.kv_caches, b.meta.slot_mapping, d.block_tables,
                                    d.context_lens)
