@@ -17,6 +17,7 @@ guarantees one sequence of `max_len` always fits the pool, so progress is certai
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tinyserve.engine.policy import SchedulingPolicy
@@ -44,12 +45,13 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_waiting: int,
-                 policy: SchedulingPolicy | None = None) -> None:
+                 policy: SchedulingPolicy | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_waiting = max_waiting
         self.policy = policy or SchedulingPolicy("fcfs")
+        self.clock = clock  # the policies' "now" (waiting times); sequences' arrival_time is on the same clock
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
 
@@ -65,7 +67,7 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
-        now = time.monotonic()
+        now = self.clock()
         key = self.policy.key
         for seq in sorted(self.running, key=lambda s: (s.num_uncomputed > 1, key(s, now))):
             if budget == 0:
