@@ -136,3 +136,20 @@ def test_priority_order_in_the_engine(tiny_llama_dir):
     while e.has_unfinished():
         order += [s.request_id for s in e.step() if s.request_id not in order]
     assert order == ["urgent", "mid", "late-low"]
+
+
+@pytest.mark.parametrize("policy", ["shortest", "fcfs"])
+def test_a_short_newcomer_goes_ahead_of_a_running_documents_chunks(policy):
+    """A 400-token document is mid-prefill (64-token budget per step) when a 10-token question
+    arrives: under shortest the question's prefill takes the next step's budget first; under fcfs
+    it waits for the document's remaining chunks."""
+    sim = Sim(policy, budget=64)
+    sim.sched.add([seq("doc", 400, 0.0)])
+    sim.step()
+    sim.step()
+    arrival = sim.clock.t
+    sim.sched.add([seq("q", 10, arrival)])
+    for _ in range(20):
+        sim.step()
+    wait_steps = round((sim.first_token["q"] - arrival) / 0.01)
+    assert wait_steps == 0 if policy == "shortest" else wait_steps >= 4

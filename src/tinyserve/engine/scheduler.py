@@ -2,12 +2,12 @@
 
 A step's batch mixes decodes (1 token per sequence) with prefill chunks, within
 `max_num_batched_tokens` tokens and `max_num_seqs` sequences. Order of business:
-  1. running sequences, decodes first (they are latency-critical and cost one token each), then
-     the unfinished prefills, each taking a chunk of what budget is left;
-  2. if nothing was preempted, admit waiting sequences while budget, sequence slots and free
-     blocks last. A newcomer first takes the cached blocks of its prompt's longest cached prefix
-     (kv/block_manager.py), so its prefill starts after them.
-The policy (engine/policy.py) orders both the admissions and the running prefills' chunks.
+  1. the running decodes (latency-critical, one token each);
+  2. prefill chunks, in the policy's order (engine/policy.py) over running prefills and waiting
+     sequences together, each taking a chunk of what budget is left. A waiting sequence is admitted
+     only if nothing was preempted this step and a sequence slot and the blocks are free; it first
+     takes the cached blocks of its prompt's longest cached prefix (kv/block_manager.py), so its
+     prefill starts after them. Under fcfs this is "running prefills, then admissions in arrival order".
 When a running sequence needs a block and none is free, the running sequence the policy ranks last
 that is not already in this step's batch is preempted: its blocks are freed (they stay cached) and
 it waits again to be recomputed later. Never failing for lack of memory is the point; the engine
@@ -68,24 +68,34 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         now = self.clock()
-        key = self.policy.key
-        for seq in sorted(self.running, key=lambda s: (s.num_uncomputed > 1, key(s, now))):
+        # Decodes first: they are latency-critical and cost one token each.
+        for seq in [s for s in self.running if s.num_uncomputed == 1]:
+            budget = self._feed(seq, budget, batch, now)
+        # Then prefill chunks, running and waiting alike, in policy order: a short newcomer can go
+        # ahead of a long document's next chunk when the policy ranks it first.
+        prefills = [s for s in self.running if s.num_uncomputed > 1]
+        admitting = bool(self.waiting)
+        for seq in self.policy.order(prefills + self.waiting if admitting else prefills, now):
             if budget == 0:
                 break
-            if seq.status != Status.RUNNING:  # preempted earlier in this loop
-                continue
-            n = min(seq.num_uncomputed, budget)
-            if not self._make_room(seq, seq.num_computed + n, batch, now):
-                continue
-            self.blocks.grow(seq.block_table, seq.num_computed + n)
-            batch.add(seq, n)
-            budget -= n
-        if self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not batch.preempted:
-            for seq in self.policy.order(self.waiting, now):
-                if budget == 0 or len(self.running) >= self.max_num_seqs or not self._admit(seq, budget, batch):
-                    break  # in policy order: nobody overtakes a sequence that does not fit
-                budget -= batch.num_tokens[-1]
+            if seq.status == Status.RUNNING:
+                budget = self._feed(seq, budget, batch, now)
+            elif admitting and not batch.preempted and len(self.running) < self.max_num_seqs:
+                # Nobody overtakes a waiting sequence that does not fit (no starvation by size).
+                admitting = self._admit(seq, budget, batch)
+                budget -= batch.num_tokens[-1] if admitting else 0
         return batch
+
+    def _feed(self, seq: Sequence, budget: int, batch: ScheduledBatch, now: float) -> int:
+        """Schedule a running sequence's next tokens (all, or a chunk of what budget is left); the budget left."""
+        if seq.status != Status.RUNNING:  # preempted earlier in this step
+            return budget
+        n = min(seq.num_uncomputed, budget)
+        if n == 0 or not self._make_room(seq, seq.num_computed + n, batch, now):
+            return budget
+        self.blocks.grow(seq.block_table, seq.num_computed + n)
+        batch.add(seq, n)
+        return budget - n
 
     def _admit(self, seq: Sequence, budget: int, batch: ScheduledBatch) -> bool:
         """Start `seq` on its cached prefix plus a chunk of at most `budget` tokens, if the pool has room."""
