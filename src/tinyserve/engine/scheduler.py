@@ -74,7 +74,7 @@ class Scheduler:
         # Then prefill chunks, running and waiting alike, in policy order: a short newcomer can go
         # ahead of a long document's next chunk when the policy ranks it first.
         prefills = [s for s in self.running if s.num_uncomputed > 1]
-        admitting = bool(self.waiting)
+        admitting = bool(self.waiting) and len(self.running) < self.max_num_seqs  # else no need to rank them
         for seq in self.policy.order(prefills + self.waiting if admitting else prefills, now):
             if budget == 0:
                 break
