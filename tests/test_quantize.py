@@ -70,7 +70,7 @@ def test_gptq_with_identity_hessian_is_rtn_and_with_correlated_inputs_beats_it()
 
     def loss(t: QuantizedTensor) -> float:
         d = (t.dequantize() - w).double()
-        return float(torch.einsum("ik,kl,il->", d, h, d))
+        return float(torch.einsum("ik,kl,il->", d, h.double(), d))
 
     for act_order in (False, True):
         t = gptq.gptq(w, h, spec, act_order=act_order)

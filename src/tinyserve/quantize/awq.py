@@ -8,7 +8,8 @@ calibration inputs; s = 1 (plain RTN) is always a candidate, so the search never
 own objective. Then, per linear, a clipping search shrinks each group's range where that lowers the
 error of the group's partial products (AutoAWQ's auto_clip; q/k are left unclipped, as there).
 The objective here is each linear group's output, not the whole attention / MLP block's output
-as in the reference code: ~3x cheaper, and what the engine's per-linear kernels see.
+as in the reference code: ~3x cheaper, and what the engine's per-linear kernels see. o_proj is
+clipped but not scaled (its scales could fold only into v_proj, and only without GQA).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ The calibrated methods run the decoder layer by layer in fp32 on the calibration
 does: the inputs of layer i are the outputs of layers < i *already quantized*, so each layer corrects
 for the error that reaches it. Within a layer the linears are visited in forward order (q/k/v, o,
 gate/up, down) and, for GPTQ, each one's inputs come from the quantized ones before it ("true
-sequential"). AWQ runs each layer twice: once in full precision to search and fold its scales (the
-fp output is unchanged by construction), then to clip and round with sequential inputs.
+sequential"); AWQ searches and folds each group's scales (the fp function is unchanged by
+construction), then clips and rounds it, in the same single pass.
 
 The LM head (the tied embedding, for SmolLM2) is not calibrated: `--head int8` rounds it per row
 onto the int8 kernel (the bundled file keeps it Q8_0 too), `--head none` keeps it dense.
@@ -48,13 +48,13 @@ class QuantizeOptions:
     method: str = "gptq"
     bits: int = 4
     group_size: int = 64
-    calib_samples: int = 64
+    calib_samples: int = 32
     calib_seq_len: int = 256
     seed: int = 0
     act_order: bool = False
     damp: float = 0.01  # GPTQ: fraction of the mean Hessian diagonal added to it
     head: str = "int8"  # int8 | none
-    search_tokens: int = 2048  # AWQ: calibration tokens its scale search scores (clipping uses a quarter)
+    search_tokens: int = 1024  # AWQ: calibration tokens its scale search scores (clipping uses half)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -133,41 +133,33 @@ class LayerQuantizer:
                                     self.opts.damp))
         return x
 
-    # AWQ pass 1: search the group's scales in full precision and fold them into the op before.
-    def fold_target(self, group: int) -> tuple[str, bool] | None:
-        """(weight that absorbs 1/s, whether it is a linear's rows rather than a norm's vector) or None."""
-        if group == 0:
-            return f"{self.prefix}input_layernorm.weight", False
-        if group == 1:  # o_proj's input is v's output only when every query head has its own KV head
-            return (f"{self.prefix}self_attn.v_proj.weight", True) if self.cfg.num_heads == self.cfg.num_kv_heads \
-                else None
-        if group == 2:
-            return f"{self.prefix}post_attention_layernorm.weight", False
-        return f"{self.prefix}mlp.up_proj.weight", True
-
-    def awq_scale(self, group: int, x: torch.Tensor) -> torch.Tensor:
-        target = self.fold_target(group)
-        if target is None:
-            return x
-        names = self.names(group)
-        s = awq.search_scales(self.sample(x, self.opts.search_tokens), torch.cat([self.w[n] for n in names]),
-                              self.spec)
+    # AWQ: one pass. Scales are searched on the group's inputs and folded into the op before (the
+    # fp function is unchanged), then the group is clipped and rounded.
+    def fold(self, names: list[str], s: torch.Tensor, into: str, rows: bool) -> None:
+        """w[:, j] *= s_j for the group's linears; `into` (a norm's vector or a linear's rows) absorbs 1/s."""
         for n in names:
             self.w[n] = self.w[n] * s
-        name, rows = target
-        self.w[name] = self.w[name] / (s[:, None] if rows else s)
-        bias = name.removesuffix("weight") + "bias"
-        if rows and bias in self.w:
-            self.w[bias] = self.w[bias] / s
-        return x / s
+        self.w[into] = self.w[into] / (s[:, None] if rows else s)
 
-    # AWQ pass 2: clip and round, with inputs from the quantized linears before.
-    def awq_quantize(self, group: int, x: torch.Tensor) -> torch.Tensor:
-        xs = self.sample(x, max(self.opts.search_tokens // 4, 1))
-        for n in self.names(group):
+    def awq(self, group: int, x: torch.Tensor) -> torch.Tensor:
+        p, names = self.prefix, self.names(group)
+        xs = self.sample(x, self.opts.search_tokens)
+        if group == 2:
+            # down_proj's scales fold into up_proj's rows, so they are searched now, before gate/up are
+            # rounded, on the MLP's full-precision intermediate for the sampled tokens.
+            up, down = f"{p}mlp.up_proj.weight", f"{p}mlp.down_proj.weight"
+            a = F.silu(xs @ self.w[f"{p}mlp.gate_proj.weight"].t()) * (xs @ self.w[up].t())
+            self.fold([down], awq.search_scales(a, self.w[down], self.spec), up, rows=True)
+        if group in (0, 2):  # o_proj (group 1) is not scaled: its input is v's output only without GQA
+            norm = f"{p}input_layernorm.weight" if group == 0 else f"{p}post_attention_layernorm.weight"
+            s = awq.search_scales(xs, torch.cat([self.w[n] for n in names]), self.spec)
+            self.fold(names, s, norm, rows=False)
+            x, xs = x / s, xs / s
+        xc = xs[: max(self.opts.search_tokens // 2, 1)]
+        for n in names:
             w = self.w[n]
             if not n.endswith(("q_proj.weight", "k_proj.weight")):  # q/k unclipped, as AutoAWQ
-                w = awq.clip(w, awq.search_clip(xs, w, self.spec), self.spec.group)
+                w = awq.clip(w, awq.search_clip(xc, w, self.spec), self.spec.group)
             self.store([n], rtn.rtn(w, self.spec))
         return x
 
@@ -201,8 +193,7 @@ def quantize_weights(w: dict[str, torch.Tensor], cfg: ModelConfig, opts: Quantiz
         if opts.method == "gptq":
             x = layer_forward(x, w, q.prefix, cfg, cos, sin, q.gptq)
         elif opts.method == "awq":
-            layer_forward(x, w, q.prefix, cfg, cos, sin, q.awq_scale)
-            x = layer_forward(x, w, q.prefix, cfg, cos, sin, q.awq_quantize)
+            x = layer_forward(x, w, q.prefix, cfg, cos, sin, q.awq)
         else:
             for group in range(len(GROUPS)):
                 for n in q.names(group):
