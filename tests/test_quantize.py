@@ -252,3 +252,34 @@ def test_quantize_command_writes_a_servable_directory(tiny_llama_dir, tmp_path, 
     assert len(llm.generate(["Hi"], SamplingParams(temperature=0, max_tokens=3))[0].outputs[0].token_ids) == 3
     with pytest.raises(SystemExit):  # group 128 does not divide the tiny model's 64-wide layers: a clear error
         main(["quantize", "--model", str(tiny_llama_dir), "--method", "rtn", "--group-size", "128", "--out", str(out)])
+
+
+# -- the table --------------------------------------------------------------------------------------------
+def test_quant_table_joins_stages_and_parses_configs(tmp_path):
+    """`bench quant`'s stages write separate results; the table joins them by mode, a row that only one
+    stage measured shows dashes for the other's columns, and the plots are written."""
+    from tinyserve.bench import quant_table as qt
+
+    assert qt.parse_config("gptq-4b-g64") == qt.QuantConfig("gptq", 4, 64)
+    assert qt.parse_config("rtn-8b").name == "rtn-8b" and qt.QuantConfig("awq", 3, 32).name == "awq-3b-g32"
+    with pytest.raises(Exception, match="METHOD-BITSb"):
+        qt.parse_config("gptq")
+    base = {"mode": "fp32", "ppl": 10.0, "ppl_delta_pct": 0.0, "kld_mean": 0.0, "kld_p99": 0.0, "top1_agreement": 1.0,
+            "greedy_identical": 1.0, "greedy_prefix": 1.0, "weight_bytes_packed": 2**29}
+    row = {**base, "mode": "gptq-4b-g64", "ppl": 11.0, "ppl_delta_pct": 10.0, "kld_mean": 0.1, "kld_p99": 1.0,
+           "top1_agreement": 0.8, "greedy_identical": 0.5, "greedy_prefix": 0.7, "checkpoint_bytes": 2**26,
+           "quantize_seconds": 42.0, "weight_bytes_packed": 2**26}
+    quality = {"modes": [base, row], "text": {"windows": 2, "window_tokens": 8, "file": "f", "scored_tokens": 14},
+               "greedy": {"prompts": ["a", "b"], "max_tokens": 4}}
+    speed_pt = [{"batch": 1, "decode_tok_s": 50.0, "prefill_tok_s": 100.0},
+                {"batch": 32, "decode_tok_s": 400.0, "prefill_tok_s": 900.0}]
+    speed = {"input_len": 128, "output_len": 32, "modes": [
+        {"mode": "gptq-4b-g64", "speed": speed_pt, "peak_rss_bytes": 2**30, "weight_bytes_packed": 2**26},
+        {"mode": "bf16", "speed": speed_pt, "peak_rss_bytes": 2**30, "weight_bytes_packed": 2**28}]}
+    table = qt.markdown_table(quality, speed)
+    assert "| gptq-4b-g64 | 64 | 64 | 1024 | 42 | 50 | 400 | 900 | 11.000 | +10.00 | 0.1000 | 1.000 | 80.0 | 1/2 |" \
+        in table
+    assert "| fp32 | - | 512 | - | - | - | - | - | 10.000 |" in table  # quality only
+    assert "| bf16 | - | 256 | 1024 | - | 50 | 400 | 900 | - |" in table  # speed only
+    assert [p.name for p in qt.plot(quality, speed, tmp_path)] == ["quant_quality_vs_bytes.png",
+                                                                  "quant_speed_vs_bytes.png"]

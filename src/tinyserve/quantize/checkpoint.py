@@ -32,7 +32,7 @@ SCHEMA = "tinyserve.quantized/1"
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     """uint8 codes 0..15 [N, K] (K even) -> [N, K/2] bytes."""
     q = q.to(torch.uint8)
-    return q[:, 0::2] | (q[:, 1::2] << 4)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
 
 
 def unpack_nibbles(b: torch.Tensor) -> torch.Tensor:

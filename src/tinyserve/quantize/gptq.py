@@ -70,7 +70,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, spec: Spec, act_order: bool = False, 
             w1[i:].addr_(hinv1[i, i:], e, alpha=-1)
             err[i] = e
         wt[i2:] -= hinv[i1:i2, i2:].t() @ err
-    q = qt.t()
+    q = qt.t().contiguous()
     out = torch.empty_like(q)
     out[:, perm] = q  # back to the original column order
     return pack(out, g_scales.view(-1) if spec.format == "int8" else g_scales,
