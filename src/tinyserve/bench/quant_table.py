@@ -42,11 +42,11 @@ class QuantConfig:
 
 
 def default_configs() -> list[QuantConfig]:
-    """The calibrated methods where they must show their worth (group 64, 3 bits) and where RTN is
-    already the file (4-bit g32), NF4 at both groups, and 8-bit per channel."""
-    out = [QuantConfig(m, b, g) for b in (4, 3) for g in (32, 64) for m in ("rtn", "gptq", "awq")]
-    out += [QuantConfig("nf4", 4, g) for g in (32, 64)]
-    return out + [QuantConfig("rtn", 8, 0), QuantConfig("gptq", 8, 0)]
+    """Where the calibrated methods must show their worth (4-bit group 64, 3-bit at 32 and 64), RTN at
+    4-bit group 32 (the bundled file's own grid: its layers are Q4_1), NF4 at both groups, int8 per channel."""
+    out = [QuantConfig("rtn", 4, 32)]
+    out += [QuantConfig(m, b, g) for b, g in ((4, 64), (3, 32), (3, 64)) for m in ("rtn", "gptq", "awq")]
+    return out + [QuantConfig("nf4", 4, g) for g in (32, 64)] + [QuantConfig("rtn", 8, 0)]
 
 
 def parse_config(text: str) -> QuantConfig:
