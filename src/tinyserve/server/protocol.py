@@ -1,22 +1,47 @@
 """OpenAI's wire format as pydantic models, with vLLM's extra sampling fields.
 
 Requests are validated strictly for *types* (a string where a number belongs is a 400, not a silent
-coercion); *values* are checked once, by `SamplingParams`, whose errors name the field. Unknown
-fields are ignored, as OpenAI clients send things we do not use (tools, response_format, ...).
+coercion; NaN and Infinity are not numbers here); *values* are checked once, by `SamplingParams`,
+whose errors name the field. An unknown field is a 400, as OpenAI answers it: silently ignoring a
+misspelt `max_token` would run a request the client did not ask for. OpenAI fields that change
+nothing here (`user`, `metadata`, ...) are accepted and ignored.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # -- requests -------------------------------------------------------------------------------------
 
 
+# Integers that reach torch (a seed, top_k) must fit its int64; the others are compared in Python.
+Int64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]
+
+
+def _valid_text(v: Any) -> Any:
+    """JSON can spell a lone surrogate (\\ud800); no tokenizer or UTF-8 response can carry one."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("not valid Unicode text (it contains a lone surrogate)") from None
+    elif isinstance(v, list):
+        for x in v:
+            _valid_text(x)
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            _valid_text(k)
+            _valid_text(x)
+    return v
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+    _text = field_validator("*")(_valid_text)
 
 
 class StreamOptions(_Request):
@@ -34,13 +59,17 @@ class _SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None  # accepted only when empty
+    # accepted and ignored (they change nothing about the result)
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
     # vLLM's extras
-    top_k: int | None = None
+    top_k: Int64 | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
@@ -61,7 +90,7 @@ class CompletionRequest(_SamplingFields):
 
 
 class ContentPart(_Request):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)  # non-text parts: 400 later
     type: str
     text: str | None = None
 
