@@ -29,6 +29,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but /health, /metrics, /version "
                         "and /openapi.json (default: $TINYSERVE_API_KEY; unset: no authentication)")
+    g.add_argument("--socket-send-buffer", type=int, default=256 * 1024, metavar="BYTES",
+                   help="each connection's kernel send buffer (0: the kernel's auto-tuning, up to MiBs); bounds "
+                        "what a client that stops reading can leave unread before it is noticed (default: %(default)s)")
     add_limit_args(parser)
     add_engine_args(parser)
 

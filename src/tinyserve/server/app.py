@@ -14,6 +14,7 @@ import argparse
 import copy
 import logging
 import signal
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -220,6 +221,22 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def _listen_socket(host: str, port: int, send_buffer: int) -> socket.socket:
+    """The listening socket, with a fixed send buffer that every accepted connection inherits.
+
+    Why: Linux grows a connection's send buffer up to 4 MiB on its own, so a client that stopped
+    reading would be noticed only after megabytes of SSE chunks, while its sequence kept generating.
+    With a fixed buffer, a stalled stream blocks soon and --stream-buffer aborts it. Token streams
+    need a few KB/s, far below what even a small buffer carries."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if send_buffer > 0:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    sock.bind(addr)
+    return sock
+
+
 def run_server(args: argparse.Namespace) -> int:
     """Load the model, then serve until SIGTERM/SIGINT; returns the exit code: 0 after a clean
     shutdown, 1 if the engine died (or the server never started)."""
@@ -235,11 +252,12 @@ def run_server(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     async_engine.on_fatal = on_fatal
+    sock = _listen_socket(args.host, args.port, args.socket_send_buffer)
     # uvicorn re-raises the signal it shut down for once it is done; with the default handlers that
     # would kill us with 143/130 after a clean shutdown. These no-op handlers make the exit code 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    server.run()
+    server.run(sockets=[sock])
     if async_engine.fatal_error is not None:
         log.critical("exiting with status 1: the engine failed")
         return 1
