@@ -19,6 +19,8 @@ import pytest
 
 from tinyserve.server.launcher import ServerProcess
 
+from conftest import server_metric, wait_server_idle
+
 pytestmark = pytest.mark.slow
 
 KEY = "test-key-5f0c2b"
@@ -58,25 +60,11 @@ def fresh(server) -> dict[str, str]:
 
 
 def metric(server, name: str, label: str = "") -> float:
-    """The sum of `name` over its label sets that contain `label` (e.g. 'finished_reason="error"')."""
-    total = 0.0
-    for line in httpx.get(server.url + "/metrics", timeout=10).text.splitlines():
-        key = line.rsplit(" ", 1)[0]
-        if key.split("{", 1)[0] == name and label in key:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return server_metric(server.url, name, label)
 
 
 def wait_idle(server, timeout: float = 30) -> None:
-    """Nothing running or waiting and every KV block back in the pool."""
-    deadline = time.monotonic() + timeout
-    while True:
-        vals = [metric(server, n) for n in ("tinyserve_requests_running", "tinyserve_requests_waiting",
-                                            "tinyserve_kv_cache_usage_ratio")]
-        if vals == [0, 0, 0]:
-            return
-        assert time.monotonic() < deadline, vals
-        time.sleep(0.2)
+    wait_server_idle(server.url, timeout)
 
 
 def assert_openai_error(r: httpx.Response, status: int, param: str | None = None) -> None:
