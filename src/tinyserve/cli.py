@@ -1,4 +1,4 @@
-"""`tinyserve {generate,serve,bench,profile}`: one entry point for every face of the project."""
+"""`tinyserve {generate,serve,bench,quantize,profile,report}`: one entry point for every face of the project."""
 
 from __future__ import annotations
 
@@ -88,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     quality = bench_sub.add_parser("quality", parents=[common],
                                    help="perplexity, KLD, greedy agreement vs fp32, memory, speed per precision mode")
     _attach(quality, "tinyserve.bench.quality", "add_quality_args", "run_quality")
+    quant_b = bench_sub.add_parser("quant", parents=[common],
+                                   help="the quantization table: method x bits x group, quality / bytes / speed")
+    _attach(quant_b, "tinyserve.bench.quant_table", "add_quant_args", "run_quant")
+
+    quant = sub.add_parser("quantize", parents=[common],
+                           help="RTN / GPTQ / AWQ / NF4 weights -> a model directory the engine serves packed")
+    _attach(quant, "tinyserve.quantize.pipeline", "add_quantize_args", "run_quantize")
 
     soak = bench_sub.add_parser("soak", parents=[common], help="minutes of mixed load with disconnects against a "
                                 "server on 127.0.0.1: nothing lost, KV back to 0, RSS bounded (exit 1 if not)")

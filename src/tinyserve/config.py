@@ -14,7 +14,7 @@ _DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
 
-QUANTIZATION_MODES = ("auto", "none", "int8", "int4", "gguf")
+QUANTIZATION_MODES = ("auto", "none", "int8", "int4", "gguf", "checkpoint")
 QUANT_GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -196,7 +196,8 @@ class EngineConfig:
     tokenizer: str | None = knob(None, "tokenizer directory or hub id (default: the model's)")
     quantization: str = knob(  # vLLM's flag name; see layers/quant.py
         "auto", "weight quantization; auto: a GGUF keeps its own quantized blocks "
-        "when activations are 16-bit, float32 dequantizes",
+        "when activations are 16-bit, float32 dequantizes; a `tinyserve quantize` directory keeps "
+        "its weights as stored (checkpoint)",
         choices=QUANTIZATION_MODES,
     )
     # 32 or 64 for the bundled model: 576-wide layers have no 128 groups

@@ -53,6 +53,7 @@ class Mode:
     quantization: str
     group_size: int = 32
     packed_max_batch: int | None = None  # None: the engine measures its kernel threshold at start-up
+    model: str | None = None  # a model of its own (e.g. a `tinyserve quantize` directory); None: the run's
 
 
 MODES = {m.name: m for m in (
@@ -248,18 +249,26 @@ def measure_speed(engine: Any, seed: int = 0) -> list[dict[str, float]]:
     return points
 
 
+def start_mode(mode: Mode, **engine_kwargs: Any) -> tuple[Any, float]:
+    """The mode's `LLM` and its start-up seconds. Eager: the scoring pass flips the linears' kernels
+    (decode_kernels), which a compiled graph would have baked in; speed here is the eager engine's
+    (bench offline/serve measure compiled)."""
+    from tinyserve.llm import LLM
+
+    if mode.model is not None:
+        engine_kwargs = {**engine_kwargs, "model": mode.model}
+    start = time.perf_counter()
+    llm = LLM(dtype=mode.dtype, quantization=mode.quantization, quant_group_size=mode.group_size,
+              packed_max_batch=mode.packed_max_batch, enforce_eager=True, **engine_kwargs)
+    return llm, time.perf_counter() - start
+
+
 def measure_mode(mode: Mode, windows: list[list[int]], prompts: Sequence[str], ref: Reference | None,
                  kernels: str = "decode", speed: bool = True, **engine_kwargs: Any) -> tuple[ModeResult, Reference]:
     """Start the mode's engine, measure it, free it. With `ref` None this mode is the reference."""
-    from tinyserve.llm import LLM
     from tinyserve.sampling import SamplingParams
 
-    start = time.perf_counter()
-    # Eager: the scoring pass flips the linears' kernels (decode_kernels), which a compiled graph
-    # would have baked in; speed here is the eager engine's (bench offline/serve measure compiled).
-    llm = LLM(dtype=mode.dtype, quantization=mode.quantization, quant_group_size=mode.group_size,
-              packed_max_batch=mode.packed_max_batch, enforce_eager=True, **engine_kwargs)
-    startup_s = time.perf_counter() - start
+    llm, startup_s = start_mode(mode, **engine_kwargs)
     engine = llm.engine
     with decode_kernels(engine.model) if kernels == "decode" else nullcontext():
         logits = [window_logits(engine, w)[:-1] for w in windows]  # the last position predicts nothing here

@@ -35,12 +35,22 @@ class GGUFTensor:
         return torch.from_numpy(w.copy()).view(self.shape)
 
 
-WeightSource = torch.Tensor | GGUFTensor
+class StoredWeight(Protocol):
+    """A weight kept in a file's own quantized form (GGUF blocks, a `tinyserve quantize` checkpoint):
+    packers that understand the form keep it, every other packer dequantizes it."""
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+    def dequantize(self) -> torch.Tensor: ...
+
+
+WeightSource = torch.Tensor | StoredWeight
 
 
 def as_dense(src: WeightSource) -> torch.Tensor:
     """The fp32 (or checkpoint-dtype) matrix of any weight source."""
-    return src.dequantize() if isinstance(src, GGUFTensor) else src
+    return src if isinstance(src, torch.Tensor) else src.dequantize()
 
 
 class QuantMethod(Protocol):

@@ -14,6 +14,11 @@ GGUF blocks map onto the int4 kernel exactly, so `--quantization gguf` serves th
         = (h - 8) * 16 d + (l - 8) * d + 8 d                  -> two int4 halves, summed
 The scales are stored in the activation dtype (the kernel requires it): exact in fp32, rounded to
 bf16's 8 significant bits otherwise (docs/REPORT.md measures the cost).
+
+A `tinyserve quantize` checkpoint (`--quantization checkpoint`) maps the same way, with no
+re-quantization: its int4/int3 groups are already in the kernel's `(q - 8) * s + z` form with
+bf16 scales, its int8 rows in `_weight_int8pack_mm`'s `q * s`. NF4 has no packed kernel in
+PyTorch: it is decoded to a dense matrix at load (its bytes on disk are 4-bit, in memory not).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,6 +40,59 @@ from tinyserve.layers.linear import DenseWeight, GGUFTensor, Linear, Unquantized
 log = logging.getLogger(__name__)
 
 GGUF_INT4_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # block types kept packed; the rest are dequantized
+
+# QLoRA's NormalFloat4: the 16 quantiles of N(0, 1) scaled to [-1, 1], with an exact zero
+# (Dettmers et al. 2023, appendix E; bitsandbytes' table).
+NF4_CODEBOOK = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+])
+QUANT_FORMATS = ("int", "int8", "nf4")
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A weight of a quantized checkpoint, its codes unpacked (one per element):
+
+    - "int" (bits 3 or 4): asymmetric groups of `group` along K, w = (q - 8) * s + z, q in 0..2^bits-1
+      (the int4 kernel's form; 3-bit codes simply never exceed 7);
+    - "int8": symmetric per output row, w = q * s, q in -128..127 (group = K);
+    - "nf4": w = NF4_CODEBOOK[q] * s per group (s = the group's absmax); zeros is None.
+    """
+
+    format: str
+    bits: int
+    group: int
+    q: torch.Tensor  # uint8 ("int", "nf4") or int8 [N, K]
+    scales: torch.Tensor  # [N, K / group]; int8: [N]
+    zeros: torch.Tensor | None  # [N, K / group] for "int"
+
+    def __post_init__(self) -> None:
+        if self.format not in QUANT_FORMATS:
+            raise ValueError(f"unknown quantized format {self.format!r} (known: {', '.join(QUANT_FORMATS)})")
+        n, k = self.q.shape
+        groups = (n,) if self.format == "int8" else (n, k // self.group)
+        if k % self.group or tuple(self.scales.shape) != groups:
+            raise ValueError(f"{self.format} tensor {tuple(self.q.shape)}: scales {tuple(self.scales.shape)} do not "
+                             f"match groups of {self.group}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n, k = self.q.shape
+        return n, k
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.q.shape
+        s = self.scales.float()
+        if self.format == "int8":
+            return self.q.float() * s[:, None]
+        if self.format == "nf4":
+            w = NF4_CODEBOOK[self.q.long()].view(n, -1, self.group) * s[..., None]
+            return w.view(n, k)
+        assert self.zeros is not None
+        return _dequant(self.q, s, self.zeros.float(), self.group)
 
 
 class PackedWeight(nn.Module):
@@ -214,14 +273,43 @@ class GGUFMethod:
         return Int4Weight(packed, sz, 32, halves, dense)
 
 
+class CheckpointMethod:
+    """`--quantization checkpoint`: a `tinyserve quantize` directory's weights as stored, no
+    re-quantization: "int" groups on the int4 kernel, "int8" rows on the int8 kernel, "nf4" decoded
+    to dense (no packed kernel). Shards that are not all in one such form are dequantized."""
+
+    name = "checkpoint"
+
+    def __init__(self, keep_dense: bool = True) -> None:
+        self.keep_dense = keep_dense
+
+    def pack(self, shards: Sequence[WeightSource], dtype: torch.dtype, device: torch.device) -> nn.Module:
+        forms = {(s.format, s.bits, s.group) if isinstance(s, QuantizedTensor) else None for s in shards}
+        form = forms.pop() if len(forms) == 1 else None
+        if form is None or form[0] == "nf4":
+            return Unquantized().pack(shards, dtype, device)
+        qs = [s for s in shards if isinstance(s, QuantizedTensor)]
+        q, scales = torch.cat([s.q for s in qs]), torch.cat([s.scales for s in qs]).float()
+        dense = torch.cat([s.dequantize() for s in qs]).to(device=device, dtype=dtype) if self.keep_dense else None
+        if form[0] == "int8":
+            return Int8Weight(q.to(device), scales.to(device=device, dtype=dtype), dense)
+        zeros = torch.cat([s.zeros for s in qs if s.zeros is not None]).float()
+        packed, sz = pack_int4(q, scales, zeros, form[2], dtype, device)
+        weight = Int4Weight(packed, sz, form[2], False, dense)
+        weight.kind = f"int{form[1]}-g{form[2]}" + (" (int4 kernel)" if form[1] != 4 else "")
+        return weight
+
+
 def _dequant(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int) -> torch.Tensor:
     n, k = q.shape
     w = (q.float().view(n, k // group, group) - 8) * scales[..., None] + zeros[..., None]
     return w.view(n, k)
 
 
-def make_method(name: str, group: int) -> Unquantized | Int8Method | Int4Method | GGUFMethod:
+def make_method(name: str, group: int) -> Unquantized | Int8Method | Int4Method | GGUFMethod | CheckpointMethod:
     """The method registered under `--quantization name` (auto is resolved by the loader first)."""
+    if name == "checkpoint":
+        return CheckpointMethod()
     if name == "none":
         return Unquantized()
     if name == "int8":

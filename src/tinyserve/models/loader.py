@@ -49,6 +49,13 @@ class ModelSource:
     name: str  # the default served model name
 
     @property
+    def quantized(self) -> bool:
+        """A `tinyserve quantize` directory: its weights are stored quantized (quantize/checkpoint.py)."""
+        from tinyserve.quantize.checkpoint import is_quantized_dir
+
+        return is_quantized_dir(self.path)
+
+    @property
     def gguf_blocks(self) -> Path | None:
         """The raw GGUF blocks saved by the export, when the model came from a GGUF file."""
         path = self.path / GGUF_BLOCKS_FILE
@@ -255,14 +262,23 @@ def model_config(src: ModelSource) -> ModelConfig:
 def resolve_quantization(mode: str, src: ModelSource, dtype: torch.dtype, device: str = "cpu") -> str:
     """`auto`: a GGUF served with 16-bit activations on a CPU keeps its blocks (the file's own weights,
     on the packed kernels); fp32 dequantizes (the exact reference path); any other checkpoint, and any
-    other device, is dense. The packed kernels are PyTorch's CPU ones."""
+    other device, is dense. The packed kernels are PyTorch's CPU ones. A quantized directory
+    (`tinyserve quantize`) keeps its weights as stored on a CPU whatever the dtype (in fp32 the engine's
+    start-up measurement picks their exact dense copies where the packed kernel is slower)."""
     if mode == "auto":
+        if src.quantized:
+            return "checkpoint" if device == "cpu" else "none"
         keep = src.gguf_blocks is not None and dtype in (torch.bfloat16, torch.float16) and device == "cpu"
         return "gguf" if keep else "none"
     if mode != "none" and device != "cpu":
         raise ValueError(f"quantization={mode!r} runs on PyTorch's CPU kernels; use quantization='none' on {device}")
     if mode == "gguf" and src.gguf_blocks is None:
         raise ValueError(f"quantization='gguf' needs a GGUF model; {src.name} is not one")
+    if mode == "checkpoint" and not src.quantized:
+        raise ValueError(f"quantization='checkpoint' needs a `tinyserve quantize` directory; {src.name} is not one")
+    if mode in ("int8", "int4") and src.quantized:
+        raise ValueError(f"{src.name} is already quantized ({src.path}); serve it with quantization='checkpoint' "
+                         "(or 'none' to dequantize it)")
     return mode
 
 
@@ -275,7 +291,12 @@ def load_model(src: ModelSource, cfg: ModelConfig, max_len: int, dtype: torch.dt
         model = LlamaForCausalLM(cfg, max_len, make_method(quantization, group_size), attention).to(dtype)
     model = model.to_empty(device=device)
     model.rotary = RotaryEmbedding(cfg, max_len).to(device)  # fp32 tables, computed for real
-    weights = gguf_block_weights(src) if quantization == "gguf" else hf_weights(src.path)
+    if src.quantized:  # stored quantized: kept as such ("checkpoint") or dequantized ("none")
+        from tinyserve.quantize.checkpoint import quantized_weights
+
+        weights: Iterator[tuple[str, WeightSource]] = quantized_weights(src.path)
+    else:
+        weights = gguf_block_weights(src) if quantization == "gguf" else hf_weights(src.path)
     model.load_weights(weights, dtype, device)
     return model.eval().requires_grad_(False)
 

@@ -1,0 +1,121 @@
+"""The quantization grids every method shares, and round-to-nearest (RTN) on them.
+
+A `Spec` names a grid: "int" (asymmetric groups of `group` along K, 3 or 4 bits, in the int4 kernel's
+form w = (q - 8) * s + z), "int8" (symmetric per output row, the int8 kernel's w = q * s) or "nf4"
+(QLoRA's 16-value codebook times each group's absmax). GPTQ and AWQ choose *which* codes to store;
+the grid, and how a weight column is rounded onto it, is defined once here.
+
+Scales and zeros are rounded to bf16 before any code is chosen: the checkpoint stores them in bf16
+(the kernels want them in the activation dtype), so the codes are optimal for the values actually served.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tinyserve.layers.quant import NF4_CODEBOOK, QuantizedTensor
+
+SCALE_DTYPE = torch.bfloat16
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A quantization grid: format, bits, group size (int8 ignores the group: one scale per row)."""
+
+    format: str  # "int" | "int8" | "nf4"
+    bits: int
+    group: int
+
+    @classmethod
+    def make(cls, method: str, bits: int, group: int) -> Spec:
+        """The grid a method/bits/group choice means, or a clear error."""
+        if method == "nf4":
+            if bits != 4:
+                raise ValueError(f"nf4 is a 4-bit format; got --bits {bits}")
+            return cls("nf4", 4, group)
+        if bits == 8:
+            return cls("int8", 8, 0)  # per output channel: the int8 kernel has no groups
+        if bits not in (3, 4):
+            raise ValueError(f"--bits must be 3, 4 or 8; got {bits}")
+        return cls("int", bits, group)
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    def check(self, name: str, k: int) -> None:
+        """Every weight's input width must split into whole groups (the kernel's layout)."""
+        if self.format != "int8" and (self.group < 1 or k % self.group):
+            raise ValueError(f"group size {self.group} does not divide the input width {k} of {name}; "
+                             f"groups that do: {[g for g in (32, 64, 128, 256) if k % g == 0]}")
+
+
+def fit(w: torch.Tensor, spec: Spec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The grid's parameters for `w` [N, G*group] (int8: [N, K]): min/max for "int" (scales, zeros
+    [N, G]), absmax for "nf4" and "int8" (scales; zeros None); bf16-rounded, returned in fp32."""
+    w = w.float()
+    if spec.format == "int8":
+        return (w.abs().amax(-1) / 127).clamp(min=1e-8).to(SCALE_DTYPE).float(), None
+    wg = w.view(w.shape[0], -1, spec.group)
+    if spec.format == "nf4":
+        return wg.abs().amax(-1).clamp(min=1e-8).to(SCALE_DTYPE).float(), None
+    lo, hi = wg.amin(-1), wg.amax(-1)  # each group's own range, as GGUF's Q4_1 (the bundled file's layers)
+    scales = ((hi - lo) / spec.maxq).clamp(min=1e-8).to(SCALE_DTYPE).float()
+    zeros = (lo + 8 * scales).to(SCALE_DTYPE).float()
+    return scales, zeros
+
+
+def codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, spec: Spec) -> torch.Tensor:
+    """Round `w` [N, C] onto the grid whose per-column parameters are `scales`/`zeros` [N, C]
+    (already expanded to columns): the nearest code of each weight."""
+    if spec.format == "int8":
+        return (w / scales).round().clamp(-128, 127)
+    if spec.format == "nf4":
+        book = NF4_CODEBOOK.to(w.device)
+        return ((w / scales)[..., None] - book).abs().argmin(-1).float()
+    assert zeros is not None
+    return ((w - zeros) / scales + 8).round().clamp(0, spec.maxq)
+
+
+def decode(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, spec: Spec) -> torch.Tensor:
+    """The value of codes `q` [N, C] under per-column `scales`/`zeros` [N, C]."""
+    if spec.format == "int8":
+        return q * scales
+    if spec.format == "nf4":
+        return NF4_CODEBOOK.to(q.device)[q.long()] * scales
+    assert zeros is not None
+    return (q - 8) * scales + zeros
+
+
+def per_column(t: torch.Tensor | None, spec: Spec, k: int) -> torch.Tensor | None:
+    """Group parameters [N, G] (int8: [N]) expanded to one per weight [N, K]."""
+    if t is None:
+        return None
+    if spec.format == "int8":
+        return t[:, None].expand(-1, k)
+    return t.repeat_interleave(spec.group, dim=1)
+
+
+def fake_quantize(w: torch.Tensor, spec: Spec) -> torch.Tensor:
+    """RTN's weights as served (fp32): what AWQ's searches score."""
+    scales, zeros = fit(w, spec)
+    s, z = per_column(scales, spec, w.shape[1]), per_column(zeros, spec, w.shape[1])
+    assert s is not None
+    return decode(codes(w.float(), s, z, spec), s, z, spec)
+
+
+def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, spec: Spec) -> QuantizedTensor:
+    dtype = torch.int8 if spec.format == "int8" else torch.uint8
+    return QuantizedTensor(spec.format, spec.bits, spec.group or q.shape[1], q.to(dtype), scales.to(SCALE_DTYPE),
+                           None if zeros is None else zeros.to(SCALE_DTYPE))
+
+
+def rtn(w: torch.Tensor, spec: Spec) -> QuantizedTensor:
+    """Round-to-nearest: every weight to its nearest code; the baseline the calibrated methods must beat."""
+    scales, zeros = fit(w, spec)
+    k = w.shape[1]
+    s, z = per_column(scales, spec, k), per_column(zeros, spec, k)
+    assert s is not None
+    return pack(codes(w.float(), s, z, spec), scales, zeros, spec)
