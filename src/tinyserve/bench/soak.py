@@ -37,7 +37,7 @@ PROMPTS = [
     "The capital of France is", "Water boils at", "Once upon a time", "def fibonacci(n):",
     "The best way to learn Python is", "In 1492,", "My favourite food is", "Paged attention works by",
 ]
-MAX_TOKENS = [8, 16, 24, 12]  # prompt i asks for MAX_TOKENS[i % 4]: references are per prompt
+MAX_TOKENS = [6, 12, 16, 8]  # prompt i asks for MAX_TOKENS[i % 4]: references are per prompt
 KINDS = {"complete": 3, "chat": 2, "stream": 3, "stream_drop": 2, "cancel": 1, "bad": 1}  # kind -> weight
 BAD_BODIES = [b'{"prompt": "hi", "max_tokens": -1}', b'{"prompt": "hi", "temperature": NaN}',
               b'{"prompt": "hi", "unknown_field": 1}', b'{"prompt": ', b'{"messages": []}']
