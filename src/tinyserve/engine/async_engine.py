@@ -61,6 +61,7 @@ class RequestUpdate:
     deltas: list[SeqDelta]
     finished: bool  # every sequence of the request has finished; no more updates follow
     num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # of the prompt, found in the prefix cache (set on the final update)
     first_token_time: float | None = None  # time.monotonic(), set on the final update
     finish_time: float | None = None
 
@@ -78,6 +79,8 @@ class EngineStats:
     running: int = 0  # requests with a running sequence
     waiting: int = 0  # requests with only waiting sequences
     kv_usage: float = 0.0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache so far
+    prefix_cache_hits: int = 0  # ... and found there
 
 
 @dataclass
@@ -97,6 +100,7 @@ class _Add:
     params: SamplingParams
     tracker: _Tracker
     future: concurrent.futures.Future
+    priority: int = 0
 
 
 @dataclass
@@ -185,7 +189,8 @@ class AsyncEngine:
 
     # -- the HTTP side's API (runs on the event loop) --------------------------------------------
     async def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, sink: asyncio.Queue
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, sink: asyncio.Queue,
+        priority: int = 0,
     ) -> AddedRequest:
         """Queue a request; its `RequestUpdate`s will arrive on `sink`.
 
@@ -196,7 +201,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         fut: concurrent.futures.Future = concurrent.futures.Future()
         tracker = _Tracker(loop=loop, sink=sink, arrival=time.monotonic())
-        self._commands.put(_Add(request_id, prompt, params, tracker, fut))
+        self._commands.put(_Add(request_id, prompt, params, tracker, fut, priority))
         return await asyncio.wrap_future(fut)
 
     def abort(self, request_id: str) -> None:
@@ -289,7 +294,7 @@ class AsyncEngine:
         if not cmd.future.set_running_or_notify_cancel():
             return  # the caller went away before we got to it
         try:
-            seqs = self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params)
+            seqs = self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, cmd.priority)
         except (ValueError, QueueFullError) as e:
             cmd.future.set_exception(e)
             return
@@ -328,6 +333,7 @@ class AsyncEngine:
         self._send_to(tr, RequestUpdate(
             rid, deltas, finished=True,
             num_prompt_tokens=seqs[0].num_prompt_tokens if seqs else 0,
+            num_cached_tokens=(seqs[0].num_cached_tokens or 0) if seqs else 0,
             first_token_time=min(first) if first else None,
             finish_time=max(ends) if ends else time.monotonic(),
         ))
@@ -367,7 +373,9 @@ class AsyncEngine:
         sched = self.engine.scheduler
         running = {s.request_id for s in sched.running}
         waiting = {s.request_id for s in sched.waiting} - running
-        self.stats = EngineStats(len(running), len(waiting), float(self.engine.blocks.usage))
+        blocks = self.engine.blocks
+        self.stats = EngineStats(len(running), len(waiting), float(blocks.usage), blocks.stats.queries,
+                                 blocks.stats.hits)
         if self._on_stats is not None:
             self._on_stats(self.stats)
 

@@ -19,6 +19,7 @@ from tinyserve.config import EngineConfig, cpu_model
 from tinyserve.engine.compiled import CompiledDecode
 from tinyserve.engine.faults import EngineFatalError, FaultInjector
 from tinyserve.engine.output import request_output
+from tinyserve.engine.policy import SchedulingPolicy
 from tinyserve.engine.runner import ModelRunner
 from tinyserve.engine.sampler import Sampler, prompt_logprobs
 from tinyserve.engine.scheduler import ScheduledBatch, Scheduler
@@ -74,8 +75,9 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, mc, self.num_blocks, bs, dtype, device)
         self.compile_seconds = 0.0
         self.runner.compiled = self._compile_decode()
-        self.blocks = BlockManager(self.num_blocks, bs)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting)
+        self.blocks = BlockManager(self.num_blocks, bs, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting,
+                                   SchedulingPolicy(config.scheduling_policy, config.aging_tokens_per_s))
         self.sampler = Sampler(self.tokenizer.eos_token_ids, config.seed, self.runner.device)
         self.requests: dict[str, list[Sequence]] = {}
         self.faults = FaultInjector.from_env(self.tokenizer.decode)  # None unless a test asks for faults
@@ -126,9 +128,18 @@ class LLMEngine:
                 f"n ({params.n}) exceeds the waiting queue's capacity (max_waiting={self.config.max_waiting})"
             )
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> list[Sequence]:
+    def check_priority(self, priority: int) -> None:
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        if priority != 0 and not self.scheduler.policy.uses_priority:  # as vLLM: not silently ignored
+            raise ValueError(f"priority is only honoured with scheduling_policy='priority' "
+                             f"(this engine runs {self.scheduler.policy.name!r})")
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    priority: int = 0) -> list[Sequence]:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        self.check_priority(priority)
         ids = self.encode_prompt(prompt)
         self.check_params(params)
         now = time.monotonic()
@@ -146,6 +157,7 @@ class LLMEngine:
                 max_len=self.max_len,
                 arrival_time=now,
                 index=i,
+                priority=priority,
                 generator=gen,
             ))
         self.scheduler.add(seqs)  # raises QueueFullError when the bounded queue is full
@@ -222,7 +234,7 @@ class LLMEngine:
         tokens, logprobs = self.sampler(logits, sampling) if sampling else ([], [])
         scored = prompt_logprobs(out.prompt_logits, out.prompt_spans)
         for seq, n in zip(batch.seqs, batch.num_tokens):
-            seq.num_computed += n
+            self.scheduler.computed(seq, n)
         for (seq, _), lps in zip(out.prompt_spans, scored):
             seq.prompt_logprobs += lps
         for seq in bad:

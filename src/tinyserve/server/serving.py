@@ -44,6 +44,7 @@ from tinyserve.server.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    PromptTokensDetails,
     Usage,
 )
 
@@ -95,13 +96,14 @@ class RequestGroup:
         self._timer: asyncio.TimerHandle | None = None
         self.sub_ids: list[str] = []
         self.prompt_token_ids: list[list[int]] = []
+        self.cached_tokens: dict[str, int] = {}  # per engine request, from its final update
         self.unfinished: set[str] = set()
         self.choices: dict[int, _Choice] = {}
         self.start = time.monotonic()
         self.first_token_at: float | None = None
 
     async def submit(self, prompts: list[str | list[int]], params: SamplingParams,
-                     metrics: ServerMetrics, param_renames: dict[str, str] | None = None) -> None:
+                     metrics: ServerMetrics, param_renames: dict[str, str] | None = None, priority: int = 0) -> None:
         """Queue every prompt, or none: on the first refusal the ones already queued are aborted."""
         try:
             for i, prompt in enumerate(prompts):
@@ -110,7 +112,7 @@ class RequestGroup:
                 # it, abort() still reaches it (commands are handled in order).
                 self.sub_ids.append(rid)
                 self.unfinished.add(rid)
-                added = await self.engine.add_request(rid, prompt, params, self.sink)
+                added = await self.engine.add_request(rid, prompt, params, self.sink, priority)
                 self.prompt_token_ids.append(added.prompt_token_ids)
         except BaseException as e:
             self.abort()
@@ -151,6 +153,7 @@ class RequestGroup:
             update = await self.sink.get()
             if update.finished:
                 self.unfinished.discard(update.request_id)
+                self.cached_tokens[update.request_id] = update.num_cached_tokens
                 if not self.unfinished and self._timer is not None:
                     self._timer.cancel()
             for d in update.deltas:
@@ -182,7 +185,8 @@ class RequestGroup:
     def usage(self) -> Usage:
         prompt = sum(map(len, self.prompt_token_ids))
         completion = sum(c.num_tokens for c in self.choices.values())
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self.cached_tokens.values())))
 
     def error(self) -> str | None:
         return next((c.error or "internal error" for c in self.choices.values() if c.finish_reason == "error"), None)
@@ -272,7 +276,7 @@ class OpenAIServing:
             self.metrics.on_rejected("invalid")
             raise
         group = RequestGroup(self.engine, f"cmpl-{uuid.uuid4().hex}", params.n, self.limits)
-        await group.submit(encoded, params, self.metrics)
+        await group.submit(encoded, params, self.metrics, priority=req.priority)
         echo = None  # per prompt: the text and token ids to echo
         if req.echo:
             echo = [(self._prompt_text(p, ids), ids) for p, ids in zip(prompts, group.prompt_token_ids)]
@@ -351,7 +355,7 @@ class OpenAIServing:
             self.metrics.on_rejected("invalid")
             raise
         group = RequestGroup(self.engine, f"chatcmpl-{uuid.uuid4().hex}", params.n, self.limits)
-        await group.submit([prompt], params, self.metrics, {"prompt": "messages"})
+        await group.submit([prompt], params, self.metrics, {"prompt": "messages"}, req.priority)
         if req.stream:
             return StreamResult(self._chat_stream(group, req), group.abort)
         await collect_or_abort(group, request)
