@@ -9,6 +9,10 @@ burns no CPU. Whatever a step produced goes back to each request's asyncio.Queue
 
 Nothing in the step loop waits on the network: a slow or vanished client only fills its own queue,
 and an abort frees the request's KV blocks on the next pass through the loop.
+
+An error in a pass through the loop fails what was in flight and the loop goes on; an
+`EngineFatalError`, an error while failing them, or three failed passes in a row end it: every
+request still in flight fails, `is_running` turns false, and `on_fatal` tells the server to exit.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 
 import torch
 
+from tinyserve.engine.faults import EngineFatalError
 from tinyserve.engine.llm_engine import LLMEngine
 from tinyserve.engine.output import DeltaTracker, SeqDelta
 from tinyserve.engine.scheduler import QueueFullError
@@ -38,6 +43,7 @@ __all__ = [
     "AddedRequest",
     "AsyncEngine",
     "EngineDeadError",
+    "EngineFatalError",
     "EngineStats",
     "QueueFullError",
     "RequestUpdate",
@@ -118,6 +124,8 @@ class AsyncEngine:
         self._trackers: dict[str, _Tracker] = {}
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self.fatal_error: BaseException | None = None  # what ended the step loop, if it died
+        self.on_fatal: Callable[[BaseException], None] | None = None  # called on the engine thread as it dies
         self.stats = EngineStats()
 
     def set_callbacks(
@@ -176,7 +184,8 @@ class AsyncEngine:
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
+        return (self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
+                and self.fatal_error is None)
 
     # -- the HTTP side's API (runs on the event loop) --------------------------------------------
     async def add_request(
@@ -216,10 +225,19 @@ class AsyncEngine:
                 self.abort(request_id)
 
     # -- the engine thread ------------------------------------------------------------------------
+    _MAX_FAILED_PASSES = 3  # in a row: the engine is wedged, not one request unlucky
+
     def _loop(self) -> None:
+        try:
+            self._run_loop()
+        except BaseException as e:
+            self._die(e)
+
+    def _run_loop(self) -> None:
         assert self.engine.config.num_threads is not None  # resolved in EngineConfig.__post_init__
         torch.set_num_threads(self.engine.config.num_threads)  # per-thread in some torch builds
         log.info("engine loop started")
+        failed_passes = 0
         while True:
             idle = not self.engine.has_unfinished()
             try:
@@ -239,9 +257,33 @@ class AsyncEngine:
                     seqs = self.engine.step()
                     self._emit(seqs)
                 self._publish_stats()
-            except Exception as e:  # never a dead loop: fail what was in flight, carry on
+                failed_passes = 0
+            except EngineFatalError:
+                raise
+            except Exception as e:  # fail what was in flight, carry on
+                failed_passes += 1
+                if failed_passes >= self._MAX_FAILED_PASSES:
+                    raise
                 log.exception("engine loop error; failing %d request(s)", len(self._trackers))
                 self._fail_all(f"internal error in the engine loop: {type(e).__name__}: {e}")
+
+    def _die(self, error: BaseException) -> None:
+        """The loop is over for good: say so, fail every request and pending add, tell the server."""
+        self.fatal_error = error
+        log.critical("the engine loop died: %s: %s", type(error).__name__, error, exc_info=error)
+        try:
+            self._fail_all(f"the engine failed and is stopping: {type(error).__name__}: {error}")
+        except BaseException:
+            log.exception("could not fail the requests in flight")
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(cmd, _Add) and cmd.future.set_running_or_notify_cancel():
+                cmd.future.set_exception(EngineDeadError("the engine has failed"))
+        if self.on_fatal is not None:
+            self.on_fatal(error)
 
     def _handle(self, cmd: _Add | _Abort) -> None:
         if isinstance(cmd, _Abort):
