@@ -2,6 +2,7 @@
 (before), interleaved in one process: the step that decides TTFT when a prompt's prefix is cached.
 
     .venv/bin/python scripts/ablate_chunk_attention.py --rounds 3
+    .venv/bin/python scripts/ablate_chunk_attention.py --layer 34 1058 --layer 512 1536   # one layer, 1 thread
 
 The bundled model at its defaults (bf16 + GGUF blocks), eager; a 1,024-token shared prefix is cached
 once, then each measured step prefills one new prompt's ~34 uncached tokens over it.
@@ -29,11 +30,38 @@ def sdpa_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: b
                                           enable_gqa=q.shape[1] != k.shape[0])[0].transpose(0, 1)
 
 
+def time_layer(num_queries: int, context: int, reps: int = 50) -> None:
+    """One layer's chunk attention alone (the bundled model's 9 query / 3 KV heads of 64, bf16, 1 thread)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    h, h_kv, d, dt = 9, 3, 64, torch.bfloat16
+    q = torch.randn(num_queries, h, d, dtype=dt)
+    k, v = torch.randn(h_kv, context, d, dtype=dt), torch.randn(h_kv, context, d, dtype=dt)
+    layout = base.BatchLayout([], [], torch.zeros(0, dtype=torch.long), 16, torch.device("cpu"))
+    span = base.SeqSpan(0, num_queries, context - num_queries, list(range(-(-context // 16))))
+    chunk = base.AttentionBackend._prefill_chunk(span, layout)
+    for name, fn in (("gemm (today)", base.chunk_attention), ("sdpa (before)", sdpa_chunk_attention)):
+        best = float("inf")
+        for _ in range(3):
+            fn(q, k, v, chunk, d**-0.5)
+            t = time.perf_counter()
+            for _ in range(reps):
+                fn(q, k, v, chunk, d**-0.5)
+            best = min(best, (time.perf_counter() - t) / reps * 1e3)
+        print(f"{name:14s} one layer, {num_queries} queries x {context} keys: best of 3 x {reps}: {best:.2f} ms")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=8, help="warm prefill steps per variant and round")
+    p.add_argument("--layer", nargs=2, type=int, action="append", metavar=("QUERIES", "CONTEXT"),
+                   help="time one layer's attention alone at this shape instead (repeatable)")
     args = p.parse_args()
+    if args.layer:
+        for num_queries, context in args.layer:
+            time_layer(num_queries, context)
+        return
     llm = LLM(enforce_eager=True)
     engine = llm.engine
     reqs = sample_shared_prefix(llm.tokenizer, 1 + 2 * args.rounds * args.steps, 1024, question_len=32, seed=1)
