@@ -140,6 +140,9 @@ def speed_stage(args: argparse.Namespace, configs: list[QuantConfig], root: Path
 
 # -- the table and plots -------------------------------------------------------------------------------------
 def newest(result_dir: Path, schema: str) -> dict[str, Any] | None:
+    """The newest result of `schema` under result_dir, its `modes` extended by the newest row of every
+    mode that only older results measured (so a stage can be run in parts, e.g. the timing one in short
+    exclusive slices)."""
     docs = []
     for p in sorted(result_dir.glob("quant-*.json")):
         try:
@@ -148,7 +151,13 @@ def newest(result_dir: Path, schema: str) -> dict[str, Any] | None:
             continue
         if doc.get("schema") == schema:
             docs.append(doc)
-    return max(docs, key=lambda d: d["date"]) if docs else None
+    if not docs:
+        return None
+    docs.sort(key=lambda d: d["date"])
+    rows: dict[str, dict[str, Any]] = {}
+    for doc in docs:
+        rows.update({r["mode"]: {**r, "result_date": doc["date"]} for r in doc["modes"]})
+    return {**docs[-1], "modes": list(rows.values())}
 
 
 def joined_rows(quality: dict[str, Any] | None, speed: dict[str, Any] | None) -> list[dict[str, Any]]:
