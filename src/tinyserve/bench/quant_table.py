@@ -35,10 +35,13 @@ class QuantConfig:
     method: str
     bits: int
     group: int
+    act_order: bool = False  # gptq (the reference code's defaults; `tinyserve quantize` defaults differ)
+    damp: float = 0.01  # gptq
 
     @property
     def name(self) -> str:
-        return f"{self.method}-{self.bits}b" + ("" if self.bits == 8 else f"-g{self.group}")
+        return (f"{self.method}-{self.bits}b" + ("" if self.bits == 8 else f"-g{self.group}")
+                + ("-act" if self.act_order else "") + (f"-d{self.damp:g}" if self.damp != 0.01 else ""))
 
 
 def default_configs() -> list[QuantConfig]:
@@ -46,20 +49,28 @@ def default_configs() -> list[QuantConfig]:
     group 32 (the bundled file's own grid: its layers are Q4_1) and 3-bit group 64, NF4 at both groups,
     int8 per channel. (Calibrated 3-bit g64 is left out of the default to keep the table under 30 min.)"""
     out = [QuantConfig("rtn", 4, 32)]
-    out += [QuantConfig(m, b, g) for b, g in ((4, 64), (3, 32)) for m in ("rtn", "gptq", "awq")]
+    for b, g in ((4, 64), (3, 32)):  # GPTQ as the reference code runs it, and with act-order + damp 0.1
+        out += [QuantConfig("rtn", b, g), QuantConfig("gptq", b, g), QuantConfig("gptq", b, g, True, 0.1),
+                QuantConfig("awq", b, g)]
     out += [QuantConfig("rtn", 3, 64)]
     return out + [QuantConfig("nf4", 4, g) for g in (32, 64)] + [QuantConfig("rtn", 8, 0)]
 
 
 def parse_config(text: str) -> QuantConfig:
-    """'gptq-4b-g64' / 'rtn-8b' -> QuantConfig."""
+    """'gptq-4b-g64' / 'rtn-8b' / 'gptq-3b-g32-act-d0.1' (GPTQ act-order, dampening 0.1) -> QuantConfig."""
     parts = text.split("-")
     try:
         method, bits = parts[0], int(parts[1].removesuffix("b"))
-        group = int(parts[2].removeprefix("g")) if len(parts) > 2 else 0
+        rest = parts[2:]
+        group = int(rest.pop(0).removeprefix("g")) if rest and rest[0].startswith("g") else 0
+        act = "act" in rest
+        damp = float(next((r[1:] for r in rest if r.startswith("d")), 0.01))
+        if set(rest) - {"act"} - {r for r in rest if r.startswith("d")}:
+            raise ValueError(rest)
     except (IndexError, ValueError):
-        raise argparse.ArgumentTypeError(f"config {text!r}: expected METHOD-BITSb-gGROUP, e.g. gptq-4b-g64") from None
-    return QuantConfig(method, bits, group)
+        raise argparse.ArgumentTypeError(f"config {text!r}: expected METHOD-BITSb-gGROUP[-act][-dDAMP], "
+                                         "e.g. gptq-4b-g64") from None
+    return QuantConfig(method, bits, group, act, damp)
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------
@@ -69,7 +80,8 @@ def ensure_checkpoint(c: QuantConfig, root: Path, args: argparse.Namespace) -> t
     from tinyserve.quantize.checkpoint import is_quantized_dir, read_info
     from tinyserve.quantize.pipeline import QuantizeOptions, quantize_model
 
-    opts = QuantizeOptions(c.method, c.bits, c.group or 64, args.calib_samples, args.calib_seq_len, args.seed)
+    opts = QuantizeOptions(c.method, c.bits, c.group or 64, args.calib_samples, args.calib_seq_len, args.seed,
+                           c.act_order, c.damp)
     out = root / c.name
     if not args.requantize and is_quantized_dir(out):
         info = read_info(out)
