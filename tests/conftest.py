@@ -77,3 +77,29 @@ def bundled_llm():
     from tinyserve import LLM
 
     return LLM(dtype="float32", enforce_eager=True)
+
+
+def server_metric(url: str, name: str, label: str = "") -> float:
+    """The sum of the Prometheus series `name` at url/metrics over its label sets that contain `label`."""
+    import httpx
+
+    total = 0.0
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        key = line.rsplit(" ", 1)[0]
+        if key.split("{", 1)[0] == name and label in key:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def wait_server_idle(url: str, timeout: float = 30) -> None:
+    """Until nothing runs or waits and every KV block is back in the pool (fails after `timeout`)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        vals = [server_metric(url, n) for n in ("tinyserve_requests_running", "tinyserve_requests_waiting",
+                                                "tinyserve_kv_cache_usage_ratio")]
+        if vals == [0, 0, 0]:
+            return
+        assert time.monotonic() < deadline, vals
+        time.sleep(0.2)

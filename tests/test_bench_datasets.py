@@ -9,6 +9,7 @@ from tinyserve.bench.datasets import (
     first_exchange,
     iter_json_array,
     load_sharegpt,
+    sample_mixed,
     sample_multi_turn,
     sample_random,
     sample_shared_prefix,
@@ -138,3 +139,14 @@ def test_shared_prefix_dataset():
     prefixes = [r.messages[0]["content"] for r in two]
     assert prefixes[0::2] == [prefixes[0]] * 3 and prefixes[1::2] == [prefixes[1]] * 3
     assert prefixes[0] != prefixes[1]
+
+
+def test_mixed_dataset_has_its_share_of_long_documents():
+    reqs = sample_mixed(TOK, 40, long_fraction=0.25, long_len=300, short_len=20, output_len=7, seed=0)
+    lens = [r.prompt_len for r in reqs]
+    assert sum(n >= 150 for n in lens) == 10 and all(10 <= n <= 30 or 150 <= n <= 450 for n in lens)
+    assert [n >= 150 for n in lens] != [True] * 10 + [False] * 30  # shuffled, not grouped
+    assert all(r.expected_output_len == 7 for r in reqs)
+    assert [r.prompt for r in sample_mixed(TOK, 40, 0.25, 300, 20, 7, seed=0)] == [r.prompt for r in reqs]
+    with pytest.raises(ValueError, match="long_fraction"):
+        sample_mixed(TOK, 4, 1.5, 300, 20)

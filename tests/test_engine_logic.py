@@ -390,7 +390,7 @@ def test_step_failure_error_is_recorded(tiny_llama_dir, monkeypatch):
 
 
 # -- block manager ------------------------------------------------------------------------------
-def test_block_manager_grow_fork_release_refcounts():
+def test_block_manager_grow_share_release_refcounts():
     bm = BlockManager(num_blocks=6, block_size=4)
     a: list[int] = []
     assert bm.blocks_needed(a, 0) == 0 and bm.blocks_needed(a, 1) == 1 and bm.blocks_needed(a, 9) == 3
@@ -398,7 +398,9 @@ def test_block_manager_grow_fork_release_refcounts():
     assert len(a) == 2 and bm.num_free == 4 and all(bm.ref_counts[b] == 1 for b in a)
     bm.grow(a, 8)  # still fits in two blocks
     assert len(a) == 2
-    b = bm.fork(a)
+    b: list[int] = []
+    assert bm.can_take(list(a), 9)
+    bm.take(b, list(a))  # b shares both blocks
     assert b == a and b is not a and all(bm.ref_counts[x] == 2 for x in a) and bm.num_free == 4
     bm.grow(b, 9)  # b alone gets a third block
     assert len(b) == 3 and bm.ref_counts[b[2]] == 1 and bm.num_free == 3

@@ -96,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
                            help="RTN / GPTQ / AWQ / NF4 weights -> a model directory the engine serves packed")
     _attach(quant, "tinyserve.quantize.pipeline", "add_quantize_args", "run_quantize")
 
+    soak = bench_sub.add_parser("soak", parents=[common], help="minutes of mixed load with disconnects against a "
+                                "server on 127.0.0.1: nothing lost, KV back to 0, RSS bounded (exit 1 if not)")
+    soak_mod = importlib.import_module("tinyserve.bench.soak")
+    soak_mod.add_soak_args(soak)
+    soak.set_defaults(func=lambda args: 0 if soak_mod.run_soak(args)["passed"] else 1)
+
     prof = sub.add_parser("profile", parents=[common], help="op tables, step split and roofline for prefill/decode")
     _attach(prof, "tinyserve.bench.profile", "add_profile_args", "run_profile")
     rep = sub.add_parser("report", parents=[common], help="plots + SUMMARY.md from every result JSON under --results")

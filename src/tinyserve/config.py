@@ -16,6 +16,7 @@ _DTYPES = {
 
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4", "gguf", "checkpoint")
 QUANT_GROUP_SIZES = (32, 64, 128, 256)
+SCHEDULING_POLICIES = ("fcfs", "priority", "shortest")  # engine/policy.py
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,17 @@ class EngineConfig:
         "paged (in place, native CPU kernel built on first use); auto = paged on CPU, sdpa elsewhere",
         choices=("auto", "sdpa", "paged"),
     )
+    enable_prefix_caching: bool = knob(
+        True, "reuse the KV blocks of prompt prefixes seen before (vLLM's automatic prefix caching; "
+        "--no-enable-prefix-caching turns it off)")
+    scheduling_policy: str = knob(
+        "fcfs", "who is served first: fcfs (arrival), priority (each request's priority, lower first, "
+        "then arrival), shortest (shortest remaining prompt first, with aging)",
+        choices=SCHEDULING_POLICIES,
+    )
+    aging_tokens_per_s: float = knob(
+        1000.0, "shortest policy: prompt tokens taken off a sequence's rank per second it has waited, "
+        "so a prompt of L tokens overtakes any newcomer after L / this many seconds")
     enforce_eager: bool = knob(
         False, "run every step eagerly: no compiled decode step (vLLM's flag; skips the start-up compile)")
     torch_dtype: torch.dtype = field(init=False, default=torch.float32)  # resolved from dtype and device
@@ -233,6 +245,11 @@ class EngineConfig:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}; got {self.quantization!r}")
         if self.quant_group_size not in QUANT_GROUP_SIZES:
             raise ValueError(f"quant_group_size must be one of {QUANT_GROUP_SIZES}; got {self.quant_group_size}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}; "
+                             f"got {self.scheduling_policy!r}")
+        if self.aging_tokens_per_s < 0:
+            raise ValueError(f"aging_tokens_per_s must be >= 0, got {self.aging_tokens_per_s}")
         if self.packed_max_batch is not None and self.packed_max_batch < 0:
             raise ValueError(f"packed_max_batch must be >= 0, got {self.packed_max_batch}")
         if self.num_threads is None:

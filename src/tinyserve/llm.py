@@ -33,8 +33,10 @@ class LLM:
         prompts: Prompt | Seq[Prompt],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        priority: Seq[int] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (strings or token-id lists); outputs come back in input order."""
+        """Generate for every prompt (strings or token-id lists); outputs come back in input order.
+        `priority` (one per prompt, lower first) needs scheduling_policy='priority', as in vLLM."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # a single prompt
         # By now a batch; the checker cannot tell a token-id list from a list of prompts by their elements.
@@ -43,10 +45,14 @@ class LLM:
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params_list) != len(prompts):
             raise ValueError(f"sampling_params: got {len(params_list)} for {len(prompts)} prompts")
-        for p, sp in zip(prompts, params_list):  # fail before anything is queued
+        priorities = [0] * len(prompts) if priority is None else list(priority)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"priority: got {len(priorities)} for {len(prompts)} prompts")
+        for p, sp, prio in zip(prompts, params_list, priorities):  # fail before anything is queued
             self.engine.encode_prompt(p)
             self.engine.check_params(sp)
-        return self._run(list(zip(prompts, params_list)), use_tqdm)
+            self.engine.check_priority(prio)
+        return self._run(list(zip(prompts, params_list, priorities)), use_tqdm)
 
     def chat(
         self,
@@ -60,10 +66,10 @@ class LLM:
         prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def _run(self, work: list[tuple[Prompt, SamplingParams]], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, work: list[tuple[Prompt, SamplingParams, int]], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.engine
         ids = [f"offline-{next(self._ids)}" for _ in work]
-        pending = deque((rid, prompt, params) for rid, (prompt, params) in zip(ids, work))
+        pending = deque((rid, prompt, params, prio) for rid, (prompt, params, prio) in zip(ids, work))
         outputs: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(work), desc="generate", disable=not use_tqdm)
         try:
@@ -71,8 +77,8 @@ class LLM:
                 # Feed the bounded waiting queue as it drains.
                 room = engine.config.max_waiting - len(engine.scheduler.waiting)
                 while pending and room >= pending[0][2].n:
-                    rid, prompt, params = pending.popleft()
-                    engine.add_request(rid, prompt, params)
+                    rid, prompt, params, prio = pending.popleft()
+                    engine.add_request(rid, prompt, params, prio)
                     room -= params.n
                 done = {s.request_id for s in engine.step() if s.finished}
                 for rid in done:

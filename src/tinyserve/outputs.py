@@ -42,3 +42,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     prompt_logprobs: list[Logprob | None] | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (vLLM's name)

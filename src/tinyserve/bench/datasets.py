@@ -1,4 +1,4 @@
-"""Request samplers for serving benchmarks: ShareGPT, random, shared-prefix, multi-turn.
+"""Request samplers for serving benchmarks: ShareGPT, random, shared-prefix, multi-turn, mixed.
 
 Each sampler returns plain data (prompt text and/or chat messages, the prompt length in tokens and the
 output length to ask for), seeded so two servers compared side by side see the same workload.
@@ -288,5 +288,33 @@ def sample_shared_prefix(
         question = random_text(tokenizer, rng, question_len, allowed)
         prompt = f"{prefix}\n\n{question}"
         messages = [{"role": "system", "content": prefix}, {"role": "user", "content": question}]
+        out.append(SampleRequest(prompt, len(tokenizer.encode(prompt)), output_len, messages))
+    return out
+
+
+def sample_mixed(
+    tokenizer: DecodingTokenizer,
+    num_requests: int,
+    long_fraction: float,
+    long_len: int,
+    short_len: int,
+    output_len: int = 64,
+    range_ratio: float = 0.5,
+    seed: int = 0,
+) -> list[SampleRequest]:
+    """Many short chats and a few long documents, shuffled: the workload that tells scheduling
+    policies apart (the short ones' TTFT tail vs the long ones' E2E). Every request asks for
+    `output_len` tokens; prompt lengths are uniform within +-range_ratio of short_len / long_len."""
+    if not 0 <= long_fraction <= 1:
+        raise ValueError(f"long_fraction must be within [0, 1], got {long_fraction}")
+    rng = np.random.default_rng(seed)
+    allowed = _allowed_ids(tokenizer)
+    num_long = round(num_requests * long_fraction)
+    lens = np.concatenate([uniform_lengths(rng, long_len, range_ratio, num_long),
+                           uniform_lengths(rng, short_len, range_ratio, num_requests - num_long)])
+    out = []
+    for n_in in rng.permutation(lens):
+        prompt = random_text(tokenizer, rng, int(n_in), allowed)
+        messages = [{"role": "user", "content": prompt}]
         out.append(SampleRequest(prompt, len(tokenizer.encode(prompt)), output_len, messages))
     return out

@@ -19,13 +19,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .datasets import sample_multi_turn, sample_random, sample_shared_prefix, sample_sharegpt
+from .datasets import sample_mixed, sample_multi_turn, sample_random, sample_shared_prefix, sample_sharegpt
 from .env_info import git_commit, machine_info, save_json
 from .loadgen import Endpoint, LoadConfig, LoadResult, fetch_first_model, normalize_base_url, run_load, run_multi_turn
 from .metrics import LATENCY_METRICS, BenchmarkMetrics, compute_metrics, parse_goodput, percentile_label
+from .server_counters import prefix_cache_counters, prefix_cache_delta
 from .tokenizer_cache import load_tokenizer
 
-DATASETS = ("sharegpt", "random", "shared-prefix", "multi-turn")
+DATASETS = ("sharegpt", "random", "shared-prefix", "multi-turn", "mixed")
 RESULT_SCHEMA = "tinyserve.bench.serve/1"
 
 
@@ -53,6 +54,9 @@ def add_serve_bench_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     g.add_argument("--shared-prefix-len", type=int, default=1024, help="tokens of the shared system prompt")
     g.add_argument("--shared-question-len", type=int, default=32)
     g.add_argument("--num-prefixes", type=int, default=1, help="distinct shared prefixes, cycled")
+    g.add_argument("--mixed-long-fraction", type=float, default=0.1, help="mixed: share of long documents")
+    g.add_argument("--mixed-long-len", type=int, default=1536, help="mixed: tokens of a long document")
+    g.add_argument("--mixed-short-len", type=int, default=96, help="mixed: tokens of a short chat")
     g.add_argument("--multi-turn-max-turns", type=int, default=4)
     g.add_argument("--multi-turn-history", choices=("generated", "reference"), default="generated",
                    help="assistant turns in the history: the server's own replies or the dataset's")
@@ -103,6 +107,9 @@ def sample_workload(args: argparse.Namespace, tokenizer: Any) -> list:
         return sample_shared_prefix(tokenizer, args.num_prompts, args.shared_prefix_len,
                                     question_len=args.shared_question_len, output_len=args.random_output_len,
                                     num_prefixes=args.num_prefixes, seed=args.seed)
+    if args.dataset == "mixed":
+        return sample_mixed(tokenizer, args.num_prompts, args.mixed_long_fraction, args.mixed_long_len,
+                            args.mixed_short_len, output_len=args.random_output_len, seed=args.seed)
     if args.dataset == "multi-turn":
         return sample_multi_turn(tokenizer, args.num_prompts, seed=args.seed,
                                  max_turns=args.multi_turn_max_turns,
@@ -158,6 +165,7 @@ def run_serve_benchmark(args: argparse.Namespace, tokenizer: Any = None) -> dict
 def run_one(cfg: LoadConfig, workload: list, args: argparse.Namespace, percentiles: tuple[float, ...],
             slos: dict[str, float]) -> tuple[dict[str, Any], BenchmarkMetrics]:
     """One sweep point: send the workload, aggregate; config + metrics + records, and the metrics object."""
+    cache_before = prefix_cache_counters(cfg.base_url)
     if args.dataset == "multi-turn":
         load: LoadResult = asyncio.run(run_multi_turn(workload, cfg, history=args.multi_turn_history))
     else:
@@ -170,9 +178,10 @@ def run_one(cfg: LoadConfig, workload: list, args: argparse.Namespace, percentil
         "temperature": cfg.temperature, "seed": cfg.seed, "percentiles": list(percentiles), "goodput_slos_ms": slos,
         "tokenizer": args.tokenizer or "bundled:SmolLM2-135M-Instruct", "timed_out": load.timed_out,
         "dataset_args": {k: v for k, v in vars(args).items()
-                         if k.startswith(("random_", "shared_", "sharegpt_", "multi_turn_", "num_prefixes"))},
+                         if k.startswith(("random_", "shared_", "sharegpt_", "multi_turn_", "num_prefixes", "mixed_"))},
     }
     part = {"config": config, "metrics": metrics.to_dict(),
+            "prefix_cache": prefix_cache_delta(cache_before, prefix_cache_counters(cfg.base_url)),
             "requests": [r.to_dict(include_text=cfg.keep_text) for r in load.records]}
     return part, metrics
 

@@ -9,6 +9,10 @@ burns no CPU. Whatever a step produced goes back to each request's asyncio.Queue
 
 Nothing in the step loop waits on the network: a slow or vanished client only fills its own queue,
 and an abort frees the request's KV blocks on the next pass through the loop.
+
+An error in a pass through the loop fails what was in flight and the loop goes on; an
+`EngineFatalError`, an error while failing them, or three failed passes in a row end it: every
+request still in flight fails, `is_running` turns false, and `on_fatal` tells the server to exit.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 
 import torch
 
+from tinyserve.engine.faults import EngineFatalError
 from tinyserve.engine.llm_engine import LLMEngine
 from tinyserve.engine.output import DeltaTracker, SeqDelta
 from tinyserve.engine.scheduler import QueueFullError
@@ -38,6 +43,7 @@ __all__ = [
     "AddedRequest",
     "AsyncEngine",
     "EngineDeadError",
+    "EngineFatalError",
     "EngineStats",
     "QueueFullError",
     "RequestUpdate",
@@ -55,6 +61,7 @@ class RequestUpdate:
     deltas: list[SeqDelta]
     finished: bool  # every sequence of the request has finished; no more updates follow
     num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # of the prompt, found in the prefix cache (set on the final update)
     first_token_time: float | None = None  # time.monotonic(), set on the final update
     finish_time: float | None = None
 
@@ -72,6 +79,8 @@ class EngineStats:
     running: int = 0  # requests with a running sequence
     waiting: int = 0  # requests with only waiting sequences
     kv_usage: float = 0.0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache so far
+    prefix_cache_hits: int = 0  # ... and found there
 
 
 @dataclass
@@ -91,6 +100,7 @@ class _Add:
     params: SamplingParams
     tracker: _Tracker
     future: concurrent.futures.Future
+    priority: int = 0
 
 
 @dataclass
@@ -114,6 +124,8 @@ class AsyncEngine:
         self._trackers: dict[str, _Tracker] = {}
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self.fatal_error: BaseException | None = None  # what ended the step loop, if it died
+        self.on_fatal: Callable[[BaseException], None] | None = None  # called on the engine thread as it dies
         self.stats = EngineStats()
 
     def set_callbacks(
@@ -172,11 +184,13 @@ class AsyncEngine:
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
+        return (self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
+                and self.fatal_error is None)
 
     # -- the HTTP side's API (runs on the event loop) --------------------------------------------
     async def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, sink: asyncio.Queue
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, sink: asyncio.Queue,
+        priority: int = 0,
     ) -> AddedRequest:
         """Queue a request; its `RequestUpdate`s will arrive on `sink`.
 
@@ -187,7 +201,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         fut: concurrent.futures.Future = concurrent.futures.Future()
         tracker = _Tracker(loop=loop, sink=sink, arrival=time.monotonic())
-        self._commands.put(_Add(request_id, prompt, params, tracker, fut))
+        self._commands.put(_Add(request_id, prompt, params, tracker, fut, priority))
         return await asyncio.wrap_future(fut)
 
     def abort(self, request_id: str) -> None:
@@ -211,10 +225,19 @@ class AsyncEngine:
                 self.abort(request_id)
 
     # -- the engine thread ------------------------------------------------------------------------
+    _MAX_FAILED_PASSES = 3  # in a row: the engine is wedged, not one request unlucky
+
     def _loop(self) -> None:
+        try:
+            self._run_loop()
+        except BaseException as e:
+            self._die(e)
+
+    def _run_loop(self) -> None:
         assert self.engine.config.num_threads is not None  # resolved in EngineConfig.__post_init__
         torch.set_num_threads(self.engine.config.num_threads)  # per-thread in some torch builds
         log.info("engine loop started")
+        failed_passes = 0
         while True:
             idle = not self.engine.has_unfinished()
             try:
@@ -234,9 +257,33 @@ class AsyncEngine:
                     seqs = self.engine.step()
                     self._emit(seqs)
                 self._publish_stats()
-            except Exception as e:  # never a dead loop: fail what was in flight, carry on
+                failed_passes = 0
+            except EngineFatalError:
+                raise
+            except Exception as e:  # fail what was in flight, carry on
+                failed_passes += 1
+                if failed_passes >= self._MAX_FAILED_PASSES:
+                    raise
                 log.exception("engine loop error; failing %d request(s)", len(self._trackers))
                 self._fail_all(f"internal error in the engine loop: {type(e).__name__}: {e}")
+
+    def _die(self, error: BaseException) -> None:
+        """The loop is over for good: say so, fail every request and pending add, tell the server."""
+        self.fatal_error = error
+        log.critical("the engine loop died: %s: %s", type(error).__name__, error, exc_info=error)
+        try:
+            self._fail_all(f"the engine failed and is stopping: {type(error).__name__}: {error}")
+        except BaseException:
+            log.exception("could not fail the requests in flight")
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(cmd, _Add) and cmd.future.set_running_or_notify_cancel():
+                cmd.future.set_exception(EngineDeadError("the engine has failed"))
+        if self.on_fatal is not None:
+            self.on_fatal(error)
 
     def _handle(self, cmd: _Add | _Abort) -> None:
         if isinstance(cmd, _Abort):
@@ -247,7 +294,7 @@ class AsyncEngine:
         if not cmd.future.set_running_or_notify_cancel():
             return  # the caller went away before we got to it
         try:
-            seqs = self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params)
+            seqs = self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, cmd.priority)
         except (ValueError, QueueFullError) as e:
             cmd.future.set_exception(e)
             return
@@ -286,6 +333,7 @@ class AsyncEngine:
         self._send_to(tr, RequestUpdate(
             rid, deltas, finished=True,
             num_prompt_tokens=seqs[0].num_prompt_tokens if seqs else 0,
+            num_cached_tokens=(seqs[0].num_cached_tokens or 0) if seqs else 0,
             first_token_time=min(first) if first else None,
             finish_time=max(ends) if ends else time.monotonic(),
         ))
@@ -325,7 +373,9 @@ class AsyncEngine:
         sched = self.engine.scheduler
         running = {s.request_id for s in sched.running}
         waiting = {s.request_id for s in sched.waiting} - running
-        self.stats = EngineStats(len(running), len(waiting), float(self.engine.blocks.usage))
+        blocks = self.engine.blocks
+        self.stats = EngineStats(len(running), len(waiting), float(blocks.usage), blocks.stats.queries,
+                                 blocks.stats.hits)
         if self._on_stats is not None:
             self._on_stats(self.stats)
 

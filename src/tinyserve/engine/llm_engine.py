@@ -1,8 +1,10 @@
 """The engine: `step()` = schedule -> run the model -> sample -> append tokens and check stops.
 
 Everything a request needs is validated in `add_request`, before it can reach the step loop, and
-each error names the offending field. A failure inside a step fails that step's requests (their
-blocks are freed, their finish_reason is "error") and the engine carries on with the rest.
+each error names the offending field. A failure inside a step fails only the requests it concerns:
+a batch whose forward or sampling raised is re-run one sequence at a time, and those that fail alone
+are failed (blocks freed, finish_reason "error"); a sequence whose logits are not finite, or whose
+token cannot be detokenized, fails alone. The engine carries on with the rest.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import torch
 from tinyserve.attention import select_backend
 from tinyserve.config import EngineConfig, cpu_model
 from tinyserve.engine.compiled import CompiledDecode
+from tinyserve.engine.faults import EngineFatalError, FaultInjector
 from tinyserve.engine.output import request_output
+from tinyserve.engine.policy import SchedulingPolicy
 from tinyserve.engine.runner import ModelRunner
 from tinyserve.engine.sampler import Sampler, prompt_logprobs
-from tinyserve.engine.scheduler import Scheduler
+from tinyserve.engine.scheduler import ScheduledBatch, Scheduler
 from tinyserve.engine.sequence import Sequence
 from tinyserve.kv.block_manager import BlockManager
 from tinyserve.layers.quant import configure_packed_kernels, packed_weights
@@ -71,10 +75,12 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, mc, self.num_blocks, bs, dtype, device)
         self.compile_seconds = 0.0
         self.runner.compiled = self._compile_decode()
-        self.blocks = BlockManager(self.num_blocks, bs)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting)
+        self.blocks = BlockManager(self.num_blocks, bs, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting,
+                                   SchedulingPolicy(config.scheduling_policy, config.aging_tokens_per_s))
         self.sampler = Sampler(self.tokenizer.eos_token_ids, config.seed, self.runner.device)
         self.requests: dict[str, list[Sequence]] = {}
+        self.faults = FaultInjector.from_env(self.tokenizer.decode)  # None unless a test asks for faults
 
     def _compile_decode(self) -> CompiledDecode | None:
         """The compiled decode step, warmed up at start-up for every batch-size regime (None with
@@ -122,9 +128,18 @@ class LLMEngine:
                 f"n ({params.n}) exceeds the waiting queue's capacity (max_waiting={self.config.max_waiting})"
             )
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> list[Sequence]:
+    def check_priority(self, priority: int) -> None:
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        if priority != 0 and not self.scheduler.policy.uses_priority:  # as vLLM: not silently ignored
+            raise ValueError(f"priority is only honoured with scheduling_policy='priority' "
+                             f"(this engine runs {self.scheduler.policy.name!r})")
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    priority: int = 0) -> list[Sequence]:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        self.check_priority(priority)
         ids = self.encode_prompt(prompt)
         self.check_params(params)
         now = time.monotonic()
@@ -142,6 +157,7 @@ class LLMEngine:
                 max_len=self.max_len,
                 arrival_time=now,
                 index=i,
+                priority=priority,
                 generator=gen,
             ))
         self.scheduler.add(seqs)  # raises QueueFullError when the bounded queue is full
@@ -171,24 +187,74 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        if self.faults is not None:
+            self.faults.maybe_raise("fatal", batch.seqs)
         try:
-            out = self.runner.execute(batch)
-            tokens, logprobs = self.sampler(out.logits, out.sampling) if out.sampling else ([], [])
-            scored = prompt_logprobs(out.prompt_logits, out.prompt_spans)
-        except Exception as e:  # never a dead engine: fail this batch, keep serving the rest
-            log.exception("step failed; failing %d request(s)", len(batch))
-            for seq in batch.seqs:
-                seq.error = f"internal error while running the model: {type(e).__name__}: {e}"
-                seq.finish("error")
-                self.scheduler.finish(seq)
-            return batch.seqs
+            return self._run(batch)
+        except EngineFatalError:
+            raise
+        except Exception as e:
+            if len(batch) == 1:
+                self._fail(batch.seqs[0], e)
+                return batch.seqs
+            # Which sequence broke it? Each alone: a failed attempt changed no sequence, and re-running
+            # rewrites the same KV slots, so the rest get exactly the tokens the batch would have given.
+            log.warning("a step of %d sequences failed (%s: %s); running them one by one", len(batch),
+                        type(e).__name__, e)
+        done: list[Sequence] = []
         for seq, n in zip(batch.seqs, batch.num_tokens):
-            seq.num_computed += n
+            try:
+                done += self._run(ScheduledBatch([seq], [n]))
+            except EngineFatalError:
+                raise
+            except Exception as e:
+                self._fail(seq, e)
+                done.append(seq)
+        return done
+
+    def _run(self, batch: ScheduledBatch) -> list[Sequence]:
+        """Forward, sample, then commit. Everything that can raise comes before the commit, so a raise
+        leaves the sequences as they were."""
+        if self.faults is not None:
+            self.faults.maybe_raise("forward", batch.seqs)
+        out = self.runner.execute(batch)
+        sampling, logits = out.sampling, out.logits
+        if self.faults is not None:
+            self.faults.poison(logits, sampling)
+        bad: list[Sequence] = []
+        if sampling:
+            # A row's sum is finite iff the row is (fp32 logits of any sane model cannot overflow it).
+            finite = torch.isfinite(logits.sum(-1)).tolist()
+            if not all(finite):
+                bad = [s for s, ok in zip(sampling, finite) if not ok]
+                keep = [i for i, ok in enumerate(finite) if ok]
+                sampling, logits = [sampling[i] for i in keep], logits[keep]
+        if self.faults is not None:
+            self.faults.maybe_raise("sampler", sampling)
+        tokens, logprobs = self.sampler(logits, sampling) if sampling else ([], [])
+        scored = prompt_logprobs(out.prompt_logits, out.prompt_spans)
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            self.scheduler.computed(seq, n)
         for (seq, _), lps in zip(out.prompt_spans, scored):
             seq.prompt_logprobs += lps
-        for seq, token, lp in zip(out.sampling, tokens, logprobs):
-            self._append(seq, token, lp)
+        for seq in bad:
+            self._fail(seq, "the model produced non-finite logits (NaN or inf)")
+        for seq, token, lp in zip(sampling, tokens, logprobs):
+            try:
+                if self.faults is not None:
+                    self.faults.maybe_raise("detokenize", [seq])
+                self._append(seq, token, lp)
+            except Exception as e:
+                self._fail(seq, e)
         return out.sampling
+
+    def _fail(self, seq: Sequence, error: Exception | str) -> None:
+        """Fail one sequence (its blocks go back at once); the client sees `error`, the log says why."""
+        message = error if isinstance(error, str) else f"internal error: {type(error).__name__}: {error}"
+        log.error("request %s failed: %s", seq.request_id, message)
+        seq.error = message
+        seq.finish("error")
+        self.scheduler.finish(seq)
 
     def _append(self, seq: Sequence, token: int, logprob: Logprob | None) -> None:
         seq.token_ids.append(token)

@@ -55,6 +55,7 @@ def request_output(request_id: str, seqs: list[Sequence]) -> RequestOutput:
         ],
         finished=all(s.finished for s in seqs),
         prompt_logprobs=prompt_logprobs(first),
+        num_cached_tokens=first.num_cached_tokens or 0,
     )
 
 

@@ -2,21 +2,25 @@
 
 A step's batch mixes decodes (1 token per sequence) with prefill chunks, within
 `max_num_batched_tokens` tokens and `max_num_seqs` sequences. Order of business:
-  1. running sequences, decodes first (they are latency-critical and cost one token each), then
-     the unfinished prefills, each taking a chunk of what budget is left;
-  2. if nothing was preempted, admit waiting sequences first-come first-served while budget,
-     sequence slots and free blocks last.
-When a running sequence needs a block and none is free, the most recently arrived running sequence
-that is not already in this step's batch is preempted: its blocks are freed and it goes back to the
-front of the waiting queue to be recomputed later. Never failing for lack of memory is the point;
-the engine guarantees one sequence of `max_len` always fits the pool, so progress is certain.
+  1. the running decodes (latency-critical, one token each);
+  2. prefill chunks, in the policy's order (engine/policy.py) over running prefills and waiting
+     sequences together, each taking a chunk of what budget is left. A waiting sequence is admitted
+     only if nothing was preempted this step and a sequence slot and the blocks are free; it first
+     takes the cached blocks of its prompt's longest cached prefix (kv/block_manager.py), so its
+     prefill starts after them. Under fcfs this is "running prefills, then admissions in arrival order".
+When a running sequence needs a block and none is free, the running sequence the policy ranks last
+that is not already in this step's batch is preempted: its blocks are freed (they stay cached) and
+it waits again to be recomputed later. Never failing for lack of memory is the point; the engine
+guarantees one sequence of `max_len` always fits the pool, so progress is certain.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from tinyserve.engine.policy import SchedulingPolicy
 from tinyserve.engine.sequence import Sequence, Status
 from tinyserve.kv.block_manager import BlockManager
 
@@ -40,12 +44,15 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_waiting: int) -> None:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_waiting: int,
+                 policy: SchedulingPolicy | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_waiting = max_waiting
-        self.waiting: deque[Sequence] = deque()
+        self.policy = policy or SchedulingPolicy("fcfs")
+        self.clock = clock  # the policies' "now" (waiting times); sequences' arrival_time is on the same clock
+        self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
 
     @property
@@ -60,35 +67,64 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
-        for seq in sorted(self.running, key=lambda s: s.num_uncomputed > 1):
+        now = self.clock()
+        # Decodes first: they are latency-critical and cost one token each.
+        for seq in [s for s in self.running if s.num_uncomputed == 1]:
+            budget = self._feed(seq, budget, batch, now)
+        # Then prefill chunks, running and waiting alike, in policy order: a short newcomer can go
+        # ahead of a long document's next chunk when the policy ranks it first.
+        prefills = [s for s in self.running if s.num_uncomputed > 1]
+        admitting = bool(self.waiting) and len(self.running) < self.max_num_seqs  # else no need to rank them
+        for seq in self.policy.order(prefills + self.waiting if admitting else prefills, now):
             if budget == 0:
                 break
-            if seq.status != Status.RUNNING:  # preempted earlier in this loop
-                continue
-            n = min(seq.num_uncomputed, budget)
-            if not self._make_room(seq, seq.num_computed + n, batch):
-                continue
-            self.blocks.grow(seq.block_table, seq.num_computed + n)
-            batch.add(seq, n)
-            budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not batch.preempted:
-            seq = self.waiting[0]
-            n = min(seq.num_uncomputed, budget)
-            if not self.blocks.can_grow(seq.block_table, n):
-                break
-            self.waiting.popleft()
-            seq.status = Status.RUNNING
-            self.running.append(seq)
-            self.blocks.grow(seq.block_table, n)
-            batch.add(seq, n)
-            budget -= n
+            if seq.status == Status.RUNNING:
+                budget = self._feed(seq, budget, batch, now)
+            elif admitting and not batch.preempted and len(self.running) < self.max_num_seqs:
+                # Nobody overtakes a waiting sequence that does not fit (no starvation by size).
+                admitting = self._admit(seq, budget, batch)
+                budget -= batch.num_tokens[-1] if admitting else 0
         return batch
 
-    def _make_room(self, seq: Sequence, num_tokens: int, batch: ScheduledBatch) -> bool:
-        """Preempt latecomers until `seq` can hold `num_tokens`; False if `seq` itself had to go."""
+    def _feed(self, seq: Sequence, budget: int, batch: ScheduledBatch, now: float) -> int:
+        """Schedule a running sequence's next tokens (all, or a chunk of what budget is left); the budget left."""
+        if seq.status != Status.RUNNING:  # preempted earlier in this step
+            return budget
+        n = min(seq.num_uncomputed, budget)
+        if n == 0 or not self._make_room(seq, seq.num_computed + n, batch, now):
+            return budget
+        self.blocks.grow(seq.block_table, seq.num_computed + n)
+        batch.add(seq, n)
+        return budget - n
+
+    def _admit(self, seq: Sequence, budget: int, batch: ScheduledBatch) -> bool:
+        """Start `seq` on its cached prefix plus a chunk of at most `budget` tokens, if the pool has room."""
+        # The last token is always computed, for its logits; prompt logprobs need every position.
+        bs = self.blocks.block_size
+        cacheable = self.blocks.enable_caching and seq.params.prompt_logprobs is None
+        hits = self.blocks.match(seq.full_block_hashes(bs, seq.num_tokens - 1)) if cacheable else []
+        num_cached = len(hits) * bs
+        n = min(seq.num_tokens - num_cached, budget)
+        if not self.blocks.can_take(hits, num_cached + n):
+            return False
+        if seq.num_cached_tokens is None:  # the first admission: what the request is told it reused
+            seq.num_cached_tokens = num_cached
+            if cacheable:
+                self.blocks.record_lookup(seq.num_tokens, num_cached)
+        self.waiting.remove(seq)
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        self.blocks.take(seq.block_table, hits)
+        seq.num_computed = num_cached
+        self.blocks.grow(seq.block_table, num_cached + n)
+        batch.add(seq, n)
+        return True
+
+    def _make_room(self, seq: Sequence, num_tokens: int, batch: ScheduledBatch, now: float) -> bool:
+        """Preempt the policy's last until `seq` can hold `num_tokens`; False if `seq` itself had to go."""
         while not self.blocks.can_grow(seq.block_table, num_tokens):
             candidates = [s for s in self.running if s is not seq and s not in batch.seqs]
-            victim = max(candidates, key=lambda s: s.arrival_time) if candidates else seq
+            victim = self.policy.victim(candidates, now) if candidates else seq
             self._preempt(victim)
             batch.preempted.append(victim)
             if victim is seq:
@@ -101,12 +137,21 @@ class Scheduler:
         seq.num_computed = 0
         seq.status = Status.WAITING
         seq.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self.waiting.insert(0, seq)
+
+    def computed(self, seq: Sequence, n: int) -> None:
+        """`seq`'s last `n` fed tokens now have their K/V: blocks they filled become findable."""
+        bs = self.blocks.block_size
+        first, seq.num_computed = seq.num_computed // bs, seq.num_computed + n
+        end = seq.num_computed // bs
+        if end > first and self.blocks.enable_caching:
+            self.blocks.register(seq.block_table, seq.full_block_hashes(bs, seq.num_computed), first, end)
 
     def finish(self, seq: Sequence) -> None:
-        """Drop a finished (or aborted, or failed) sequence and give its blocks back at once."""
+        """Drop a finished (or aborted, or failed) sequence and give its blocks back at once; a failed
+        sequence's blocks are not kept findable (its K/V may be what failed)."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.release(seq.block_table)
+        self.blocks.release(seq.block_table, keep_cached=seq.finish_reason != "error")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tinyserve.kv.block_hash import BlockHash, extend_block_hashes
 from tinyserve.outputs import Logprob
 from tinyserve.sampling import SamplingParams
 from tinyserve.tokenizer import IncrementalDetokenizer
@@ -37,6 +38,7 @@ class Sequence:
     max_len: int  # prompt + output may not exceed this (the model context / KV capacity)
     arrival_time: float = field(default_factory=time.monotonic)
     index: int = 0  # which of the request's n samples this is
+    priority: int = 0  # lower is served sooner under the priority policy (vLLM's convention)
 
     status: Status = Status.WAITING
     token_ids: list[int] = field(init=False)
@@ -53,6 +55,8 @@ class Sequence:
     finish_time: float | None = None
     error: str | None = None  # set when finish_reason == "error": what to tell the client
     num_preemptions: int = 0
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
+    block_hashes: list[BlockHash] = field(default_factory=list)  # identities of the full blocks so far
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -96,6 +100,11 @@ class Sequence:
         if self.params.prompt_logprobs is None:
             return range(0)
         return range(max(lo, len(self.prompt_logprobs)), min(hi, self.num_prompt_tokens - 1))
+
+    def full_block_hashes(self, block_size: int, num_tokens: int) -> list[BlockHash]:
+        """The prefix-cache identities of the full blocks among the first `num_tokens` tokens."""
+        extend_block_hashes(self.block_hashes, self.token_ids, block_size, num_tokens)
+        return self.block_hashes[: num_tokens // block_size]
 
     def max_output_tokens(self) -> int:
         room = self.max_len - self.num_prompt_tokens

@@ -11,6 +11,7 @@ import logging
 import sys
 
 from tinyserve.engine_args import add_engine_args
+from tinyserve.server.limits import add_limit_args
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +26,13 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                    help="on SIGTERM, seconds to let in-flight requests finish before they are aborted")
     g.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False,
                    help="uvicorn's access log (one line per request is logged either way)")
+    g.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health, /metrics, /version "
+                        "and /openapi.json (default: $TINYSERVE_API_KEY; unset: no authentication)")
+    g.add_argument("--socket-send-buffer", type=int, default=256 * 1024, metavar="BYTES",
+                   help="each connection's kernel send buffer (0: the kernel's auto-tuning, up to MiBs); bounds "
+                        "what a client that stops reading can leave unread before it is noticed (default: %(default)s)")
+    add_limit_args(parser)
     add_engine_args(parser)
 
 

@@ -3,8 +3,9 @@
 Every error leaves as `{"error": {"message", "type", "param", "code"}}`; FastAPI's 422 for a body
 that does not parse or type-check becomes OpenAI's 400, and nothing internal (tracebacks, repr of
 inputs) reaches the client. The engine thread starts with the app and stops in the lifespan's
-shutdown, after uvicorn has drained in-flight responses (bounded by --shutdown-timeout), so SIGTERM
-ends in a clean exit 0.
+shutdown. SIGTERM/SIGINT: new generations get 503 (and /health too) while uvicorn lets in-flight
+responses finish for up to --shutdown-timeout; what is left is then aborted; exit 0. If the engine
+loop dies, /health answers 503 and the process exits 1, so a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import argparse
 import copy
 import logging
 import signal
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -27,7 +30,9 @@ from tinyserve.engine.async_engine import AsyncEngine
 from tinyserve.engine.llm_engine import LLMEngine
 from tinyserve.engine_args import engine_config
 from tinyserve.server import openai_format as fmt
+from tinyserve.server.limits import ServerLimits
 from tinyserve.server.metrics import ServerMetrics
+from tinyserve.server.middleware import ApiKeyAuth, BodyGuard, resolve_api_key
 from tinyserve.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -78,15 +83,18 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg) + more, param
 
 
-def build_app(engine: LLMEngine | AsyncEngine, served_model_names: list[str] | None = None) -> FastAPI:
-    """An app serving `engine`; the engine thread runs while the app's lifespan does."""
+def build_app(engine: LLMEngine | AsyncEngine, served_model_names: list[str] | None = None,
+              limits: ServerLimits | None = None, api_key: str | None = None) -> FastAPI:
+    """An app serving `engine`; the engine thread runs while the app's lifespan does. With `api_key`,
+    every route but /health, /metrics, /version and /openapi.json needs `Authorization: Bearer <key>`."""
     async_engine = engine if isinstance(engine, AsyncEngine) else AsyncEngine(engine)
     engine = async_engine.engine
     names = list(served_model_names or [engine.model_name])
+    limits = limits or ServerLimits()
     metrics = ServerMetrics(names[0])
     async_engine.set_callbacks(on_finish=metrics.on_finish, on_step=metrics.on_step, on_stats=metrics.on_stats)
     tokenizer = copy.deepcopy(engine.tokenizer)  # the event loop's own: HF tokenizers are not thread-safe
-    serving = OpenAIServing(async_engine, tokenizer, names, metrics, engine.max_len)
+    serving = OpenAIServing(async_engine, tokenizer, names, metrics, engine.max_len, limits)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -102,6 +110,11 @@ def build_app(engine: LLMEngine | AsyncEngine, served_model_names: list[str] | N
     app = FastAPI(title="tinyserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.async_engine = async_engine
     app.state.metrics = metrics
+    app.state.serving = serving
+    # The last added runs first: authentication, then the body's size and type.
+    app.add_middleware(BodyGuard, max_bytes=limits.max_request_bytes)
+    if api_key:
+        app.add_middleware(ApiKeyAuth, api_key=api_key)
 
     # -- errors -------------------------------------------------------------------------------------
     @app.exception_handler(fmt.ApiError)
@@ -156,6 +169,8 @@ def build_app(engine: LLMEngine | AsyncEngine, served_model_names: list[str] | N
     async def health() -> JSONResponse:
         if not async_engine.is_running:
             return JSONResponse(fmt.error_body("the engine is not running", "service_unavailable"), status_code=503)
+        if serving.draining:
+            return JSONResponse(fmt.error_body("the server is shutting down", "service_unavailable"), status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -192,19 +207,58 @@ def build_app(engine: LLMEngine | AsyncEngine, served_model_names: list[str] | N
     return app
 
 
-def run_server(args: argparse.Namespace) -> int:
-    """Load the model, then serve until SIGTERM/SIGINT; returns the exit code (0 after a clean shutdown)."""
-    import uvicorn
+class _Server(uvicorn.Server):
+    """uvicorn's server that, on SIGTERM/SIGINT, first stops admitting new generations."""
 
+    def __init__(self, config: uvicorn.Config, serving: OpenAIServing) -> None:
+        super().__init__(config)
+        self.serving = serving
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if not self.serving.draining:
+            log.info("signal %d: refusing new requests, finishing the ones in flight", sig)
+        self.serving.draining = True
+        super().handle_exit(sig, frame)
+
+
+def _listen_socket(host: str, port: int, send_buffer: int) -> socket.socket:
+    """The listening socket, with a fixed send buffer that every accepted connection inherits.
+
+    Why: Linux grows a connection's send buffer up to 4 MiB on its own, so a client that stopped
+    reading would be noticed only after megabytes of SSE chunks, while its sequence kept generating.
+    With a fixed buffer, a stalled stream blocks soon and --stream-buffer aborts it. Token streams
+    need a few KB/s, far below what even a small buffer carries."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if send_buffer > 0:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    sock.bind(addr)
+    return sock
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """Load the model, then serve until SIGTERM/SIGINT; returns the exit code: 0 after a clean
+    shutdown, 1 if the engine died (or the server never started)."""
     config = engine_config(args)
-    app = build_app(AsyncEngine.build(lambda: LLMEngine(config)), args.served_model_name)
-    server = uvicorn.Server(uvicorn.Config(
+    async_engine = AsyncEngine.build(lambda: LLMEngine(config))
+    app = build_app(async_engine, args.served_model_name, ServerLimits.from_args(args), resolve_api_key(args.api_key))
+    server = _Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=str(getattr(args, "log_level", "info")).lower(),
         access_log=args.access_log, timeout_graceful_shutdown=args.shutdown_timeout, timeout_keep_alive=5,
-    ))
+    ), app.state.serving)
+
+    def on_fatal(_: BaseException) -> None:  # on the engine thread: uvicorn polls should_exit
+        server.should_exit = True
+
+    async_engine.on_fatal = on_fatal
+    sock = _listen_socket(args.host, args.port, args.socket_send_buffer)
     # uvicorn re-raises the signal it shut down for once it is done; with the default handlers that
     # would kill us with 143/130 after a clean shutdown. These no-op handlers make the exit code 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    server.run()
+    server.run(sockets=[sock])
+    if async_engine.fatal_error is not None:
+        log.critical("exiting with status 1: the engine failed")
+        return 1
     return 0 if server.started else 1

@@ -35,6 +35,12 @@ class ServerMetrics:
                                      labels, registry=r).labels(model_name)
         self.generation_tokens = Counter("tinyserve_generation_tokens", "Tokens generated.",
                                          labels, registry=r).labels(model_name)
+        # vLLM's shape: prompt tokens looked up in the prefix cache, and those found (hit rate = ratio)
+        self.prefix_queries = Counter("tinyserve_prefix_cache_queries", "Prompt tokens looked up in the prefix "
+                                      "cache (first admissions).", labels, registry=r).labels(model_name)
+        self.prefix_hits = Counter("tinyserve_prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                   labels, registry=r).labels(model_name)
+        self._prefix_seen = (0, 0)
         self._finished = Counter("tinyserve_requests_finished", "Finished sequences by finish reason "
                                  "(stop, length, abort, error); one per choice when n > 1.",
                                  labels + ["finished_reason"], registry=r)
@@ -56,6 +62,10 @@ class ServerMetrics:
         self.running.set(stats.running)
         self.waiting.set(stats.waiting)
         self.kv_usage.set(stats.kv_usage)
+        queries, hits = self._prefix_seen
+        self.prefix_queries.inc(stats.prefix_cache_queries - queries)
+        self.prefix_hits.inc(stats.prefix_cache_hits - hits)
+        self._prefix_seen = (stats.prefix_cache_queries, stats.prefix_cache_hits)
 
     def on_step(self, new_tokens: int) -> None:
         if new_tokens:

@@ -26,8 +26,6 @@ from tinyserve.server.protocol import (
     TopLogprob,
 )
 
-MAX_TEMPERATURE = 2.0  # OpenAI's bound; SamplingParams itself only requires >= 0
-
 
 class ApiError(Exception):
     """An error with an HTTP status that reaches the client in OpenAI's shape."""
@@ -64,9 +62,6 @@ def bad_value(e: ValueError, renames: dict[str, str] | None = None) -> ApiError:
 
 def _common_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
                    logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
-    if req.temperature is not None and req.temperature > MAX_TEMPERATURE:
-        raise ApiError(400, f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {req.temperature!r}",
-                       param="temperature")
     if req.logit_bias:
         raise ApiError(400, "logit_bias is not supported", param="logit_bias")
     return SamplingParams(

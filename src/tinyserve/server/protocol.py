@@ -1,22 +1,48 @@
 """OpenAI's wire format as pydantic models, with vLLM's extra sampling fields.
 
-Requests are validated strictly for *types* (a string where a number belongs is a 400, not a silent
-coercion); *values* are checked once, by `SamplingParams`, whose errors name the field. Unknown
-fields are ignored, as OpenAI clients send things we do not use (tools, response_format, ...).
+Requests are validated strictly for *types* (a string where a number belongs is a 400, not a silent coercion; NaN and
+Infinity are not numbers here) and for the simple ranges, which the OpenAPI document then shows (the
+fuzz test generates from it); what depends on several fields or on the model is checked by
+`SamplingParams` and the engine, whose errors name the field. An unknown field is a 400, as OpenAI
+answers it: silently ignoring a misspelt `max_token` would run a request the client did not ask for.
+OpenAI fields that change nothing here (`user`, `metadata`, ...) are accepted and ignored.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # -- requests -------------------------------------------------------------------------------------
 
 
+# A seed reaches torch.Generator.manual_seed, which takes an int64; other integers are compared in Python.
+Int64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]
+
+
+def _valid_text(v: Any) -> Any:
+    """JSON can spell a lone surrogate (\\ud800); no tokenizer or UTF-8 response can carry one."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("not valid Unicode text (it contains a lone surrogate)") from None
+    elif isinstance(v, list):
+        for x in v:
+            _valid_text(x)
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            _valid_text(k)
+            _valid_text(x)
+    return v
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+    _text = field_validator("*")(_valid_text)
 
 
 class StreamOptions(_Request):
@@ -28,40 +54,46 @@ class _SamplingFields(_Request):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = None  # vLLM: optional, the served model by default
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int = 1
+    temperature: float | None = Field(None, ge=0, le=2)  # OpenAI's range (SamplingParams: >= 0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    seed: Int64 | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None  # accepted only when empty
+    # accepted and ignored (they change nothing about the result)
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
     # vLLM's extras
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    top_k: int | None = Field(None, ge=-1, lt=2**63)  # -1 or 0: off
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    priority: int = 0  # lower is served sooner; only with --scheduling-policy priority
 
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16  # OpenAI's default for completions
-    logprobs: int | None = None
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    prompt_logprobs: int | None = None  # vLLM extra: top-N logprobs of each prompt token (not with stream)
+    # vLLM extra: top-N logprobs of each prompt token (not with stream)
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
     best_of: int | None = None  # accepted only when equal to n
     suffix: str | None = None  # not supported (400 when set)
 
 
 class ContentPart(_Request):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)  # non-text parts: 400 later
     type: str
     text: str | None = None
 
@@ -74,10 +106,10 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True  # vLLM extra
 
 
@@ -101,10 +133,15 @@ class _Response(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class PromptTokensDetails(_Response):
+    cached_tokens: int = 0  # prompt tokens whose K/V the prefix cache supplied (OpenAI's field)
+
+
 class Usage(_Response):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class ErrorInfo(_Response):

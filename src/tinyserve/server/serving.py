@@ -4,7 +4,12 @@ response. FastAPI wiring lives in app.py; the wire format in protocol.py / opena
 A completions request with several prompts becomes one engine request per prompt (choice index =
 prompt index * n + sample index); all of them feed one asyncio.Queue. If the client goes away
 (stream cancelled, or the connection drops while we wait), every unfinished engine request is
-aborted so its KV blocks are freed at once.
+aborted so its KV blocks are freed at once. So is a request that outlives --request-timeout, and a
+stream whose client stops reading: its queue would otherwise grow by one update per step while the
+engine keeps the sequence's KV blocks; past --stream-buffer unread updates it is aborted.
+
+Prompts are tokenized here, on the event loop's own tokenizer, so that a prompt plus max_tokens
+longer than the context is refused before it reaches the engine, with vLLM's message.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from jinja2 import TemplateError
@@ -24,6 +29,7 @@ from tinyserve.engine.async_engine import AsyncEngine, EngineDeadError, QueueFul
 from tinyserve.outputs import Logprob
 from tinyserve.sampling import SamplingParams
 from tinyserve.server import openai_format as fmt
+from tinyserve.server.limits import ServerLimits
 from tinyserve.server.metrics import ServerMetrics
 from tinyserve.server.protocol import (
     ChatChoice,
@@ -38,10 +44,12 @@ from tinyserve.server.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    PromptTokensDetails,
     Usage,
 )
 
 log = logging.getLogger("tinyserve.server")
+_ERROR_TYPES = {500: "internal_error", 504: "timeout"}
 
 
 @dataclass
@@ -57,23 +65,45 @@ class _Choice:
     error: str | None = None
 
 
+class _Sink(asyncio.Queue):
+    """A request's update queue that calls `on_overflow` (once) when more than `limit` updates sit
+    unread. Updates are never dropped: after the abort only the final one can follow."""
+
+    def __init__(self, limit: int, on_overflow: Callable[[], None]) -> None:
+        super().__init__()
+        self.limit = limit
+        self.on_overflow: Callable[[], None] | None = on_overflow
+
+    def put_nowait(self, item: RequestUpdate) -> None:
+        super().put_nowait(item)
+        if self.qsize() > self.limit and self.on_overflow is not None:
+            callback, self.on_overflow = self.on_overflow, None
+            callback()
+
+
 class RequestGroup:
     """The engine requests behind one HTTP request, and their merged update stream."""
 
-    def __init__(self, engine: AsyncEngine, request_id: str, n: int) -> None:
+    def __init__(self, engine: AsyncEngine, request_id: str, n: int, limits: ServerLimits | None = None) -> None:
         self.engine = engine
         self.request_id = request_id
         self.n = n
-        self.sink: asyncio.Queue[RequestUpdate] = asyncio.Queue()
+        self.limits = limits or ServerLimits()
+        self.sink: asyncio.Queue[RequestUpdate] = _Sink(self.limits.stream_buffer, self._stalled)
+        # Set when the server itself ends the request: what its aborted choices report, and the status.
+        self.fail_reason: str | None = None
+        self.fail_status = 500
+        self._timer: asyncio.TimerHandle | None = None
         self.sub_ids: list[str] = []
         self.prompt_token_ids: list[list[int]] = []
+        self.cached_tokens: dict[str, int] = {}  # per engine request, from its final update
         self.unfinished: set[str] = set()
         self.choices: dict[int, _Choice] = {}
         self.start = time.monotonic()
         self.first_token_at: float | None = None
 
     async def submit(self, prompts: list[str | list[int]], params: SamplingParams,
-                     metrics: ServerMetrics, param_renames: dict[str, str] | None = None) -> None:
+                     metrics: ServerMetrics, param_renames: dict[str, str] | None = None, priority: int = 0) -> None:
         """Queue every prompt, or none: on the first refusal the ones already queued are aborted."""
         try:
             for i, prompt in enumerate(prompts):
@@ -82,7 +112,7 @@ class RequestGroup:
                 # it, abort() still reaches it (commands are handled in order).
                 self.sub_ids.append(rid)
                 self.unfinished.add(rid)
-                added = await self.engine.add_request(rid, prompt, params, self.sink)
+                added = await self.engine.add_request(rid, prompt, params, self.sink, priority)
                 self.prompt_token_ids.append(added.prompt_token_ids)
         except BaseException as e:
             self.abort()
@@ -99,6 +129,20 @@ class RequestGroup:
         for c in range(len(prompts) * self.n):
             self.choices[c] = _Choice()
         metrics.on_admitted(sum(map(len, self.prompt_token_ids)))
+        limit = self.limits.request_timeout
+        if limit > 0:
+            self._timer = asyncio.get_running_loop().call_later(
+                limit, self.fail, f"the request exceeded the server's time limit of {limit:g} s", 504)
+
+    def fail(self, reason: str, status: int) -> None:
+        """End the request from the server side: its choices finish with an error saying why."""
+        if self.fail_reason is None and self.unfinished:
+            self.fail_reason, self.fail_status = reason, status
+            log.warning("%s aborted: %s", self.request_id, reason)
+            self.abort()
+
+    def _stalled(self) -> None:
+        self.fail(f"the client read too slowly: {self.limits.stream_buffer} updates were left unread", 500)
 
     def choice_index(self, rid: str, seq_index: int) -> int:
         return self.sub_ids.index(rid) * self.n + seq_index
@@ -109,7 +153,12 @@ class RequestGroup:
             update = await self.sink.get()
             if update.finished:
                 self.unfinished.discard(update.request_id)
+                self.cached_tokens[update.request_id] = update.num_cached_tokens
+                if not self.unfinished and self._timer is not None:
+                    self._timer.cancel()
             for d in update.deltas:
+                if d.finish_reason == "abort" and self.fail_reason is not None:
+                    d = replace(d, finish_reason="error", error=self.fail_reason)
                 c = self.choice_index(update.request_id, d.index)
                 ch = self.choices[c]
                 ch.text += d.text
@@ -128,13 +177,16 @@ class RequestGroup:
             pass
 
     def abort(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         for rid in self.unfinished:
             self.engine.abort(rid)
 
     def usage(self) -> Usage:
         prompt = sum(map(len, self.prompt_token_ids))
         completion = sum(c.num_tokens for c in self.choices.values())
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self.cached_tokens.values())))
 
     def error(self) -> str | None:
         return next((c.error or "internal error" for c in self.choices.values() if c.finish_reason == "error"), None)
@@ -181,17 +233,24 @@ class StreamResult:
 
 class OpenAIServing:
     def __init__(self, engine: AsyncEngine, tokenizer: Any, served_model_names: list[str], metrics: ServerMetrics,
-                 max_model_len: int) -> None:
+                 max_model_len: int, limits: ServerLimits | None = None) -> None:
         self.engine = engine
+        self.limits = limits or ServerLimits()
         self.tokenizer = tokenizer  # the HTTP side's own copy: never shared with the engine thread
         self.names = served_model_names
         self.metrics = metrics
         self.max_model_len = max_model_len
         self.token_text = fmt.TokenText(tokenizer)
 
+        self.draining = False  # set on SIGTERM/SIGINT: new generations get 503 while in-flight ones finish
+
     @property
     def model_name(self) -> str:
         return self.names[0]
+
+    def check_admitting(self) -> None:
+        if self.draining:
+            raise fmt.ApiError(503, "the server is shutting down", type="service_unavailable")
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.names:
@@ -200,15 +259,24 @@ class OpenAIServing:
 
     # -- /v1/completions --------------------------------------------------------------------------
     async def completions(self, req: CompletionRequest, request: Request) -> CompletionResponse | StreamResult:
+        self.check_admitting()
         self.check_model(req.model)
         try:
             params = fmt.completion_params(req)
+            prompts = fmt.completion_prompts(req.prompt)
+            try:
+                self.limits.check_sampling(params.n, req.stop)
+                self.limits.check_prompts(len(prompts))
+            except ValueError as e:
+                raise fmt.bad_value(e) from None
+            encoded: list[str | list[int]] = [self._encode(p) if isinstance(p, str) else p for p in prompts]
+            for ids in encoded:
+                self._check_length(len(ids), params.max_tokens, "prompt", "max_tokens")
         except fmt.ApiError:
             self.metrics.on_rejected("invalid")
             raise
-        prompts = fmt.completion_prompts(req.prompt)
-        group = RequestGroup(self.engine, f"cmpl-{uuid.uuid4().hex}", params.n)
-        await group.submit(prompts, params, self.metrics)
+        group = RequestGroup(self.engine, f"cmpl-{uuid.uuid4().hex}", params.n, self.limits)
+        await group.submit(encoded, params, self.metrics, priority=req.priority)
         echo = None  # per prompt: the text and token ids to echo
         if req.echo:
             echo = [(self._prompt_text(p, ids), ids) for p, ids in zip(prompts, group.prompt_token_ids)]
@@ -268,21 +336,26 @@ class OpenAIServing:
 
     # -- /v1/chat/completions ---------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest, request: Request) -> ChatCompletionResponse | StreamResult:
+        self.check_admitting()
         self.check_model(req.model)
         try:
             params = fmt.chat_params(req)
             messages = fmt.chat_messages(req.messages)
             try:
+                self.limits.check_sampling(params.n, req.stop)
+                self.limits.check_messages(len(messages))
                 prompt = self.tokenizer.apply_chat_template(messages, req.add_generation_prompt)
             except ValueError as e:
                 raise fmt.bad_value(e) from None
             except (TemplateError, TypeError, KeyError) as e:  # the template rejects this conversation
                 raise fmt.ApiError(400, f"messages: the chat template rejected them: {e}", param="messages") from None
+            self._check_length(len(prompt), params.max_tokens, "messages",
+                               "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
         except fmt.ApiError:
             self.metrics.on_rejected("invalid")
             raise
-        group = RequestGroup(self.engine, f"chatcmpl-{uuid.uuid4().hex}", params.n)
-        await group.submit([prompt], params, self.metrics, {"prompt": "messages"})
+        group = RequestGroup(self.engine, f"chatcmpl-{uuid.uuid4().hex}", params.n, self.limits)
+        await group.submit([prompt], params, self.metrics, {"prompt": "messages"}, req.priority)
         if req.stream:
             return StreamResult(self._chat_stream(group, req), group.abort)
         await collect_or_abort(group, request)
@@ -333,7 +406,8 @@ class OpenAIServing:
             async for c, d in group.updates():
                 if d.finish_reason == "error":
                     status = "error"
-                    yield fmt.sse(fmt.error_body(d.error or "internal error", "internal_error", code=500))
+                    yield fmt.sse(fmt.error_body(d.error or "internal error", _ERROR_TYPES[group.fail_status],
+                                                 code=group.fail_status))
                     continue
                 for event in render(c, d):
                     yield event
@@ -348,6 +422,24 @@ class OpenAIServing:
             group.log_done(kind, True, status)
 
     # -- helpers ----------------------------------------------------------------------------------
+    def _encode(self, prompt: str) -> list[int]:
+        if not prompt:
+            raise fmt.ApiError(400, "prompt must not be empty", param="prompt")
+        return self.tokenizer.encode(prompt)
+
+    def _check_length(self, num_prompt: int, max_tokens: int | None, prompt_param: str, tokens_param: str) -> None:
+        """vLLM's 400s: the prompt alone, or the prompt plus the tokens asked for, exceed the context."""
+        ctx = self.max_model_len
+        if num_prompt >= ctx:
+            raise fmt.ApiError(400, f"This model's maximum context length is {ctx} tokens. However, your request has "
+                                    f"{num_prompt} input tokens. Please reduce the length of the input messages.",
+                               param=prompt_param)
+        if max_tokens is not None and num_prompt + max_tokens > ctx:
+            raise fmt.ApiError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
+                                    f"{num_prompt + max_tokens} tokens ({num_prompt} in the messages, {max_tokens} in "
+                                    "the completion). Please reduce the length of the messages or completion.",
+                               param=tokens_param)
+
     def _prompt_text(self, prompt: str | list[int], ids: list[int]) -> str:
         return prompt if isinstance(prompt, str) else self.tokenizer.decode(ids, skip_special_tokens=False)
 
@@ -356,4 +448,4 @@ class OpenAIServing:
         err = group.error()
         if err is not None:
             group.log_done(kind, False, "error")
-            raise fmt.ApiError(500, err, type="internal_error")
+            raise fmt.ApiError(group.fail_status, err, type=_ERROR_TYPES[group.fail_status])
