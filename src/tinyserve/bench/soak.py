@@ -289,7 +289,11 @@ def plot(samples: list[dict[str, float]], outcomes: list[Outcome], path: Path, t
 
 
 def run_soak(args: argparse.Namespace) -> dict[str, Any]:
+    import logging
+
     from tinyserve.server.launcher import ServerProcess
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the summary
 
     server = None
     if args.base_url is None:
