@@ -38,6 +38,16 @@ def test_block_identity_chains_the_whole_prefix():
 
 
 # -- the pool -----------------------------------------------------------------------------------
+def cached_pool(num_blocks: int = 4) -> tuple[BlockManager, list[bytes], list[int]]:
+    """A pool holding one table of two full, registered blocks (tokens 0..7)."""
+    bm = BlockManager(num_blocks=num_blocks, block_size=BS)
+    h = hashes(list(range(8)))
+    a: list[int] = []
+    bm.grow(a, 8)
+    bm.register(a, h, 0, 2)
+    return bm, h, a
+
+
 def test_match_take_and_register_share_the_longest_cached_prefix():
     bm = BlockManager(num_blocks=8, block_size=BS)
     toks = list(range(12))
@@ -58,11 +68,7 @@ def test_match_take_and_register_share_the_longest_cached_prefix():
 
 
 def test_free_cached_blocks_stay_findable_until_evicted_lru():
-    bm = BlockManager(num_blocks=4, block_size=BS)
-    h = hashes(list(range(8)))
-    a: list[int] = []
-    bm.grow(a, 8)
-    bm.register(a, h, 0, 2)
+    bm, h, a = cached_pool()
     blocks = list(a)
     bm.release(a)
     assert bm.num_free == 4 and bm.usage == 0.0 and bm.match(h) == blocks  # free, still cached
@@ -85,11 +91,7 @@ def test_free_cached_blocks_stay_findable_until_evicted_lru():
 
 
 def test_release_without_keeping_forgets_unshared_blocks():
-    bm = BlockManager(num_blocks=4, block_size=BS)
-    h = hashes(list(range(8)))
-    a: list[int] = []
-    bm.grow(a, 8)
-    bm.register(a, h, 0, 2)
+    bm, h, a = cached_pool()
     b: list[int] = []
     bm.take(b, bm.match(h)[:1])  # b shares block 0 only
     bm.release(a, keep_cached=False)  # a failed: its K/V may be garbage

@@ -57,43 +57,36 @@ class Sim:
                     self.sched.finish(s)
         self.clock.t += dt
 
+    def run(self, seqs: list[Sequence], steps: int) -> Sim:
+        self.sched.add(seqs)
+        for _ in range(steps):
+            self.step()
+        return self
+
 
 def test_fcfs_admits_in_arrival_order():
-    sim = Sim("fcfs", max_num_seqs=1)
-    sim.sched.add([seq("c", 8, 0.3), seq("a", 8, 0.1), seq("b", 30, 0.2)])
-    for _ in range(20):
-        sim.step()
+    sim = Sim("fcfs", max_num_seqs=1).run([seq("c", 8, 0.3), seq("a", 8, 0.1), seq("b", 30, 0.2)], 20)
     assert sim.admitted == ["a", "b", "c"]
 
 
 def test_priority_admits_lower_value_first_then_arrival():
-    sim = Sim("priority", max_num_seqs=1)
-    sim.sched.add([seq("p3", 8, 0.0, 3), seq("p1-early", 8, 0.1, 1), seq("p2", 8, 0.2, 2), seq("p1-late", 8, 0.3, 1),
-                   seq("neg", 8, 0.4, -5)])
-    for _ in range(30):
-        sim.step()
+    seqs = [seq("p3", 8, 0.0, 3), seq("p1-early", 8, 0.1, 1), seq("p2", 8, 0.2, 2), seq("p1-late", 8, 0.3, 1),
+            seq("neg", 8, 0.4, -5)]
+    sim = Sim("priority", max_num_seqs=1).run(seqs, 30)
     assert sim.admitted == ["neg", "p1-early", "p1-late", "p2", "p3"]
 
 
 def test_preemption_takes_the_lowest_priority_not_the_latest():
     # 4 blocks of 4 tokens; two sequences of 6 tokens that each grow to 6 + 4: one must be preempted
-    sim = Sim("priority", num_blocks=4)
-    sim.sched.add([seq("low", 6, 0.0, priority=9, max_tokens=4), seq("high", 6, 0.5, priority=0, max_tokens=4)])
-    for _ in range(20):
-        sim.step()
+    pair = [seq("low", 6, 0.0, priority=9, max_tokens=4), seq("high", 6, 0.5, priority=0, max_tokens=4)]
+    sim = Sim("priority", num_blocks=4).run(pair, 20)
     assert sim.preempted and set(sim.preempted) == {"low"}
-    fcfs = Sim("fcfs", num_blocks=4)
-    fcfs.sched.add([seq("first", 6, 0.0, max_tokens=4), seq("latest", 6, 0.5, max_tokens=4)])
-    for _ in range(20):
-        fcfs.step()
+    fcfs = Sim("fcfs", num_blocks=4).run([seq("first", 6, 0.0, max_tokens=4), seq("latest", 6, 0.5, max_tokens=4)], 20)
     assert fcfs.preempted and set(fcfs.preempted) == {"latest"}
 
 
 def test_shortest_serves_short_prompts_before_a_long_document():
-    sim = Sim("shortest", max_num_seqs=1)
-    sim.sched.add([seq("doc", 400, 0.0), seq("q1", 10, 0.01), seq("q2", 12, 0.02)])
-    for _ in range(40):
-        sim.step()
+    sim = Sim("shortest", max_num_seqs=1).run([seq("doc", 400, 0.0), seq("q1", 10, 0.01), seq("q2", 12, 0.02)], 40)
     assert sim.admitted == ["q1", "q2", "doc"]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
 import time
 from collections import Counter
 
@@ -271,6 +272,36 @@ def test_stalled_stream_is_aborted_and_frees_kv(server):
     finally:
         sock.close()
     assert complete(server, "Water boils at").status_code == 200
+
+
+def test_sigterm_aborts_what_outlives_the_shutdown_timeout_and_exits_zero():
+    """SIGTERM with a stream that needs far longer than --shutdown-timeout: it is cut off, exit 0."""
+    lines: list[str] = []
+    started = threading.Event()
+    srv = ServerProcess(["--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
+                         "--kv-cache-memory-gb", "0.05", "--shutdown-timeout", "2"])
+
+    def consume() -> None:
+        body = {"prompt": "Tell me a long story.", "max_tokens": 480, "ignore_eos": True, "stream": True}
+        try:
+            with httpx.stream("POST", srv.url + CMPL, json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    lines.append(line)
+                    started.set()
+        except httpx.HTTPError:
+            pass  # the connection is dropped when the server gives up on it
+
+    with srv:
+        t = threading.Thread(target=consume)
+        t.start()
+        assert started.wait(60), srv.log_tail()
+        t0 = time.monotonic()
+        assert srv.terminate(timeout=60) == 0, srv.log_tail()
+        assert time.monotonic() - t0 < 30
+        t.join(30)
+        assert "data: [DONE]" not in lines  # cut off, not finished
+        log = srv.log_tail(300)
+        assert "refusing new requests" in log and "engine loop stopped" in log
 
 
 @pytest.fixture(scope="module")

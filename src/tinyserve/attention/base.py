@@ -5,14 +5,15 @@ tokens arrive as one flat batch: first the decode tokens (one query each), then 
 Every layer first writes its new K/V into the pool at `slot_mapping`, then attends each query to its
 context. The runner describes the step once (`BatchLayout`: plain Python, no tensors but the slots);
 the back end turns that into its own `AttentionMetadata` (`build`), which every layer then shares.
-Back ends differ in how decodes read the pool (`decode`); prefill chunks go through SDPA in all of
-them: a chunk is many queries against one context, a GEMM-shaped job SDPA does well.
+Back ends differ in how decodes read the pool (`decode`); prefill chunks are shared by all of them:
+a fresh prompt goes through SDPA (causal), a chunk over a cached context (a later chunk, or a prompt
+whose prefix came from the prefix cache) through `chunk_attention`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,16 @@ class PrefillChunk:
     num_tokens: int
     num_cached: int
     block_table: torch.Tensor | None  # [n_blocks] int64; None when there is no cached context
-    mask: torch.Tensor | None  # [1, 1, q, ctx] bool; None when is_causal suffices
+    bias: torch.Tensor | None  # [q, ctx] fp32, 0 where a query sees a key, -inf elsewhere; None when is_causal suffices
+    _folded: tuple[torch.dtype, int, torch.Tensor] | None = field(default=None, repr=False)
+
+    def folded_bias(self, dtype: torch.dtype, groups: int) -> torch.Tensor:
+        """`bias` in `dtype`, repeated for `groups` query heads per KV head ([groups * q, ctx]); made by
+        the first layer that asks, shared by the rest."""
+        assert self.bias is not None
+        if self._folded is None or self._folded[:2] != (dtype, groups):
+            self._folded = (dtype, groups, self.bias.to(dtype).repeat(groups, 1))
+        return self._folded[2]
 
 
 @dataclass
@@ -123,9 +133,10 @@ class AttentionBackend(ABC):
             return PrefillChunk(span.start, span.num_tokens, 0, None, None)
         dev = layout.device
         q_pos = torch.arange(span.num_cached, span.context_len, device=dev)
-        mask = torch.arange(span.context_len, device=dev)[None, :] <= q_pos[:, None]  # causal, offset by the prefix
+        hidden = torch.arange(span.context_len, device=dev)[None, :] > q_pos[:, None]  # causal, offset by the prefix
+        bias = torch.zeros(hidden.shape, device=dev).masked_fill_(hidden, float("-inf"))
         table = torch.tensor(span.block_table[: -(-span.context_len // layout.block_size)], device=dev)
-        return PrefillChunk(span.start, span.num_tokens, span.num_cached, table, mask[None, None])
+        return PrefillChunk(span.start, span.num_tokens, span.num_cached, table, bias)
 
     @abstractmethod
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMeta,
@@ -162,16 +173,38 @@ class AttentionBackend(ABC):
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                       v_cache: torch.Tensor, c: PrefillChunk, scale: float) -> torch.Tensor:
     """One chunk's queries against its context, [L, H, D]."""
-    gqa = q.shape[1] != k_cache.shape[2]
-    qc = q[c.start : c.start + c.num_tokens].transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
+    qc = q[c.start : c.start + c.num_tokens]
     if c.block_table is None:  # a fresh prompt: its own K/V are the whole context
+        gqa = q.shape[1] != k_cache.shape[2]
         kc = k[c.start : c.start + c.num_tokens].transpose(0, 1).unsqueeze(0)
         vc = v[c.start : c.start + c.num_tokens].transpose(0, 1).unsqueeze(0)
-        o = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scale, enable_gqa=gqa)
-    else:  # a later chunk: read the cached prefix and itself back from the pool
-        bt = c.block_table.unsqueeze(0)
-        ctx = c.num_cached + c.num_tokens
-        kc = gather_blocks(k_cache, bt)[:, :, :ctx]
-        vc = gather_blocks(v_cache, bt)[:, :, :ctx]
-        o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask, scale=scale, enable_gqa=gqa)
-    return o.squeeze(0).transpose(0, 1)
+        o = F.scaled_dot_product_attention(qc.transpose(0, 1).unsqueeze(0), kc, vc, is_causal=True, scale=scale,
+                                           enable_gqa=gqa)
+        return o.squeeze(0).transpose(0, 1)
+    # A later chunk: read the cached prefix and itself back from the pool.
+    bt = c.block_table.unsqueeze(0)
+    ctx = c.num_cached + c.num_tokens
+    kc = gather_blocks(k_cache, bt)[0, :, :ctx]
+    vc = gather_blocks(v_cache, bt)[0, :, :ctx]
+    return chunk_attention(qc, kc, vc, c, scale)
+
+
+def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: PrefillChunk, scale: float) -> torch.Tensor:
+    """q [L, H, D] against k, v [Hkv, ctx, D] under the chunk's causal bias -> [L, H, D].
+
+    On CPU as two batched GEMMs around a softmax, with the G query heads of a KV head folded into
+    its query rows (each K/V row read once per KV head): for 34 queries over a 1,058-token cached
+    prefix (bf16, one layer of the bundled model, 1 thread) 1.1 ms against SDPA's 3.0 ms with a mask,
+    and 3.2 vs 8.1 ms at 512 x 1,536; the scores are materialized (L x ctx per head), which a chunk
+    of at most max_num_batched_tokens affords. Elsewhere SDPA, whose GPU kernels do not materialize."""
+    L, h, d = q.shape
+    h_kv = k.shape[0]
+    g = h // h_kv
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
+                                              attn_mask=c.folded_bias(q.dtype, 1), scale=scale,
+                                              enable_gqa=g > 1)[0].transpose(0, 1)
+    qf = q.view(L, h_kv, g, d).permute(1, 2, 0, 3).reshape(h_kv, g * L, d)
+    scores = torch.baddbmm(c.folded_bias(q.dtype, g).expand(h_kv, -1, -1), qf, k.transpose(1, 2), alpha=scale)
+    out = torch.bmm(scores.softmax(-1), v)
+    return out.view(h_kv, g, L, d).permute(2, 0, 1, 3).reshape(L, h, d)

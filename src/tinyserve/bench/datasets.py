@@ -256,13 +256,13 @@ def sample_random(
     in_lens = uniform_lengths(rng, input_len, range_ratio, num_requests)
     out_lens = uniform_lengths(rng, output_len, range_ratio, num_requests)
     allowed = _allowed_ids(tokenizer)
-    out = []
-    for n_in, n_out in zip(in_lens, out_lens):
-        prompt = random_text(tokenizer, rng, int(n_in), allowed)
-        out.append(
-            SampleRequest(prompt, len(tokenizer.encode(prompt)), int(n_out), [{"role": "user", "content": prompt}])
-        )
-    return out
+    return [_random_request(tokenizer, rng, int(n_in), int(n_out), allowed) for n_in, n_out in zip(in_lens, out_lens)]
+
+
+def _random_request(tokenizer: DecodingTokenizer, rng: np.random.Generator, input_len: int, output_len: int,
+                    allowed: np.ndarray) -> SampleRequest:
+    prompt = random_text(tokenizer, rng, input_len, allowed)
+    return SampleRequest(prompt, len(tokenizer.encode(prompt)), output_len, [{"role": "user", "content": prompt}])
 
 
 def sample_shared_prefix(
@@ -312,9 +312,4 @@ def sample_mixed(
     num_long = round(num_requests * long_fraction)
     lens = np.concatenate([uniform_lengths(rng, long_len, range_ratio, num_long),
                            uniform_lengths(rng, short_len, range_ratio, num_requests - num_long)])
-    out = []
-    for n_in in rng.permutation(lens):
-        prompt = random_text(tokenizer, rng, int(n_in), allowed)
-        messages = [{"role": "user", "content": prompt}]
-        out.append(SampleRequest(prompt, len(tokenizer.encode(prompt)), output_len, messages))
-    return out
+    return [_random_request(tokenizer, rng, int(n_in), output_len, allowed) for n_in in rng.permutation(lens)]

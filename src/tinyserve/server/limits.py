@@ -54,7 +54,7 @@ _HELP = {
 
 
 def add_limit_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("limits (each refusal is a 4xx in OpenAI's error shape)")
+    g = parser.add_argument_group("limits (a refusal is a 4xx in OpenAI's error shape; a time-out a 504)")
     for f in fields(ServerLimits):
         g.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                        help=_HELP[f.name] + " (default: %(default)s)")
