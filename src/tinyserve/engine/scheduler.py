@@ -91,7 +91,7 @@ class Scheduler:
         if seq.status != Status.RUNNING:  # preempted earlier in this step
             return budget
         n = min(seq.num_uncomputed, budget)
-        if n == 0 or not self._make_room(seq, seq.num_computed + n, batch, now):
+        if not self._make_room(seq, seq.num_computed + n, batch, now):
             return budget
         self.blocks.grow(seq.block_table, seq.num_computed + n)
         batch.add(seq, n)
