@@ -174,8 +174,10 @@ class LLMEngine:
         try:
             return self._step(batch)
         finally:
-            for seq in batch.seqs:  # drafts live for one step
-                seq.spec_token_ids, seq.spec_draft_probs = [], None
+            if self.spec is not None:
+                for seq in batch.seqs:  # drafts live for one step
+                    seq.spec_token_ids, seq.spec_draft_probs = [], None
+                self.spec.forget({*self.scheduler.running, *self.scheduler.waiting})
 
     def _step(self, batch: ScheduledBatch) -> list[Sequence]:
         if self.faults is not None:

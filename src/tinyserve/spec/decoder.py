@@ -81,9 +81,6 @@ class SpecDecoder:
         if self._drafting_ended is not None and start - self._drafting_ended < 1.0:  # steps back to back
             gap = start - self._drafting_ended
             self._step_seconds = gap if self._step_seconds is None else 0.8 * self._step_seconds + 0.2 * gap
-        live = set(running)
-        self.length.forget(live)  # finished and preempted sequences
-        self.proposer.forget(live)
         decodes = [s for s in running if s.num_uncomputed == 1]
         if self.cfg.disable_by_batch_size is not None and len(decodes) > self.cfg.disable_by_batch_size:
             self._drafting_ended = None
@@ -102,6 +99,12 @@ class SpecDecoder:
             per_token = (ended - start) / max(ks)  # one draft forward per drafted position
             self.length.draft_cost = 0.8 * self.length.draft_cost + 0.2 * per_token / self._step_seconds
         self._drafting_ended = ended
+
+    def forget(self, live: set[Sequence]) -> None:
+        """Drop the state of every sequence not in `live` (finished, aborted, failed): the engine calls
+        this after each step, so a finished sequence's draft K/V goes back at once."""
+        self.length.forget(live)
+        self.proposer.forget(live)
 
     def record(self, seq: Sequence, drafted: int, accepted: int) -> None:
         s = self.stats

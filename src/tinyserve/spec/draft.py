@@ -84,7 +84,7 @@ class DraftModelProposer:
         log.info("draft model %s (%s) for speculation: %d KV blocks", src.name, self.quantization, num_blocks)
 
     def forget(self, live: set[Sequence]) -> None:
-        for seq in [s for s in self.kv if s.finished]:
+        for seq in [s for s in self.kv if s not in live]:
             self.blocks.release(self.kv.pop(seq).table)
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> None:

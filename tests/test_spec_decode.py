@@ -1,0 +1,275 @@
+"""Speculative decoding: the config, the proposers, the acceptance rule's exactness (greedy: the same
+tokens; sampled: the target's distribution), and the engine with speculation on giving exactly the
+tokens it gives with it off (fp32, tiny random models), batched, staggered, preempted, prefix-cached,
+with nothing leaked."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from tinyserve import LLM, SamplingParams
+from tinyserve.spec.config import SpeculativeConfig
+from tinyserve.spec.controller import DraftLength
+from tinyserve.spec.ngram import propose_ngram
+from tinyserve.spec.verify import accept_greedy, accept_sampled
+
+from conftest import TINY, make_tiny_checkpoint  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+LOOP_VOCAB = 48  # the test models only ever output ids below this: their text repeats, as real text does
+_rng = random.Random(0)
+PROMPTS: list[str | list[int]] = [[_rng.randrange(3, LOOP_VOCAB) for _ in range(n)] for n in (5, 19, 30)]
+PROMPTS.append("hello there, general kenobi")
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}
+
+
+# -- the config -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("value, field", [
+    ('{"method": "ngram"}', "num_speculative_tokens"),
+    ({"method": "magic", "num_speculative_tokens": 2}, "method"),
+    ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5, "prompt_lookup_max": 3},
+     "prompt_lookup_min"),
+    ({"method": "draft_model", "num_speculative_tokens": 2}, "model"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "typo": 1}, "typo"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 0}, "disable_by_batch_size"),
+    ("{not json", "JSON"),
+])
+def test_bad_configs_name_their_field(value, field):
+    with pytest.raises(ValueError, match=field):
+        SpeculativeConfig.parse(value)
+
+
+def test_config_from_json_and_a_model_alone_means_a_draft_model():
+    cfg = SpeculativeConfig.parse('{"model": "/m", "num_speculative_tokens": 3}')
+    assert cfg is not None and (cfg.method, cfg.model, cfg.num_speculative_tokens) == ("draft_model", "/m", 3)
+    assert SpeculativeConfig.parse(None) is None
+
+
+# -- proposers and the rule -----------------------------------------------------------------------
+def test_ngram_takes_the_latest_match_of_the_longest_suffix():
+    assert propose_ngram([1, 2, 3, 9, 1, 2, 3, 7, 2, 3], 2, 3, 1) == [7, 2]  # "2 3" last seen before "7"
+    assert propose_ngram([1, 2, 3, 4, 5], 3, 3, 1) == []  # nothing repeats
+    assert propose_ngram([5, 5, 5, 5], 3, 2, 1) == [5, 5, 5]  # a run continues past the end of the copy
+    assert propose_ngram([1, 2, 1, 2], 5, 2, 1) == [1, 2, 1, 2, 1]
+    # Token ids whose bytes straddle an aligned match must not count.
+    assert propose_ngram([256, 1, 0, 0, 0, 256, 1], 2, 2, 1) == [0, 0]
+    assert propose_ngram([7, 8, 9, 8], 2, 3, 2) == []  # a one-token match is below prompt_lookup_min
+
+
+def test_greedy_acceptance_is_the_targets_argmax_run():
+    assert accept_greedy([5, 6, 7, 8], [5, 6, 7]) == [5, 6, 7, 8]  # all accepted + bonus
+    assert accept_greedy([5, 6, 7, 8], [5, 9, 7]) == [5, 6]  # first mismatch replaced by the target's
+    assert accept_greedy([4, 6, 7, 8], [5, 6, 7]) == [4]
+
+
+def test_draft_length_follows_acceptance_and_cost():
+    dl = DraftLength(k_max=6, adaptive=True)
+    dl.draft_cost = 0.25  # tau = 0.3
+    assert dl.k_for_rate(0.9) == 6 and dl.k_for_rate(0.6) == 2 and dl.k_for_rate(0.2) == 0
+    seq = object()
+    for _ in range(20):
+        dl.update(seq, drafted=4, accepted=0)
+    assert dl.k_for(seq) == 0, "a sequence that never accepts stops drafting"
+    assert [dl.k_for(seq) for _ in range(32)].count(1) == 2, "and probes again now and then"
+    assert DraftLength(k_max=3, adaptive=False).k_for(seq) == 3
+
+
+def _tiny_probs(seed: int, rows: int, temperature: float, top_p: float) -> torch.Tensor:
+    """[rows, 12] distributions from random logits, through the sampler's own temperature / top-p."""
+    from tinyserve.engine.sampler import filter_logits
+
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, 12, generator=g) * 2
+    n = torch.zeros(rows, dtype=torch.long)
+    return filter_logits(logits / temperature, n, torch.full((rows,), top_p), torch.zeros(rows)).softmax(-1)
+
+
+def _tv(counts: torch.Tensor, p: torch.Tensor) -> float:
+    return 0.5 * float((counts / counts.sum() - p).abs().sum())
+
+
+def _first_tokens(rule, p: torch.Tensor, q: torch.Tensor | None, trials: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(p.shape[1])
+    for _ in range(trials):
+        drafts = [int(torch.multinomial(q[i], 1, generator=g)) for i in range(2)] if q is not None else [3, 4]
+        counts[rule(p, q, drafts, g)[0]] += 1
+    return counts
+
+
+def _resample_from_p(p, q, drafts, g):
+    """The rule with a classic slip: a rejected position resampled from p instead of the residual."""
+    out = accept_sampled(p, q, drafts, g)
+    if len(out) < len(drafts) + 1 and out[-1] != drafts[len(out) - 1]:
+        out[-1] = int(torch.multinomial(p[len(out) - 1], 1, generator=g))
+    return out
+
+
+@pytest.mark.parametrize("point_mass", [False, True])
+def test_sampled_tokens_follow_the_target_distribution_with_a_bad_draft(point_mass):
+    """A draft far from the target (another random distribution, or n-gram's point masses on tokens
+    the target finds unlikely): the first emitted token must still be distributed as p[0]. 6,000
+    draws put the TV noise near 0.02; the bound 0.05 fails the slip above (checked below)."""
+    p = _tiny_probs(0, 3, temperature=0.8, top_p=0.9)
+    q = None if point_mass else _tiny_probs(1, 2, temperature=1.0, top_p=1.0)
+    counts = _first_tokens(accept_sampled, p, q, 6000, seed=0)
+    assert _tv(counts, p[0]) < 0.05, (counts, p[0])
+    assert float(counts[p[0] == 0].sum()) == 0, "a token top-p removed was emitted"
+    if not point_mass:
+        wrong = _first_tokens(_resample_from_p, p, q, 6000, seed=0)
+        assert _tv(wrong, p[0]) > 0.05, "the bound would not catch a wrong residual"
+
+
+def test_the_second_token_follows_its_row_once_the_first_is_accepted():
+    p = _tiny_probs(2, 3, temperature=0.8, top_p=0.9)
+    q = _tiny_probs(3, 2, temperature=1.0, top_p=1.0)
+    g = torch.Generator().manual_seed(1)
+    d0 = int(p[0].argmax())  # a first draft the target likes, so it is often accepted
+    counts = torch.zeros(12)
+    for _ in range(6000):
+        out = accept_sampled(p, q, [d0, int(torch.multinomial(q[1], 1, generator=g))], g)
+        if len(out) >= 2:
+            counts[out[1]] += 1
+    assert counts.sum() > 2000 and _tv(counts, p[1]) < 0.05
+
+
+# -- the engine ------------------------------------------------------------------------------------
+def make_looping_checkpoint(path: Path, seed: int) -> Path:
+    """A tiny random model whose LM head can only pick the first LOOP_VOCAB ids (the other rows are
+    zero, so lose to the best of 48 random logits): its greedy text repeats within a few dozen
+    tokens, which gives prompt lookup something to find and a draft model something to get right."""
+    from safetensors.torch import load_file, save_file
+
+    make_tiny_checkpoint(path, "llama", seed=seed)
+    weights = load_file(path / "model.safetensors")
+    weights["lm_head.weight"][LOOP_VOCAB:] = 0
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory) -> Path:
+    return make_looping_checkpoint(tmp_path_factory.mktemp("spec-target"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def bad_draft_dir(tmp_path_factory) -> Path:
+    """Another random model of the same shape and vocabulary: a draft that is mostly wrong."""
+    return make_looping_checkpoint(tmp_path_factory.mktemp("spec-draft"), seed=7)
+
+
+@pytest.fixture(scope="module")
+def reference(target_dir) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in LLM(str(target_dir), **TINY).generate(PROMPTS, GREEDY)]
+
+
+def _methods(target_dir: Path, bad_draft_dir: Path) -> dict[str, dict]:
+    return {
+        "ngram": NGRAM,
+        "draft-same": {"model": str(target_dir), "num_speculative_tokens": 3},
+        "draft-bad": {"model": str(bad_draft_dir), "num_speculative_tokens": 3, "adaptive": False},
+        "self-int4": {"method": "self", "num_speculative_tokens": 3},
+    }
+
+
+def _assert_nothing_held(llm: LLM) -> None:
+    e = llm.engine
+    assert e.blocks.num_free == e.num_blocks and not any(e.blocks.ref_counts)
+    draft = getattr(e.spec.proposer, "blocks", None)
+    if draft is not None:
+        assert draft.num_free == draft.num_blocks and not e.spec.proposer.kv, "draft KV leaked"
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft-same", "draft-bad", "self-int4"])
+def test_greedy_tokens_identical_with_speculation(target_dir, bad_draft_dir, reference, method):
+    cfg = _methods(target_dir, bad_draft_dir)[method]
+    llm = LLM(str(target_dir), **TINY, speculative_config=cfg)
+    got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    assert got == reference
+    stats = llm.engine.spec.stats
+    assert stats.num_draft_tokens > 0
+    if method == "draft-same":  # the target as its own draft: every draft is accepted
+        assert stats.num_accepted_tokens == stats.num_draft_tokens
+    else:
+        assert stats.num_accepted_tokens < stats.num_draft_tokens
+    _assert_nothing_held(llm)
+
+
+def test_staggered_arrivals_preemption_and_prefix_cache(target_dir, bad_draft_dir):
+    """Requests join while others speculate, in a pool small enough to preempt, with prefix caching on:
+    every request's tokens are the ones it gets alone without speculation, step by step."""
+    kw = dict(**TINY, num_kv_blocks=14, block_size=4, max_num_batched_tokens=32)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    prompts = [*PROMPTS, PROMPTS[1] + [5, 6], PROMPTS[2] + [7]]  # shared prefixes
+    want = [o.outputs[0].token_ids for o in LLM(str(target_dir), **kw, enable_prefix_caching=False)
+            .generate(prompts, params)]
+    for cfg in (NGRAM, {"model": str(bad_draft_dir), "num_speculative_tokens": 3, "adaptive": False}):
+        llm = LLM(str(target_dir), **kw, speculative_config=cfg)
+        e = llm.engine
+        seqs = []
+        for i, prompt in enumerate(prompts):
+            seqs += e.add_request(f"r{i}", prompt, params)
+            e.step()
+        while e.has_unfinished():
+            e.step()
+        assert [s.output_token_ids for s in seqs] == want
+        assert sum(s.num_preemptions for s in seqs) > 0, "the pool was meant to force preemption"
+        assert e.spec.stats.num_draft_tokens > 0
+        _assert_nothing_held(llm)
+
+
+def test_stops_and_logprobs_inside_an_accepted_run(target_dir, reference):
+    """A stop token or max_tokens reached in the middle of an accepted run ends the output there, and
+    each emitted token carries its own logprob, as without speculation."""
+    llm = LLM(str(target_dir), **TINY, speculative_config={"model": str(target_dir),
+                                                                 "num_speculative_tokens": 4})
+    base = LLM(str(target_dir), **TINY)
+    stop_at = reference[0][5]
+    for params in (SamplingParams(temperature=0, max_tokens=7, ignore_eos=True, logprobs=2),
+                   SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop_token_ids=[stop_at],
+                                  logprobs=1)):
+        want = base.generate(PROMPTS[:1], params)[0].outputs[0]
+        got = llm.generate(PROMPTS[:1], params)[0].outputs[0]
+        assert got.token_ids == want.token_ids and got.finish_reason == want.finish_reason
+        assert got.logprobs is not None and want.logprobs is not None
+        assert [lp.token_id for lp in got.logprobs] == got.token_ids
+        assert all(math.isclose(a.logprob, b.logprob, abs_tol=1e-4) for a, b in zip(got.logprobs, want.logprobs))
+    _assert_nothing_held(llm)
+
+
+def test_penalties_and_min_tokens_see_the_drafts_before_each_row(target_dir):
+    """A repetition penalty changes what greedy picks; speculation must apply it to each verified row
+    as if the drafts before it were already output, or the tokens would differ."""
+    params = SamplingParams(temperature=0, max_tokens=24, repetition_penalty=1.3, frequency_penalty=0.5,
+                            min_tokens=10, stop_token_ids=[11])
+    want = [o.outputs[0].token_ids for o in LLM(str(target_dir), **TINY).generate(PROMPTS, params)]
+    llm = LLM(str(target_dir), **TINY, speculative_config={"model": str(target_dir),
+                                                                 "num_speculative_tokens": 4})
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)] == want
+    assert llm.engine.spec.stats.num_accepted_tokens > 0
+
+
+def test_seeded_sampling_is_reproducible_and_keeps_going(target_dir, bad_draft_dir):
+    cfg = {"model": str(bad_draft_dir), "num_speculative_tokens": 3, "adaptive": False}
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, max_tokens=16, seed=3, n=2, ignore_eos=True)
+
+    def run() -> list[list[list[int]]]:
+        llm = LLM(str(target_dir), **TINY, speculative_config=cfg)
+        return [[o.token_ids for o in r.outputs] for r in llm.generate(PROMPTS[:2], params)]
+
+    first = run()
+    assert first == run() and all(len(t) == 16 for r in first for t in r)
+
+
+def test_a_draft_with_another_vocabulary_is_refused(target_dir, tmp_path):
+    other = make_tiny_checkpoint(tmp_path / "other", "llama", vocab_size=1000)
+    with pytest.raises(ValueError, match="vocabulary"):
+        LLM(str(target_dir), **TINY, speculative_config={"model": str(other), "num_speculative_tokens": 2})
