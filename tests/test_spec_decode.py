@@ -14,7 +14,8 @@ import torch
 
 from tinyserve import LLM, SamplingParams
 from tinyserve.spec.config import SpeculativeConfig
-from tinyserve.spec.controller import DraftLength
+from tinyserve.spec.controller import DraftPolicy, expected_tokens
+from tinyserve.spec.cost import StepCost
 from tinyserve.spec.ngram import propose_ngram
 from tinyserve.spec.verify import accept_greedy, accept_sampled
 
@@ -70,16 +71,22 @@ def test_greedy_acceptance_is_the_targets_argmax_run():
     assert accept_greedy([4, 6, 7, 8], [5, 6, 7]) == [4]
 
 
-def test_draft_length_follows_acceptance_and_cost():
-    dl = DraftLength(k_max=6, adaptive=True)
-    dl.draft_cost = 0.25  # tau = 0.3
-    assert dl.k_for_rate(0.9) == 6 and dl.k_for_rate(0.6) == 2 and dl.k_for_rate(0.2) == 0
+def test_draft_length_weighs_acceptance_against_the_measured_step():
+    # A memory-bound step: 5 rows cost what 1 does; then a row is 20% of one, beyond 8 rows linear.
+    target = StepCost({1: 1.0, 2: 1.0, 5: 1.0, 8: 1.6, 16: 3.2})
+    policy = DraftPolicy(k_max=4, adaptive=True, target=target)
+    assert policy.best_k([0.9]) == 4  # free rows, good acceptance: draft all
+    assert policy.best_k([0.0]) == 0  # nothing is accepted: off
+    assert policy.best_k([0.9] * 8) == 0, "at batch 8, k more rows per sequence cost more than they return"
+    slow_draft = DraftPolicy(k_max=4, adaptive=True, target=target, draft=StepCost({1: 0.6}))
+    assert slow_draft.best_k([0.5]) == 0 and slow_draft.best_k([0.95]) > 0
+    assert math.isclose(expected_tokens(0.5, 3), 1 + 0.5 + 0.25 + 0.125)
     seq = object()
     for _ in range(20):
-        dl.update(seq, drafted=4, accepted=0)
-    assert dl.k_for(seq) == 0, "a sequence that never accepts stops drafting"
-    assert [dl.k_for(seq) for _ in range(32)].count(1) == 2, "and probes again now and then"
-    assert DraftLength(k_max=3, adaptive=False).k_for(seq) == 3
+        policy.update(seq, drafted=4, accepted=0)
+    assert policy.choose([seq]) == 0, "a sequence that never accepts stops drafting"
+    assert [policy.choose([seq]) for _ in range(32)].count(1) == 2, "and probes again now and then"
+    assert DraftPolicy(k_max=3, adaptive=False).choose([seq]) == 3
 
 
 def _tiny_probs(seed: int, rows: int, temperature: float, top_p: float) -> torch.Tensor:

@@ -4,13 +4,13 @@ counts what verification accepted (the verification itself is the sampler's, spe
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from tinyserve.engine.sequence import Sequence
 from tinyserve.spec.config import SpeculativeConfig
-from tinyserve.spec.controller import DraftLength
+from tinyserve.spec.controller import DraftPolicy
+from tinyserve.spec.cost import StepCost, measure_step_seconds, row_counts
 from tinyserve.spec.ngram import propose_ngram
 
 if TYPE_CHECKING:
@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 
 class Proposer(Protocol):
+    cost: StepCost | None  # a draft step by rows (None: free)
+
     def propose(self, seqs: list[Sequence], ks: list[int]) -> None:
         """Set each seqs[i].spec_token_ids to at most ks[i] drafts (and spec_draft_probs)."""
 
@@ -28,6 +30,8 @@ class Proposer(Protocol):
 
 
 class NgramProposer:
+    cost: StepCost | None = None  # a dictionary lookup: nothing next to a model step
+
     def __init__(self, cfg: SpeculativeConfig) -> None:
         self.n_max, self.n_min = cfg.prompt_lookup_max, cfg.prompt_lookup_min
 
@@ -59,51 +63,48 @@ class SpecStats:
 
 
 class SpecDecoder:
-    def __init__(self, cfg: SpeculativeConfig, proposer: Proposer) -> None:
+    def __init__(self, cfg: SpeculativeConfig, proposer: Proposer, target_cost: StepCost | None) -> None:
         self.cfg = cfg
         self.proposer = proposer
-        self.length = DraftLength(cfg.num_speculative_tokens, cfg.adaptive)
+        self.policy = DraftPolicy(cfg.num_speculative_tokens, cfg.adaptive, target_cost, proposer.cost)
         self.stats = SpecStats(accepted_by_position=[0] * cfg.num_speculative_tokens)
-        self._drafting_ended: float | None = None  # when the last drafting ended: the target's step follows
-        self._step_seconds: float | None = None  # the target's step, measured between draftings
 
     @classmethod
     def build(cls, cfg: SpeculativeConfig, engine: LLMEngine) -> SpecDecoder:
+        proposer: Proposer
         if cfg.method == "ngram":
-            return cls(cfg, NgramProposer(cfg))
-        from tinyserve.spec.draft import DraftModelProposer
+            proposer = NgramProposer(cfg)
+        else:
+            from tinyserve.spec.draft import DraftModelProposer
 
-        return cls(cfg, DraftModelProposer(cfg, engine))
+            proposer = DraftModelProposer(cfg, engine)
+        target_cost = None
+        if cfg.adaptive:
+            rows = row_counts(engine.config.max_num_seqs * (1 + cfg.num_speculative_tokens))
+            target_cost = StepCost(measure_step_seconds(engine.runner, engine.attention.index_dtype, rows))
+            log.info("decode step by rows (ms): %s", ", ".join(f"{r}: {1e3 * target_cost(r):.1f}" for r in rows))
+        return cls(cfg, proposer, target_cost)
 
     def propose(self, running: list[Sequence]) -> None:
-        """Drafts for the running decodes that may speculate now (each has room for k + 1 more tokens)."""
-        start = time.perf_counter()
-        if self._drafting_ended is not None and start - self._drafting_ended < 1.0:  # steps back to back
-            gap = start - self._drafting_ended
-            self._step_seconds = gap if self._step_seconds is None else 0.8 * self._step_seconds + 0.2 * gap
+        """Drafts for the running decodes, as many each as the policy finds worth it (and as fit)."""
         decodes = [s for s in running if s.num_uncomputed == 1]
-        if self.cfg.disable_by_batch_size is not None and len(decodes) > self.cfg.disable_by_batch_size:
-            self._drafting_ended = None
+        limit = self.cfg.disable_by_batch_size
+        if not decodes or (limit is not None and len(decodes) > limit):
             return
+        k = self.policy.choose(list(decodes))
         seqs, ks = [], []
         for seq in decodes:
             room = seq.max_output_tokens() - len(seq.output_token_ids) - 1  # a round emits up to k + 1
-            k = min(self.length.k_for(seq), room)
-            if k > 0:
+            if min(k, room) > 0:
                 seqs.append(seq)
-                ks.append(k)
+                ks.append(min(k, room))
         if seqs:
             self.proposer.propose(seqs, ks)
-        ended = time.perf_counter()
-        if seqs and self._step_seconds and self.cfg.method != "ngram":
-            per_token = (ended - start) / max(ks)  # one draft forward per drafted position
-            self.length.draft_cost = 0.8 * self.length.draft_cost + 0.2 * per_token / self._step_seconds
-        self._drafting_ended = ended
 
     def forget(self, live: set[Sequence]) -> None:
         """Drop the state of every sequence not in `live` (finished, aborted, failed): the engine calls
         this after each step, so a finished sequence's draft K/V goes back at once."""
-        self.length.forget(live)
+        self.policy.forget(live)
         self.proposer.forget(live)
 
     def record(self, seq: Sequence, drafted: int, accepted: int) -> None:
@@ -113,4 +114,4 @@ class SpecDecoder:
         s.num_accepted_tokens += accepted
         for i in range(accepted):
             s.accepted_by_position[i] += 1
-        self.length.update(seq, drafted, accepted)
+        self.policy.update(seq, drafted, accepted)

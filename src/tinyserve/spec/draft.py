@@ -25,6 +25,7 @@ from tinyserve.engine.served_model import serve_model
 from tinyserve.kv.block_manager import BlockManager
 from tinyserve.models.loader import model_config, resolve_model
 from tinyserve.spec.config import SpeculativeConfig
+from tinyserve.spec.cost import StepCost, measure_step_seconds, row_counts
 
 if TYPE_CHECKING:
     from tinyserve.engine.llm_engine import LLMEngine
@@ -76,6 +77,8 @@ class DraftModelProposer:
         served = serve_model(config, src, mc, quant, self.max_len, num_blocks, config.max_num_seqs * DECODE_ROWS)
         self.runner = served.runner
         self.quantization = served.quantization
+        self.cost = StepCost(measure_step_seconds(self.runner, served.attention.index_dtype,
+                                                  row_counts(config.max_num_seqs))) if cfg.adaptive else None
         self.compile_seconds = served.compile_seconds
         self.blocks = BlockManager(num_blocks, config.block_size, enable_caching=False)
         self.kv: dict[Sequence, _DraftKV] = {}
