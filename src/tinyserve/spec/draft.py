@@ -77,6 +77,7 @@ class DraftModelProposer:
         served = serve_model(config, src, mc, quant, self.max_len, num_blocks, config.max_num_seqs * DECODE_ROWS)
         self.runner = served.runner
         self.quantization = served.quantization
+        self.index_dtype = served.attention.index_dtype
         self.cost = StepCost(measure_step_seconds(self.runner, served.attention.index_dtype,
                                                   row_counts(config.max_num_seqs))) if cfg.adaptive else None
         self.compile_seconds = served.compile_seconds
