@@ -1,14 +1,15 @@
 """Speculative decoding, side by side: the runs behind docs/REPORT.md section SD.
 
-Each configuration (a target weight mode, a speculation method or none) runs in a fresh process,
-compiled as served, over two workloads at batch 1, 4 and 16:
+The configurations of one target weight mode (without speculation, and with each method) are loaded
+into one fresh process, compiled as served, and take turns, config by config, over two workloads at
+batch 1, 4 and 16, twice (the faster of the two counts): a machine that slows down slows them all.
   grounded  "repeat / re-spell / re-line this passage": the output copies the input (Hamlet passages)
   chat      short open questions, nothing to copy
 and records output tok/s, the greedy tokens (compared with the same target without speculation),
 the acceptance counters, and the target's and draft's decode step by rows (for the formula).
 
     .venv/bin/python scripts/bench_spec.py all --out docs/results/spec          # every configuration
-    .venv/bin/python scripts/bench_spec.py run --config gguf-ngram --out DIR    # one
+    .venv/bin/python scripts/bench_spec.py run --group gguf --out DIR           # one target mode
     .venv/bin/python scripts/bench_spec.py table --out docs/results/spec        # summary.md + plot
 """
 
@@ -34,6 +35,8 @@ CONFIGS: dict[str, dict[str, Any]] = {  # name -> LLM kwargs; "<mode>-off" is ea
     "bf16-self": {"quantization": "none", "speculative_config": SELF},
     "bf16-self-fixed": {"quantization": "none", "speculative_config": {**SELF, "adaptive": False}},
 }
+GROUPS = {mode: [c for c in CONFIGS if c.startswith(mode + "-")] for mode in ("gguf", "bf16")}
+ROUNDS = 2
 BATCHES = (1, 4, 16)
 PROMPTS_PER_BATCH = {1: 4, 4: 8, 16: 16}
 MAX_TOKENS = 128
@@ -64,46 +67,63 @@ def workloads(tokenizer: Any) -> dict[str, list[str]]:
     return {"grounded": grounded, "chat": chat}
 
 
-def run_config(name: str, out: Path) -> Path:
+def run_group(group: str, out: Path) -> list[Path]:
     from tinyserve import LLM, SamplingParams
     from tinyserve.bench.env_info import run_header, save_json
     from tinyserve.spec.cost import measure_step_seconds, row_counts
 
-    kwargs = CONFIGS[name]
-    start = time.perf_counter()
-    llm = LLM(max_num_seqs=16, **kwargs)
-    load_s = time.perf_counter() - start
-    e = llm.engine
+    results: dict[str, dict[str, Any]] = {}
+    llms = {}
+    for name in GROUPS[group]:
+        start = time.perf_counter()
+        llm = llms[name] = LLM(max_num_seqs=16, kv_cache_memory_gb=0.5, **CONFIGS[name])
+        e = llm.engine
+        results[name] = doc = run_header("tinyserve-bench-spec/1", config=name, llm_kwargs=CONFIGS[name],
+                                         quantization=e.quantization, load_seconds=time.perf_counter() - start,
+                                         runs=[])
+        doc["target_step_ms"] = {r: 1e3 * s for r, s in measure_step_seconds(
+            e.runner, e.attention.index_dtype, row_counts(16 * 5)).items()}
+        if e.spec is not None and getattr(e.spec.proposer, "runner", None) is not None:
+            proposer = e.spec.proposer
+            doc["draft_step_ms"] = {r: 1e3 * s for r, s in measure_step_seconds(
+                proposer.runner, proposer.index_dtype, row_counts(16)).items()}
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
-    result: dict[str, Any] = run_header("tinyserve-bench-spec/1", config=name, llm_kwargs=kwargs,
-                                        quantization=e.quantization, load_seconds=load_s, runs=[])
-    rows = row_counts(16 * 5)
-    result["target_step_ms"] = {r: 1e3 * s for r, s in measure_step_seconds(e.runner, e.attention.index_dtype,
-                                                                            rows).items()}
-    draft = getattr(e.spec.proposer, "runner", None) if e.spec else None
-    if draft is not None:
-        result["draft_step_ms"] = {r: 1e3 * s for r, s in measure_step_seconds(
-            draft, e.spec.proposer.index_dtype, row_counts(16)).items()}
-    for workload, prompts in workloads(llm.tokenizer).items():
-        llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=8))  # warm the paths
+    for workload, prompts in workloads(next(iter(llms.values())).tokenizer).items():
+        for llm in llms.values():
+            llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=8))  # warm the paths
         for batch in BATCHES:
             todo = prompts[: PROMPTS_PER_BATCH[batch]]
-            before = _counters(e)
-            t0 = time.perf_counter()
-            outputs = []
-            for i in range(0, len(todo), batch):  # `batch` requests in flight, all arriving together
-                outputs += llm.generate(todo[i : i + batch], params)
-            seconds = time.perf_counter() - t0
-            tokens = [o.outputs[0].token_ids for o in outputs]
-            after = _counters(e)
-            result["runs"].append({
-                "workload": workload, "batch": batch, "seconds": seconds,
-                "output_tokens": sum(map(len, tokens)), "tok_s": sum(map(len, tokens)) / seconds,
-                "spec": {k: after[k] - before[k] for k in after}, "token_ids": tokens,
-            })
-            print(f"{name} {workload} b{batch}: {result['runs'][-1]['tok_s']:.1f} tok/s {result['runs'][-1]['spec']}",
-                  flush=True)
-    return save_json(result, out, f"spec-{name}")
+            runs: dict[str, dict[str, Any]] = {}
+            for rnd in range(ROUNDS):
+                for name in GROUPS[group] if rnd % 2 == 0 else GROUPS[group][::-1]:
+                    r = _timed(llms[name], todo, batch, params)
+                    if name not in runs:
+                        runs[name] = {"workload": workload, "batch": batch, "rounds": [], **r}
+                    runs[name]["rounds"].append(r["seconds"])
+                    if r["seconds"] < runs[name]["seconds"]:
+                        runs[name].update(seconds=r["seconds"], tok_s=r["tok_s"])
+                    runs[name]["spec"] = {k: runs[name]["spec"][k] + r["spec"][k] for k in r["spec"]} if rnd else \
+                        r["spec"]
+            for name, run in runs.items():
+                results[name]["runs"].append(run)
+                print(f"{name} {workload} b{batch}: {run['tok_s']:.1f} tok/s (rounds {run['rounds']}) {run['spec']}",
+                      flush=True)
+    return [save_json(doc, out, f"spec-{name}") for name, doc in results.items()]
+
+
+def _timed(llm: Any, prompts: list[str], batch: int, params: Any) -> dict[str, Any]:
+    """`batch` requests in flight at a time, all arriving together; the greedy tokens and counters."""
+    e = llm.engine
+    before = _counters(e)
+    t0 = time.perf_counter()
+    outputs = []
+    for i in range(0, len(prompts), batch):
+        outputs += llm.generate(prompts[i : i + batch], params)
+    seconds = time.perf_counter() - t0
+    tokens = [o.outputs[0].token_ids for o in outputs]
+    after = _counters(e)
+    return {"seconds": seconds, "output_tokens": sum(map(len, tokens)), "tok_s": sum(map(len, tokens)) / seconds,
+            "spec": {k: after[k] - before[k] for k in after}, "token_ids": tokens}
 
 
 def _counters(engine: Any) -> dict[str, int]:
@@ -206,16 +226,16 @@ def _plot(series: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=("all", "run", "table"))
-    p.add_argument("--config", choices=tuple(CONFIGS), action="append", help="with run/all: these configs only")
+    p.add_argument("--group", choices=tuple(GROUPS), action="append", help="with run/all: these target modes only")
     p.add_argument("--out", type=Path, default=Path("docs/results/spec"))
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.what == "run":
-        for name in args.config or CONFIGS:
-            print(run_config(name, args.out))
+        for group in args.group or GROUPS:
+            print(run_group(group, args.out))
     elif args.what == "all":
-        for name in args.config or CONFIGS:  # a fresh process each: no config inherits another's state
-            subprocess.run([sys.executable, __file__, "run", "--config", name, "--out", str(args.out)], check=True)
+        for group in args.group or GROUPS:  # a fresh process each
+            subprocess.run([sys.executable, __file__, "run", "--group", group, "--out", str(args.out)], check=True)
     if args.what in ("all", "table"):
         print(summarize(args.out))
 

@@ -89,66 +89,7 @@ def test_draft_length_weighs_acceptance_against_the_measured_step():
     assert DraftPolicy(k_max=3, adaptive=False).choose([seq]) == 3
 
 
-def _tiny_probs(seed: int, rows: int, temperature: float, top_p: float) -> torch.Tensor:
-    """[rows, 12] distributions from random logits, through the sampler's own temperature / top-p."""
-    from tinyserve.engine.sampler import filter_logits
-
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(rows, 12, generator=g) * 2
-    n = torch.zeros(rows, dtype=torch.long)
-    return filter_logits(logits / temperature, n, torch.full((rows,), top_p), torch.zeros(rows)).softmax(-1)
-
-
-def _tv(counts: torch.Tensor, p: torch.Tensor) -> float:
-    return 0.5 * float((counts / counts.sum() - p).abs().sum())
-
-
-def _first_tokens(rule, p: torch.Tensor, q: torch.Tensor | None, trials: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    counts = torch.zeros(p.shape[1])
-    for _ in range(trials):
-        drafts = [int(torch.multinomial(q[i], 1, generator=g)) for i in range(2)] if q is not None else [3, 4]
-        counts[rule(p, q, drafts, g)[0]] += 1
-    return counts
-
-
-def _resample_from_p(p, q, drafts, g):
-    """The rule with a classic slip: a rejected position resampled from p instead of the residual."""
-    out = accept_sampled(p, q, drafts, g)
-    if len(out) < len(drafts) + 1 and out[-1] != drafts[len(out) - 1]:
-        out[-1] = int(torch.multinomial(p[len(out) - 1], 1, generator=g))
-    return out
-
-
-@pytest.mark.parametrize("point_mass", [False, True])
-def test_sampled_tokens_follow_the_target_distribution_with_a_bad_draft(point_mass):
-    """A draft far from the target (another random distribution, or n-gram's point masses on tokens
-    the target finds unlikely): the first emitted token must still be distributed as p[0]. 6,000
-    draws put the TV noise near 0.02; the bound 0.05 fails the slip above (checked below)."""
-    p = _tiny_probs(0, 3, temperature=0.8, top_p=0.9)
-    q = None if point_mass else _tiny_probs(1, 2, temperature=1.0, top_p=1.0)
-    counts = _first_tokens(accept_sampled, p, q, 6000, seed=0)
-    assert _tv(counts, p[0]) < 0.05, (counts, p[0])
-    assert float(counts[p[0] == 0].sum()) == 0, "a token top-p removed was emitted"
-    if not point_mass:
-        wrong = _first_tokens(_resample_from_p, p, q, 6000, seed=0)
-        assert _tv(wrong, p[0]) > 0.05, "the bound would not catch a wrong residual"
-
-
-def test_the_second_token_follows_its_row_once_the_first_is_accepted():
-    p = _tiny_probs(2, 3, temperature=0.8, top_p=0.9)
-    q = _tiny_probs(3, 2, temperature=1.0, top_p=1.0)
-    g = torch.Generator().manual_seed(1)
-    d0 = int(p[0].argmax())  # a first draft the target likes, so it is often accepted
-    counts = torch.zeros(12)
-    for _ in range(6000):
-        out = accept_sampled(p, q, [d0, int(torch.multinomial(q[1], 1, generator=g))], g)
-        if len(out) >= 2:
-            counts[out[1]] += 1
-    assert counts.sum() > 2000 and _tv(counts, p[1]) < 0.05
-
-
-# -- the engine ------------------------------------------------------------------------------------
+# -- tiny models: the target and a bad draft --------------------------------------------------------
 def make_looping_checkpoint(path: Path, seed: int) -> Path:
     """A tiny random model whose LM head can only pick the first LOOP_VOCAB ids (the other rows are
     zero, so lose to the best of 48 random logits): its greedy text repeats within a few dozen
@@ -173,6 +114,85 @@ def bad_draft_dir(tmp_path_factory) -> Path:
     return make_looping_checkpoint(tmp_path_factory.mktemp("spec-draft"), seed=7)
 
 
+def _probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Rows of logits as the sampler's distributions (temperature, then top-k / top-p)."""
+    from tinyserve.engine.sampler import filter_logits
+
+    n = logits.shape[0]
+    return filter_logits(logits / temperature, torch.full((n,), top_k), torch.full((n,), top_p),
+                         torch.zeros(n)).softmax(-1)
+
+
+@pytest.fixture(scope="module")
+def target_and_draft_rows(target_dir, bad_draft_dir) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tiny target's and the bad draft's next-token distributions at the last three positions of
+    one prompt: p with temperature 0.8, top-k 8, top-p 0.9 (what a request asks); q as the draft
+    samples, with temperature 1 and top-k 8 (its support is not p's)."""
+    from tinyserve.bench.quality import window_logits
+
+    ids = PROMPTS[1]
+    rows = [window_logits(LLM(str(d), **TINY).engine, ids)[-3:] for d in (target_dir, bad_draft_dir)]
+    p, q = _probs(rows[0], 0.8, 8, 0.9), _probs(rows[1][:2], 1.0, 8, 1.0)
+    # Only tokens either distribution can emit: the rule is the same on them, and draws are fast.
+    keep = ((p > 0).any(0) | (q > 0).any(0)).nonzero()[:, 0]
+    return p[:, keep], q[:, keep]
+
+
+def _tv(counts: torch.Tensor, p: torch.Tensor) -> float:
+    return 0.5 * float((counts / counts.sum() - p).abs().sum())
+
+
+def _first_tokens(rule, p: torch.Tensor, q: torch.Tensor | None, drafts: list[int] | None, trials: int,
+                  seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(p.shape[1])
+    for _ in range(trials):
+        d = drafts if q is None else [int(torch.multinomial(q[i], 1, generator=g)) for i in range(2)]
+        counts[rule(p, q, d, g)[0]] += 1
+    return counts
+
+
+def _shifted_rows(p, q, drafts, g):
+    """The rule with an off-by-one: each draft judged against the next position's distribution."""
+    return accept_sampled(torch.cat([p[1:], p[-1:]]), q, drafts, g)
+
+
+def _swapped(p, q, drafts, g):
+    """The rule with p and q confused: accept with min(1, q/p), resample from max(0, q - p)."""
+    return accept_sampled(torch.cat([q, p[-1:]]), p[:-1], drafts, g)
+
+
+@pytest.mark.parametrize("point_mass", [False, True])
+def test_sampled_tokens_follow_the_target_distribution_with_a_bad_draft(target_and_draft_rows, point_mass):
+    """A draft far from the target (another model, or an n-gram point mass on the target's second
+    choice): the first emitted token must still be distributed as p[0]. 6,000 draws over a few
+    tokens put the TV noise near 0.01; the bound 0.05 fails the rule's classic slips (checked)."""
+    p, q = target_and_draft_rows
+    assert 2 <= int((p[0] > 0).sum()) <= 8
+    second = int(p[0].topk(2).indices[1])  # a point mass on the target's second choice: often rejected
+    drafts = [second, int(p[1].argmax())] if point_mass else None
+    q = None if point_mass else q
+    counts = _first_tokens(accept_sampled, p, q, drafts, 6000, seed=0)
+    assert _tv(counts, p[0]) < 0.05, (counts, p[0])
+    assert float(counts[p[0] == 0].sum()) == 0, "a token top-k / top-p removed was emitted"
+    for slip in (_shifted_rows,) if point_mass else (_shifted_rows, _swapped):
+        wrong = _first_tokens(slip, p, q, drafts, 6000, seed=0)
+        assert _tv(wrong, p[0]) > 0.05, f"the bound would not catch {slip.__name__}"
+
+
+def test_the_second_token_follows_its_row_once_the_first_is_accepted(target_and_draft_rows):
+    p, q = target_and_draft_rows
+    g = torch.Generator().manual_seed(1)
+    d0 = int(p[0].argmax())  # a first draft the target likes, so it is often accepted
+    counts = torch.zeros(p.shape[1])
+    for _ in range(6000):
+        out = accept_sampled(p, q, [d0, int(torch.multinomial(q[1], 1, generator=g))], g)
+        if len(out) >= 2:
+            counts[out[1]] += 1
+    assert counts.sum() > 1000 and _tv(counts, p[1]) < 0.05
+
+
+# -- the engine ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def reference(target_dir) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in LLM(str(target_dir), **TINY).generate(PROMPTS, GREEDY)]
