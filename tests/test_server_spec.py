@@ -47,4 +47,8 @@ def test_speculative_server_gives_the_engines_own_text(server, bundled_llm):
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want
     after = {n: counter(server, f"tinyserve_spec_decode_{n}") - v for n, v in before.items()}
     assert after["num_drafts"] > 0 and 0 < after["num_accepted_tokens"] <= after["num_draft_tokens"]
+    metrics = httpx.get(server.url + "/metrics", timeout=10).text
+    rate = next(float(ln.rsplit(" ", 1)[1]) for ln in metrics.splitlines()
+                if ln.startswith("tinyserve_spec_decode_acceptance_rate{"))
+    assert 0 < rate <= 1
     assert got.usage.completion_tokens == len(ref.token_ids)

@@ -48,6 +48,12 @@ class ServerMetrics:
         self._totals = {name: Counter(f"tinyserve_{name}", doc, labels, registry=r).labels(model_name)
                         for name, doc in totals.items()}
         self._seen = dict.fromkeys(totals, 0)
+        self.spec_acceptance = Gauge("tinyserve_spec_decode_acceptance_rate", "Drafted tokens accepted / drafted, "
+                                     "since start (0 until something is drafted).", labels,
+                                     registry=r).labels(model_name)
+        self.spec_mean_length = Gauge("tinyserve_spec_decode_mean_accepted_length", "Tokens emitted per speculative "
+                                      "verification (accepted drafts + 1), since start.", labels,
+                                      registry=r).labels(model_name)
         self._finished = Counter("tinyserve_requests_finished", "Finished sequences by finish reason "
                                  "(stop, length, abort, error); one per choice when n > 1.",
                                  labels + ["finished_reason"], registry=r)
@@ -73,6 +79,9 @@ class ServerMetrics:
             value = getattr(stats, name)
             counter.inc(value - self._seen[name])
             self._seen[name] = value
+        if stats.spec_decode_num_drafts:
+            self.spec_acceptance.set(stats.spec_decode_num_accepted_tokens / stats.spec_decode_num_draft_tokens)
+            self.spec_mean_length.set(1 + stats.spec_decode_num_accepted_tokens / stats.spec_decode_num_drafts)
 
     def on_step(self, new_tokens: int) -> None:
         if new_tokens:
