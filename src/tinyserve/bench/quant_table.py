@@ -85,7 +85,8 @@ def ensure_checkpoint(c: QuantConfig, root: Path, args: argparse.Namespace) -> t
     out = root / c.name
     if not args.requantize and is_quantized_dir(out):
         info = read_info(out)
-        if all(info.get(k) == v for k, v in asdict(opts).items()):
+        defaults = asdict(QuantizeOptions())  # an option newer than the directory had its default then
+        if all(info.get(k, defaults[k]) == v for k, v in asdict(opts).items()):
             return out, info
     return out, quantize_model(args.model, opts, out, progress=True)
 

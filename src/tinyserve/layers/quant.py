@@ -17,7 +17,9 @@ bf16's 8 significant bits otherwise (docs/REPORT.md measures the cost).
 
 A `tinyserve quantize` checkpoint (`--quantization checkpoint`) maps the same way, with no
 re-quantization: its int4/int3 groups are already in the kernel's `(q - 8) * s + z` form with
-bf16 scales, its int8 rows in `_weight_int8pack_mm`'s `q * s`. NF4 has no packed kernel in
+bf16 scales, its int8 rows in `_weight_int8pack_mm`'s `q * s`. Groups with integer zero points
+(`--zero int`, and AutoGPTQ/AutoAWQ checkpoints) are `(q - zq) * s = (q - 8) * s + (8 - zq) * s`:
+z = (8 - zq) * s, exact in fp32, rounded to the activation dtype otherwise. NF4 has no packed kernel in
 PyTorch: it is decoded to a dense matrix at load (its bytes on disk are 4-bit, in memory not).
 """
 
@@ -49,7 +51,7 @@ NF4_CODEBOOK = torch.tensor([
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
     0.7229568362236023, 1.0,
 ])
-QUANT_FORMATS = ("int", "int8", "nf4")
+QUANT_FORMATS = ("int", "intz", "int8", "nf4")
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ class QuantizedTensor:
 
     - "int" (bits 3 or 4): asymmetric groups of `group` along K, w = (q - 8) * s + z, q in 0..2^bits-1
       (the int4 kernel's form; 3-bit codes simply never exceed 7);
+    - "intz" (bits 3 or 4): the same groups with integer zero points zq (uint8), w = (q - zq) * s
+      (AutoGPTQ's and AutoAWQ's grid);
     - "int8": symmetric per output row, w = q * s, q in -128..127 (group = K);
     - "nf4": w = NF4_CODEBOOK[q] * s per group (s = the group's absmax); zeros is None.
     """
@@ -67,7 +71,7 @@ class QuantizedTensor:
     group: int
     q: torch.Tensor  # uint8 ("int", "nf4") or int8 [N, K]
     scales: torch.Tensor  # [N, K / group]; int8: [N]
-    zeros: torch.Tensor | None  # [N, K / group] for "int"
+    zeros: torch.Tensor | None  # [N, K / group] for "int" (real) and "intz" (integer)
 
     def __post_init__(self) -> None:
         if self.format not in QUANT_FORMATS:
@@ -91,8 +95,14 @@ class QuantizedTensor:
         if self.format == "nf4":
             w = NF4_CODEBOOK[self.q.long()].view(n, -1, self.group) * s[..., None]
             return w.view(n, k)
-        assert self.zeros is not None
-        return _dequant(self.q, s, self.zeros.float(), self.group)
+        return _dequant(self.q, s, self.kernel_zeros(), self.group)
+
+    def kernel_zeros(self) -> torch.Tensor:
+        """The int4 kernel's z of `(q - 8) * s + z` (fp32): the stored zeros, or (8 - zq) * s."""
+        assert self.zeros is not None and self.format in ("int", "intz")
+        if self.format == "intz":
+            return (8 - self.zeros.float()) * self.scales.float()
+        return self.zeros.float()
 
 
 class PackedWeight(nn.Module):
@@ -275,7 +285,7 @@ class GGUFMethod:
 
 class CheckpointMethod:
     """`--quantization checkpoint`: a `tinyserve quantize` directory's weights as stored, no
-    re-quantization: "int" groups on the int4 kernel, "int8" rows on the int8 kernel, "nf4" decoded
+    re-quantization: "int"/"intz" groups on the int4 kernel, "int8" rows on the int8 kernel, "nf4" decoded
     to dense (no packed kernel). Shards that are not all in one such form are dequantized."""
 
     name = "checkpoint"
@@ -293,7 +303,7 @@ class CheckpointMethod:
         dense = torch.cat([s.dequantize() for s in qs]).to(device=device, dtype=dtype) if self.keep_dense else None
         if form[0] == "int8":
             return Int8Weight(q.to(device), scales.to(device=device, dtype=dtype), dense)
-        zeros = torch.cat([s.zeros for s in qs if s.zeros is not None]).float()
+        zeros = torch.cat([s.kernel_zeros() for s in qs])
         packed, sz = pack_int4(q, scales, zeros, form[2], dtype, device)
         weight = Int4Weight(packed, sz, form[2], False, dense)
         weight.kind = f"int{form[1]}-g{form[2]}" + (" (int4 kernel)" if form[1] != 4 else "")
