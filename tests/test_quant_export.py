@@ -165,3 +165,32 @@ def test_export_serves_on_the_int4_kernel_with_the_same_tokens(tiny_llama_dir, t
     qkv = [weights[f"model.layers.0.self_attn.{n}_proj.weight"] for n in "qkv"]
     expect = CheckpointMethod(keep_dense=False).pack(qkv, torch.float32, CPU)
     assert torch.equal(theirs.engine.model.layers[0].self_attn.qkv_proj.impl.packed, expect.packed)
+
+
+# -- the field's tools as rows ---------------------------------------------------------------------------------
+def test_field_tools_rows_score_against_tinyserves_reference(tiny_llama_dir, restore_torch_threads):
+    """transformers bf16 (the control) lands near tinyserve's fp32 on the same windows and prompt ids;
+    torchao int4 costs more KLD than that and holds its weights in fewer bytes; byte counts look
+    inside torchao's tensor subclasses."""
+    from tinyserve.bench import field_tools
+    from tinyserve.bench.quality import Mode, measure_mode
+    from tinyserve.models.loader import resolve_model
+    from tinyserve.tokenizer import load_tokenizer
+
+    windows = [torch.randint(0, 49152, (48,), generator=torch.Generator().manual_seed(0)).tolist()]
+    # the chat prompt's ids as the engine's llm.chat makes them (greedy agreement is not asserted: a random
+    # model's near-uniform logits part at the first near-tie)
+    prompts = [load_tokenizer(resolve_model(str(tiny_llama_dir))).apply_chat_template([{"role": "user",
+                                                                                        "content": "hi"}])]
+    mode = Mode("fp32", "float32", "none", model=str(tiny_llama_dir))
+    _, ref = measure_mode(mode, windows, ["hi"], None, speed=False, num_threads=1, num_kv_blocks=32, block_size=4)
+    rows = {m: field_tools.quality_row(m, m, b, 32, str(tiny_llama_dir), ref, windows, prompts, [0], 48)
+            for m, b in (("hf", 16), ("torchao", 4))}
+    assert rows["hf"]["kld_mean"] < 1e-3 and rows["hf"]["top1_agreement"] > 0.9
+    assert rows["torchao"]["kld_mean"] > 2 * rows["hf"]["kld_mean"]
+    assert rows["torchao"]["weight_bytes_packed"] < 0.8 * rows["hf"]["weight_bytes_packed"]
+    lin = torch.nn.Linear(64, 32, bias=False).to(torch.bfloat16)
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantize_(torch.nn.Sequential(lin), Int8WeightOnlyConfig())
+    assert field_tools.weight_bytes(lin) == 32 * 64 + 32 * 4 + 32  # int8 codes; fp32 scale, int8 zero per row
