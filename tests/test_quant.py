@@ -163,6 +163,51 @@ def test_measured_crossover_is_cached(tmp_path, monkeypatch):
     assert configure_packed_kernels(model(), None, 64, torch.float32, cache=other) == 8
 
 
+def test_a_disturbed_loss_is_measured_again_and_an_implausible_choice_is_not_cached(tmp_path, monkeypatch):
+    """One burst of load while packed is timed at one row must not end the search (a loss is measured
+    twice); a "dense from one row" answer in bf16 is implausible: a cached one is measured again, a
+    measured one is used but not written. In fp32 it is a real answer and is cached."""
+    import tinyserve.layers.quant as quant
+
+    def model(dtype: torch.dtype) -> torch.nn.Module:
+        lin = Linear(64, [32], bias=False, method=Int8Method())
+        lin.load_shard(0, torch.randn(32, 64), dtype, torch.device("cpu"))
+        return torch.nn.Sequential(lin)
+
+    # scripted (packed, dense) ms per call of _time_kernels, after each warm-up: a burst at 1 row
+    # (packed "loses", then wins when measured again), wins at 2 and 4, a real loss at 8 (twice)
+    script = iter([(9.0, 1.0), (0.5, 1.0), (0.5, 1.0), (0.6, 1.0), (2.0, 1.0), (2.0, 1.0)])
+    calls = []
+
+    def fake(with_dense, xs, reps):
+        calls.append(next(iter(xs.values())).shape[0])
+        return (0.0, 0.0) if reps == 1 else next(script)
+
+    monkeypatch.setattr(quant, "_time_kernels", fake)
+    rows, timings = quant.choose_packed_max_rows(model(torch.bfloat16), torch.bfloat16)
+    assert rows == 4 and timings[1] == (0.5, 1.0) and timings[8] == (2.0, 1.0)
+    assert calls.count(1) == 3 and calls.count(8) == 3  # warm-up, measure, confirm
+
+    path = tmp_path / "kernel-choice.json"
+    path.write_text('{"m|bf16": 0, "m|fp32": 0}')
+    measured = []
+
+    def choose(m, d):
+        measured.append(d)
+        return 0, {}
+
+    monkeypatch.setattr(quant, "choose_packed_max_rows", choose)
+    assert configure_packed_kernels(model(torch.bfloat16), None, 64, torch.bfloat16, cache=(path, "m|bf16")) == 0
+    assert measured == [torch.bfloat16]  # the cached 0 was not trusted
+    assert configure_packed_kernels(model(torch.float32), None, 64, torch.float32, cache=(path, "m|fp32")) == 0
+    assert measured == [torch.bfloat16]  # in fp32 it was
+    assert configure_packed_kernels(model(torch.bfloat16), None, 64, torch.bfloat16, cache=(path, "new|bf16")) == 0
+    assert "new|bf16" not in path.read_text()  # a measured implausible answer is not written
+    monkeypatch.setattr(quant, "choose_packed_max_rows", lambda m, d: (8, {}))
+    assert configure_packed_kernels(model(torch.bfloat16), None, 64, torch.bfloat16, cache=(path, "m|bf16")) == 8
+    assert '"m|bf16": 8' in path.read_text()
+
+
 def test_gguf_export_is_a_plain_hf_directory():
     """Peers (vLLM, transformers) load every top-level *.safetensors of the export as weights: the
     raw GGUF blocks kept for `--quantization gguf` must live out of their way."""

@@ -29,7 +29,7 @@ import gc
 import importlib.resources
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -302,8 +302,11 @@ def measure_mode(mode: Mode, windows: list[list[int]], prompts: Sequence[str], r
 # -- the instrument -------------------------------------------------------------------------------------------
 def run_modes(modes: Sequence[Mode], windows: int = 4, tokens: int = 512, prompts: int = len(CHAT_PROMPTS),
               kernels: str = "decode", speed: bool = True, progress: bool = True,
+              on_reference: Callable[[Reference, list[list[int]]], None] | None = None,
               **engine_kwargs: Any) -> dict[str, Any]:
-    """Measure every mode against fp32 (run first, added when missing); returns the result document."""
+    """Measure every mode against fp32 (run first, added when missing); returns the result document.
+    `on_reference(ref, windows)` sees fp32's logits and the windows' token ids while they are held, so
+    a caller can score more against the same reference (bench quant's rows from other tools)."""
     from tinyserve.bench.env_info import run_header
     from tinyserve.config import EngineConfig
     from tinyserve.models.loader import model_config, resolve_model
@@ -331,6 +334,8 @@ def run_modes(modes: Sequence[Mode], windows: int = 4, tokens: int = 512, prompt
     results: list[ModeResult] = []
     for mode in tqdm(modes, desc="quality modes", disable=not progress):
         result, mine = measure_mode(mode, text_windows, chat, ref, kernels, speed, **engine_kwargs)
+        if ref is None and on_reference is not None:
+            on_reference(mine, text_windows)
         ref = ref or mine
         results.append(result)
         del mine

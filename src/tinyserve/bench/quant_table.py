@@ -9,6 +9,9 @@ Two stages, so that only the timings need a quiet machine:
   `bench quality`'s speed measurement: decode tok/s at batch 1 and 32, prefill tok/s;
 - `--stage table` (also run after either stage) joins the newest result of each stage into the markdown
   table and two plots (quality vs bytes, speed vs bytes).
+
+Rows named torchao-*, bnb-* and hf-16b are the field's tools on the same model in transformers
+(bench/field_tools.py), measured by the same instrument against the same fp32 reference.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import json
 import resource
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tinyserve.bench.field_tools import FIELD_METHODS, installed
 from tinyserve.bench.quality import MODES, REFERENCE, SPEED_BATCHES, SPEED_INPUT, SPEED_OUTPUT, Mode
 
 QUALITY_SCHEMA = "tinyserve.bench.quant-quality/1"
@@ -40,7 +45,7 @@ class QuantConfig:
 
     @property
     def name(self) -> str:
-        return (f"{self.method}-{self.bits}b" + ("" if self.bits == 8 else f"-g{self.group}")
+        return (f"{self.method}-{self.bits}b" + ("" if self.bits >= 8 else f"-g{self.group}")
                 + ("-act" if self.act_order else "") + (f"-d{self.damp:g}" if self.damp != 0.01 else ""))
 
 
@@ -53,7 +58,18 @@ def default_configs() -> list[QuantConfig]:
         out += [QuantConfig("rtn", b, g), QuantConfig("gptq", b, g), QuantConfig("gptq", b, g, True, 0.1),
                 QuantConfig("awq", b, g)]
     out += [QuantConfig("rtn", 3, 64)]
-    return out + [QuantConfig("nf4", 4, g) for g in (32, 64)] + [QuantConfig("rtn", 8, 0)]
+    out += [QuantConfig("nf4", 4, g) for g in (32, 64)] + [QuantConfig("rtn", 8, 0)]
+    return out + [c for c in FIELD_CONFIGS if installed(c.method) is None]
+
+
+# The field's tools (bench/field_tools.py), where they import: the transformers control row, torchao's
+# int8 and int4 weight-only, bitsandbytes' NF4 and LLM.int8.
+FIELD_CONFIGS = (QuantConfig("hf", 16, 0), QuantConfig("torchao", 8, 0), QuantConfig("torchao", 4, 32),
+                 QuantConfig("torchao", 4, 64), QuantConfig("bnb", 4, 64), QuantConfig("bnb", 8, 0))
+
+
+def is_field(c: QuantConfig) -> bool:
+    return c.method in FIELD_METHODS
 
 
 def parse_config(text: str) -> QuantConfig:
@@ -85,7 +101,8 @@ def ensure_checkpoint(c: QuantConfig, root: Path, args: argparse.Namespace) -> t
     out = root / c.name
     if not args.requantize and is_quantized_dir(out):
         info = read_info(out)
-        if all(info.get(k) == v for k, v in asdict(opts).items()):
+        defaults = asdict(QuantizeOptions())  # an option newer than the directory had its default then
+        if all(info.get(k, defaults[k]) == v for k, v in asdict(opts).items()):
             return out, info
     return out, quantize_model(args.model, opts, out, progress=True)
 
@@ -102,13 +119,17 @@ def baseline_modes(args: argparse.Namespace) -> list[Mode]:
 
 # -- stages --------------------------------------------------------------------------------------------------
 def quality_stage(args: argparse.Namespace, configs: list[QuantConfig], root: Path) -> dict[str, Any]:
-    from tinyserve.bench.quality import run_modes
+    from tinyserve.bench.quality import Reference, run_modes
 
-    made = {c.name: ensure_checkpoint(c, root, args) for c in configs}
-    modes = baseline_modes(args) + [mode_of(c, made[c.name][0], QUALITY_PACKED_MAX_BATCH) for c in configs]
+    ours, field = [c for c in configs if not is_field(c)], [c for c in configs if is_field(c)]
+    made = {c.name: ensure_checkpoint(c, root, args) for c in ours}
+    modes = baseline_modes(args) + [mode_of(c, made[c.name][0], QUALITY_PACKED_MAX_BATCH) for c in ours]
+    held: list[tuple[Reference, list[list[int]]]] = []
     doc = run_modes(modes, args.windows, args.tokens, args.prompts, speed=False, model=args.model,
-                    num_threads=args.num_threads)
-    by_name = {c.name: c for c in configs}
+                    num_threads=args.num_threads, on_reference=lambda ref, windows: held.append((ref, windows)))
+    if field:
+        doc["modes"] += field_quality_rows(args, field, *held[0])
+    by_name = {c.name: c for c in ours}
     for r in doc["modes"]:
         if r["mode"] in by_name:
             path, info = made[r["mode"]]
@@ -116,6 +137,40 @@ def quality_stage(args: argparse.Namespace, configs: list[QuantConfig], root: Pa
                      checkpoint_bytes=(path / "model.safetensors").stat().st_size,
                      quantize_seconds=info["quantize_seconds"], calibration=info.get("calibration"))
     return {**doc, "schema": QUALITY_SCHEMA}
+
+
+def field_quality_rows(args: argparse.Namespace, configs: list[QuantConfig], ref: Any,
+                       windows: list[list[int]]) -> list[dict[str, Any]]:
+    """The field's tools scored against tinyserve's fp32 reference, on the same windows and prompt ids."""
+    from tqdm import tqdm
+
+    from tinyserve.bench import field_tools
+    from tinyserve.bench.quality import CHAT_PROMPTS, GREEDY_TOKENS
+    from tinyserve.models.loader import model_config, resolve_model
+    from tinyserve.tokenizer import load_tokenizer
+
+    src = resolve_model(args.model)
+    cfg = model_config(src)
+    tok = load_tokenizer(src, eos_token_ids=cfg.eos_token_ids)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], True) for p in CHAT_PROMPTS[:args.prompts]]
+    return [{**field_tools.quality_row(c.name, c.method, c.bits, c.group, str(src.path), ref, windows, prompts,
+                                       cfg.eos_token_ids, GREEDY_TOKENS), "config": asdict(c)}
+            for c in tqdm(configs, desc="field tools")]
+
+
+def field_speed_worker(c: QuantConfig, model: str | None) -> dict[str, Any]:
+    """In a process of its own: the tool's model, timed like the engine, and its peak RSS."""
+    from tinyserve.bench import field_tools
+    from tinyserve.models.loader import model_config, resolve_model
+
+    src = resolve_model(model)
+    start = time.perf_counter()
+    m, _ = field_tools.load(c.method, c.bits, c.group, str(src.path))
+    startup_s = time.perf_counter() - start
+    speed = field_tools.speed(m, model_config(src).vocab_size, SPEED_BATCHES, SPEED_INPUT, SPEED_OUTPUT)
+    return {"mode": c.name, "speed": speed, "startup_s": round(startup_s, 1),
+            "weight_bytes_packed": field_tools.weight_bytes(m),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def speed_worker(mode: Mode, num_threads: int | None) -> dict[str, Any]:
@@ -137,18 +192,22 @@ def speed_stage(args: argparse.Namespace, configs: list[QuantConfig], root: Path
     from tinyserve.bench.env_info import run_header
     from tinyserve.quantize.checkpoint import is_quantized_dir
 
-    missing = [c.name for c in configs if not is_quantized_dir(root / c.name)]
+    ours = [c for c in configs if not is_field(c)]
+    missing = [c.name for c in ours if not is_quantized_dir(root / c.name)]
     if missing:
         raise ValueError(f"no checkpoint for {', '.join(missing)} under {root}: run --stage quality first")
-    modes = ([] if args.skip_baselines else baseline_modes(args)) + [mode_of(c, root / c.name, None) for c in configs]
+    modes = ([] if args.skip_baselines else baseline_modes(args)) + [mode_of(c, root / c.name, None) for c in ours]
+    jobs = [(m.name, ["--speed-worker", json.dumps(asdict(m))]) for m in modes]
+    jobs += [(c.name, ["--field-speed-worker", json.dumps(asdict(c))] + (["--model", args.model] if args.model else []))
+             for c in configs if is_field(c)]
     rows = []
-    for mode in tqdm(modes, desc="speed"):
-        cmd = [sys.executable, "-m", "tinyserve.bench.quant_table", "--speed-worker", json.dumps(asdict(mode))]
+    for name, worker_args in tqdm(jobs, desc="speed"):
+        cmd = [sys.executable, "-m", "tinyserve.bench.quant_table", *worker_args]
         if args.num_threads:
             cmd += ["--num-threads", str(args.num_threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"speed worker for {mode.name} failed:\n{proc.stderr[-2000:]}")
+            raise RuntimeError(f"speed worker for {name} failed:\n{proc.stderr[-2000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     return run_header(SPEED_SCHEMA, model=args.model or "SmolLM2-135M-Instruct", batches=list(SPEED_BATCHES),
                       input_len=SPEED_INPUT, output_len=SPEED_OUTPUT, modes=rows)
@@ -215,6 +274,10 @@ def markdown_table(quality: dict[str, Any] | None, speed: dict[str, Any] | None)
              "activations; 3-bit codes run on the int4 kernel; nf4 is decoded to dense bf16 at load (no packed "
              "kernel); 8-bit is per output channel on the int8 kernel; every quantized directory's LM head (the "
              "tied embedding) is int8 per row."]
+    if any(r["mode"].split("-")[0] in FIELD_METHODS for r in joined_rows(quality, speed)):
+        notes.append("hf-16b, torchao-*, bnb-*: the tool on the same model in transformers (bench/field_tools.py), "
+                     "its own kernels and HF generate; hf-16b is transformers bf16 unquantized (the control); "
+                     "torchao rows quantize the head int8 as ours, bnb rows leave it bf16 (tied to the embedding).")
     if quality:
         t = quality["text"]
         notes.append(f"Quality: {t['windows']} x {t['window_tokens']} tokens of {t['file']} ({t['scored_tokens']:,} "
@@ -226,59 +289,54 @@ def markdown_table(quality: dict[str, Any] | None, speed: dict[str, Any] | None)
     return "\n".join(lines) + "\n\n" + " ".join(notes) + "\n"
 
 
-def plot(quality: dict[str, Any] | None, speed: dict[str, Any] | None, out_dir: Path) -> list[Path]:
-    """quality (KLD) vs bytes and decode speed vs bytes, one point per mode, colored by method."""
+COLORS = {"rtn": "tab:blue", "gptq": "tab:orange", "awq": "tab:green", "nf4": "tab:purple", "torchao": "tab:red",
+          "bnb": "tab:brown", "hf": "tab:olive"}
+
+
+def _size_mib(r: dict[str, Any]) -> float:
+    """The weights as the engine (or the tool) holds them (packed; nf4 decoded): the memory a mode really costs."""
+    return float(r.get("weight_bytes_packed") or (r.get("speed_run") or {}).get("weight_bytes_packed", 0)) / 2**20
+
+
+def _scatter_plot(points: list[tuple[str, float, float, str]], ylabel: str, title: str, path: Path) -> Path:
+    """One log-y scatter of (mode, MiB, value, marker) points, colored by method, each point labeled:
+    the figure both plots share."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for mode, x, y, marker in points:
+        ax.scatter(x, y, color=COLORS.get(mode.split("-")[0], "tab:gray"), marker=marker, s=40)
+        ax.annotate(mode, (x, y), xytext=(3, 3), textcoords="offset points", fontsize=6)
+    ax.set_yscale("log")
+    ax.set_xlabel("weights in memory, MiB (packed codes + scales; nf4 and bf16 dense)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot(quality: dict[str, Any] | None, speed: dict[str, Any] | None, out_dir: Path) -> list[Path]:
+    """quality (KLD) vs bytes and decode speed vs bytes, one point per mode, colored by method."""
     rows = joined_rows(quality, speed)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-
-    def size(r: dict[str, Any]) -> float:
-        """The weights as the engine holds them (packed; nf4 decoded): the memory a mode really costs."""
-        return float(r.get("weight_bytes_packed") or (r.get("speed_run") or {}).get("weight_bytes_packed", 0)) / 2**20
-
-    colors = {"rtn": "tab:blue", "gptq": "tab:orange", "awq": "tab:green", "nf4": "tab:purple"}
     if quality:
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for r in rows:
-            if "kld_mean" not in r or r["mode"] == REFERENCE:
-                continue
-            method = r["mode"].split("-")[0]
-            ax.scatter(size(r), max(r["kld_mean"], 1e-5), color=colors.get(method, "tab:gray"),
-                       marker="^" if "-3b" in r["mode"] else "o", s=40)
-            ax.annotate(r["mode"], (size(r), max(r["kld_mean"], 1e-5)), xytext=(3, 3), textcoords="offset points",
-                        fontsize=7)
-        ax.set_yscale("log")
-        ax.set_xlabel("weights in memory, MiB (packed codes + scales; nf4 and bf16 dense)")
-        ax.set_ylabel("mean KL(P_fp32 || P_mode) per token (log)")
-        ax.set_title("Quantization: quality vs bytes (triangles: 3-bit)")
-        ax.grid(True, which="both", alpha=0.3)
-        paths.append(out_dir / "quant_quality_vs_bytes.png")
-        fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
-        plt.close(fig)
+        pts = [(r["mode"], _size_mib(r), max(r["kld_mean"], 1e-5), "^" if "-3b" in r["mode"] else "o")
+               for r in rows if "kld_mean" in r and r["mode"] != REFERENCE]
+        paths.append(_scatter_plot(pts, "mean KL(P_fp32 || P_mode) per token (log)",
+                                   "Quantization: quality vs bytes (triangles: 3-bit)",
+                                   out_dir / "quant_quality_vs_bytes.png"))
     if speed:
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for r in rows:
-            if not r.get("speed_run"):
-                continue
-            method = r["mode"].split("-")[0]
-            for batch, marker in ((1, "o"), (max(SPEED_BATCHES), "s")):
-                v = _tok_s(r, batch, "decode_tok_s")
-                if v != "-":
-                    ax.scatter(size(r), float(v), color=colors.get(method, "tab:gray"), marker=marker, s=40)
-                    ax.annotate(r["mode"], (size(r), float(v)), xytext=(3, 3), textcoords="offset points", fontsize=6)
-        ax.set_xlabel("weights in memory, MiB (packed codes + scales; nf4 and bf16 dense)")
-        ax.set_ylabel(f"decode tok/s (circles: batch 1, squares: batch {max(SPEED_BATCHES)})")
-        ax.set_yscale("log")
-        ax.set_title("Quantization: decode speed vs bytes")
-        ax.grid(True, which="both", alpha=0.3)
-        paths.append(out_dir / "quant_speed_vs_bytes.png")
-        fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
-        plt.close(fig)
+        pts = [(r["mode"], _size_mib(r), float(v), marker) for r in rows if r.get("speed_run")
+               for batch, marker in ((1, "o"), (max(SPEED_BATCHES), "s"))
+               if (v := _tok_s(r, batch, "decode_tok_s")) != "-"]
+        paths.append(_scatter_plot(pts, f"decode tok/s (circles: batch 1, squares: batch {max(SPEED_BATCHES)})",
+                                   "Quantization: decode speed vs bytes", out_dir / "quant_speed_vs_bytes.png"))
     return paths
 
 
@@ -332,10 +390,21 @@ def run_quant(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def _worker_main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--speed-worker", required=True)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--speed-worker")
+    g.add_argument("--field-speed-worker")
+    p.add_argument("--model", default=None)
     p.add_argument("--num-threads", type=int, default=None)
     a = p.parse_args()
-    print(json.dumps(speed_worker(Mode(**json.loads(a.speed_worker)), a.num_threads)))
+    if a.speed_worker:
+        print(json.dumps(speed_worker(Mode(**json.loads(a.speed_worker)), a.num_threads)))
+        return
+    import torch
+
+    from tinyserve.config import physical_cores
+
+    torch.set_num_threads(a.num_threads or physical_cores())
+    print(json.dumps(field_speed_worker(QuantConfig(**json.loads(a.field_speed_worker)), a.model)))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ bf16's 8 significant bits otherwise (docs/REPORT.md measures the cost).
 
 A `tinyserve quantize` checkpoint (`--quantization checkpoint`) maps the same way, with no
 re-quantization: its int4/int3 groups are already in the kernel's `(q - 8) * s + z` form with
-bf16 scales, its int8 rows in `_weight_int8pack_mm`'s `q * s`. NF4 has no packed kernel in
+bf16 scales, its int8 rows in `_weight_int8pack_mm`'s `q * s`. Groups with integer zero points
+(`--zero int`, and AutoGPTQ/AutoAWQ checkpoints) are `(q - zq) * s = (q - 8) * s + (8 - zq) * s`:
+z = (8 - zq) * s, exact in fp32, rounded to the activation dtype otherwise. NF4 has no packed kernel in
 PyTorch: it is decoded to a dense matrix at load (its bytes on disk are 4-bit, in memory not).
 """
 
@@ -49,7 +51,7 @@ NF4_CODEBOOK = torch.tensor([
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
     0.7229568362236023, 1.0,
 ])
-QUANT_FORMATS = ("int", "int8", "nf4")
+QUANT_FORMATS = ("int", "intz", "int8", "nf4")
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ class QuantizedTensor:
 
     - "int" (bits 3 or 4): asymmetric groups of `group` along K, w = (q - 8) * s + z, q in 0..2^bits-1
       (the int4 kernel's form; 3-bit codes simply never exceed 7);
+    - "intz" (bits 3 or 4): the same groups with integer zero points zq (uint8), w = (q - zq) * s
+      (AutoGPTQ's and AutoAWQ's grid);
     - "int8": symmetric per output row, w = q * s, q in -128..127 (group = K);
     - "nf4": w = NF4_CODEBOOK[q] * s per group (s = the group's absmax); zeros is None.
     """
@@ -67,7 +71,7 @@ class QuantizedTensor:
     group: int
     q: torch.Tensor  # uint8 ("int", "nf4") or int8 [N, K]
     scales: torch.Tensor  # [N, K / group]; int8: [N]
-    zeros: torch.Tensor | None  # [N, K / group] for "int"
+    zeros: torch.Tensor | None  # [N, K / group] for "int" (real) and "intz" (integer)
 
     def __post_init__(self) -> None:
         if self.format not in QUANT_FORMATS:
@@ -91,8 +95,14 @@ class QuantizedTensor:
         if self.format == "nf4":
             w = NF4_CODEBOOK[self.q.long()].view(n, -1, self.group) * s[..., None]
             return w.view(n, k)
-        assert self.zeros is not None
-        return _dequant(self.q, s, self.zeros.float(), self.group)
+        return _dequant(self.q, s, self.kernel_zeros(), self.group)
+
+    def kernel_zeros(self) -> torch.Tensor:
+        """The int4 kernel's z of `(q - 8) * s + z` (fp32): the stored zeros, or (8 - zq) * s."""
+        assert self.zeros is not None and self.format in ("int", "intz")
+        if self.format == "intz":
+            return (8 - self.zeros.float()) * self.scales.float()
+        return self.zeros.float()
 
 
 class PackedWeight(nn.Module):
@@ -275,7 +285,7 @@ class GGUFMethod:
 
 class CheckpointMethod:
     """`--quantization checkpoint`: a `tinyserve quantize` directory's weights as stored, no
-    re-quantization: "int" groups on the int4 kernel, "int8" rows on the int8 kernel, "nf4" decoded
+    re-quantization: "int"/"intz" groups on the int4 kernel, "int8" rows on the int8 kernel, "nf4" decoded
     to dense (no packed kernel). Shards that are not all in one such form are dequantized."""
 
     name = "checkpoint"
@@ -293,7 +303,7 @@ class CheckpointMethod:
         dense = torch.cat([s.dequantize() for s in qs]).to(device=device, dtype=dtype) if self.keep_dense else None
         if form[0] == "int8":
             return Int8Weight(q.to(device), scales.to(device=device, dtype=dtype), dense)
-        zeros = torch.cat([s.zeros for s in qs if s.zeros is not None]).float()
+        zeros = torch.cat([s.kernel_zeros() for s in qs])
         packed, sz = pack_int4(q, scales, zeros, form[2], dtype, device)
         weight = Int4Weight(packed, sz, form[2], False, dense)
         weight.kind = f"int{form[1]}-g{form[2]}" + (" (int4 kernel)" if form[1] != 4 else "")
@@ -331,18 +341,25 @@ def configure_packed_kernels(model: nn.Module, rows: int | None, max_step_rows: 
     """Packed kernels for steps of up to `rows` rows, the dense copies above; what no step can reach
     is freed (the dense copies, or with `rows=0` the packed weights). `rows=None` measures the
     crossover on this machine, once: with `cache` = (json file, key naming model, mode and machine)
-    later starts read the answer instead. Returns the threshold in force."""
+    later starts read the answer instead. An implausible answer (`plausible_crossover`) is neither
+    trusted from the cache nor written to it: it was measured on a busy machine. Returns the threshold."""
     weights = packed_weights(model)
     if not weights:
         return 0
     if rows is None:
         store = _CrossoverCache(cache[0]) if cache else None
         rows = store.get(cache[1]) if store and cache else None
+        if rows is not None and not plausible_crossover(rows, dtype):
+            log.info("cached kernel choice (%d rows) is implausible in %s: measuring again", rows, dtype)
+            rows = None
         if rows is None:
             rows, timings = choose_packed_max_rows(model, dtype)
             log.info("packed kernels up to %d rows per step (ms packed/dense by rows: %s)", rows,
                      ", ".join(f"{m}: {p:.1f}/{d:.1f}" for m, (p, d) in timings.items()))
-            if store and cache:
+            if not plausible_crossover(rows, dtype):
+                log.warning("the packed kernels lost to dense even at one row in %s (a busy machine?): "
+                            "dense for this start, not cached", dtype)
+            elif store and cache:
                 store.put(cache[1], rows)
     for lin, w in weights:
         w.max_packed_rows = rows
@@ -351,6 +368,13 @@ def configure_packed_kernels(model: nn.Module, rows: int | None, max_step_rows: 
         elif rows == 0 and w.dense is not None:  # never packed: keep only the dense copy
             lin.impl = DenseWeight(w.dense)
     return rows
+
+
+def plausible_crossover(rows: int, dtype: torch.dtype) -> bool:
+    """With 16-bit activations a packed weight streams 2-4x fewer bytes than its dense copy, so a
+    one-row product (decode: bandwidth bound) must favor it; a measurement that says "dense from one
+    row" (0) was disturbed. In fp32 the packed kernels also convert activations and may lose: any answer."""
+    return rows > 0 or dtype == torch.float32
 
 
 class _CrossoverCache:
@@ -378,12 +402,27 @@ class _CrossoverCache:
             log.warning("could not cache the kernel choice in %s: %s", self.path, e)
 
 
+def _time_kernels(with_dense: Sequence[tuple[Linear, PackedWeight, torch.Tensor]], xs: dict[int, torch.Tensor],
+                  reps: int) -> tuple[float, float]:
+    """Best-of-`reps` ms for every packed linear one way, then the other, the two interleaved rep by rep so
+    that a burst of load from elsewhere hits both alike rather than one whole side."""
+    best = [float("inf"), float("inf")]
+    for _ in range(reps):
+        for side in (0, 1):
+            start = time.perf_counter()
+            for lin, w, dense in with_dense:
+                w.packed_mm(xs[lin.in_features]) if side == 0 else F.linear(xs[lin.in_features], dense)
+            best[side] = min(best[side], time.perf_counter() - start)
+    return best[0] * 1e3, best[1] * 1e3
+
+
 @torch.inference_mode()
 def choose_packed_max_rows(model: nn.Module, dtype: torch.dtype, candidates: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
-                           reps: int = 3) -> tuple[int, dict[int, tuple[float, float]]]:
+                           reps: int = 5) -> tuple[int, dict[int, tuple[float, float]]]:
     """Time every packed linear of the model both ways at growing row counts until the dense copy
     wins; the last count at which packed was faster (0 if it never is). Also returns the timings (ms).
-    Stopping at the first loss bounds the start-up cost (a slow packed kernel loses at once)."""
+    Stopping at the first loss bounds the start-up cost (a slow packed kernel loses at once); a loss
+    is measured a second time (best of both) before it stands, so one disturbed sample cannot end it."""
     weights = packed_weights(model)
     with_dense = [(lin, w, w.dense) for lin, w in weights if w.dense is not None]
     if not weights or len(with_dense) < len(weights):
@@ -393,19 +432,13 @@ def choose_packed_max_rows(model: nn.Module, dtype: torch.dtype, candidates: Seq
     for m in candidates:
         xs = {lin.in_features: torch.randn(m, lin.in_features, dtype=dtype, device=dense.device)
               for lin, _, dense in with_dense}
-
-        def run(packed: bool) -> float:
-            best = float("inf")
-            for _ in range(reps):
-                start = time.perf_counter()
-                for lin, w, dense in with_dense:
-                    w.packed_mm(xs[lin.in_features]) if packed else F.linear(xs[lin.in_features], dense)  # noqa: B023
-                best = min(best, time.perf_counter() - start)
-            return best * 1e3
-
-        run(True), run(False)  # warm-up
-        timings[m] = (run(True), run(False))
-        if timings[m][0] > timings[m][1]:
+        _time_kernels(with_dense, xs, 1)  # warm-up
+        packed, dense = _time_kernels(with_dense, xs, reps)
+        if packed > dense:  # confirm: the best of twice the samples
+            again = _time_kernels(with_dense, xs, reps)
+            packed, dense = min(packed, again[0]), min(dense, again[1])
+        timings[m] = (packed, dense)
+        if packed > dense:
             break
         best = m
     return best, timings

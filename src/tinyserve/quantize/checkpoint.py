@@ -4,12 +4,16 @@
     DIR/tokenizer*.json ...  the tokenizer files
     DIR/quantization.json    how it was made (method, bits, group, calibration) + one entry per quantized tensor
     DIR/model.safetensors    dense tensors under their HF names; a quantized tensor NAME as NAME.q (codes),
-                             NAME.scales and, for "int", NAME.zeros
+                             NAME.scales and, for "int"/"intz", NAME.zeros
 
 Codes of 4 bits and fewer are packed two per byte along K (low nibble = even column), so the file is as
 small as the format; 3-bit codes take a nibble too (a 3-bit file is not smaller than a 4-bit one:
 the kernel that runs it is the int4 one). Scales and zeros are bf16, the values the quantizer chose
-its codes against, so loading is exact in bf16 and fp32 activations alike.
+its codes against, so loading is exact in bf16 and fp32 activations alike; "intz" zero points are
+uint8 integers.
+
+`hf_format.py` writes and reads the field's layouts (AutoGPTQ, AutoAWQ) instead; `quantized_weights`
+reads either kind of directory.
 """
 
 from __future__ import annotations
@@ -59,7 +63,8 @@ def save_quantized(out: Path, weights: Mapping[str, WeightSource], hf_config: di
         tensors[f"{name}.q"] = pack_nibbles(w.q) if w.bits <= 4 else w.q.contiguous()
         tensors[f"{name}.scales"] = w.scales.to(torch.bfloat16).contiguous()
         if w.zeros is not None:
-            tensors[f"{name}.zeros"] = w.zeros.to(torch.bfloat16).contiguous()
+            zero_dtype = torch.uint8 if w.format == "intz" else torch.bfloat16
+            tensors[f"{name}.zeros"] = w.zeros.to(zero_dtype).contiguous()
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config, indent=2))
     (out / CONFIG_FILE).write_text(json.dumps({"schema": SCHEMA, **info, "tensors": entries}, indent=1))
@@ -72,13 +77,21 @@ def read_info(path: Path) -> dict[str, Any]:
 
 
 def is_quantized_dir(path: Path) -> bool:
-    return (path / CONFIG_FILE).is_file()
+    """A directory whose weights are stored quantized: ours, or the field's GPTQ/AWQ layouts."""
+    from tinyserve.quantize.hf_format import hf_quantization
+
+    return (path / CONFIG_FILE).is_file() or hf_quantization(path) is not None
 
 
 def quantized_weights(path: Path) -> Iterator[tuple[str, WeightSource]]:
     """Every weight of the directory by HF name: dense tensors as stored, quantized ones as QuantizedTensors."""
     from safetensors import safe_open
 
+    if not (path / CONFIG_FILE).is_file():
+        from tinyserve.quantize.hf_format import hf_quantized_weights
+
+        yield from hf_quantized_weights(path)
+        return
     info = read_info(path)
     if info.get("schema") != SCHEMA:
         raise ValueError(f"{path / CONFIG_FILE}: schema {info.get('schema')!r}, expected {SCHEMA!r}")

@@ -35,7 +35,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, spec: Spec, act_order: bool = False, 
     dead = h.diagonal() == 0  # inputs that are always zero: any weight serves, pick 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    group = spec.group if spec.format == "int" else k
+    group = spec.group if spec.grouped else k
     block = max(block // group, 1) * group if group < k else k  # every group inside one block
     static = act_order or spec.format == "int8"
     scales, zeros = fit(w, spec) if static else (None, None)
@@ -43,7 +43,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, spec: Spec, act_order: bool = False, 
     w, h = w[:, perm], h[perm][:, perm]
     h.diagonal().add_(damp * h.diagonal().mean())
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    g_scales = torch.zeros(n, k // group if spec.format == "int" else 1)
+    g_scales = torch.zeros(n, k // group if spec.grouped else 1)
     g_zeros = torch.zeros_like(g_scales)
     if static:
         assert scales is not None
@@ -63,7 +63,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, spec: Spec, act_order: bool = False, 
                 s, z = fit(w1[i:i + group].t().contiguous(), spec)
                 g_scales[:, g], g_zeros[:, g] = s.view(-1), z.view(-1) if z is not None else 0
             s_col = g_scales[:, g]
-            z_col = g_zeros[:, g] if spec.format == "int" else None
+            z_col = g_zeros[:, g] if spec.grouped else None
             qc = codes(w1[i], s_col, z_col, spec)
             qt[i1 + i] = qc
             e = (w1[i] - decode(qc, s_col, z_col, spec)) / hinv1[i, i]
@@ -74,4 +74,4 @@ def gptq(w: torch.Tensor, h: torch.Tensor, spec: Spec, act_order: bool = False, 
     out = torch.empty_like(q)
     out[:, perm] = q  # back to the original column order
     return pack(out, g_scales.view(-1) if spec.format == "int8" else g_scales,
-                g_zeros if spec.format == "int" else None, spec)
+                g_zeros if spec.grouped else None, spec)

@@ -57,6 +57,9 @@ class QuantizeOptions:
     act_order: bool = True
     damp: float = 0.1
     head: str = "int8"  # int8 | none
+    # The 3/4-bit grid's zero point: "float" (a bf16 value: GGUF Q4_1's min/max grid, what reproduces the
+    # bundled file) or "int" (AutoGPTQ/AutoAWQ's integer zero points: what `--format gptq|awq` needs).
+    zero: str = "float"
     search_tokens: int = 1024  # AWQ: calibration tokens its scale search scores (clipping uses half)
 
     def __post_init__(self) -> None:
@@ -66,7 +69,7 @@ class QuantizeOptions:
             raise ValueError(f"awq quantizes to 3 or 4 bits; got {self.bits}")
         if self.head not in ("int8", "none"):
             raise ValueError(f"head must be int8 or none; got {self.head!r}")
-        Spec.make(self.method, self.bits, self.group_size)  # validates bits
+        Spec.make(self.method, self.bits, self.group_size, self.zero)  # validates bits and zero
 
 
 def split_rows(t: QuantizedTensor, sizes: Sequence[int]) -> list[QuantizedTensor]:
@@ -182,7 +185,7 @@ def quantize_weights(w: dict[str, torch.Tensor], cfg: ModelConfig, opts: Quantiz
     is consumed. `tokens` [samples, T]: the calibration sample (needed by gptq and awq)."""
     from tinyserve.models.llama import RotaryEmbedding
 
-    spec = Spec.make(opts.method, opts.bits, opts.group_size)
+    spec = Spec.make(opts.method, opts.bits, opts.group_size, opts.zero)
     check_shapes(cfg, w, spec)
     out: dict[str, WeightSource] = {}
     q = LayerQuantizer(opts, spec, cfg, w, out)
@@ -210,14 +213,23 @@ def quantize_weights(w: dict[str, torch.Tensor], cfg: ModelConfig, opts: Quantiz
     return out
 
 
-def quantize_model(model: str | None, opts: QuantizeOptions, out_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """Quantize `model` (as `LLM(model)` resolves it) into `out_dir`; returns what quantization.json records."""
+def quantize_model(model: str | None, opts: QuantizeOptions, out_dir: Path, progress: bool = True,
+                   fmt: str = "tinyserve") -> dict[str, Any]:
+    """Quantize `model` (as `LLM(model)` resolves it) into `out_dir`, in our layout (`fmt` "tinyserve")
+    or the field's ("gptq", "awq": quantize/hf_format.py); returns how it was made (quantization.json)."""
     import json
 
     from tinyserve.models.loader import hf_weights, model_config, resolve_model
     from tinyserve.quantize.calib import calibration_tokens
     from tinyserve.quantize.checkpoint import save_quantized
+    from tinyserve.quantize.hf_format import FORMATS, save_hf_quantized
     from tinyserve.tokenizer import load_tokenizer
+
+    if fmt != "tinyserve" and fmt not in FORMATS:
+        raise ValueError(f"format must be tinyserve, {' or '.join(FORMATS)}; got {fmt!r}")
+    if fmt in FORMATS and (opts.zero != "int" or opts.bits != 4 or opts.method == "nf4"):
+        raise ValueError(f"--format {fmt} stores 4-bit groups with integer zero points: use --bits 4 --zero int "
+                         f"with rtn, gptq or awq (got {opts.method}, {opts.bits}-bit, zero {opts.zero})")
 
     src = resolve_model(model)
     if src.quantized:
@@ -235,7 +247,10 @@ def quantize_model(model: str | None, opts: QuantizeOptions, out_dir: Path, prog
             "calibration": {"dataset": CALIB_DATASET, "samples": opts.calib_samples,
                             "seq_len": opts.calib_seq_len, "seed": opts.seed} if tokens is not None else None}
     hf = json.loads((src.path / "config.json").read_text())
-    save_quantized(out_dir, weights, hf, tok, info)
+    if fmt == "tinyserve":
+        save_quantized(out_dir, weights, hf, tok, info)
+    else:
+        save_hf_quantized(out_dir, weights, hf, tok, info, fmt)
     gen = src.path / "generation_config.json"
     if gen.is_file():
         (out_dir / gen.name).write_text(gen.read_text())
@@ -259,6 +274,12 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="gptq: columns by decreasing Hessian diagonal")
     p.add_argument("--damp", type=float, default=d.damp, help="gptq: dampening, fraction of the mean diagonal")
     p.add_argument("--head", choices=("int8", "none"), default=d.head, help="LM head: int8 per row, or dense")
+    p.add_argument("--zero", choices=("float", "int"), default=None,
+                   help="3/4-bit zero points: float (bf16, GGUF Q4_1's grid) or int (AutoGPTQ/AutoAWQ's); "
+                        "default: int for --format gptq/awq, float otherwise")
+    p.add_argument("--format", choices=("tinyserve", "gptq", "awq"), default="tinyserve",
+                   help="tinyserve (quantization.json + codes), or the field's layouts: gptq (AutoGPTQ v1 "
+                        "qweight/qzeros/scales/g_idx) or awq (AutoAWQ GEMM); all three serve with LLM(DIR)")
     p.add_argument("--num-threads", type=int, default=None, help="torch threads (default: physical cores)")
     p.add_argument("--out", required=True, help="the model directory to write (LLM(DIR), tinyserve serve --model DIR)")
 
@@ -267,8 +288,10 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     from tinyserve.config import physical_cores
 
     torch.set_num_threads(args.num_threads or physical_cores())
+    zero = args.zero or ("float" if args.format == "tinyserve" else "int")
     opts = QuantizeOptions(args.method, args.bits, args.group_size, args.calib_samples, args.calib_seq_len,
-                           args.seed, args.act_order, args.damp, args.head)
-    info = quantize_model(args.model, opts, Path(args.out))
-    print(f"wrote {args.out} ({opts.method}, {opts.bits}-bit, group {opts.group_size}) in {info['quantize_seconds']} s")
+                           args.seed, args.act_order, args.damp, args.head, zero)
+    info = quantize_model(args.model, opts, Path(args.out), fmt=args.format)
+    print(f"wrote {args.out} ({opts.method}, {opts.bits}-bit, group {opts.group_size}, zero {zero}, "
+          f"{args.format} layout) in {info['quantize_seconds']} s")
     return info

@@ -1,12 +1,16 @@
 """The quantization grids every method shares, and round-to-nearest (RTN) on them.
 
 A `Spec` names a grid: "int" (asymmetric groups of `group` along K, 3 or 4 bits, in the int4 kernel's
-form w = (q - 8) * s + z), "int8" (symmetric per output row, the int8 kernel's w = q * s) or "nf4"
-(QLoRA's 16-value codebook times each group's absmax). GPTQ and AWQ choose *which* codes to store;
-the grid, and how a weight column is rounded onto it, is defined once here.
+form w = (q - 8) * s + z with a real-valued zero z: GGUF Q4_1's min/max grid), "intz" (the same groups
+with an integer zero point, w = (q - zq) * s: the grid AutoGPTQ/AutoAWQ checkpoints store, so that
+`--format gptq|awq` exports are exact), "int8" (symmetric per output row, the int8 kernel's
+w = q * s) or "nf4" (QLoRA's 16-value codebook times each group's absmax). GPTQ and AWQ choose
+*which* codes to store; the grid, and how a weight column is rounded onto it, is defined once here.
 
 Scales and zeros are rounded to bf16 before any code is chosen: the checkpoint stores them in bf16
 (the kernels want them in the activation dtype), so the codes are optimal for the values actually served.
+"intz" scales are also kept >= 2^-14 (fp16's smallest normal): a bf16 value in fp16's normal range is
+exact in fp16, the scale dtype of the field's checkpoints.
 """
 
 from __future__ import annotations
@@ -18,28 +22,38 @@ import torch
 from tinyserve.layers.quant import NF4_CODEBOOK, QuantizedTensor
 
 SCALE_DTYPE = torch.bfloat16
+FP16_MIN_NORMAL = 2.0**-14
+GROUPED = ("int", "intz")  # the grids in groups along K, on the int4 kernel
 
 
 @dataclass(frozen=True)
 class Spec:
     """A quantization grid: format, bits, group size (int8 ignores the group: one scale per row)."""
 
-    format: str  # "int" | "int8" | "nf4"
+    format: str  # "int" | "intz" | "int8" | "nf4"
     bits: int
     group: int
 
     @classmethod
-    def make(cls, method: str, bits: int, group: int) -> Spec:
-        """The grid a method/bits/group choice means, or a clear error."""
+    def make(cls, method: str, bits: int, group: int, zero: str = "float") -> Spec:
+        """The grid a method/bits/group/zero-point choice means, or a clear error."""
+        if zero not in ("float", "int"):
+            raise ValueError(f"--zero must be float or int; got {zero!r}")
         if method == "nf4":
             if bits != 4:
                 raise ValueError(f"nf4 is a 4-bit format; got --bits {bits}")
+            if zero == "int":
+                raise ValueError("--zero int applies to the 3/4-bit int grids; nf4 has no zero point")
             return cls("nf4", 4, group)
-        if bits == 8:
-            return cls("int8", 8, 0)  # per output channel: the int8 kernel has no groups
+        if bits == 8:  # per output channel: the int8 kernel has no groups; symmetric, so its zero is 0 anyway
+            return cls("int8", 8, 0)
         if bits not in (3, 4):
             raise ValueError(f"--bits must be 3, 4 or 8; got {bits}")
-        return cls("int", bits, group)
+        return cls("intz" if zero == "int" else "int", bits, group)
+
+    @property
+    def grouped(self) -> bool:
+        return self.format in GROUPED
 
     @property
     def maxq(self) -> int:
@@ -54,16 +68,32 @@ class Spec:
 
 def fit(w: torch.Tensor, spec: Spec) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The grid's parameters for `w` [N, G*group] (int8: [N, K]): min/max for "int" (scales, zeros
-    [N, G]), absmax for "nf4" and "int8" (scales; zeros None); bf16-rounded, returned in fp32."""
+    [N, G]) and "intz" (scales, integer zero points), absmax for "nf4" and "int8" (scales; zeros None);
+    bf16-rounded, returned in fp32."""
     w = w.float()
     if spec.format == "int8":
         return (w.abs().amax(-1) / 127).clamp(min=1e-8).to(SCALE_DTYPE).float(), None
     wg = w.view(w.shape[0], -1, spec.group)
     if spec.format == "nf4":
         return wg.abs().amax(-1).clamp(min=1e-8).to(SCALE_DTYPE).float(), None
+    if spec.format == "intz":
+        return fit_int_zero(wg, spec.maxq)
     lo, hi = wg.amin(-1), wg.amax(-1)  # each group's own range, as GGUF's Q4_1 (the bundled file's layers)
     scales = ((hi - lo) / spec.maxq).clamp(min=1e-8).to(SCALE_DTYPE).float()
     zeros = (lo + 8 * scales).to(SCALE_DTYPE).float()
+    return scales, zeros
+
+
+def fit_int_zero(wg: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's asymmetric quantizer on groups wg [N, G, group]: the range is widened to include 0 (so
+    0 is exact), s = range / maxq, zq = round(-min / s). zq is kept >= 1: GPTQ's (v1) checkpoint format
+    stores zq - 1 in `bits` bits, so zq = 0 cannot be written (AutoGPTQ's packer corrupts it); a group
+    with no negative weight takes zq = 1 and s = max / (maxq - 1) instead."""
+    lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+    scales = ((hi - lo) / maxq).clamp(min=FP16_MIN_NORMAL)
+    nonneg = (-lo / scales).round() < 1
+    scales = torch.where(nonneg, (hi / (maxq - 1)).clamp(min=FP16_MIN_NORMAL), scales).to(SCALE_DTYPE).float()
+    zeros = (-lo / scales).round().clamp(1, maxq)
     return scales, zeros
 
 
@@ -76,6 +106,8 @@ def codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, spe
         book = NF4_CODEBOOK.to(w.device)
         return ((w / scales)[..., None] - book).abs().argmin(-1).float()
     assert zeros is not None
+    if spec.format == "intz":
+        return ((w / scales).round() + zeros).clamp(0, spec.maxq)
     return ((w - zeros) / scales + 8).round().clamp(0, spec.maxq)
 
 
@@ -86,6 +118,8 @@ def decode(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, sp
     if spec.format == "nf4":
         return NF4_CODEBOOK.to(q.device)[q.long()] * scales
     assert zeros is not None
+    if spec.format == "intz":
+        return (q - zeros) * scales
     return (q - 8) * scales + zeros
 
 
@@ -108,8 +142,9 @@ def fake_quantize(w: torch.Tensor, spec: Spec) -> torch.Tensor:
 
 def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, spec: Spec) -> QuantizedTensor:
     dtype = torch.int8 if spec.format == "int8" else torch.uint8
+    zero_dtype = torch.uint8 if spec.format == "intz" else SCALE_DTYPE  # integer zero points stay integers
     return QuantizedTensor(spec.format, spec.bits, spec.group or q.shape[1], q.to(dtype), scales.to(SCALE_DTYPE),
-                           None if zeros is None else zeros.to(SCALE_DTYPE))
+                           None if zeros is None else zeros.to(zero_dtype))
 
 
 def rtn(w: torch.Tensor, spec: Spec) -> QuantizedTensor:

@@ -1,0 +1,113 @@
+"""Does the field's engine read a `tinyserve quantize --format gptq|awq` directory as tinyserve does?
+
+vLLM for CPU (its own venv, scripts/install_peers.sh) and tinyserve load the same directory, bf16
+activations, and run the same token ids: perplexity on the Hamlet windows of `bench quality`, and
+greedy outputs for its chat prompts. A layout read wrong (a nibble order, v1's zero offset) would not
+give a perplexity near tinyserve's; the kernels differ (vLLM's CPUWNA16 vs PyTorch's int4 one), so
+greedy outputs may part after near-ties, as bf16 vs fp32 do. tinyserve in fp32 on the same directory
+is the exact value of the stored weights.
+
+    .venv/bin/python scripts/check_export_vllm.py DIR [DIR ...]     # writes docs/results/quant/export-vllm-*.json
+
+The vLLM half runs this file with `--worker` in the vLLM venv (it imports only vllm there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+VLLM_PYTHON = Path("/work/peers/vllm-venv/bin/python")  # where scripts/install_peers.sh puts it by default
+GREEDY_TOKENS = 48
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """In the vLLM venv: prompt log-probs of the windows, greedy outputs of the prompts."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=spec["model"], dtype="bfloat16", enforce_eager=True, max_model_len=1024, seed=0,
+              max_num_seqs=16)
+    scored = llm.generate([TokensPrompt(prompt_token_ids=w) for w in spec["windows"]],
+                          SamplingParams(max_tokens=1, prompt_logprobs=0))
+    nll = []
+    for w, out in zip(spec["windows"], scored):
+        for tok, lp in zip(w[1:], out.prompt_logprobs[1:]):
+            nll.append(-lp[tok].logprob)
+    greedy = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]],
+                          SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS))
+    return {"quantization": llm.llm_engine.model_config.quantization, "nll": nll,
+            "greedy": [list(o.outputs[0].token_ids) for o in greedy]}
+
+
+def tinyserve_side(model: str, dtype: str, windows: list[list[int]], prompts: list[list[int]]) -> dict[str, Any]:
+    import torch
+
+    from tinyserve import LLM, SamplingParams
+    from tinyserve.bench.quality import decode_kernels, token_nll, window_logits
+
+    llm = LLM(model, dtype=dtype, enforce_eager=True, num_kv_blocks=-(-16 * 128 // 16) + 16)
+    with decode_kernels(llm.engine.model):
+        nll = torch.cat([token_nll(window_logits(llm.engine, w)[:-1], torch.tensor(w[1:])) for w in windows])
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS))
+    return {"quantization": llm.engine.quantization, "nll": nll.tolist(),
+            "greedy": [list(o.outputs[0].token_ids) for o in outs]}
+
+
+def compare(model: str, windows: list[list[int]], prompts: list[list[int]]) -> dict[str, Any]:
+    from tinyserve.bench.peers import usable_cpus
+    from tinyserve.bench.quality import greedy_agreement
+
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, usable_cpus()))}
+    spec = json.dumps({"model": model, "windows": windows, "prompts": prompts})
+    proc = subprocess.run([str(VLLM_PYTHON), __file__, "--worker"], input=spec, capture_output=True, text=True,
+                          env=env, timeout=1200)
+    if proc.returncode != 0:
+        raise RuntimeError(f"vLLM on {model} failed:\n{proc.stderr[-3000:]}")
+    vllm = json.loads(proc.stdout.strip().splitlines()[-1])
+    ours = {dtype: tinyserve_side(model, dtype, windows, prompts) for dtype in ("bfloat16", "float32")}
+    ppl = {"vllm_bf16": math.exp(sum(vllm["nll"]) / len(vllm["nll"]))}
+    ppl.update({f"tinyserve_{'bf16' if d == 'bfloat16' else 'fp32'}": math.exp(sum(r["nll"]) / len(r["nll"]))
+                for d, r in ours.items()})
+    same, prefix = greedy_agreement(ours["bfloat16"]["greedy"], vllm["greedy"])
+    same32, prefix32 = greedy_agreement(ours["float32"]["greedy"], ours["bfloat16"]["greedy"])
+    return {"model": model, "vllm_quantization": vllm["quantization"],
+            "tinyserve_quantization": ours["bfloat16"]["quantization"], "ppl": ppl,
+            "greedy_vllm_vs_tinyserve_bf16": {"identical": same, "prefix": prefix},
+            "greedy_tinyserve_bf16_vs_fp32": {"identical": same32, "prefix": prefix32}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", nargs="*", help="--format gptq/awq directories")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--windows", type=int, default=4)
+    p.add_argument("--tokens", type=int, default=512)
+    p.add_argument("--result-dir", default="docs/results/quant")
+    a = p.parse_args()
+    if a.worker:
+        print(json.dumps(worker(json.loads(sys.stdin.read()))))
+        return
+    from tinyserve.bench.env_info import run_header, save_json
+    from tinyserve.bench.quality import CHAT_PROMPTS, shakespeare_windows
+    from tinyserve.models.loader import resolve_model
+    from tinyserve.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(resolve_model(a.models[0]))
+    windows, text = shakespeare_windows(tok.hf, a.windows, a.tokens)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": c}], True) for c in CHAT_PROMPTS]
+    rows = [compare(m, windows, prompts) for m in a.models]
+    doc = run_header("tinyserve.check.export-vllm/1", text=text, prompts=len(prompts), max_tokens=GREEDY_TOKENS,
+                     rows=rows)
+    print(json.dumps(rows, indent=1))
+    print(f"wrote {save_json(doc, Path(a.result_dir), 'export-vllm')}")
+
+
+if __name__ == "__main__":
+    main()
