@@ -96,3 +96,39 @@ def test_packed_and_dense_regimes_each_have_a_graph(tiny_llama_dir, restore_torc
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
             assert la.logprob == pytest.approx(lb.logprob, abs=1e-4)
+
+
+def test_speculation_runs_on_the_warmed_graphs(tiny_llama_dir, restore_torch_threads):
+    """Verification rows (1 + k per sequence) and a draft model's catch-up rows are decode rows: they
+    run the compiled graphs warmed at start-up, with the eager engine's tokens, and nothing compiles."""
+    from torch._dynamo.utils import counters
+
+    spec = {"model": str(tiny_llama_dir), "num_speculative_tokens": 3, "adaptive": False}
+    kw = dict(block_size=4, num_kv_blocks=128, speculative_config=spec)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    eager = LLM(str(tiny_llama_dir), **EAGER, **kw)
+    compiled = LLM(str(tiny_llama_dir), **COMPILED, **kw)
+    prompts = _prompts(eager.engine.model_config.vocab_size)
+    graphs = counters["stats"]["unique_graphs"]
+    got = compiled.generate(prompts, params)
+    assert counters["stats"]["unique_graphs"] == graphs, "a speculative step compiled after warm-up"
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
+    stats = compiled.engine.spec.stats
+    assert stats.num_accepted_tokens == stats.num_draft_tokens > 0  # the target drafting for itself
+
+
+def test_a_step_no_graph_covers_runs_eager(tiny_llama_dir, restore_torch_threads):
+    """Warmed for batch 1 only, a batch of 3 matches no graph: it runs eager (same logits), no error."""
+    from tinyserve.engine.compiled import CompiledDecode, decode_forward
+
+    llm = LLM(str(tiny_llama_dir), **EAGER, block_size=4, num_kv_blocks=16)
+    runner, bs = llm.engine.runner, llm.engine.config.block_size
+    step = CompiledDecode(llm.engine.model, bs)
+    step.warm_up(runner.kv_caches, llm.engine.attention.index_dtype, [1])
+    args = [torch.tensor([5, 6, 7]), torch.zeros(3, dtype=torch.long), runner.kv_caches,
+            torch.zeros(3, dtype=torch.long), torch.zeros(3, 2, dtype=llm.engine.attention.index_dtype),
+            torch.ones(3, dtype=llm.engine.attention.index_dtype)]
+    with torch.inference_mode():
+        got = step(*args)
+        want = decode_forward(llm.engine.model, *args, bs)
+    assert torch.allclose(got, want, atol=1e-5)

@@ -73,9 +73,16 @@ class CompiledDecode:
         # Warmed up: every input that can vary is a dynamic size, so only the guards that tell the
         # graphs apart need evaluating (the full check, over hundreds of weight and KV tensors, is
         # 1.4 ms of a 9.7 ms batch-1 step; what skipping saves was within this VM's drift: REPORT
-        # S2). A step that matches no graph runs eager, never a minutes-long compile mid-serving.
-        with torch.compiler.set_stance("eager_on_recompile", skip_guard_eval_unsafe=True):
-            return self.fn(*args)
+        # S2). A step that matches no graph runs eager, never a minutes-long compile mid-serving
+        # (under skip_guard_eval_unsafe that case raises before running anything: caught below).
+        try:
+            with torch.compiler.set_stance("eager_on_recompile", skip_guard_eval_unsafe=True):
+                return self.fn(*args)
+        except RuntimeError as e:  # guards are checked before anything runs: nothing was written yet
+            if "Recompilation" not in str(e):
+                raise
+            log.warning("a decode step of %d rows matches no compiled graph; running it eager", input_ids.shape[0])
+            return decode_forward(*args)
 
     @torch.inference_mode()  # as the runner's steps are: graphs are guarded on it
     def warm_up(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], index_dtype: torch.dtype,

@@ -19,6 +19,7 @@ from tinyserve.config import EngineConfig
 from tinyserve.engine.faults import EngineFatalError, FaultInjector
 from tinyserve.engine.output import request_output
 from tinyserve.engine.policy import SchedulingPolicy
+from tinyserve.engine.runner import DECODE_ROWS
 from tinyserve.engine.sampler import Sampler, prompt_logprobs
 from tinyserve.engine.scheduler import ScheduledBatch, Scheduler
 from tinyserve.engine.sequence import Sequence
@@ -63,10 +64,12 @@ class LLMEngine:
             log.warning("max_model_len capped at %d tokens: the KV pool holds no more", self.max_len)
 
         self.speculative = SpeculativeConfig.parse(config.speculative_config)
-        # Speculation verifies 1 + k rows per decode: the compiled regimes must reach that many rows.
+        # The most rows a step of decode rows alone can have (engine/runner.py): every sequence with
+        # 1 + k rows when speculating, or a short chunk over a cached context, within the token budget.
+        # The compiled regimes must reach it, or such a step would find no graph.
         k = self.speculative.num_speculative_tokens if self.speculative else 0
-        served = serve_model(config, src, mc, config.quantization, self.max_len, self.num_blocks,
-                             config.max_num_seqs * (1 + k))
+        rows = min(config.max_num_batched_tokens, config.max_num_seqs * max(1 + k, DECODE_ROWS))
+        served = serve_model(config, src, mc, config.quantization, self.max_len, self.num_blocks, rows)
         self.model, self.runner, self.attention = served.model, served.runner, served.attention
         self.quantization, self.packed_max_batch = served.quantization, served.packed_max_batch
         self.compile_seconds = served.compile_seconds
