@@ -67,14 +67,15 @@ def workloads(tokenizer: Any) -> dict[str, list[str]]:
     return {"grounded": grounded, "chat": chat}
 
 
-def run_group(group: str, out: Path) -> list[Path]:
+def run_group(group: str, out: Path, only: list[str] | None = None) -> list[Path]:
     from tinyserve import LLM, SamplingParams
     from tinyserve.bench.env_info import run_header, save_json
     from tinyserve.spec.cost import measure_step_seconds, row_counts
 
     results: dict[str, dict[str, Any]] = {}
     llms = {}
-    for name in GROUPS[group]:
+    names = [n for n in GROUPS[group] if not only or n in only]
+    for name in names:
         start = time.perf_counter()
         llm = llms[name] = LLM(max_num_seqs=16, kv_cache_memory_gb=0.5, **CONFIGS[name])
         e = llm.engine
@@ -95,7 +96,7 @@ def run_group(group: str, out: Path) -> list[Path]:
             todo = prompts[: PROMPTS_PER_BATCH[batch]]
             runs: dict[str, dict[str, Any]] = {}
             for rnd in range(ROUNDS):
-                for name in GROUPS[group] if rnd % 2 == 0 else GROUPS[group][::-1]:
+                for name in names if rnd % 2 == 0 else names[::-1]:
                     r = _timed(llms[name], todo, batch, params)
                     if name not in runs:
                         runs[name] = {"workload": workload, "batch": batch, "rounds": [], **r}
@@ -227,15 +228,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=("all", "run", "table"))
     p.add_argument("--group", choices=tuple(GROUPS), action="append", help="with run/all: these target modes only")
+    p.add_argument("--only", choices=tuple(CONFIGS), action="append", help="with run/all: these configs of the groups")
     p.add_argument("--out", type=Path, default=Path("docs/results/spec"))
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.what == "run":
         for group in args.group or GROUPS:
-            print(run_group(group, args.out))
+            print(run_group(group, args.out, args.only))
     elif args.what == "all":
         for group in args.group or GROUPS:  # a fresh process each
-            subprocess.run([sys.executable, __file__, "run", "--group", group, "--out", str(args.out)], check=True)
+            only = [a for name in args.only or () for a in ("--only", name)]
+            subprocess.run([sys.executable, __file__, "run", "--group", group, "--out", str(args.out), *only],
+                           check=True)
     if args.what in ("all", "table"):
         print(summarize(args.out))
 

@@ -86,6 +86,8 @@ def test_draft_length_weighs_acceptance_against_the_measured_step():
         policy.update(seq, drafted=4, accepted=0)
     assert policy.choose([seq]) == 0, "a sequence that never accepts stops drafting"
     assert [policy.choose([seq]) for _ in range(32)].count(1) == 2, "and probes again now and then"
+    big = [object() for _ in range(8)]
+    assert [policy.choose(big) for _ in range(40)].count(0) == 40, "no probing where the batch rules it out"
     assert DraftPolicy(k_max=3, adaptive=False).choose([seq]) == 3
 
 

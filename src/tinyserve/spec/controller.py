@@ -6,8 +6,9 @@ accepted run plus the target's own token; Leviathan et al. 2023). A step of B de
 each costs one target forward over B (k + 1) rows plus k draft-model steps over B rows. The
 controller picks the k in 0..K with the most tokens per second, so it stops drafting by itself
 when acceptance is low, when the draft is slow, or when the batch is large enough that k more rows
-per sequence cost more than they return. Switched off, it drafts one token every PROBE_EVERY steps
-to see whether the text has turned predictable. A sequence's rate is estimated from its own
+per sequence cost more than they return. Switched off for low acceptance, it drafts one token every
+PROBE_EVERY steps to see whether the text has turned predictable (not when the batch alone rules
+speculation out). A sequence's rate is estimated from its own
 verifications, decayed so that it follows the text, starting from a prior.
 """
 
@@ -59,7 +60,10 @@ class DraftPolicy:
         if not self.adaptive or self.target is None:
             return self.k_max
         k = self.best_k([self.rate(s) for s in seqs])
-        if k == 0:
+        # Off: probe now and then, unless even perfect acceptance could not pay at this batch size
+        # (then the cost decides, not the rates, and a probe would only cost: a draft model that
+        # has been idle first catches up on every token it missed).
+        if k == 0 and self.best_k([1.0] * len(seqs)) > 0:
             self._off_steps += 1
             if self._off_steps >= PROBE_EVERY:
                 self._off_steps = 0
