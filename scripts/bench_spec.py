@@ -11,6 +11,7 @@ the acceptance counters, and the target's and draft's decode step by rows (for t
     .venv/bin/python scripts/bench_spec.py all --out docs/results/spec          # every configuration
     .venv/bin/python scripts/bench_spec.py run --group gguf --out DIR           # one target mode
     .venv/bin/python scripts/bench_spec.py table --out docs/results/spec        # summary.md + plot
+    .venv/bin/python scripts/bench_spec.py identity                             # eager bf16, batch 1: same tokens?
 """
 
 from __future__ import annotations
@@ -224,15 +225,31 @@ def _plot(series: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> 
     fig.savefig(path, dpi=110)
 
 
+def eager_identity(prompts: int = 4) -> None:
+    """Batch 1, eager, the default mode: n-gram speculation on vs off, token for token. Eager runs one
+    code path for 1 and for k + 1 rows, so 16-bit rounding cannot tell them apart."""
+    from tinyserve import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    off = LLM(enforce_eager=True, max_num_seqs=4)
+    on = LLM(enforce_eager=True, max_num_seqs=4, speculative_config=NGRAM)
+    todo = workloads(off.tokenizer)["grounded"][:prompts]
+    same = sum(off.generate([p], params)[0].outputs[0].token_ids == on.generate([p], params)[0].outputs[0].token_ids
+               for p in todo)
+    print(f"eager, batch 1: {same}/{len(todo)} identical; {on.engine.spec.stats}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("all", "run", "table"))
+    p.add_argument("what", choices=("all", "run", "table", "identity"))
     p.add_argument("--group", choices=tuple(GROUPS), action="append", help="with run/all: these target modes only")
     p.add_argument("--only", choices=tuple(CONFIGS), action="append", help="with run/all: these configs of the groups")
     p.add_argument("--out", type=Path, default=Path("docs/results/spec"))
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.what == "run":
+    if args.what == "identity":
+        eager_identity()
+    elif args.what == "run":
         for group in args.group or GROUPS:
             print(run_group(group, args.out, args.only))
     elif args.what == "all":
