@@ -25,6 +25,7 @@ from typing import Any
 
 VLLM_PYTHON = Path("/work/peers/vllm-venv/bin/python")  # where scripts/install_peers.sh puts it by default
 GREEDY_TOKENS = 48
+MARK = "CHECK-EXPORT-RESULT "
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -70,7 +71,7 @@ def compare(model: str, windows: list[list[int]], prompts: list[list[int]]) -> d
                           env=env, timeout=1200)
     if proc.returncode != 0:
         raise RuntimeError(f"vLLM on {model} failed:\n{proc.stderr[-3000:]}")
-    vllm = json.loads(proc.stdout.strip().splitlines()[-1])
+    vllm = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith(MARK))[len(MARK):])
     ours = {dtype: tinyserve_side(model, dtype, windows, prompts) for dtype in ("bfloat16", "float32")}
     ppl = {"vllm_bf16": math.exp(sum(vllm["nll"]) / len(vllm["nll"]))}
     ppl.update({f"tinyserve_{'bf16' if d == 'bfloat16' else 'fp32'}": math.exp(sum(r["nll"]) / len(r["nll"]))
@@ -92,7 +93,7 @@ def main() -> None:
     p.add_argument("--result-dir", default="docs/results/quant")
     a = p.parse_args()
     if a.worker:
-        print(json.dumps(worker(json.loads(sys.stdin.read()))))
+        print(MARK + json.dumps(worker(json.loads(sys.stdin.read()))))  # vLLM prints to stdout too
         return
     from tinyserve.bench.env_info import run_header, save_json
     from tinyserve.bench.quality import CHAT_PROMPTS, shakespeare_windows
