@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -224,6 +225,13 @@ class EngineConfig:
     aging_tokens_per_s: float = knob(
         1000.0, "shortest policy: prompt tokens taken off a sequence's rank per second it has waited, "
         "so a prompt of L tokens overtakes any newcomer after L / this many seconds")
+    speculative_config: str | None = knob(
+        None, "speculative decoding, as JSON with vLLM's names: "
+        '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4} (prompt lookup), '
+        '{"model": PATH, "num_speculative_tokens": 4} (a draft model with the same vocabulary), '
+        '{"method": "self", "num_speculative_tokens": 4} (the target\'s own weights at int4 as the draft); '
+        "also quantization (the draft's weight mode), disable_by_batch_size, adaptive (default true). "
+        "LLM(...) also takes a dict. Default: off")
     enforce_eager: bool = knob(
         False, "run every step eagerly: no compiled decode step (vLLM's flag; skips the start-up compile)")
     torch_dtype: torch.dtype = field(init=False, default=torch.float32)  # resolved from dtype and device
@@ -254,3 +262,8 @@ class EngineConfig:
             raise ValueError(f"packed_max_batch must be >= 0, got {self.packed_max_batch}")
         if self.num_threads is None:
             self.num_threads = physical_cores()
+        if isinstance(self.speculative_config, dict):  # LLM(speculative_config={...}): kept as the flag's JSON
+            self.speculative_config = json.dumps(self.speculative_config)
+        from tinyserve.spec.config import SpeculativeConfig  # spec/ imports the engine, which imports this
+
+        SpeculativeConfig.parse(self.speculative_config)  # a bad config fails here, naming its field

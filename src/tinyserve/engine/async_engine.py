@@ -81,6 +81,9 @@ class EngineStats:
     kv_usage: float = 0.0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache so far
     prefix_cache_hits: int = 0  # ... and found there
+    spec_decode_num_drafts: int = 0  # speculative verifications so far (one per sequence and step)
+    spec_decode_num_draft_tokens: int = 0  # ... the tokens they drafted
+    spec_decode_num_accepted_tokens: int = 0  # ... and of those, the ones accepted
 
 
 @dataclass
@@ -374,8 +377,10 @@ class AsyncEngine:
         running = {s.request_id for s in sched.running}
         waiting = {s.request_id for s in sched.waiting} - running
         blocks = self.engine.blocks
+        spec = self.engine.spec.stats if self.engine.spec is not None else None
         self.stats = EngineStats(len(running), len(waiting), float(blocks.usage), blocks.stats.queries,
-                                 blocks.stats.hits)
+                                 blocks.stats.hits, *((spec.num_drafts, spec.num_draft_tokens,
+                                                       spec.num_accepted_tokens) if spec else ()))
         if self._on_stats is not None:
             self._on_stats(self.stats)
 

@@ -9,26 +9,26 @@ token cannot be detokenized, fails alone. The engine carries on with the rest.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 
 import torch
 
-from tinyserve.attention import select_backend
-from tinyserve.config import EngineConfig, cpu_model
-from tinyserve.engine.compiled import CompiledDecode
+from tinyserve.config import EngineConfig
 from tinyserve.engine.faults import EngineFatalError, FaultInjector
 from tinyserve.engine.output import request_output
 from tinyserve.engine.policy import SchedulingPolicy
-from tinyserve.engine.runner import ModelRunner
 from tinyserve.engine.sampler import Sampler, prompt_logprobs
 from tinyserve.engine.scheduler import ScheduledBatch, Scheduler
 from tinyserve.engine.sequence import Sequence
+from tinyserve.engine.served_model import serve_model
 from tinyserve.kv.block_manager import BlockManager
-from tinyserve.layers.quant import configure_packed_kernels, packed_weights
-from tinyserve.models.loader import cache_dir, load_model, model_config, resolve_model, resolve_quantization
+from tinyserve.models.loader import model_config, resolve_model
 from tinyserve.outputs import Logprob, RequestOutput
 from tinyserve.sampling import SamplingParams
+from tinyserve.spec import SpeculativeConfig
+from tinyserve.spec.decoder import SpecDecoder
 from tinyserve.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -39,11 +39,11 @@ class LLMEngine:
         self.config = config
         assert config.num_threads is not None  # resolved in EngineConfig.__post_init__
         torch.set_num_threads(config.num_threads)
-        src = resolve_model(config.model)
+        self.source = src = resolve_model(config.model)
         self.model_name = src.name
         self.model_config = mc = model_config(src)
         self.tokenizer = load_tokenizer(src, config.tokenizer, mc.eos_token_ids)
-        dtype, device = config.torch_dtype, config.device
+        dtype = config.torch_dtype
 
         bs = config.block_size
         block_bytes = mc.kv_bytes_per_token(dtype) * bs
@@ -62,39 +62,21 @@ class LLMEngine:
         if self.max_len < wanted:
             log.warning("max_model_len capped at %d tokens: the KV pool holds no more", self.max_len)
 
-        self.quantization = resolve_quantization(config.quantization, src, dtype, device)
-        self.attention = select_backend(config.attention_backend, device)
-        self.model = load_model(src, mc, self.max_len, dtype, device, self.quantization, config.quant_group_size,
-                                self.attention)
-        # The packed/dense crossover depends on the machine, the model and the mode: measured once, cached.
-        machine = f"{cpu_model()}|{config.device}|{config.num_threads} threads|torch {torch.__version__}"
-        key = f"{src.path}|{self.quantization}|g{config.quant_group_size}|{dtype}|{machine}"
-        self.packed_max_batch = configure_packed_kernels(
-            self.model, config.packed_max_batch, config.max_num_batched_tokens, dtype,
-            cache=(cache_dir() / "kernel-choice.json", key))
-        self.runner = ModelRunner(self.model, mc, self.num_blocks, bs, dtype, device)
-        self.compile_seconds = 0.0
-        self.runner.compiled = self._compile_decode()
+        self.speculative = SpeculativeConfig.parse(config.speculative_config)
+        # Speculation verifies 1 + k rows per decode: the compiled regimes must reach that many rows.
+        k = self.speculative.num_speculative_tokens if self.speculative else 0
+        served = serve_model(config, src, mc, config.quantization, self.max_len, self.num_blocks,
+                             config.max_num_seqs * (1 + k))
+        self.model, self.runner, self.attention = served.model, served.runner, served.attention
+        self.quantization, self.packed_max_batch = served.quantization, served.packed_max_batch
+        self.compile_seconds = served.compile_seconds
         self.blocks = BlockManager(self.num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting,
                                    SchedulingPolicy(config.scheduling_policy, config.aging_tokens_per_s))
         self.sampler = Sampler(self.tokenizer.eos_token_ids, config.seed, self.runner.device)
+        self.spec = SpecDecoder.build(self.speculative, self) if self.speculative else None
         self.requests: dict[str, list[Sequence]] = {}
         self.faults = FaultInjector.from_env(self.tokenizer.decode)  # None unless a test asks for faults
-
-    def _compile_decode(self) -> CompiledDecode | None:
-        """The compiled decode step, warmed up at start-up for every batch-size regime (None with
-        --enforce-eager): batch 1, 2+, and above the quantized linears' packed/dense crossover."""
-        if self.config.enforce_eager:
-            return None
-        top = self.config.max_num_seqs
-        sizes = {1, 2}
-        if any(w.dense is not None for _, w in packed_weights(self.model)):
-            sizes.add(self.packed_max_batch + 1)  # the first batch that runs the dense copies
-        compiled = CompiledDecode(self.model, self.config.block_size)
-        self.compile_seconds = compiled.warm_up(self.runner.kv_caches, self.attention.index_dtype,
-                                                sorted(b for b in sizes if b <= top))
-        return compiled
 
     # -- requests ----------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -184,9 +166,20 @@ class LLMEngine:
     # -- the step loop ------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
         """One forward pass over the scheduled batch; returns the sequences that got a token or ended."""
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running)  # drafts for the decodes, before they are scheduled
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        try:
+            return self._step(batch)
+        finally:
+            if self.spec is not None:
+                for seq in batch.seqs:  # drafts live for one step
+                    seq.spec_token_ids, seq.spec_draft_probs = [], None
+                self.spec.forget({*self.scheduler.running, *self.scheduler.waiting})
+
+    def _step(self, batch: ScheduledBatch) -> list[Sequence]:
         if self.faults is not None:
             self.faults.maybe_raise("fatal", batch.seqs)
         try:
@@ -219,34 +212,63 @@ class LLMEngine:
             self.faults.maybe_raise("forward", batch.seqs)
         out = self.runner.execute(batch)
         sampling, logits = out.sampling, out.logits
+        rows = [1 + len(s.spec_token_ids) for s in sampling]  # a speculating sequence verifies k + 1 rows
         if self.faults is not None:
-            self.faults.poison(logits, sampling)
+            self.faults.poison(logits, [s for s, n in zip(sampling, rows) for _ in range(n)])
         bad: list[Sequence] = []
         if sampling:
             # A row's sum is finite iff the row is (fp32 logits of any sane model cannot overflow it).
             finite = torch.isfinite(logits.sum(-1)).tolist()
             if not all(finite):
-                bad = [s for s, ok in zip(sampling, finite) if not ok]
-                keep = [i for i, ok in enumerate(finite) if ok]
-                sampling, logits = [sampling[i] for i in keep], logits[keep]
+                ends = list(itertools.accumulate(rows))
+                ok = [all(finite[e - n : e]) for e, n in zip(ends, rows)]
+                bad = [s for s, good in zip(sampling, ok) if not good]
+                keep = [r for e, n, good in zip(ends, rows, ok) if good for r in range(e - n, e)]
+                sampling, logits = [s for s, good in zip(sampling, ok) if good], logits[keep]
         if self.faults is not None:
             self.faults.maybe_raise("sampler", sampling)
-        tokens, logprobs = self.sampler(logits, sampling) if sampling else ([], [])
+        tokens, logprobs = self.sampler.sample(logits, sampling, [s.spec_token_ids for s in sampling],
+                                               [s.spec_draft_probs for s in sampling]) if sampling else ([], [])
         scored = prompt_logprobs(out.prompt_logits, out.prompt_spans)
         for seq, n in zip(batch.seqs, batch.num_tokens):
-            self.scheduler.computed(seq, n)
-        for (seq, _), lps in zip(out.prompt_spans, scored):
-            seq.prompt_logprobs += lps
+            if not seq.spec_token_ids:  # a speculating sequence commits with its tokens, below
+                self.scheduler.computed(seq, n)
+        for (seq, _), scored_lps in zip(out.prompt_spans, scored):
+            seq.prompt_logprobs += scored_lps
         for seq in bad:
             self._fail(seq, "the model produced non-finite logits (NaN or inf)")
-        for seq, token, lp in zip(sampling, tokens, logprobs):
+        for seq, toks, lps in zip(sampling, tokens, logprobs):
             try:
                 if self.faults is not None:
                     self.faults.maybe_raise("detokenize", [seq])
-                self._append(seq, token, lp)
+                if seq.spec_token_ids:
+                    self._commit_speculation(seq, toks, lps)
+                else:
+                    self._append(seq, toks[0], lps[0])
             except Exception as e:
                 self._fail(seq, e)
         return out.sampling
+
+    def _commit_speculation(self, seq: Sequence, tokens: list[int], logprobs: list[Logprob | None]) -> None:
+        """Emit a verified run: the accepted drafts then the target's own token, each through the stop
+        checks (a stop ends the run there: nothing after it is emitted). The K/V that stays is the
+        last token's and the accepted drafts'; the rejected drafts' slots are given back."""
+        assert self.spec is not None
+        drafted, accepted = len(seq.spec_token_ids), len(tokens) - 1
+        self.spec.record(seq, drafted, accepted)
+        reason = None
+        emitted = 0
+        for token, lp in zip(tokens, logprobs):
+            emitted += 1
+            reason = self._add_token(seq, token, lp)
+            if reason is not None:
+                break
+        self.scheduler.computed(seq, 1 + min(emitted, accepted))
+        if reason is not None:
+            seq.finish(*reason)
+            self.scheduler.finish(seq)
+        else:
+            self.scheduler.rolled_back(seq)
 
     def _fail(self, seq: Sequence, error: Exception | str) -> None:
         """Fail one sequence (its blocks go back at once); the client sees `error`, the log says why."""
@@ -257,6 +279,13 @@ class LLMEngine:
         self.scheduler.finish(seq)
 
     def _append(self, seq: Sequence, token: int, logprob: Logprob | None) -> None:
+        reason = self._add_token(seq, token, logprob)
+        if reason is not None:
+            seq.finish(*reason)
+            self.scheduler.finish(seq)
+
+    def _add_token(self, seq: Sequence, token: int, logprob: Logprob | None) -> tuple[str, int | str | None] | None:
+        """Append one token and its text; why the sequence must stop now, if it must."""
         seq.token_ids.append(token)
         seq.output_token_ids.append(token)
         if logprob is not None:
@@ -265,10 +294,7 @@ class LLMEngine:
             seq.first_token_time = time.monotonic()
         text_before = len(seq.output_text)
         seq.output_text += seq.detokenizer.step(token)
-        reason = self._stop_reason(seq, token, text_before)
-        if reason is not None:
-            seq.finish(*reason)
-            self.scheduler.finish(seq)
+        return self._stop_reason(seq, token, text_before)
 
     def _stop_reason(self, seq: Sequence, token: int, text_before: int) -> tuple[str, int | str | None] | None:
         p = seq.params

@@ -1,14 +1,23 @@
 """Owns the model and the KV pool; turns a scheduled batch into flat tensors and runs the forward.
 
-Packing order: decode tokens first (one per sequence, attended in one batched call), then the
-prefill chunks. Only the last position of a sequence whose uncomputed tokens are all fed this step
-gets logits: the LM head (hidden x vocab) is the largest matmul per token, and prompt positions
-need it only for a request that asked for `prompt_logprobs`, which alone pays for its rows.
+Packing order: decode rows first, then the prefill chunks. A decode row is one query attending
+to its context through the back end's decode kernel; a sequence's span runs as decode rows when it
+is a decode, a decode with drafts (speculation: its last token and the k drafts, one row each, row
+i seeing the context up to itself) or a short span over a cached context (`DECODE_ROWS`: a draft
+model catching up on the tokens its target accepted). Rows of one sequence share its block table;
+the step writes all their K/V before any row attends, so each sees its predecessors. A step of
+decode rows alone can run the compiled graph (engine/compiled.py), speculation included.
+Only the positions that sample get logits: the last one of a sequence whose uncomputed tokens are
+all fed this step, plus one per draft. The LM head (hidden x vocab) is the largest matmul per token,
+and prompt positions need it only for a request that asked for `prompt_logprobs`, which alone pays
+for its rows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 import torch
 
@@ -16,29 +25,47 @@ from tinyserve.attention import AttentionMetadata, BatchLayout, SeqSpan
 from tinyserve.config import ModelConfig
 from tinyserve.engine.compiled import CompiledDecode
 from tinyserve.engine.scheduler import ScheduledBatch
-from tinyserve.engine.sequence import Sequence
 from tinyserve.models.llama import LlamaForCausalLM
+
+DECODE_ROWS = 8  # a span over a cached context of at most this many tokens runs as decode rows
+
+
+class Fed(Protocol):
+    """What the runner reads of a sequence: a target `Sequence`, or a draft model's view of one."""
+
+    token_ids: list[int]
+    num_computed: int
+    block_table: list[int]
+    spec_token_ids: list[int]
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    def prompt_positions_to_score(self, lo: int, hi: int) -> range: ...
+
+
+S = TypeVar("S", bound=Fed)
 
 
 @dataclass
-class PreparedBatch:
+class PreparedBatch(Generic[S]):
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
     sample_idx: torch.Tensor  # [S]: rows of the flat batch whose logits we sample from
-    sampling: list[Sequence]  # the S sequences, in that order
+    sampling: list[S]  # the sequences that sample, in that order (1 + len(spec_token_ids) rows each)
     prompt_idx: torch.Tensor | None  # [R]: rows whose logits score prompt tokens (None: nobody asked)
-    prompt_spans: list[tuple[Sequence, range]]  # the sequences and positions of those R rows, in order
+    prompt_spans: list[tuple[S, range]]  # the sequences and positions of those R rows, in order
 
 
 @dataclass
-class StepLogits:
+class StepLogits(Generic[S]):
     """One step's fp32 logits: the rows that sample now, and the prompt positions asked to be scored."""
 
-    logits: torch.Tensor  # [S, vocab]
-    sampling: list[Sequence]
+    logits: torch.Tensor  # [rows, vocab]: 1 + len(spec_token_ids) consecutive rows per sampling sequence
+    sampling: list[S]
     prompt_logits: torch.Tensor  # [R, vocab]
-    prompt_spans: list[tuple[Sequence, range]]
+    prompt_spans: list[tuple[S, range]]
 
 
 class ModelRunner:
@@ -65,19 +92,26 @@ class ModelRunner:
     @torch.inference_mode()  # the step's tensors are inference tensors, as the compiled graphs expect
     def execute(self, batch: ScheduledBatch) -> StepLogits:
         """Run one step; returns the logits of the sequences that sample now and of the prompt rows."""
-        prepared = self.prepare(batch)
+        return self.execute_spans(batch.seqs, batch.num_tokens)
+
+    @torch.inference_mode()
+    def execute_spans(self, seqs: Seq[S], num_tokens: Seq[int]) -> StepLogits[S]:
+        """Run `num_tokens[i]` tokens of each `seqs[i]` (from its `num_computed` on) in one forward."""
+        prepared = self.prepare(seqs, num_tokens)
         logits, prompt_logits = self.forward(prepared)
         return StepLogits(logits, prepared.sampling, prompt_logits, prepared.prompt_spans)
 
     @torch.inference_mode()
-    def forward(self, b: PreparedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, b: PreparedBatch[S]) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits of the sampling rows and of the prompt rows, in separate LM-head calls: the sampled
         rows' numerics never depend on whether a neighbour asked for prompt logprobs."""
         d = b.meta.decode
         if self.compiled is not None and d is not None and not b.meta.prefills and b.prompt_idx is None:
-            # A pure decode step: every row samples, in order.
+            # A step of decode rows alone: the graph gives every row's logits (catch-up rows too).
             logits = self.compiled(b.input_ids, b.positions, self.kv_caches, b.meta.slot_mapping, d.block_tables,
                                    d.context_lens)
+            if b.sample_idx.shape[0] != logits.shape[0]:
+                logits = logits[b.sample_idx]
             return logits, logits.new_empty(0)
         hidden = self.model(b.input_ids, b.positions, self.kv_caches, b.meta)
         logits = self.model.compute_logits(hidden[b.sample_idx]) if b.sampling else hidden.new_empty(0)
@@ -85,26 +119,34 @@ class ModelRunner:
             return logits, hidden.new_empty(0)
         return logits, self.model.compute_logits(hidden[b.prompt_idx])
 
-    def prepare(self, batch: ScheduledBatch) -> PreparedBatch:
-        """Pack the batch into flat tensors (token ids, positions, KV slots); the attention back end
+    def prepare(self, seqs: Seq[S], num_tokens: Seq[int]) -> PreparedBatch[S]:
+        """Pack the spans into flat tensors (token ids, positions, KV slots); the attention back end
         turns the layout into its own metadata."""
-        order = sorted(range(len(batch)), key=lambda i: batch.num_tokens[i] > 1)  # decodes first
+        rows = [self._as_rows(seqs[i], n) for i, n in enumerate(num_tokens)]
+        order = sorted(range(len(seqs)), key=lambda i: not rows[i])  # decode rows first
         input_ids: list[int] = []
         positions: list[int] = []
-        slots, sample_idx, sampling, prompt_idx, prompt_spans = [], [], [], [], []
+        slots: list[int] = []
+        sample_idx: list[int] = []
+        prompt_idx: list[int] = []
+        sampling: list[S] = []
+        prompt_spans: list[tuple[S, range]] = []
         decodes: list[SeqSpan] = []
         prefills: list[SeqSpan] = []
         bs = self.block_size
         for i in order:
-            seq, n = batch.seqs[i], batch.num_tokens[i]
+            seq, n = seqs[i], num_tokens[i]
             start, lo, hi = len(input_ids), seq.num_computed, seq.num_computed + n
-            table = seq.block_table
-            input_ids += seq.token_ids[lo:hi]
+            table, spec = seq.block_table, seq.spec_token_ids
+            input_ids += seq.token_ids[lo:hi] if not spec else seq.token_ids[lo:] + spec[: hi - seq.num_tokens]
             positions += range(lo, hi)
             slots += [table[p // bs] * bs + p % bs for p in range(lo, hi)]
-            (decodes if n == 1 else prefills).append(SeqSpan(start, n, lo, table))
-            if hi == seq.num_tokens:
-                sample_idx.append(start + n - 1)
+            if rows[i]:
+                decodes += [SeqSpan(start + j, 1, lo + j, table) for j in range(n)]
+            else:
+                prefills.append(SeqSpan(start, n, lo, table))
+            if hi == seq.num_tokens + len(spec):  # every token fed: the last one samples, and each draft
+                sample_idx += range(start + n - 1 - len(spec), start + n)
                 sampling.append(seq)
             if scored := seq.prompt_positions_to_score(lo, hi):
                 prompt_idx += [start + p - lo for p in scored]
@@ -112,6 +154,15 @@ class ModelRunner:
         meta = self.model.attention.build(BatchLayout(decodes, prefills, self._tensor(slots), bs, self.device))
         return PreparedBatch(self._tensor(input_ids), self._tensor(positions), meta, self._tensor(sample_idx), sampling,
                              self._tensor(prompt_idx) if prompt_idx else None, prompt_spans)
+
+    @staticmethod
+    def _as_rows(seq: Fed, n: int) -> bool:
+        """Whether a span runs as decode rows (see the module docstring); prompt scoring needs the
+        prefill path's every position anyway."""
+        if n == 1 or seq.spec_token_ids:
+            return True
+        return seq.num_computed > 0 and n <= DECODE_ROWS and not seq.prompt_positions_to_score(seq.num_computed,
+                                                                                             seq.num_computed + n)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)

@@ -11,22 +11,26 @@ temperature), for sampled tokens and, when asked, for prompt tokens alike.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence as Sequence_
 
 import torch
 
 from tinyserve.engine.sequence import Sequence
 from tinyserve.outputs import Logprob
+from tinyserve.spec.verify import accept_greedy, accept_sampled
 
 
-def apply_penalties(logits: torch.Tensor, seq: Sequence) -> None:
-    """In place on one row: repetition (prompt + output, HF/vLLM style), presence and frequency (output)."""
+def apply_penalties(logits: torch.Tensor, seq: Sequence, extra: Sequence_[int] = ()) -> None:
+    """In place on one row: repetition (prompt + output, HF/vLLM style), presence and frequency (output).
+    `extra`: tokens taken as already output (the drafts before a speculative row)."""
     p = seq.params
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor(seq.token_ids, device=logits.device).unique()
+        seen = torch.tensor([*seq.token_ids, *extra], device=logits.device).unique()
         vals = logits[seen]
         logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-    if (p.presence_penalty or p.frequency_penalty) and seq.output_token_ids:
-        counts = torch.bincount(torch.tensor(seq.output_token_ids, device=logits.device), minlength=logits.shape[0])
+    output = [*seq.output_token_ids, *extra]
+    if (p.presence_penalty or p.frequency_penalty) and output:
+        counts = torch.bincount(torch.tensor(output, device=logits.device), minlength=logits.shape[0])
         logits -= p.frequency_penalty * counts[: logits.shape[0]] + p.presence_penalty * (counts[: logits.shape[0]] > 0)
 
 
@@ -72,34 +76,71 @@ class Sampler:
         self.eos_token_ids = list(eos_token_ids)
         self.generator = torch.Generator(device=device).manual_seed(seed)  # for unseeded requests
 
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[Logprob | None]]:
+        """One token per row (row i is seqs[i]'s next position)."""
+        tokens, lps = self.sample(logits, seqs, [[] for _ in seqs], [None] * len(seqs))
+        return [t[0] for t in tokens], [lp[0] for lp in lps]
+
     # The runner's logits are inference tensors; penalties and bans edit them in place, which torch
     # allows only inside inference mode.
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[Logprob | None]]:
-        want_lp = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]],
+               draft_probs: list[torch.Tensor | None]) -> tuple[list[list[int]], list[list[Logprob | None]]]:
+        """The tokens each sequence emits this step. Sequence i owns 1 + len(drafts[i]) consecutive
+        rows: its next position, then one per draft (verified by spec/verify.py; `draft_probs[i]` is
+        the draft's distribution per draft, None for a point mass). A plain sequence emits one token,
+        a speculating one its accepted drafts plus one. Each row is processed as if the drafts before
+        it had been output (penalties, min_tokens), so speculation changes no distribution."""
+        rows = [(i, d[:j]) for i, d in enumerate(drafts) for j in range(len(d) + 1)]  # (seq, drafts before)
+        want_lp = [r for r, (i, _) in enumerate(rows) if seqs[i].params.logprobs is not None]
         raw_logprobs = logits[want_lp].log_softmax(-1) if want_lp else None  # a copy: before the edits below
-        for i, seq in enumerate(seqs):
-            p = seq.params
+        for r, (i, before) in enumerate(rows):
+            p = seqs[i].params
             if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
-                apply_penalties(logits[i], seq)
-            if len(seq.output_token_ids) < p.min_tokens:  # too early to end: ban every way of stopping
+                apply_penalties(logits[r], seqs[i], before)
+            if len(seqs[i].output_token_ids) + len(before) < p.min_tokens:  # too early to end: ban stopping
                 assert p.stop_token_ids is not None  # a list after SamplingParams.__post_init__
                 banned = p.stop_token_ids + ([] if p.ignore_eos else self.eos_token_ids)
-                logits[i, banned] = float("-inf")
-        tokens = logits.argmax(-1)
-        rand = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        if rand:
-            tokens[rand] = self._draw(logits[rand], [seqs[i] for i in rand])
-        token_list = tokens.tolist()
-        lps: list[Logprob | None] = [None] * len(seqs)
-        if raw_logprobs is not None:
-            rows = token_logprobs(raw_logprobs, [token_list[i] for i in want_lp],
-                                  [seqs[i].params.logprobs or 0 for i in want_lp])
-            for i, lp in zip(want_lp, rows):
-                lps[i] = lp
-        return token_list, lps
+                logits[r, banned] = float("-inf")
+        argmax = logits.argmax(-1).tolist()
+        rand = [r for r, (i, _) in enumerate(rows) if not seqs[i].params.greedy]
+        probs = dict(zip(rand, self.probs(logits[rand], [seqs[rows[r][0]] for r in rand]))) if rand else {}
 
-    def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        tokens: list[list[int]] = []
+        first = 0  # the sequence's first row
+        for i, seq in enumerate(seqs):
+            d = drafts[i]
+            if seq.params.greedy:
+                tokens.append(accept_greedy(argmax[first : first + len(d) + 1], d))
+            elif d:
+                p_rows = torch.stack([probs[r] for r in range(first, first + len(d) + 1)])
+                tokens.append(accept_sampled(p_rows, draft_probs[i], d, seq.generator or self.generator))
+            else:
+                tokens.append([])  # drawn below, all plain rows at once
+            first += len(d) + 1
+        plain = [r for r in rand if not drafts[rows[r][0]]]
+        if plain:
+            for r, tok in zip(plain, self._race(torch.stack([probs[r] for r in plain]),
+                                                [seqs[rows[r][0]] for r in plain]).tolist()):
+                tokens[rows[r][0]] = [tok]
+        return tokens, self._logprobs(raw_logprobs, want_lp, rows, seqs, tokens)
+
+    def _logprobs(self, raw: torch.Tensor | None, want_lp: list[int], rows: list[tuple[int, list[int]]],
+                  seqs: list[Sequence], tokens: list[list[int]]) -> list[list[Logprob | None]]:
+        """Each emitted token's Logprob from its row's raw distribution (emitted token j sits at row j)."""
+        lps: list[list[Logprob | None]] = [[None] * len(t) for t in tokens]
+        if raw is None:
+            return lps
+        picked = [(n, r, rows[r][0], len(rows[r][1])) for n, r in enumerate(want_lp)
+                  if len(rows[r][1]) < len(tokens[rows[r][0]])]  # rows past the first rejection emit nothing
+        found = token_logprobs(raw[[n for n, *_ in picked]], [tokens[i][j] for _, _, i, j in picked],
+                               [seqs[i].params.logprobs or 0 for _, _, i, _ in picked])
+        for (_, _, i, j), lp in zip(picked, found):
+            lps[i][j] = lp
+        return lps
+
+    def probs(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """The distribution each row samples from: temperature, then top-k / top-p / min-p."""
         dev = logits.device
         temp = torch.tensor([s.params.temperature for s in seqs], device=dev)
         logits = filter_logits(
@@ -108,7 +149,9 @@ class Sampler:
             torch.tensor([s.params.top_p for s in seqs], device=dev),
             torch.tensor([s.params.min_p for s in seqs], device=dev),
         )
-        probs = logits.softmax(-1)
+        return logits.softmax(-1)
+
+    def _race(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         noise = torch.empty_like(probs)
         for i, seq in enumerate(seqs):
             noise[i].exponential_(generator=seq.generator or self.generator)

@@ -2,7 +2,8 @@
 
 A step's batch mixes decodes (1 token per sequence) with prefill chunks, within
 `max_num_batched_tokens` tokens and `max_num_seqs` sequences. Order of business:
-  1. the running decodes (latency-critical, one token each);
+  1. the running decodes (latency-critical, one token each, plus the drafts of a speculating one:
+     drafts take only the budget and the free blocks that no real token needs, and never preempt);
   2. prefill chunks, in the policy's order (engine/policy.py) over running prefills and waiting
      sequences together, each taking a chunk of what budget is left. A waiting sequence is admitted
      only if nothing was preempted this step and a sequence slot and the blocks are free; it first
@@ -69,8 +70,12 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         now = self.clock()
         # Decodes first: they are latency-critical and cost one token each.
-        for seq in [s for s in self.running if s.num_uncomputed == 1]:
-            budget = self._feed(seq, budget, batch, now)
+        decodes = [s for s in self.running if s.num_uncomputed == 1]
+        spare = max(0, budget - len(decodes))  # what drafts may take: every decode keeps its own token
+        for seq in decodes:
+            left = self._feed(seq, budget, batch, now, spare)
+            spare -= max(0, budget - left - 1)
+            budget = left
         # Then prefill chunks, running and waiting alike, in policy order: a short newcomer can go
         # ahead of a long document's next chunk when the policy ranks it first.
         prefills = [s for s in self.running if s.num_uncomputed > 1]
@@ -86,13 +91,21 @@ class Scheduler:
                 budget -= batch.num_tokens[-1] if admitting else 0
         return batch
 
-    def _feed(self, seq: Sequence, budget: int, batch: ScheduledBatch, now: float) -> int:
-        """Schedule a running sequence's next tokens (all, or a chunk of what budget is left); the budget left."""
+    def _feed(self, seq: Sequence, budget: int, batch: ScheduledBatch, now: float, spare: int = 0) -> int:
+        """Schedule a running sequence's next tokens (all, or a chunk of what budget is left), then as
+        many of its drafts as `spare` budget and free blocks allow; the budget left."""
         if seq.status != Status.RUNNING:  # preempted earlier in this step
             return budget
         n = min(seq.num_uncomputed, budget)
         if not self._make_room(seq, seq.num_computed + n, batch, now):
             return budget
+        drafts = seq.spec_token_ids
+        if drafts:
+            keep = min(len(drafts), spare)
+            while keep and not self.blocks.can_grow(seq.block_table, seq.num_computed + n + keep):
+                keep -= 1
+            del drafts[keep:]
+            n += keep
         self.blocks.grow(seq.block_table, seq.num_computed + n)
         batch.add(seq, n)
         return budget - n
@@ -133,6 +146,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        seq.spec_token_ids = []
         self.blocks.release(seq.block_table)
         seq.num_computed = 0
         seq.status = Status.WAITING
@@ -146,6 +160,10 @@ class Scheduler:
         end = seq.num_computed // bs
         if end > first and self.blocks.enable_caching:
             self.blocks.register(seq.block_table, seq.full_block_hashes(bs, seq.num_computed), first, end)
+
+    def rolled_back(self, seq: Sequence) -> None:
+        """After speculation: give back the blocks beyond the sequence's tokens (rejected drafts' slots)."""
+        self.blocks.truncate(seq.block_table, seq.num_tokens)
 
     def finish(self, seq: Sequence) -> None:
         """Drop a finished (or aborted, or failed) sequence and give its blocks back at once; a failed

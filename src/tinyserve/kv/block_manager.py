@@ -133,6 +133,18 @@ class BlockManager:
                 self.free[block] = None  # most recently used end
         table.clear()
 
+    def truncate(self, table: list[int], num_tokens: int) -> None:
+        """Give back `table`'s blocks beyond those `num_tokens` tokens need (a speculative step's
+        rejected drafts). They were never registered (only computed full blocks are), hold nothing
+        worth keeping, and go to the front of the free list, to be handed out first."""
+        keep = -(-num_tokens // self.block_size)
+        while len(table) > keep:
+            block = table.pop()
+            self.ref_counts[block] -= 1
+            assert self.ref_counts[block] == 0 and self.block_hash[block] is None, "a tail block is never shared"
+            self.free[block] = None
+            self.free.move_to_end(block, last=False)
+
     def _forget(self, block: int) -> None:
         h = self.block_hash[block]
         if h is not None:

