@@ -42,6 +42,16 @@ def test_int_zero_grid_is_within_half_a_step_with_fp16_exact_scales():
     assert bool((deq[w == 0] == 0).all()) and int((deq == 0).sum()) > 0  # 0 is on the grid
 
 
+def test_symmetric_grid_has_the_middle_zero_and_half_a_step_bound():
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(1)) * 0.05
+    t = rtn.rtn(w, Spec.make("gptq", 4, 32, zero="sym"))
+    assert t.format == "intz" and t.zeros is not None and bool((t.zeros == 8).all())
+    s = t.scales.float()
+    assert torch.allclose(s, 2 * w.abs().view(48, -1, 32).amax(-1) / 15, rtol=2**-8)
+    err = (t.dequantize() - w).abs().view(48, -1, 32)
+    assert bool((err <= s[..., None] * (0.5 + 2**-7 * 16)).all())
+
+
 def test_zero_option_errors():
     with pytest.raises(ValueError, match="no zero point"):
         QuantizeOptions("nf4", 4, zero="int")
@@ -86,12 +96,12 @@ class _Tok:
         pass
 
 
-@pytest.mark.parametrize("fmt", ["gptq", "awq"])
-def test_export_decodes_to_our_weights_by_the_published_layout(tmp_path, fmt):
+@pytest.mark.parametrize("fmt,sym", [("gptq", False), ("gptq", True), ("awq", False)])
+def test_export_decodes_to_our_weights_by_the_published_layout(tmp_path, fmt, sym):
     """Every quantized linear, decoded from the files by the reference decoder, equals our dequantized
     weight exactly; the int8 head is written dequantized, dense tensors as they were; config.json
-    carries the quantization_config the field's loaders read."""
-    spec = Spec("intz", 4, 32)
+    carries the quantization_config the field's loaders read (GPTQ's sym flag from the zero points)."""
+    spec = Spec("intz", 4, 32, sym)
     g = torch.Generator().manual_seed(5)
     weights = {f"model.layers.0.{n}.weight": rtn.rtn(torch.randn(rows, 64, generator=g) * 0.05, spec)
                for n, rows in (("self_attn.q_proj", 64), ("self_attn.k_proj", 16), ("mlp.down_proj", 40))}
@@ -101,7 +111,7 @@ def test_export_decodes_to_our_weights_by_the_published_layout(tmp_path, fmt):
     files = load_file(str(tmp_path / "model.safetensors"))
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert (qc["quant_method"], qc["bits"], qc["group_size"]) == (fmt, 4, 32)
-    assert (qc["desc_act"], qc["sym"], qc["checkpoint_format"]) == (False, False, "gptq") if fmt == "gptq" else \
+    assert (qc["desc_act"], qc["sym"], qc["checkpoint_format"]) == (False, sym, "gptq") if fmt == "gptq" else \
         (qc["zero_point"], qc["version"]) == (True, "gemm")
     for name, t in weights.items():
         p = name.removesuffix(".weight")

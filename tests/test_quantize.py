@@ -264,6 +264,8 @@ def test_quant_table_joins_stages_and_parses_configs(tmp_path):
     assert qt.parse_config("rtn-8b").name == "rtn-8b" and qt.QuantConfig("awq", 3, 32).name == "awq-3b-g32"
     assert qt.parse_config("gptq-3b-g32-act-d0.1") == qt.QuantConfig("gptq", 3, 32, act_order=True, damp=0.1)
     assert qt.QuantConfig("gptq", 3, 32, act_order=True, damp=0.1).name == "gptq-3b-g32-act-d0.1"
+    assert qt.parse_config("awq-4b-g64-zint") == qt.QuantConfig("awq", 4, 64, zero="int")
+    assert qt.parse_config("torchao-8b").name == "torchao-8b" and qt.parse_config("hf-16b").bits == 16
     with pytest.raises(Exception, match="METHOD-BITSb"):
         qt.parse_config("gptq")
     base = {"mode": "fp32", "ppl": 10.0, "ppl_delta_pct": 0.0, "kld_mean": 0.0, "kld_p99": 0.0, "top1_agreement": 1.0,

@@ -42,11 +42,13 @@ class QuantConfig:
     group: int
     act_order: bool = False  # gptq (the reference code's defaults; `tinyserve quantize` defaults differ)
     damp: float = 0.01  # gptq
+    zero: str = "float"  # 3/4-bit zero points: float | int | sym (`tinyserve quantize --zero`)
 
     @property
     def name(self) -> str:
         return (f"{self.method}-{self.bits}b" + ("" if self.bits >= 8 else f"-g{self.group}")
-                + ("-act" if self.act_order else "") + (f"-d{self.damp:g}" if self.damp != 0.01 else ""))
+                + ("-act" if self.act_order else "") + (f"-d{self.damp:g}" if self.damp != 0.01 else "")
+                + ("" if self.zero == "float" else f"-z{self.zero}"))
 
 
 def default_configs() -> list[QuantConfig]:
@@ -73,7 +75,8 @@ def is_field(c: QuantConfig) -> bool:
 
 
 def parse_config(text: str) -> QuantConfig:
-    """'gptq-4b-g64' / 'rtn-8b' / 'gptq-3b-g32-act-d0.1' (GPTQ act-order, dampening 0.1) -> QuantConfig."""
+    """'gptq-4b-g64' / 'rtn-8b' / 'gptq-3b-g32-act-d0.1' (GPTQ act-order, dampening 0.1) / 'awq-4b-g64-zint'
+    (integer zero points; -zsym: symmetric) -> QuantConfig."""
     parts = text.split("-")
     try:
         method, bits = parts[0], int(parts[1].removesuffix("b"))
@@ -81,12 +84,13 @@ def parse_config(text: str) -> QuantConfig:
         group = int(rest.pop(0).removeprefix("g")) if rest and rest[0].startswith("g") else 0
         act = "act" in rest
         damp = float(next((r[1:] for r in rest if r.startswith("d")), 0.01))
-        if set(rest) - {"act"} - {r for r in rest if r.startswith("d")}:
+        zero = next((r[1:] for r in rest if r in ("zint", "zsym")), "float")
+        if set(rest) - {"act", "zint", "zsym"} - {r for r in rest if r.startswith("d")}:
             raise ValueError(rest)
     except (IndexError, ValueError):
-        raise argparse.ArgumentTypeError(f"config {text!r}: expected METHOD-BITSb-gGROUP[-act][-dDAMP], "
+        raise argparse.ArgumentTypeError(f"config {text!r}: expected METHOD-BITSb-gGROUP[-act][-dDAMP][-zint|-zsym], "
                                          "e.g. gptq-4b-g64") from None
-    return QuantConfig(method, bits, group, act, damp)
+    return QuantConfig(method, bits, group, act, damp, zero)
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------
@@ -97,7 +101,7 @@ def ensure_checkpoint(c: QuantConfig, root: Path, args: argparse.Namespace) -> t
     from tinyserve.quantize.pipeline import QuantizeOptions, quantize_model
 
     opts = QuantizeOptions(c.method, c.bits, c.group or 64, args.calib_samples, args.calib_seq_len, args.seed,
-                           c.act_order, c.damp)
+                           c.act_order, c.damp, zero=c.zero)
     out = root / c.name
     if not args.requantize and is_quantized_dir(out):
         info = read_info(out)

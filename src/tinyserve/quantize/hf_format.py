@@ -6,7 +6,8 @@ Both layouts store, per linear `P` (in_features K, out_features N, groups of G a
 of eight 4-bit values, value i at bits 4i..4i+3, and w[n, k] = scales[g, n] * (q[n, k] - zq[g, n]),
 g = k // G:
 
-- AutoGPTQ (`quant_method: gptq`, checkpoint format v1, `sym: false`): `P.qweight` [K/8, N] packs
+- AutoGPTQ (`quant_method: gptq`, checkpoint format v1, `sym: false`, or `sym: true` when every zq
+  is 8, `--zero sym`): `P.qweight` [K/8, N] packs
   along K; `P.qzeros` [K/G, N/8] packs zq - 1 along N (v1's offset: a loader adds 1 back);
   `P.scales` [K/G, N] fp16; `P.g_idx` [K] int32 = k // G (`desc_act: false`: groups contiguous,
   which is what our act-order with static groups produces).
@@ -83,10 +84,10 @@ def to_hf_tensors(t: QuantizedTensor, fmt: str) -> dict[str, torch.Tensor]:
             "qzeros": pack_int32(_interleave(zq, AWQ_ORDER)), "scales": scales}
 
 
-def quantization_config(fmt: str, group: int, info: Mapping[str, Any]) -> dict[str, Any]:
+def quantization_config(fmt: str, group: int, sym: bool, info: Mapping[str, Any]) -> dict[str, Any]:
     """config.json's `quantization_config`, as the field's loaders read it."""
     if fmt == GPTQ:
-        return {"quant_method": GPTQ, "bits": 4, "group_size": group, "desc_act": False, "sym": False,
+        return {"quant_method": GPTQ, "bits": 4, "group_size": group, "desc_act": False, "sym": sym,
                 "static_groups": bool(info.get("act_order")), "true_sequential": True,
                 "damp_percent": info.get("damp", 0.01), "checkpoint_format": "gptq", "lm_head": False}
     return {"quant_method": AWQ, "bits": 4, "group_size": group, "zero_point": True, "version": "gemm",
@@ -104,6 +105,7 @@ def save_hf_quantized(out: Path, weights: Mapping[str, WeightSource], hf_config:
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     groups = set()
+    sym = True  # every zero point the middle code: GPTQ's sym=true
     for name, w in weights.items():
         if isinstance(w, QuantizedTensor) and w.format == "int8":  # the head: no int8 rows in these layouts
             tensors[name] = w.dequantize()
@@ -115,6 +117,7 @@ def save_hf_quantized(out: Path, weights: Mapping[str, WeightSource], hf_config:
                 raise ValueError(f"{name}: {e}") from None
             tensors.update({f"{prefix}.{p}": v for p, v in parts.items()})
             groups.add(w.group)
+            sym = sym and w.zeros is not None and bool((w.zeros == 8).all())
         elif isinstance(w, torch.Tensor):
             tensors[name] = w.contiguous()
         else:
@@ -122,7 +125,7 @@ def save_hf_quantized(out: Path, weights: Mapping[str, WeightSource], hf_config:
     if len(groups) != 1:
         raise ValueError(f"--format {fmt} has one group size per model; got {sorted(groups) or 'none'}")
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    config = {**hf_config, "quantization_config": quantization_config(fmt, groups.pop(), info)}
+    config = {**hf_config, "quantization_config": quantization_config(fmt, groups.pop(), sym, info)}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / INFO_FILE).write_text(json.dumps({**info, "format": fmt}, indent=1))
     tokenizer.save_pretrained(str(out))

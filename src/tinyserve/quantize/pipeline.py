@@ -58,7 +58,8 @@ class QuantizeOptions:
     damp: float = 0.1
     head: str = "int8"  # int8 | none
     # The 3/4-bit grid's zero point: "float" (a bf16 value: GGUF Q4_1's min/max grid, what reproduces the
-    # bundled file) or "int" (AutoGPTQ/AutoAWQ's integer zero points: what `--format gptq|awq` needs).
+    # bundled file), "int" (AutoGPTQ/AutoAWQ's integer zero points: what `--format gptq|awq` needs) or
+    # "sym" (integer, fixed at the middle code: GPTQ's sym=true, what vLLM's GPTQ path reads).
     zero: str = "float"
     search_tokens: int = 1024  # AWQ: calibration tokens its scale search scores (clipping uses half)
 
@@ -227,8 +228,8 @@ def quantize_model(model: str | None, opts: QuantizeOptions, out_dir: Path, prog
 
     if fmt != "tinyserve" and fmt not in FORMATS:
         raise ValueError(f"format must be tinyserve, {' or '.join(FORMATS)}; got {fmt!r}")
-    if fmt in FORMATS and (opts.zero != "int" or opts.bits != 4 or opts.method == "nf4"):
-        raise ValueError(f"--format {fmt} stores 4-bit groups with integer zero points: use --bits 4 --zero int "
+    if fmt in FORMATS and (opts.zero == "float" or opts.bits != 4 or opts.method == "nf4"):
+        raise ValueError(f"--format {fmt} stores 4-bit groups with integer zero points: use --bits 4 --zero int|sym "
                          f"with rtn, gptq or awq (got {opts.method}, {opts.bits}-bit, zero {opts.zero})")
 
     src = resolve_model(model)
@@ -274,8 +275,9 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="gptq: columns by decreasing Hessian diagonal")
     p.add_argument("--damp", type=float, default=d.damp, help="gptq: dampening, fraction of the mean diagonal")
     p.add_argument("--head", choices=("int8", "none"), default=d.head, help="LM head: int8 per row, or dense")
-    p.add_argument("--zero", choices=("float", "int"), default=None,
-                   help="3/4-bit zero points: float (bf16, GGUF Q4_1's grid) or int (AutoGPTQ/AutoAWQ's); "
+    p.add_argument("--zero", choices=("float", "int", "sym"), default=None,
+                   help="3/4-bit zero points: float (bf16, GGUF Q4_1's grid), int (AutoGPTQ/AutoAWQ's) or sym "
+                        "(integer, the middle code: GPTQ sym=true, which vLLM's GPTQ path needs); "
                         "default: int for --format gptq/awq, float otherwise")
     p.add_argument("--format", choices=("tinyserve", "gptq", "awq"), default="tinyserve",
                    help="tinyserve (quantization.json + codes), or the field's layouts: gptq (AutoGPTQ v1 "

@@ -3,7 +3,8 @@
 A `Spec` names a grid: "int" (asymmetric groups of `group` along K, 3 or 4 bits, in the int4 kernel's
 form w = (q - 8) * s + z with a real-valued zero z: GGUF Q4_1's min/max grid), "intz" (the same groups
 with an integer zero point, w = (q - zq) * s: the grid AutoGPTQ/AutoAWQ checkpoints store, so that
-`--format gptq|awq` exports are exact), "int8" (symmetric per output row, the int8 kernel's
+`--format gptq|awq` exports are exact; with `sym` every zq is 2^(bits-1) and s = 2 absmax / maxq,
+GPTQ's `sym: true`, the variant vLLM's GPTQ path and Marlin take), "int8" (symmetric per output row, the int8 kernel's
 w = q * s) or "nf4" (QLoRA's 16-value codebook times each group's absmax). GPTQ and AWQ choose
 *which* codes to store; the grid, and how a weight column is rounded onto it, is defined once here.
 
@@ -33,23 +34,24 @@ class Spec:
     format: str  # "int" | "intz" | "int8" | "nf4"
     bits: int
     group: int
+    sym: bool = False  # "intz" only: zero points fixed at the middle code
 
     @classmethod
     def make(cls, method: str, bits: int, group: int, zero: str = "float") -> Spec:
         """The grid a method/bits/group/zero-point choice means, or a clear error."""
-        if zero not in ("float", "int"):
-            raise ValueError(f"--zero must be float or int; got {zero!r}")
+        if zero not in ("float", "int", "sym"):
+            raise ValueError(f"--zero must be float, int or sym; got {zero!r}")
         if method == "nf4":
             if bits != 4:
                 raise ValueError(f"nf4 is a 4-bit format; got --bits {bits}")
-            if zero == "int":
-                raise ValueError("--zero int applies to the 3/4-bit int grids; nf4 has no zero point")
+            if zero != "float":
+                raise ValueError(f"--zero {zero} applies to the 3/4-bit int grids; nf4 has no zero point")
             return cls("nf4", 4, group)
         if bits == 8:  # per output channel: the int8 kernel has no groups; symmetric, so its zero is 0 anyway
             return cls("int8", 8, 0)
         if bits not in (3, 4):
             raise ValueError(f"--bits must be 3, 4 or 8; got {bits}")
-        return cls("intz" if zero == "int" else "int", bits, group)
+        return cls("int", bits, group) if zero == "float" else cls("intz", bits, group, zero == "sym")
 
     @property
     def grouped(self) -> bool:
@@ -77,19 +79,23 @@ def fit(w: torch.Tensor, spec: Spec) -> tuple[torch.Tensor, torch.Tensor | None]
     if spec.format == "nf4":
         return wg.abs().amax(-1).clamp(min=1e-8).to(SCALE_DTYPE).float(), None
     if spec.format == "intz":
-        return fit_int_zero(wg, spec.maxq)
+        return fit_int_zero(wg, spec.maxq, spec.sym)
     lo, hi = wg.amin(-1), wg.amax(-1)  # each group's own range, as GGUF's Q4_1 (the bundled file's layers)
     scales = ((hi - lo) / spec.maxq).clamp(min=1e-8).to(SCALE_DTYPE).float()
     zeros = (lo + 8 * scales).to(SCALE_DTYPE).float()
     return scales, zeros
 
 
-def fit_int_zero(wg: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ's asymmetric quantizer on groups wg [N, G, group]: the range is widened to include 0 (so
+def fit_int_zero(wg: torch.Tensor, maxq: int, sym: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's quantizer on groups wg [N, G, group]. Asymmetric: the range is widened to include 0 (so
     0 is exact), s = range / maxq, zq = round(-min / s). zq is kept >= 1: GPTQ's (v1) checkpoint format
     stores zq - 1 in `bits` bits, so zq = 0 cannot be written (AutoGPTQ's packer corrupts it); a group
-    with no negative weight takes zq = 1 and s = max / (maxq - 1) instead."""
+    with no negative weight takes zq = 1 and s = max / (maxq - 1) instead. Symmetric: s = 2 absmax / maxq,
+    zq = (maxq + 1) / 2 (the top code falls short of +absmax by half a step, as in GPTQ)."""
     lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+    if sym:
+        scales = (2 * torch.maximum(-lo, hi) / maxq).clamp(min=FP16_MIN_NORMAL).to(SCALE_DTYPE).float()
+        return scales, torch.full_like(scales, (maxq + 1) // 2)
     scales = ((hi - lo) / maxq).clamp(min=FP16_MIN_NORMAL)
     nonneg = (-lo / scales).round() < 1
     scales = torch.where(nonneg, (hi / (maxq - 1)).clamp(min=FP16_MIN_NORMAL), scales).to(SCALE_DTYPE).float()
