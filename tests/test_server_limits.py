@@ -107,3 +107,14 @@ def test_sigterm_finishes_in_flight_and_exits_zero(server):
     with pytest.raises(httpx.TransportError):
         httpx.get(server.url + "/health", timeout=5)
     assert "engine loop stopped" in server.log_tail(200)
+
+
+def test_a_startup_timeout_reports_the_servers_log():
+    """The launcher's own error path: a server not healthy in time is stopped, and the error quotes
+    its log (it once raised 'I/O operation on closed file' instead, hiding why)."""
+    from tinyserve.server.launcher import ServerProcess
+
+    srv = ServerProcess(["--no-such-flag"], startup_timeout=0.01)
+    with pytest.raises(TimeoutError, match="not healthy"):
+        srv.start()
+    assert isinstance(srv.log_tail(), str)

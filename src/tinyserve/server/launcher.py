@@ -74,7 +74,8 @@ class ServerProcess:
         self._log.close()
 
     def log_tail(self, n: int = 60) -> str:
-        self._log.flush()
+        if not self._log.closed:  # after stop() (a startup timeout) the child's output is all on disk
+            self._log.flush()
         lines = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(lines[-n:])
 
