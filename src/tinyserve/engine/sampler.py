@@ -104,7 +104,8 @@ class Sampler:
                 logits[r, banned] = float("-inf")
         argmax = logits.argmax(-1).tolist()
         rand = [r for r, (i, _) in enumerate(rows) if not seqs[i].params.greedy]
-        probs = dict(zip(rand, self.probs(logits[rand], [seqs[rows[r][0]] for r in rand]))) if rand else {}
+        probs = self.probs(logits[rand], [seqs[rows[r][0]] for r in rand]) if rand else logits[:0]
+        at = {r: j for j, r in enumerate(rand)}  # a random row's index in `probs`
 
         tokens: list[list[int]] = []
         first = 0  # the sequence's first row
@@ -113,15 +114,15 @@ class Sampler:
             if seq.params.greedy:
                 tokens.append(accept_greedy(argmax[first : first + len(d) + 1], d))
             elif d:
-                p_rows = torch.stack([probs[r] for r in range(first, first + len(d) + 1)])
+                p_rows = probs[[at[r] for r in range(first, first + len(d) + 1)]]
                 tokens.append(accept_sampled(p_rows, draft_probs[i], d, seq.generator or self.generator))
             else:
                 tokens.append([])  # drawn below, all plain rows at once
             first += len(d) + 1
         plain = [r for r in rand if not drafts[rows[r][0]]]
         if plain:
-            for r, tok in zip(plain, self._race(torch.stack([probs[r] for r in plain]),
-                                                [seqs[rows[r][0]] for r in plain]).tolist()):
+            plain_probs = probs if len(plain) == len(rand) else probs[[at[r] for r in plain]]  # no copy without drafts
+            for r, tok in zip(plain, self._race(plain_probs, [seqs[rows[r][0]] for r in plain]).tolist()):
                 tokens[rows[r][0]] = [tok]
         return tokens, self._logprobs(raw_logprobs, want_lp, rows, seqs, tokens)
 

@@ -45,21 +45,13 @@ class NgramProposer:
 
 @dataclass
 class SpecStats:
-    """vLLM's counters: verification rounds with drafts, tokens drafted, drafts accepted (and by position)."""
+    """vLLM's counters: verification rounds with drafts, tokens drafted, drafts accepted (and by position).
+    Acceptance rate = accepted / drafted; mean accepted length = 1 + accepted / drafts (server/metrics.py)."""
 
     num_drafts: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     accepted_by_position: list[int] = field(default_factory=list)
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
-
-    @property
-    def mean_accepted_length(self) -> float:
-        """Tokens emitted per verification round: the accepted drafts plus the target's own token."""
-        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
 
 
 class SpecDecoder:

@@ -80,7 +80,6 @@ class DraftModelProposer:
         self.index_dtype = served.attention.index_dtype
         self.cost = StepCost(measure_step_seconds(self.runner, served.attention.index_dtype,
                                                   row_counts(config.max_num_seqs))) if cfg.adaptive else None
-        self.compile_seconds = served.compile_seconds
         self.blocks = BlockManager(num_blocks, config.block_size, enable_caching=False)
         self.kv: dict[Sequence, _DraftKV] = {}
         self.probs = engine.sampler.probs  # the draft samples as the target does: temperature, top-k/p, min-p
