@@ -12,6 +12,7 @@ the acceptance counters, and the target's and draft's decode step by rows (for t
     .venv/bin/python scripts/bench_spec.py run --group gguf --out DIR           # one target mode
     .venv/bin/python scripts/bench_spec.py table --out docs/results/spec        # summary.md + plot
     .venv/bin/python scripts/bench_spec.py identity                             # eager bf16, batch 1: same tokens?
+    .venv/bin/python scripts/bench_spec.py rows                                 # compiled: 1 row vs 1 + k, same bits?
 """
 
 from __future__ import annotations
@@ -239,9 +240,36 @@ def eager_identity(prompts: int = 4) -> None:
     print(f"eager, batch 1: {same}/{len(todo)} identical; {on.engine.spec.stats}")
 
 
+ROW_SHAPES = ((1, 2), (1, 5), (1, 8), (2, 5), (3, 5), (4, 5), (16, 1), (16, 5))  # (sequences, rows each)
+
+
+def row_check(out: Path) -> None:
+    """One sequence's next-token logits from a plain 1-row step vs the same row inside steps of other
+    shapes, on the compiled engine of each mode: the bits speculation's greedy identity rests on."""
+    from tinyserve import LLM
+    from tinyserve.bench.env_info import run_header, save_json
+    from tinyserve.engine.probe import next_token_logits
+
+    for mode in ("gguf", "none"):
+        llm = LLM(quantization=mode, max_num_seqs=16, kv_cache_memory_gb=0.5)
+        e = llm.engine
+        ids = llm.tokenizer.encode(passages(1)[0])[:48]
+        plain = next_token_logits(e.runner, ids, [])
+        rows = []
+        for seqs, each in ROW_SHAPES:
+            got = next_token_logits(e.runner, ids, ids[5:4 + each], seqs)
+            rows.append({"sequences": seqs, "rows_each": each, "step_rows": seqs * each,
+                         "max_abs_diff": (got - plain).abs().max().item(), "same_argmax": bool(
+                             got.argmax() == plain.argmax())})
+            print(f"{mode}: {seqs} x {each} rows (packed up to {e.packed_max_batch}): "
+                  f"max |diff| {rows[-1]['max_abs_diff']:.3g}", flush=True)
+        save_json(run_header("tinyserve-bench-spec-rows/1", quantization=e.quantization,
+                             packed_max_batch=e.packed_max_batch, rows=rows), out, f"rows-{mode}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("all", "run", "table", "identity"))
+    p.add_argument("what", choices=("all", "run", "table", "identity", "rows"))
     p.add_argument("--group", choices=tuple(GROUPS), action="append", help="with run/all: these target modes only")
     p.add_argument("--only", choices=tuple(CONFIGS), action="append", help="with run/all: these configs of the groups")
     p.add_argument("--out", type=Path, default=Path("docs/results/spec"))
@@ -249,6 +277,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.what == "identity":
         eager_identity()
+    elif args.what == "rows":
+        row_check(args.out)
     elif args.what == "run":
         for group in args.group or GROUPS:
             print(run_group(group, args.out, args.only))

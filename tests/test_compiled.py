@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tinyserve import LLM, SamplingParams
+from tinyserve.engine.probe import next_token_logits
 
 from conftest import TINY
 
@@ -117,13 +118,30 @@ def test_speculation_runs_on_the_warmed_graphs(tiny_llama_dir, restore_torch_thr
     assert stats.num_accepted_tokens == stats.num_draft_tokens > 0  # the target drafting for itself
 
 
+def test_a_row_computes_alike_in_a_step_of_one_row_and_of_many(tiny_llama_dir, restore_torch_threads):
+    """The same bits for a sequence's next-token logits whether its step carries 1 row (a plain
+    decode) or 1 + k rows (verifying drafts), alone or beside another sequence, on the compiled
+    graphs: what speculation's greedy identity rests on. A graph specialized for batch 1 (PyTorch's
+    default) rounds its fused loops differently and fails this. bf16 on the int4 kernel, as the
+    default mode runs: both compute each row alike (fp32's dense GEMM does not: MKL's one-row path
+    sums in another order)."""
+    llm = LLM(str(tiny_llama_dir), **{**COMPILED, "dtype": "bfloat16"}, quantization="int4", block_size=4,
+              num_kv_blocks=64)
+    runner = llm.engine.runner
+    ids = _prompts(llm.engine.model_config.vocab_size)[0][:21]
+    plain = next_token_logits(runner, ids, [])
+    for drafts, batch in (([], 2), (ids[3:6], 1), (ids[3:6], 2)):
+        assert torch.equal(next_token_logits(runner, ids, drafts, batch), plain), (drafts, batch)
+
+
 def test_a_step_no_graph_covers_runs_eager(tiny_llama_dir, restore_torch_threads):
-    """Warmed for batch 1 only, a batch of 3 matches no graph: it runs eager (same logits), no error."""
+    """Warmed for batch 1 only, with a crossover of 2, a batch of 3 (the dense regime) matches no
+    graph: it runs eager (same logits), no error."""
     from tinyserve.engine.compiled import CompiledDecode, decode_forward
 
-    llm = LLM(str(tiny_llama_dir), **EAGER, block_size=4, num_kv_blocks=16)
+    llm = LLM(str(tiny_llama_dir), **EAGER, quantization="int8", packed_max_batch=2, block_size=4, num_kv_blocks=16)
     runner, bs = llm.engine.runner, llm.engine.config.block_size
-    step = CompiledDecode(llm.engine.model, bs)
+    step = CompiledDecode(llm.engine.model, bs, packed_max_rows=2)
     step.warm_up(runner.kv_caches, llm.engine.attention.index_dtype, [1])
     args = [torch.tensor([5, 6, 7]), torch.zeros(3, dtype=torch.long), runner.kv_caches,
             torch.zeros(3, dtype=torch.long), torch.zeros(3, 2, dtype=llm.engine.attention.index_dtype),

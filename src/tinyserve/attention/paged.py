@@ -70,5 +70,7 @@ class PagedBackend(AttentionBackend):
 
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMeta,
                scale: float) -> torch.Tensor:
-        return torch.ops.tinyserve.paged_decode(q.contiguous(), k_cache, v_cache, meta.block_tables,
-                                                meta.context_lens, scale)
+        # A copy, not q.contiguous(): q is a view of the fused QK projection, contiguous only when it
+        # has one row, and asking would make torch.compile guard on (specialize) batch 1.
+        q = q.clone(memory_format=torch.contiguous_format)
+        return torch.ops.tinyserve.paged_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)

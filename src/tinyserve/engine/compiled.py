@@ -7,11 +7,15 @@ residuals, norms) into generated C++ loops; `cpp_wrapper` calls the kernels from
 Python; `freezing` folds the weights in as constants. Matmuls, the quantized kernels and the
 attention op stay the library kernels they are.
 
-Shapes: the batch and the block-table width are dynamic, so a few graphs cover every decode step:
-batch 1 (PyTorch specializes size 1), batches of 2+ on the quantized linears' packed kernels and,
-where the measured crossover sends larger batches to their dense copies, batches above it (a
-separate graph: the branch is taken at trace time). All are compiled at start-up (`warm_up`), so no
-request waits for a compile and nothing compiles at run time. Inductor's on-disk caches
+Shapes: one graph per batch-size regime covers every decode step: 1 row up to the quantized
+linears' measured packed/dense crossover, and (where dense copies exist) every batch above it; the
+branch between the two kernels is taken at trace time, decided by the regime's range. Within a
+regime the batch is an unbacked size (`mark_rows`): PyTorch would otherwise specialize batch 1 (a
+graph of its own, whose fused loops round differently), so a sequence's logits would depend on
+whether its step carried one row or several. Speculation's greedy identity rests on that not
+happening: a plain step (1 row) and its verification (1 + k rows) compute each row alike. The
+block-table width is dynamic too. All graphs are compiled at start-up (`warm_up`), so no request
+waits for a compile and nothing compiles at run time. Inductor's on-disk caches
 (/tmp/torchinductor_$USER unless TORCHINDUCTOR_CACHE_DIR says otherwise) make a restart on the
 same machine cheaper than the first start. Prefill and mixed steps run eager: their shapes vary
 too much to be worth graphs, and their matmuls are big enough that overhead is not their cost.
@@ -19,15 +23,22 @@ too much to be worth graphs, and their matmuls are big enough that overhead is n
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 
 import torch
+from torch._dynamo.decorators import mark_unbacked
 
 from tinyserve.attention import AttentionMetadata
 from tinyserve.models.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
+
+
+# A PyTorch whose mark_unbacked takes no range (older than the one this was written on) gets the
+# previous behaviour: backed dynamic sizes, batch 1 specialized.
+_RANGED_UNBACKED = {"min", "max", "shape_id"} <= set(inspect.signature(mark_unbacked).parameters)
 
 
 def decode_forward(
@@ -47,13 +58,16 @@ def decode_forward(
 
 
 class CompiledDecode:
-    """`decode_forward` under torch.compile, warmed up for every batch-size regime at start-up."""
+    """`decode_forward` under torch.compile, warmed up for every batch-size regime at start-up.
+    `packed_max_rows`: the crossover above which quantized linears run their dense copies (None:
+    no dense copies, one regime)."""
 
     MIN_TABLE_WIDTH = 2  # width 1 would be specialized (a graph of its own): pad tables to >= 2 blocks
 
-    def __init__(self, model: LlamaForCausalLM, block_size: int) -> None:
+    def __init__(self, model: LlamaForCausalLM, block_size: int, packed_max_rows: int | None = None) -> None:
         self.model = model
         self.block_size = block_size
+        self.packed_max_rows = packed_max_rows
         self.warm = False
         self.fn = torch.compile(decode_forward, fullgraph=True, dynamic=False,
                                 options={"freezing": True, "cpp_wrapper": True})
@@ -64,8 +78,7 @@ class CompiledDecode:
                  block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
         if block_tables.shape[1] < self.MIN_TABLE_WIDTH:  # padding blocks are never read (context_lens)
             block_tables = torch.nn.functional.pad(block_tables, (0, self.MIN_TABLE_WIDTH - block_tables.shape[1]))
-        for t in (input_ids, positions, slot_mapping, block_tables, context_lens):
-            torch._dynamo.maybe_mark_dynamic(t, 0)
+        self.mark_rows((input_ids, positions, slot_mapping, block_tables, context_lens))
         torch._dynamo.maybe_mark_dynamic(block_tables, 1)
         args = (self.model, input_ids, positions, kv_caches, slot_mapping, block_tables, context_lens, self.block_size)
         if not self.warm:
@@ -83,6 +96,17 @@ class CompiledDecode:
                 raise
             log.warning("a decode step of %d rows matches no compiled graph; running it eager", input_ids.shape[0])
             return decode_forward(*args)
+
+    def mark_rows(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        """Dim 0 of every input is the step's row count: one unbacked size, ranged to its regime
+        (dynamo guards the range, so each regime gets its graph and batch 1 no graph of its own)."""
+        rows, cut = tensors[0].shape[0], self.packed_max_rows
+        lo, hi = (1, cut) if cut is not None and rows <= cut else (1 if cut is None else cut + 1, None)
+        for t in tensors:
+            if _RANGED_UNBACKED:
+                mark_unbacked(t, 0, shape_id="rows", min=lo, max=hi)
+            else:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
 
     @torch.inference_mode()  # as the runner's steps are: graphs are guarded on it
     def warm_up(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], index_dtype: torch.dtype,

@@ -50,11 +50,15 @@ def serve_model(config: EngineConfig, src: ModelSource, mc: ModelConfig, quantiz
 
 def _compile_decode(model: LlamaForCausalLM, runner: ModelRunner, block_size: int, attention: AttentionBackend,
                     packed_max_batch: int, top: int) -> tuple[CompiledDecode, float]:
-    """The compiled decode step, warmed up at start-up for every batch-size regime: batch 1, 2+, and
-    above the quantized linears' packed/dense crossover."""
-    sizes = {1, 2}
-    if any(w.dense is not None for _, w in packed_weights(model)):
-        sizes.add(packed_max_batch + 1)  # the first batch that runs the dense copies
-    compiled = CompiledDecode(model, block_size)
+    """The compiled decode step, warmed up at start-up for every batch-size regime: 1 up to the
+    quantized linears' packed/dense crossover, and above it. The packed regime is warmed at both
+    ends: a graph found in inductor's on-disk cache keeps the batch range it was compiled under, so
+    one from a run that measured a lower crossover would leave the batches between the two
+    crossovers uncovered (they would run eager)."""
+    sizes = {1, 2}  # 2: a PyTorch that specializes batch 1 gives 2+ a graph of their own
+    dense = any(w.dense is not None for _, w in packed_weights(model))
+    if dense:
+        sizes |= {packed_max_batch, packed_max_batch + 1}  # the last packed batch, the first dense one
+    compiled = CompiledDecode(model, block_size, packed_max_batch if dense else None)
     seconds = compiled.warm_up(runner.kv_caches, attention.index_dtype, sorted(b for b in sizes if b <= top))
     return compiled, seconds
