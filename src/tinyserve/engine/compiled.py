@@ -10,7 +10,7 @@ attention op stay the library kernels they are.
 Shapes: one graph per batch-size regime covers every decode step: 1 row up to the quantized
 linears' measured packed/dense crossover, and (where dense copies exist) every batch above it; the
 branch between the two kernels is taken at trace time, decided by the regime's range. Within a
-regime the batch is an unbacked size (`mark_rows`): PyTorch would otherwise specialize batch 1 (a
+regime the batch is an unbacked size (`_mark_rows`): PyTorch would otherwise specialize batch 1 (a
 graph of its own, whose fused loops round differently), so a sequence's logits would depend on
 whether its step carried one row or several. Speculation's greedy identity rests on that not
 happening: a plain step (1 row) and its verification (1 + k rows) compute each row alike. The
@@ -78,7 +78,7 @@ class CompiledDecode:
                  block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
         if block_tables.shape[1] < self.MIN_TABLE_WIDTH:  # padding blocks are never read (context_lens)
             block_tables = torch.nn.functional.pad(block_tables, (0, self.MIN_TABLE_WIDTH - block_tables.shape[1]))
-        self.mark_rows((input_ids, positions, slot_mapping, block_tables, context_lens))
+        self._mark_rows((input_ids, positions, slot_mapping, block_tables, context_lens))
         torch._dynamo.maybe_mark_dynamic(block_tables, 1)
         args = (self.model, input_ids, positions, kv_caches, slot_mapping, block_tables, context_lens, self.block_size)
         if not self.warm:
@@ -97,7 +97,7 @@ class CompiledDecode:
             log.warning("a decode step of %d rows matches no compiled graph; running it eager", input_ids.shape[0])
             return decode_forward(*args)
 
-    def mark_rows(self, tensors: tuple[torch.Tensor, ...]) -> None:
+    def _mark_rows(self, tensors: tuple[torch.Tensor, ...]) -> None:
         """Dim 0 of every input is the step's row count: one unbacked size, ranged to its regime
         (dynamo guards the range, so each regime gets its graph and batch 1 no graph of its own)."""
         rows, cut = tensors[0].shape[0], self.packed_max_rows
