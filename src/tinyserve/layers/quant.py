@@ -285,8 +285,9 @@ class GGUFMethod:
 
 class CheckpointMethod:
     """`--quantization checkpoint`: a `tinyserve quantize` directory's weights as stored, no
-    re-quantization: "int"/"intz" groups on the int4 kernel, "int8" rows on the int8 kernel, "nf4" decoded
-    to dense (no packed kernel). Shards that are not all in one such form are dequantized."""
+    re-quantization: "int"/"intz" groups on the int4 kernel, "int8" rows on the int8 kernel, "nf4" on our
+    NF4 kernel (layers/nf4.py; dense where it cannot be built). Shards that are not all in one such form
+    are dequantized."""
 
     name = "checkpoint"
 
@@ -296,9 +297,13 @@ class CheckpointMethod:
     def pack(self, shards: Sequence[WeightSource], dtype: torch.dtype, device: torch.device) -> nn.Module:
         forms = {(s.format, s.bits, s.group) if isinstance(s, QuantizedTensor) else None for s in shards}
         form = forms.pop() if len(forms) == 1 else None
-        if form is None or form[0] == "nf4":
+        if form is None:
             return Unquantized().pack(shards, dtype, device)
         qs = [s for s in shards if isinstance(s, QuantizedTensor)]
+        if form[0] == "nf4":
+            from tinyserve.layers.nf4 import nf4_weight  # it builds on PackedWeight, defined here
+
+            return nf4_weight(qs, dtype, device, self.keep_dense) or Unquantized().pack(shards, dtype, device)
         q, scales = torch.cat([s.q for s in qs]), torch.cat([s.scales for s in qs]).float()
         dense = torch.cat([s.dequantize() for s in qs]).to(device=device, dtype=dtype) if self.keep_dense else None
         if form[0] == "int8":
