@@ -27,18 +27,22 @@ BLOCK = 32  # the kernel's unit along K: 16 bytes, weight i in the low nibble, i
 
 @functools.cache
 def kernel_available() -> bool:
-    """Build/load the kernel once; False (and one log line) where it cannot be built."""
+    """Whether the kernel is built and loaded; False (and one log line) where it cannot be built."""
     try:
-        load_kernel(SOURCE)
+        _load()
     except RuntimeError as e:
         log.warning("%s: NF4 checkpoints are decoded to dense weights instead", e)
         return False
+    return True
+
+
+@functools.cache
+def _load() -> None:  # cached apart from kernel_available: an op's fake may be registered only once
+    load_kernel(SOURCE)
 
     @torch.library.register_fake("tinyserve::nf4_linear")
     def _(x, codes, scales, codebook, group):  # shapes for torch.compile
         return x.new_empty(x.shape[0], codes.shape[0])
-
-    return True
 
 
 def pack_codes(q: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@
 // two 16-lane index vectors with one zero-extension and one shift. Scales [N, K/group] fp32, group a
 // multiple of 32. With AVX-512 the 16-entry codebook is one register and a lookup is one
 // `_mm512_permutexvar_ps`; each group's products are summed unscaled and its scale applied once.
-// Without AVX-512 the same loops run scalar (the compiler vectorises what it can); -march=native decides.
+// Without AVX-512 (or with -DTINYSERVE_PORTABLE, as a test builds it) the same loops run scalar and the
+// compiler vectorises what it can; -march=native decides.
 //
 // Work: parallel over output rows (at::parallel_for follows torch.set_num_threads), in tiles of a few
 // output rows x up to 4 activation rows that share every decoded block and activation load.
@@ -19,7 +20,8 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && !defined(TINYSERVE_PORTABLE)
+#define TINYSERVE_NF4_AVX512 1
 #include <immintrin.h>
 #endif
 
@@ -51,7 +53,7 @@ void tile(const uint8_t* codes, const float* scales, const float* book, const fl
     s[j] = scales + (n + j) * groups;
   }
   const float* xm = x + m * K;
-#if defined(__AVX512F__)
+#if defined(TINYSERVE_NF4_AVX512)
   const __m512 table = _mm512_loadu_ps(book);
   __m512 total[NR][R];
   for (int j = 0; j < NR; ++j)
