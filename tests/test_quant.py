@@ -168,6 +168,12 @@ def test_measured_crossover_is_cached(tmp_path, monkeypatch):
     other = (cache[0], "model|int4|machine")
     monkeypatch.setattr(quant, "choose_packed_max_rows", lambda m, d: (8, {}))
     assert configure_packed_kernels(model(), None, 64, torch.float32, cache=other) == 8
+    gained = model()  # the same key, but a layer on another packed kernel (an NF4 directory before and after
+    nf4_lin = Linear(64, [16], bias=False, method=CheckpointMethod())  # its kernel existed): measured afresh
+    nf4_lin.load_shard(0, _nf4(16, 64, 32), torch.float32, torch.device("cpu"))
+    gained.append(nf4_lin)
+    monkeypatch.setattr(quant, "choose_packed_max_rows", lambda m, d: (2, {}))
+    assert configure_packed_kernels(gained, None, 64, torch.float32, cache=cache) == 2
 
 
 def test_a_disturbed_loss_is_measured_again_and_an_implausible_choice_is_not_cached(tmp_path, monkeypatch):
@@ -196,7 +202,7 @@ def test_a_disturbed_loss_is_measured_again_and_an_implausible_choice_is_not_cac
     assert calls.count(1) == 3 and calls.count(8) == 3  # warm-up, measure, confirm
 
     path = tmp_path / "kernel-choice.json"
-    path.write_text('{"m|bf16": 0, "m|fp32": 0}')
+    path.write_text('{"m|bf16|int8": 0, "m|fp32|int8": 0}')  # the key ends with the packed kernels' kinds
     measured = []
 
     def choose(m, d):
@@ -212,7 +218,7 @@ def test_a_disturbed_loss_is_measured_again_and_an_implausible_choice_is_not_cac
     assert "new|bf16" not in path.read_text()  # a measured implausible answer is not written
     monkeypatch.setattr(quant, "choose_packed_max_rows", lambda m, d: (8, {}))
     assert configure_packed_kernels(model(torch.bfloat16), None, 64, torch.bfloat16, cache=(path, "m|bf16")) == 8
-    assert '"m|bf16": 8' in path.read_text()
+    assert '"m|bf16|int8": 8' in path.read_text()
 
 
 def test_gguf_export_is_a_plain_hf_directory():

@@ -353,7 +353,9 @@ def configure_packed_kernels(model: nn.Module, rows: int | None, max_step_rows: 
         return 0
     if rows is None:
         store = _CrossoverCache(cache[0]) if cache else None
-        rows = store.get(cache[1]) if store and cache else None
+        # the kernels in use are part of the key: a model whose layers gain a packed kernel measures afresh
+        key = f"{cache[1]}|{'+'.join(sorted({str(getattr(w, 'kind', '?')) for _, w in weights}))}" if cache else ""
+        rows = store.get(key) if store else None
         if rows is not None and not plausible_crossover(rows, dtype):
             log.info("cached kernel choice (%d rows) is implausible in %s: measuring again", rows, dtype)
             rows = None
@@ -364,8 +366,8 @@ def configure_packed_kernels(model: nn.Module, rows: int | None, max_step_rows: 
             if not plausible_crossover(rows, dtype):
                 log.warning("the packed kernels lost to dense even at one row in %s (a busy machine?): "
                             "dense for this start, not cached", dtype)
-            elif store and cache:
-                store.put(cache[1], rows)
+            elif store:
+                store.put(key, rows)
     for lin, w in weights:
         w.max_packed_rows = rows
         if rows >= max_step_rows:
