@@ -19,8 +19,8 @@ A `tinyserve quantize` checkpoint (`--quantization checkpoint`) maps the same wa
 re-quantization: its int4/int3 groups are already in the kernel's `(q - 8) * s + z` form with
 bf16 scales, its int8 rows in `_weight_int8pack_mm`'s `q * s`. Groups with integer zero points
 (`--zero int`, and AutoGPTQ/AutoAWQ checkpoints) are `(q - zq) * s = (q - 8) * s + (8 - zq) * s`:
-z = (8 - zq) * s, exact in fp32, rounded to the activation dtype otherwise. NF4 has no packed kernel in
-PyTorch: it is decoded to a dense matrix at load (its bytes on disk are 4-bit, in memory not).
+z = (8 - zq) * s, exact in fp32, rounded to the activation dtype otherwise. NF4 has no kernel in
+PyTorch: its codes run packed on our own (layers/nf4.py), the same bytes per weight as int4's.
 """
 
 from __future__ import annotations
