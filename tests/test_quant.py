@@ -3,18 +3,25 @@ error bounds, the packed and dense paths agree, and every mode loads and generat
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import gguf
 import numpy as np
 import pytest
 import torch
 
 from tinyserve import LLM, SamplingParams
+from tinyserve.layers import nf4
 from tinyserve.layers.linear import GGUFTensor, Linear, Unquantized, weight_bytes
+from tinyserve.layers.nf4 import NF4Weight
 from tinyserve.layers.quant import (
+    CheckpointMethod,
     GGUFMethod,
     Int4Method,
     Int4Weight,
     Int8Method,
+    QuantizedTensor,
     _dequant,
     configure_packed_kernels,
     gguf_int4,
@@ -161,6 +168,12 @@ def test_measured_crossover_is_cached(tmp_path, monkeypatch):
     other = (cache[0], "model|int4|machine")
     monkeypatch.setattr(quant, "choose_packed_max_rows", lambda m, d: (8, {}))
     assert configure_packed_kernels(model(), None, 64, torch.float32, cache=other) == 8
+    gained = model()  # the same key, but a layer on another packed kernel (an NF4 directory before and after
+    nf4_lin = Linear(64, [16], bias=False, method=CheckpointMethod())  # its kernel existed): measured afresh
+    nf4_lin.load_shard(0, _nf4(16, 64, 32), torch.float32, torch.device("cpu"))
+    gained.append(nf4_lin)
+    monkeypatch.setattr(quant, "choose_packed_max_rows", lambda m, d: (2, {}))
+    assert configure_packed_kernels(gained, None, 64, torch.float32, cache=cache) == 2
 
 
 def test_a_disturbed_loss_is_measured_again_and_an_implausible_choice_is_not_cached(tmp_path, monkeypatch):
@@ -189,7 +202,7 @@ def test_a_disturbed_loss_is_measured_again_and_an_implausible_choice_is_not_cac
     assert calls.count(1) == 3 and calls.count(8) == 3  # warm-up, measure, confirm
 
     path = tmp_path / "kernel-choice.json"
-    path.write_text('{"m|bf16": 0, "m|fp32": 0}')
+    path.write_text('{"m|bf16|int8": 0, "m|fp32|int8": 0}')  # the key ends with the packed kernels' kinds
     measured = []
 
     def choose(m, d):
@@ -205,7 +218,7 @@ def test_a_disturbed_loss_is_measured_again_and_an_implausible_choice_is_not_cac
     assert "new|bf16" not in path.read_text()  # a measured implausible answer is not written
     monkeypatch.setattr(quant, "choose_packed_max_rows", lambda m, d: (8, {}))
     assert configure_packed_kernels(model(torch.bfloat16), None, 64, torch.bfloat16, cache=(path, "m|bf16")) == 8
-    assert '"m|bf16": 8' in path.read_text()
+    assert '"m|bf16|int8": 8' in path.read_text()
 
 
 def test_gguf_export_is_a_plain_hf_directory():
@@ -228,3 +241,95 @@ def test_packed_modes_are_cpu_only():
     assert resolve_quantization("auto", src, torch.float32, "cpu") == "none"
     with pytest.raises(ValueError, match="CPU kernels"):
         resolve_quantization("int8", src, torch.bfloat16, "cuda")
+
+
+# -- NF4 on our kernel (layers/nf4.py, layers/csrc/nf4_linear.cpp) -------------------------------------------
+def _nf4(n: int, k: int, group: int, seed: int = 0) -> QuantizedTensor:
+    g = torch.Generator().manual_seed(seed)
+    return QuantizedTensor("nf4", 4, group, torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g),
+                           torch.rand(n, k // group, generator=g) + 0.01, None)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("k", "group"), [(96, 32), (192, 64)], ids=["3x32", "3x64"])  # odd group counts
+def test_nf4_kernel_equals_dequantized_matmul(rows, dtype, k, group):
+    """37 output rows (tiles of 4 and a remainder), 1/3/17 activation rows (tiles of 4 and remainders):
+    the kernel computes x @ dequantized^T in fp32, rounded once to the activations' dtype."""
+    shards = [_nf4(29, k, group, 1), _nf4(8, k, group, 2)]
+    impl = CheckpointMethod(keep_dense=False).pack(shards, dtype, torch.device("cpu"))
+    assert isinstance(impl, NF4Weight) and impl.kind == f"nf4-g{group}" and impl.dense is None
+    x = torch.randn(rows, k).to(dtype)
+    ref = x.float() @ torch.cat([s.dequantize() for s in shards]).t()
+    y = impl(x)
+    assert y.dtype == dtype and y.shape == (rows, 37)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    else:  # one bf16 rounding of the fp32 result: bf16's unit roundoff 2^-8 relative, plus fp32 noise
+        torch.testing.assert_close(y.float(), ref, atol=1e-3, rtol=2**-8 + 1e-4)
+
+
+def test_nf4_portable_path_builds_and_agrees():
+    """The scalar path (what a CPU without AVX-512 compiles) built in its own process (the op name is
+    process-wide) and checked against the dequantized matmul."""
+    script = """
+import torch
+from tinyserve.layers.nf4 import SOURCE, pack_codes
+from tinyserve.layers.quant import NF4_CODEBOOK
+from tinyserve.native import CFLAGS, load_kernel
+load_kernel(SOURCE, CFLAGS + ("-DTINYSERVE_PORTABLE",))
+g = torch.Generator().manual_seed(0)
+q = torch.randint(0, 16, (13, 96), dtype=torch.uint8, generator=g)
+s = torch.rand(13, 3, generator=g)
+w = (NF4_CODEBOOK[q.long()].view(13, 3, 32) * s[..., None]).view(13, 96)
+for rows in (1, 5):
+    x = torch.randn(rows, 96, generator=g)
+    y = torch.ops.tinyserve.nf4_linear(x, pack_codes(q), s, NF4_CODEBOOK, 32)
+    torch.testing.assert_close(y, x @ w.t(), atol=1e-5, rtol=1e-5)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_nf4_without_a_compiler_falls_back_to_dense(monkeypatch, caplog):
+    def no_compiler() -> None:
+        raise RuntimeError("cannot build nf4_linear.cpp (no compiler)")
+
+    monkeypatch.setattr(nf4, "_load", no_compiler)
+    nf4.kernel_available.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="tinyserve.layers.nf4"):
+            impl = CheckpointMethod().pack([_nf4(8, 64, 32)], torch.float32, torch.device("cpu"))
+        assert impl.kind == "dense-float32" and "decoded to dense" in caplog.text
+        torch.testing.assert_close(impl.weight, _nf4(8, 64, 32).dequantize())
+    finally:
+        nf4.kernel_available.cache_clear()
+
+
+def test_nf4_checkpoint_serves_packed_with_the_dense_decodes_tokens(tiny_llama_dir, tmp_path, restore_torch_threads):
+    """`LLM(DIR)` of an NF4 directory runs every layer on the NF4 kernel (packed for every step here) and
+    generates the greedy tokens of the same directory decoded to dense weights (fp32)."""
+    from tinyserve.models.loader import hf_weights, model_config, resolve_model
+    from tinyserve.quantize.checkpoint import save_quantized
+    from tinyserve.quantize.pipeline import QuantizeOptions, quantize_weights
+    from tinyserve.tokenizer import load_tokenizer
+
+    src = resolve_model(str(tiny_llama_dir))
+    cfg = model_config(src)
+    w = {k: t.float() for k, t in hf_weights(src.path)}
+    calib = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    weights = quantize_weights(w, cfg, QuantizeOptions("nf4", 4, 32), calib, progress=False)
+    tok = load_tokenizer(resolve_model(None)).hf
+    save_quantized(tmp_path / "nf4", weights, {**cfg.to_hf()}, tok, {"method": "nf4"})
+    kw = {**TINY, "num_kv_blocks": 32, "block_size": 4}
+    params = SamplingParams(temperature=0, max_tokens=8)
+    prompts = ["Hello there", "The capital of France is"]
+    packed = LLM(str(tmp_path / "nf4"), **kw, packed_max_batch=1024)
+    for name in ("qkv_proj", "o_proj"):
+        assert packed.engine.model.layers[0].self_attn.get_submodule(name).impl.kind == "nf4-g32"
+    assert packed.engine.model.layers[0].mlp.down_proj.impl.kind == "nf4-g32"
+    dense = LLM(str(tmp_path / "nf4"), **kw, packed_max_batch=0)  # never packed: the dense decode
+    assert dense.engine.model.layers[0].self_attn.qkv_proj.impl.kind == "dense-float32"
+    assert ([o.outputs[0].token_ids for o in packed.generate(prompts, params)]
+            == [o.outputs[0].token_ids for o in dense.generate(prompts, params)])

@@ -46,6 +46,11 @@ def test_rtn_int8_and_nf4_bounds():
     err = (nf.dequantize() - w).abs().view(48, -1, 32)
     assert bool((err <= nf.scales.float()[..., None] * (gap + 0.01)).all())
     assert torch.allclose(nf.dequantize().abs().view(48, -1, 32).amax(-1), nf.scales.float(), rtol=1e-6)
+    x = (nf.dequantize() / nf.scales.float().repeat_interleave(32, 1)).view(-1)  # on the codebook, and:
+    x = torch.cat([x, torch.linspace(-1.2, 1.2, 4001)])  # between its values; codes = the nearest value's
+    nearest = (x[:, None] - NF4_CODEBOOK).abs().argmin(-1)
+    s = torch.ones(1, x.numel())
+    assert torch.equal(rtn.codes(x[None], s, None, Spec("nf4", 4, x.numel())).long()[0], nearest)
 
 
 def test_group_sizes_and_bits_give_clear_errors():

@@ -275,9 +275,9 @@ def markdown_table(quality: dict[str, Any] | None, speed: dict[str, Any] | None)
             f"{round(r['greedy_identical'] * n)}/{n}" if q else "-", f"{100 * r['greedy_prefix']:.0f}" if q else "-",
         ]) + " |")
     notes = [f"Reference: {REFERENCE} (the bundled GGUF dequantized). Modes: METHOD-BITSb-gGROUP, bf16 "
-             "activations; 3-bit codes run on the int4 kernel; nf4 is decoded to dense bf16 at load (no packed "
-             "kernel); 8-bit is per output channel on the int8 kernel; every quantized directory's LM head (the "
-             "tied embedding) is int8 per row."]
+             "activations; 3-bit codes run on the int4 kernel; nf4 on tinyserve's NF4 kernel "
+             "(layers/csrc/nf4_linear.cpp); 8-bit is per output channel on the int8 kernel; every quantized "
+             "directory's LM head (the tied embedding) is int8 per row."]
     if any(r["mode"].split("-")[0] in FIELD_METHODS for r in joined_rows(quality, speed)):
         notes.append("hf-16b, torchao-*, bnb-*: the tool on the same model in transformers (bench/field_tools.py), "
                      "its own kernels and HF generate; hf-16b is transformers bf16 unquantized (the control); "
@@ -298,7 +298,7 @@ COLORS = {"rtn": "tab:blue", "gptq": "tab:orange", "awq": "tab:green", "nf4": "t
 
 
 def _size_mib(r: dict[str, Any]) -> float:
-    """The weights as the engine (or the tool) holds them (packed; nf4 decoded): the memory a mode really costs."""
+    """The weights as the engine (or the tool) holds them (packed): the memory a mode really costs."""
     return float(r.get("weight_bytes_packed") or (r.get("speed_run") or {}).get("weight_bytes_packed", 0)) / 2**20
 
 
@@ -315,7 +315,7 @@ def _scatter_plot(points: list[tuple[str, float, float, str]], ylabel: str, titl
         ax.scatter(x, y, color=COLORS.get(mode.split("-")[0], "tab:gray"), marker=marker, s=40)
         ax.annotate(mode, (x, y), xytext=(3, 3), textcoords="offset points", fontsize=6)
     ax.set_yscale("log")
-    ax.set_xlabel("weights in memory, MiB (packed codes + scales; nf4 and bf16 dense)")
+    ax.set_xlabel("weights in memory, MiB (packed codes + scales; bf16 dense)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)

@@ -19,8 +19,8 @@ A `tinyserve quantize` checkpoint (`--quantization checkpoint`) maps the same wa
 re-quantization: its int4/int3 groups are already in the kernel's `(q - 8) * s + z` form with
 bf16 scales, its int8 rows in `_weight_int8pack_mm`'s `q * s`. Groups with integer zero points
 (`--zero int`, and AutoGPTQ/AutoAWQ checkpoints) are `(q - zq) * s = (q - 8) * s + (8 - zq) * s`:
-z = (8 - zq) * s, exact in fp32, rounded to the activation dtype otherwise. NF4 has no packed kernel in
-PyTorch: it is decoded to a dense matrix at load (its bytes on disk are 4-bit, in memory not).
+z = (8 - zq) * s, exact in fp32, rounded to the activation dtype otherwise. NF4 has no kernel in
+PyTorch: its codes run packed on our own (layers/nf4.py), the same bytes per weight as int4's.
 """
 
 from __future__ import annotations
@@ -285,8 +285,9 @@ class GGUFMethod:
 
 class CheckpointMethod:
     """`--quantization checkpoint`: a `tinyserve quantize` directory's weights as stored, no
-    re-quantization: "int"/"intz" groups on the int4 kernel, "int8" rows on the int8 kernel, "nf4" decoded
-    to dense (no packed kernel). Shards that are not all in one such form are dequantized."""
+    re-quantization: "int"/"intz" groups on the int4 kernel, "int8" rows on the int8 kernel, "nf4" on our
+    NF4 kernel (layers/nf4.py; dense where it cannot be built). Shards that are not all in one such form
+    are dequantized."""
 
     name = "checkpoint"
 
@@ -296,9 +297,13 @@ class CheckpointMethod:
     def pack(self, shards: Sequence[WeightSource], dtype: torch.dtype, device: torch.device) -> nn.Module:
         forms = {(s.format, s.bits, s.group) if isinstance(s, QuantizedTensor) else None for s in shards}
         form = forms.pop() if len(forms) == 1 else None
-        if form is None or form[0] == "nf4":
+        if form is None:
             return Unquantized().pack(shards, dtype, device)
         qs = [s for s in shards if isinstance(s, QuantizedTensor)]
+        if form[0] == "nf4":
+            from tinyserve.layers.nf4 import nf4_weight  # it builds on PackedWeight, defined here
+
+            return nf4_weight(qs, dtype, device, self.keep_dense) or Unquantized().pack(shards, dtype, device)
         q, scales = torch.cat([s.q for s in qs]), torch.cat([s.scales for s in qs]).float()
         dense = torch.cat([s.dequantize() for s in qs]).to(device=device, dtype=dtype) if self.keep_dense else None
         if form[0] == "int8":
@@ -348,7 +353,9 @@ def configure_packed_kernels(model: nn.Module, rows: int | None, max_step_rows: 
         return 0
     if rows is None:
         store = _CrossoverCache(cache[0]) if cache else None
-        rows = store.get(cache[1]) if store and cache else None
+        # the kernels in use are part of the key: a model whose layers gain a packed kernel measures afresh
+        key = f"{cache[1]}|{'+'.join(sorted({str(getattr(w, 'kind', '?')) for _, w in weights}))}" if cache else ""
+        rows = store.get(key) if store else None
         if rows is not None and not plausible_crossover(rows, dtype):
             log.info("cached kernel choice (%d rows) is implausible in %s: measuring again", rows, dtype)
             rows = None
@@ -359,8 +366,8 @@ def configure_packed_kernels(model: nn.Module, rows: int | None, max_step_rows: 
             if not plausible_crossover(rows, dtype):
                 log.warning("the packed kernels lost to dense even at one row in %s (a busy machine?): "
                             "dense for this start, not cached", dtype)
-            elif store and cache:
-                store.put(cache[1], rows)
+            elif store:
+                store.put(key, rows)
     for lin, w in weights:
         w.max_packed_rows = rows
         if rows >= max_step_rows:

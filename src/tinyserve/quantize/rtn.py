@@ -108,9 +108,9 @@ def codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, spe
     (already expanded to columns): the nearest code of each weight."""
     if spec.format == "int8":
         return (w / scales).round().clamp(-128, 127)
-    if spec.format == "nf4":
+    if spec.format == "nf4":  # the codebook is sorted: nearest code = which midpoint interval (no [N, C, 16] temp)
         book = NF4_CODEBOOK.to(w.device)
-        return ((w / scales)[..., None] - book).abs().argmin(-1).float()
+        return torch.bucketize(w / scales, (book[1:] + book[:-1]) / 2).float()
     assert zeros is not None
     if spec.format == "intz":
         return ((w / scales).round() + zeros).clamp(0, spec.maxq)

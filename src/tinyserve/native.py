@@ -1,0 +1,57 @@
+"""Our native CPU kernels: each C++ source is compiled once per machine and loaded from a cache.
+
+A kernel is built for this CPU (-march=native: the source picks its vector path at compile time)
+into the tinyserve cache, in a directory keyed by the source text, the flags, the CPU and the torch
+version, so a later start only loads the shared object (milliseconds) and a change to any of them
+builds afresh. The build needs a C++ compiler and torch's headers; callers decide what to do
+without one (every kernel here has a slower fallback).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from tinyserve.config import cpu_flags, cpu_model
+
+log = logging.getLogger(__name__)
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math")
+
+
+def build_dir(source: Path, cflags: tuple[str, ...] = CFLAGS) -> Path:
+    """Where `source`'s shared object for this machine lives (the key names everything it depends on)."""
+    from tinyserve.models.loader import cache_dir  # the loader imports the model, which imports the kernels
+
+    key = "|".join([source.read_text(), " ".join(cflags), cpu_model(), " ".join(sorted(cpu_flags())),
+                    torch.__version__])
+    return cache_dir() / "ext" / f"{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+@functools.cache
+def load_kernel(source: Path, cflags: tuple[str, ...] = CFLAGS) -> Path:
+    """Build (once per machine) and load `source`, whose TORCH_LIBRARY blocks register its ops under
+    torch.ops. Raises RuntimeError, in one line, when it cannot be built. Returns the build directory."""
+    from torch.utils import cpp_extension
+
+    try:
+        import ninja  # the pip wheel's binary: the venv's bin/ is not always on PATH
+
+        os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
+    except ImportError:
+        pass
+    out = build_dir(source, cflags)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        cpp_extension.load(name=f"tinyserve_{source.stem}", sources=[str(source)], extra_cflags=list(cflags),
+                           extra_ldflags=["-fopenmp"], build_directory=str(out), is_python_module=False)
+    except Exception as e:  # no compiler, no headers, a build error: say so, in one line
+        raise RuntimeError(f"cannot build {source.name} ({type(e).__name__}: {e})") from e
+    log.info("%s ready in %.1fs (%s)", source.name, time.perf_counter() - start, out)
+    return out
