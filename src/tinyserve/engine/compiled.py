@@ -60,14 +60,17 @@ def decode_forward(
 class CompiledDecode:
     """`decode_forward` under torch.compile, warmed up for every batch-size regime at start-up.
     `packed_max_rows`: the crossover above which quantized linears run their dense copies (None:
-    no dense copies, one regime)."""
+    no dense copies, one regime). `two_row_minimum`: run a 1-row step as that row twice, for models
+    whose 1-row step would run a dense 16-bit linear (below)."""
 
     MIN_TABLE_WIDTH = 2  # width 1 would be specialized (a graph of its own): pad tables to >= 2 blocks
 
-    def __init__(self, model: LlamaForCausalLM, block_size: int, packed_max_rows: int | None = None) -> None:
+    def __init__(self, model: LlamaForCausalLM, block_size: int, packed_max_rows: int | None = None,
+                 two_row_minimum: bool = False) -> None:
         self.model = model
         self.block_size = block_size
         self.packed_max_rows = packed_max_rows
+        self.two_row_minimum = two_row_minimum
         self.warm = False
         self.fn = torch.compile(decode_forward, fullgraph=True, dynamic=False,
                                 options={"freezing": True, "cpp_wrapper": True})
@@ -78,6 +81,13 @@ class CompiledDecode:
                  block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
         if block_tables.shape[1] < self.MIN_TABLE_WIDTH:  # padding blocks are never read (context_lens)
             block_tables = torch.nn.functional.pad(block_tables, (0, self.MIN_TABLE_WIDTH - block_tables.shape[1]))
+        if self.two_row_minimum and input_ids.shape[0] == 1:
+            # The compiled graph's dense 16-bit linear rounds a lone row differently from a row among
+            # others (REPORT SD, "One row or many"). The same row twice writes the same K/V into
+            # the same slot, and costs little where rows are memory-bound.
+            ids, pos, slots, tables, lens = (torch.cat([t, t]) for t in (input_ids, positions, slot_mapping,
+                                                                          block_tables, context_lens))
+            return self(ids, pos, kv_caches, slots, tables, lens)[:1]
         self._mark_rows((input_ids, positions, slot_mapping, block_tables, context_lens))
         torch._dynamo.maybe_mark_dynamic(block_tables, 1)
         args = (self.model, input_ids, positions, kv_caches, slot_mapping, block_tables, context_lens, self.block_size)

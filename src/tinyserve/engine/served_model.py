@@ -12,6 +12,7 @@ from tinyserve.attention import AttentionBackend, select_backend
 from tinyserve.config import EngineConfig, ModelConfig, cpu_model
 from tinyserve.engine.compiled import CompiledDecode
 from tinyserve.engine.runner import ModelRunner
+from tinyserve.layers.linear import DenseWeight, Linear
 from tinyserve.layers.quant import configure_packed_kernels, packed_weights
 from tinyserve.models.llama import LlamaForCausalLM
 from tinyserve.models.loader import ModelSource, cache_dir, load_model, resolve_quantization
@@ -59,6 +60,10 @@ def _compile_decode(model: LlamaForCausalLM, runner: ModelRunner, block_size: in
     dense = any(w.dense is not None for _, w in packed_weights(model))
     if dense:
         sizes |= {packed_max_batch, packed_max_batch + 1}  # the last packed batch, the first dense one
-    compiled = CompiledDecode(model, block_size, packed_max_batch if dense else None)
+    # A dense 16-bit linear in the compiled graph rounds one row differently from several; fp32's
+    # dense GEMM has no row count that agrees with another, so it gains nothing from two rows.
+    one_row_dense = runner.kv_caches[0][0].dtype != torch.float32 and any(
+        isinstance(m, Linear) and isinstance(m.impl, DenseWeight) for m in model.modules())
+    compiled = CompiledDecode(model, block_size, packed_max_batch if dense else None, two_row_minimum=one_row_dense)
     seconds = compiled.warm_up(runner.kv_caches, attention.index_dtype, sorted(b for b in sizes if b <= top))
     return compiled, seconds
