@@ -110,8 +110,9 @@ class CompiledDecode:
     def _mark_rows(self, tensors: tuple[torch.Tensor, ...]) -> None:
         """Dim 0 of every input is the step's row count: one unbacked size, ranged to its regime
         (dynamo guards the range, so each regime gets its graph and batch 1 no graph of its own)."""
-        rows, cut = tensors[0].shape[0], self.packed_max_rows
-        lo, hi = (1, cut) if cut is not None and rows <= cut else (1 if cut is None else cut + 1, None)
+        lo, hi, cut = 1, None, self.packed_max_rows
+        if cut is not None:
+            lo, hi = (1, cut) if tensors[0].shape[0] <= cut else (cut + 1, None)
         for t in tensors:
             if _RANGED_UNBACKED:
                 mark_unbacked(t, 0, shape_id="rows", min=lo, max=hi)
