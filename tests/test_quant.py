@@ -48,14 +48,42 @@ def test_gguf_blocks_map_exactly_onto_int4(qtype):
     assert torch.equal(w_int4, t.dequantize())
 
 
-@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+def _q4_k_tensor(n: int, k: int, rng: np.random.Generator, dmin_is_d: bool) -> GGUFTensor:
+    """Random Q4_K blocks (gguf-py has no Q4_K quantizer): random 6-bit scales/mins and nibbles."""
+    blocks = rng.integers(0, 256, (n, k // 256, 144), dtype=np.uint8)
+    d = (rng.random((n, k // 256, 2)) * 1e-3).astype(np.float16)
+    if dmin_is_d:
+        d[..., 1] = d[..., 0]
+    blocks[..., 0:4] = d.view(np.uint8)
+    return GGUFTensor("Q4_K", torch.from_numpy(blocks.reshape(n, -1)), (n, k))
+
+
+@pytest.mark.parametrize("dmin_is_d", [True, False])
+def test_gguf_q4_k_maps_onto_int4(dmin_is_d):
+    """Bit for bit wherever z = 8 d sc - dmin m is exact in fp32: when d and dmin are of one
+    magnitude, as in real files (every Q4_K weight of Qwen2.5-Coder-1.5B's GGUF matched); within
+    one rounding of the weight otherwise."""
+    t = _q4_k_tensor(64, 512, np.random.default_rng(3), dmin_is_d)
+    q, scales, zeros = gguf_int4(t)
+    assert q.shape == (64, 512) and int(q.min()) >= 0 and int(q.max()) <= 15
+    w_int4, ref = _dequant(q, scales, zeros, 32), t.dequantize()
+    if dmin_is_d:
+        assert torch.equal(w_int4, ref)
+    else:
+        torch.testing.assert_close(w_int4, ref, atol=2e-7, rtol=2e-7)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0", "Q4_K"])
 def test_gguf_packed_matmul_fp32_equals_dequantized(qtype):
     """fp32 activations keep fp32 scales: the packed kernel serves the file's weights exactly."""
     rng = np.random.default_rng(1)
-    shards = [_gguf_tensor(rng.standard_normal((n, 64)).astype(np.float32), qtype) for n in (32, 64)]
+    if qtype == "Q4_K":
+        shards = [_q4_k_tensor(n, 256, rng, dmin_is_d=True) for n in (32, 64)]
+    else:
+        shards = [_gguf_tensor(rng.standard_normal((n, 64)).astype(np.float32), qtype) for n in (32, 64)]
     impl = GGUFMethod(keep_dense=False).pack(shards, torch.float32, torch.device("cpu"))
     assert isinstance(impl, Int4Weight)
-    x = torch.randn(5, 64)
+    x = torch.randn(5, shards[0].shape[1])
     ref = x @ torch.cat([s.dequantize() for s in shards]).t()
     torch.testing.assert_close(impl(x), ref, atol=1e-5, rtol=1e-5)
 

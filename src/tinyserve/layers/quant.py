@@ -12,6 +12,9 @@ GGUF blocks map onto the int4 kernel exactly, so `--quantization gguf` serves th
   Q4_0: d * (q - 8)                                           -> s = d,   z = 0
   Q8_0: d * q, q + 128 = 16 h + l (two nibbles)
         = (h - 8) * 16 d + (l - 8) * d + 8 d                  -> two int4 halves, summed
+  Q4_K: per 32 of a 256-block, (d sc) * q - dmin m
+        = (q - 8) * (d sc) + (8 d sc - dmin m)                -> s = d sc, z = 8 s - dmin m
+        (sc, m: that 32's 6-bit scale and min; the k-quants llama.cpp's Q4_K_M files are mostly made of)
 The scales are stored in the activation dtype (the kernel requires it): exact in fp32, rounded to
 bf16's 8 significant bits otherwise (docs/REPORT.md measures the cost).
 
@@ -41,7 +44,7 @@ from tinyserve.layers.linear import DenseWeight, GGUFTensor, Linear, Unquantized
 
 log = logging.getLogger(__name__)
 
-GGUF_INT4_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # block types kept packed; the rest are dequantized
+GGUF_INT4_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K")  # block types kept packed; the rest are dequantized
 
 # QLoRA's NormalFloat4: the 16 quantiles of N(0, 1) scaled to [-1, 1], with an exact zero
 # (Dettmers et al. 2023, appendix E; bitsandbytes' table).
@@ -205,9 +208,11 @@ def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
 
 
 def gguf_int4(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A Q4_0 / Q4_1 / Q8_0 tensor's exact int4 form: q [N', K], scales and zeros [N', K/32] (fp32);
-    N' = 2N for Q8_0 (high nibbles' rows, then low nibbles')."""
+    """A Q4_0 / Q4_1 / Q8_0 / Q4_K tensor's exact int4 form: q [N', K], scales and zeros [N', K/32]
+    (fp32); N' = 2N for Q8_0 (high nibbles' rows, then low nibbles')."""
     n, k = t.shape
+    if t.qtype == "Q4_K":
+        return _q4_k_int4(t)
     block_bytes = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[t.qtype]
     b = t.data.view(n, k // 32, block_bytes)
     d = b[..., 0:2].contiguous().view(torch.float16).float().squeeze(-1)  # [N, K/32]
@@ -219,6 +224,21 @@ def gguf_int4(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).view(n, k)
     zeros = b[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1) + 8 * d if t.qtype == "Q4_1" else 0 * d
     return q, d, zeros
+
+
+def _q4_k_int4(t: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Q4_K block: d, dmin (fp16), 12 bytes of eight 6-bit scales and mins, then 128 bytes of
+    nibbles: byte j of each 32-byte chunk c holds element 64c + j (low) and 64c + 32 + j (high)."""
+    n, k = t.shape
+    b = t.data.view(n, k // 256, 144)
+    d, dmin = (b[..., i : i + 2].contiguous().view(torch.float16).float() for i in (0, 2))  # [N, K/256, 1]
+    lo6, hi6, rest = b[..., 4:16].unflatten(-1, (3, 4)).unbind(-2)  # llama.cpp's get_scale_min_k4
+    sc = torch.cat([lo6 & 63, (rest & 15) | ((lo6 >> 2) & 48)], dim=-1)
+    mins = torch.cat([hi6 & 63, (rest >> 4) | ((hi6 >> 2) & 48)], dim=-1)
+    scales = (d * sc.float()).view(n, k // 32)  # both products exact in fp32 (11 x 6 bits)
+    nibbles = b[..., 16:].unflatten(-1, (4, 1, 32))
+    q = torch.cat([nibbles & 15, nibbles >> 4], dim=-2).view(n, k)
+    return q, scales, 8 * scales - (dmin * mins.float()).view(n, k // 32)
 
 
 # -- methods ------------------------------------------------------------------------------------------
@@ -255,7 +275,7 @@ class Int4Method:
 
 
 class GGUFMethod:
-    """`--quantization gguf`: a GGUF's Q4_0 / Q4_1 / Q8_0 blocks stay packed (the file's own weights);
+    """`--quantization gguf`: a GGUF's Q4_0 / Q4_1 / Q8_0 / Q4_K blocks stay packed (the file's own weights);
     other block types, and linears whose shards mix Q8_0 with 4-bit types, are dequantized."""
 
     name = "gguf"
