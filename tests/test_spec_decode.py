@@ -87,10 +87,36 @@ def test_draft_length_weighs_acceptance_against_the_measured_step():
     for _ in range(20):
         policy.update(seq, drafted=4, accepted=0)
     assert policy.choose([seq]) == 0, "a sequence that never accepts stops drafting"
-    assert [policy.choose([seq]) for _ in range(32)].count(1) == 2, "and probes again now and then"
+    ks = [policy.choose([seq]) for _ in range(32)]
+    assert ks.count(4) == 2 and ks.count(0) == 30, "and probes again now and then, with the k that would pay best"
+    assert policy.rate(object()) < 0.05, "a new sequence starts from the rate pooled over the others"
     big = [object() for _ in range(8)]
     assert [policy.choose(big) for _ in range(40)].count(0) == 40, "no probing where the batch rules it out"
     assert DraftPolicy(k_max=3, adaptive=False).choose([seq]) == 3
+
+
+def test_a_new_sequence_of_a_predictable_workload_drafts_from_its_first_step():
+    """The pooled rate is the prior: sequences that accepted everything make the next one draft at once,
+    where the fixed prior alone (0.5) would keep it off until probes had raised its own rate."""
+    target = StepCost({1: 1.0, 2: 1.25, 3: 1.5, 4: 1.9, 5: 2.3})  # a packed kernel: rows cost
+    draft = StepCost({1: 0.5, 2: 0.55})
+    policy = DraftPolicy(k_max=4, adaptive=True, target=target, draft=draft)
+    assert policy.choose([object()]) == 0, "the first sequence: the prior alone does not pay"
+    for _ in range(10):
+        seq = object()
+        policy.update(seq, drafted=3, accepted=3)
+        policy.forget(set())
+    assert policy.choose([object()]) > 0
+
+
+def test_the_draft_cost_counts_the_two_tokens_a_full_acceptance_leaves_unseen():
+    """After every draft is accepted, the draft's first step feeds two tokens per sequence; a draft
+    whose kernel pays per row makes that step dearer, and k = 1 stops paying sooner."""
+    target = StepCost({1: 1.0, 2: 1.1, 32: 2.8})
+    flat = DraftPolicy(k_max=1, adaptive=True, target=target, draft=StepCost({1: 0.2, 16: 0.8, 32: 0.8}))
+    steep = DraftPolicy(k_max=1, adaptive=True, target=target, draft=StepCost({1: 0.2, 16: 0.8, 32: 1.6}))
+    rates = [0.95] * 16
+    assert flat.best_k(rates) == 1 and steep.best_k(rates) == 0
 
 
 # -- tiny models: the target and a bad draft --------------------------------------------------------

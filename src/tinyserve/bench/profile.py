@@ -32,7 +32,7 @@ PARTS = {  # label -> (owner attribute on the engine, method name)
     "schedule": ("scheduler", "schedule"),
     "pack": ("runner", "prepare"),
     "forward": ("runner", "forward"),
-    "sample": (None, "sampler"),
+    "sample": ("sampler", "sample"),
     "postprocess": (None, "_append"),
 }
 

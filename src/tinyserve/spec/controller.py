@@ -3,13 +3,18 @@ sequence's measured acceptance and the measured price of the step (spec/cost.py)
 
 With per-token acceptance rate a, k drafts emit (1 - a^(k+1)) / (1 - a) tokens on average (the
 accepted run plus the target's own token; Leviathan et al. 2023). A step of B decodes drafting k
-each costs one target forward over B (k + 1) rows plus k draft-model steps over B rows. The
+each costs one target forward over B (k + 1) rows plus k draft-model steps: the first over the one
+or two tokens each sequence's draft has not seen (two when the last verification accepted every
+draft: the last draft and the bonus token), then k - 1 over B rows. The
 controller picks the k in 0..K with the most tokens per second, so it stops drafting by itself
 when acceptance is low, when the draft is slow, or when the batch is large enough that k more rows
-per sequence cost more than they return. Switched off for low acceptance, it drafts one token every
+per sequence cost more than they return. Switched off for low acceptance, it probes every
 PROBE_EVERY steps to see whether the text has turned predictable (not when the batch alone rules
-speculation out). A sequence's rate is estimated from its own
-verifications, decayed so that it follows the text, starting from a prior.
+speculation out), with the k that would pay best were every draft accepted: one probe then moves
+the estimate as far as k drafts can. A sequence's rate is estimated from its own verifications,
+decayed so that it follows the text, starting from the rate pooled over recent verifications of
+every sequence (the workload's), so a new sequence of a predictable workload drafts from its first
+step instead of climbing from a fixed prior one probe at a time.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from dataclasses import dataclass
 
 from tinyserve.spec.cost import StepCost
 
-PRIOR_RATE, PRIOR_WEIGHT = 0.5, 2.0  # what a new sequence is assumed to accept, worth two tested drafts
-DECAY = 0.8  # per verification
+PRIOR_RATE, PRIOR_WEIGHT = 0.5, 2.0  # the pooled rate's start; a new sequence's prior is worth two drafts
+DECAY = 0.8  # per verification of the sequence
+POOLED_DECAY = 0.95  # per verification of any sequence: the pooled rate follows the workload, slower
 PROBE_EVERY = 16
 MIN_GAIN = 1.02  # speculate only for at least 2% more tokens per second than plain decoding
 
@@ -50,10 +56,17 @@ class DraftPolicy:
         self.target = target
         self.draft = draft  # None: drafting costs nothing worth counting (n-gram lookup)
         self._seqs: dict[object, _Acceptance] = {}
+        self._pooled = _Acceptance()
         self._off_steps = 0
 
     def rate(self, seq: object) -> float:
-        return self._seqs.setdefault(seq, _Acceptance()).rate
+        return self._acceptance(seq).rate
+
+    def _acceptance(self, seq: object) -> _Acceptance:
+        acc = self._seqs.get(seq)
+        if acc is None:
+            acc = self._seqs[seq] = _Acceptance(self._pooled.rate * PRIOR_WEIGHT, PRIOR_WEIGHT)
+        return acc
 
     def choose(self, seqs: list[object]) -> int:
         """k for a step in which `seqs` decode."""
@@ -63,11 +76,12 @@ class DraftPolicy:
         # Off: probe now and then, unless even perfect acceptance could not pay at this batch size
         # (then the cost decides, not the rates, and a probe would only cost: a draft model that
         # has been idle first catches up on every token it missed).
-        if k == 0 and self.best_k([1.0] * len(seqs)) > 0:
+        probe = self.best_k([1.0] * len(seqs)) if k == 0 else 0
+        if probe > 0:
             self._off_steps += 1
             if self._off_steps >= PROBE_EVERY:
                 self._off_steps = 0
-                return 1
+                return probe
         return k
 
     def best_k(self, rates: list[float]) -> int:
@@ -76,7 +90,10 @@ class DraftPolicy:
         plain = b / self.target(b)
         best_k, best = 0, plain * MIN_GAIN
         for k in range(1, self.k_max + 1):
-            seconds = self.target(b * (k + 1)) + (k * self.draft(b) if self.draft is not None else 0.0)
+            seconds = self.target(b * (k + 1))
+            if self.draft is not None:
+                catch_up = sum(1.0 + a**k for a in rates)  # P(all k accepted) = a^k: two tokens unseen
+                seconds += self.draft(round(catch_up)) + (k - 1) * self.draft(b)
             speed = sum(expected_tokens(a, k) for a in rates) / seconds
             if speed > best:
                 best_k, best = k, speed
@@ -85,9 +102,10 @@ class DraftPolicy:
     def update(self, seq: object, drafted: int, accepted: int) -> None:
         """A verification: `accepted` of `drafted` drafts; the tokens tested are those up to the first
         rejection (the ones after it say nothing of the rate)."""
-        acc = self._seqs.setdefault(seq, _Acceptance())
-        acc.accepted = DECAY * acc.accepted + accepted
-        acc.tested = DECAY * acc.tested + min(accepted + 1, drafted)
+        tested = min(accepted + 1, drafted)
+        for acc, decay in ((self._acceptance(seq), DECAY), (self._pooled, POOLED_DECAY)):
+            acc.accepted = decay * acc.accepted + accepted
+            acc.tested = decay * acc.tested + tested
 
     def forget(self, live: AbstractSet[object]) -> None:
         for seq in [s for s in self._seqs if s not in live]:
