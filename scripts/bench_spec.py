@@ -17,6 +17,7 @@ the acceptance counters, and the target's and draft's decode step by rows (for t
     .venv/bin/python scripts/bench_spec.py table --out docs/results/spec        # summary.md + plot
     .venv/bin/python scripts/bench_spec.py identity                             # eager bf16, batch 1: same tokens?
     .venv/bin/python scripts/bench_spec.py rows                                 # compiled: 1 row vs 1 + k, same bits?
+    .venv/bin/python scripts/bench_spec.py profile --config qwen-draft          # batch 1: where the time goes
 """
 
 from __future__ import annotations
@@ -292,9 +293,65 @@ def row_check(out: Path) -> None:
                              packed_max_batch=e.packed_max_batch, rows=rows), out, f"rows-{mode}")
 
 
+def profile(name: str, prompts: int = 3) -> None:
+    """Where a configuration's time goes at batch 1 on grounded prompts: the engine's step phases,
+    the draft model's forwards, the k the controller chose, and the cost tables it chose from."""
+    import collections
+    import functools
+
+    from tinyserve import LLM, SamplingParams
+    from tinyserve.bench.profile import StepTimer
+
+    llm = LLM(max_num_seqs=16, kv_cache_memory_gb=0.5, **_with_paths(CONFIGS[name]))
+    e = llm.engine
+    timer = StepTimer(e)
+    draft_s: list[float] = [0.0, 0]
+    ks: collections.Counter[int] = collections.Counter()
+    if e.spec is not None:
+        policy, proposer = e.spec.policy, e.spec.proposer
+        if policy.target is not None:
+            print("controller's target step (ms):", {r: round(1e3 * policy.target(r), 1) for r in (1, 2, 3, 4, 5, 6)})
+        if policy.draft is not None:
+            print("controller's draft step (ms):", {r: round(1e3 * policy.draft(r), 1) for r in (1, 2, 4)})
+        choose = policy.choose
+
+        def chosen(seqs: list[Any]) -> int:
+            k = choose(seqs)
+            ks[k] += 1
+            return k
+
+        policy.choose = chosen
+        runner = getattr(proposer, "runner", None)
+        if runner is not None:
+            forward = runner.forward
+
+            @functools.wraps(forward)
+            def timed(*args: Any, **kwargs: Any) -> Any:
+                t = time.perf_counter()
+                out = forward(*args, **kwargs)
+                draft_s[0] += time.perf_counter() - t
+                draft_s[1] += 1
+                return out
+
+            runner.forward = timed
+    todo = workloads(llm.tokenizer)["grounded"][:prompts]
+    llm.generate(todo[:1], SamplingParams(temperature=0, max_tokens=8))
+    timer.reset()
+    draft_s[:] = [0.0, 0]
+    ks.clear()
+    t0 = time.perf_counter()
+    outs = [llm.generate([p], SamplingParams(temperature=0, max_tokens=MAX_TOKENS))[0] for p in todo]
+    wall = time.perf_counter() - t0
+    n = sum(len(o.outputs[0].token_ids) for o in outs)
+    print(f"{name}: {n} tokens in {wall:.2f} s ({n / wall:.1f} tok/s)")
+    print("engine phases (ms):", {k: round(1e3 * v) for k, v in timer.totals.items()})
+    print(f"draft model: {draft_s[1]} forwards, {1e3 * draft_s[0]:.0f} ms; k chosen: {dict(ks)}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("all", "run", "table", "identity", "rows"))
+    p.add_argument("what", choices=("all", "run", "table", "identity", "rows", "profile"))
+    p.add_argument("--config", choices=tuple(CONFIGS), default="qwen-draft-fixed", help="with profile")
     p.add_argument("--group", choices=tuple(GROUPS), action="append", help="with run/all: these target modes only")
     p.add_argument("--only", choices=tuple(CONFIGS), action="append", help="with run/all: these configs of the groups")
     p.add_argument("--out", type=Path, default=Path("docs/results/spec"))
@@ -304,6 +361,8 @@ def main() -> None:
         eager_identity()
     elif args.what == "rows":
         row_check(args.out)
+    elif args.what == "profile":
+        profile(args.config)
     elif args.what == "run":
         for group in args.group or GROUPS:
             print(run_group(group, args.out, args.only))
