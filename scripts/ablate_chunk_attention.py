@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from tinyserve import LLM, SamplingParams
 from tinyserve.attention import base
-from tinyserve.bench.datasets import sample_shared_prefix
+from tinyserve_lab.datasets import sample_shared_prefix
 
 
 def sdpa_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: base.PrefillChunk,

@@ -10,8 +10,8 @@ trap 'git worktree remove --force "$tmp/before"; git worktree remove --force "$t
 git worktree add -q --detach "$tmp/before" "$before"
 git worktree add -q --detach "$tmp/after" "$after"
 for r in $(seq "$rounds"); do
-  for cfg in "--dtype float32 --quantization none --batch 1" "--dtype bfloat16 --quantization gguf --batch 1 --packed-max-batch 16" \
-             "--dtype bfloat16 --quantization gguf --batch 32 --packed-max-batch 16"; do
+  for cfg in "--dtype float32 --quantization none --batch 1" "--dtype bfloat16 --quantization gguf --batch 1 --packed-max-rows 16" \
+             "--dtype bfloat16 --quantization gguf --batch 32 --packed-max-rows 16"; do
     for side in before after; do
       # shellcheck disable=SC2086
       echo "{\"commit\": \"$side\", \"round\": $r, \"run\": $(PYTHONPATH="$tmp/$side/src" .venv/bin/python "$tmp/$side/scripts/time_decode_step.py" $cfg 2>/dev/null || PYTHONPATH="$tmp/$side/src" .venv/bin/python scripts/time_decode_step.py $cfg 2>/dev/null)}"

@@ -10,7 +10,7 @@ import time
 import torch
 
 from tinyserve import LLM, SamplingParams
-from tinyserve.engine.compiled import CompiledDecode
+from tinyserve.worker.compiled import CompiledDecode
 
 orig = torch.compile
 
@@ -25,7 +25,7 @@ def main() -> None:
     torch.compile = freezing_only
     c = CompiledDecode(engine.model, engine.config.block_size)
     t = time.perf_counter()
-    c.warm_up(engine.runner.kv_caches, engine.attention.index_dtype, [1, 2, engine.packed_max_batch + 1])
+    c.warm_up(engine.runner.kv_caches, engine.attention.index_dtype, [1, 2, engine.packed_max_rows + 1])
     print("freezing-only compile", round(time.perf_counter() - t, 1), flush=True)
     variants["freezing"] = c
     params = SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)

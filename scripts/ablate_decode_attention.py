@@ -16,14 +16,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tinyserve.attention import AttentionBackend, DecodeMeta
-from tinyserve.attention.base import gather_blocks
+from tinyserve.attention.base import AttentionBackend, DecodeMeta, gather_blocks
 from tinyserve.attention.paged import PagedBackend
 from tinyserve.attention.sdpa import SdpaBackend
-from tinyserve.bench.env_info import run_header, save_json
-from tinyserve.bench.profile import decode_ms
 from tinyserve.config import EngineConfig
 from tinyserve.engine.llm_engine import LLMEngine
+from tinyserve_lab.env_info import run_header, save_json
+from tinyserve_lab.profile import decode_ms
 
 
 class V0(SdpaBackend):

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from tinyserve.bench.env_info import run_header, save_json
-from tinyserve.bench.profile import decode_ms
 from tinyserve.config import EngineConfig
 from tinyserve.engine.llm_engine import LLMEngine
+from tinyserve_lab.env_info import run_header, save_json
+from tinyserve_lab.profile import decode_ms
 
 VARIANTS = {
     "eager_sdpa": dict(enforce_eager=True, attention_backend="sdpa"),

@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tinyserve.bench.env_info import run_header, save_json
-from tinyserve.config import EngineConfig, physical_cores
+from tinyserve.config import EngineConfig
 from tinyserve.engine.llm_engine import LLMEngine
 from tinyserve.layers.linear import Linear
-from tinyserve.layers.quant import PackedWeight
+from tinyserve.layers.packed import PackedWeight
+from tinyserve.system import physical_cores
+from tinyserve_lab.env_info import run_header, save_json
 
 MODES = {  # name: (dtype, quantization, group)
     "fp32": ("float32", "none", 32), "bf16": ("bfloat16", "none", 32), "int8": ("bfloat16", "int8", 32),
@@ -62,9 +63,9 @@ def main() -> None:
     results: dict[str, dict[str, dict[int, float]]] = {}
     for name in args.modes:
         dtype_name, quant, group = MODES[name]
-        # packed_max_batch below the step size: the dense copies are kept, so both kernels can be timed
+        # packed_max_rows below the step size: the dense copies are kept, so both kernels can be timed
         engine = LLMEngine(EngineConfig(dtype=dtype_name, quantization=quant, quant_group_size=group,
-                                        num_kv_blocks=8, packed_max_batch=1))
+                                        num_kv_blocks=8, packed_max_rows=1))
         linears = [m for m in engine.model.modules() if isinstance(m, Linear)]
         dtype = engine.config.torch_dtype
         has_packed = any(isinstance(m.impl, PackedWeight) for m in linears)

@@ -11,7 +11,8 @@ import time
 
 import torch
 
-from tinyserve.attention import BatchLayout, SeqSpan, select_backend
+from tinyserve.attention import select_backend
+from tinyserve.attention.base import BatchLayout, SeqSpan
 
 
 def per_call_ms(backend, q, k, v, meta, reps: int = 20) -> float:

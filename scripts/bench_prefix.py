@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from tinyserve.bench.peers import add_peers_args, run_peers
+from tinyserve_lab.peers import add_peers_args, run_peers
 
 CACHE_RUNS = {  # name -> (peer, extra tinyserve flags)
     "tinyserve": ("tinyserve", ""),
@@ -73,7 +73,7 @@ def run_policies(args: argparse.Namespace) -> None:
 
 def run_agreement(args: argparse.Namespace) -> None:
     from tinyserve import LLM, SamplingParams
-    from tinyserve.bench.datasets import sample_shared_prefix
+    from tinyserve_lab.datasets import sample_shared_prefix
 
     params = SamplingParams(temperature=0, max_tokens=args.agreement_tokens, ignore_eos=True)
     outs = {}

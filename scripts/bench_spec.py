@@ -84,8 +84,8 @@ def workloads(tokenizer: Any) -> dict[str, list[str]]:
 
 def run_group(group: str, out: Path, only: list[str] | None = None) -> list[Path]:
     from tinyserve import LLM, SamplingParams
-    from tinyserve.bench.env_info import run_header, save_json
-    from tinyserve.spec.cost import measure_step_seconds, row_counts
+    from tinyserve.speculative.cost import row_counts
+    from tinyserve_lab.env_info import run_header, save_json
 
     results: dict[str, dict[str, Any]] = {}
     llms = {}
@@ -97,12 +97,10 @@ def run_group(group: str, out: Path, only: list[str] | None = None) -> list[Path
         results[name] = doc = run_header("tinyserve-bench-spec/1", config=name, llm_kwargs=CONFIGS[name],
                                          quantization=e.quantization, load_seconds=time.perf_counter() - start,
                                          runs=[])
-        doc["target_step_ms"] = {r: 1e3 * s for r, s in measure_step_seconds(
-            e.runner, e.attention.index_dtype, row_counts(16 * 5)).items()}
-        if e.spec is not None and getattr(e.spec.proposer, "runner", None) is not None:
-            proposer = e.spec.proposer
-            doc["draft_step_ms"] = {r: 1e3 * s for r, s in measure_step_seconds(
-                proposer.runner, proposer.index_dtype, row_counts(16)).items()}
+        doc["target_step_ms"] = {r: 1e3 * s for r, s in e.runner.decode_step_seconds(row_counts(16 * 5)).items()}
+        draft_runner = getattr(e.spec.proposer, "runner", None) if e.spec is not None else None
+        if draft_runner is not None:
+            doc["draft_step_ms"] = {r: 1e3 * s for r, s in draft_runner.decode_step_seconds(row_counts(16)).items()}
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
     for workload, prompts in workloads(next(iter(llms.values())).tokenizer).items():
         for llm in llms.values():
@@ -129,7 +127,7 @@ def run_group(group: str, out: Path, only: list[str] | None = None) -> list[Path
 
 def _with_paths(kwargs: dict[str, Any]) -> dict[str, Any]:
     """The config with each offline model name (bench/offline_models.py) replaced by its GGUF's path."""
-    from tinyserve.bench.offline_models import OFFLINE_GGUFS, offline_gguf
+    from tinyserve_lab.offline_models import OFFLINE_GGUFS, offline_gguf
 
     def path(v: Any) -> Any:
         return str(offline_gguf(v)) if isinstance(v, str) and v in OFFLINE_GGUFS else v
@@ -182,7 +180,7 @@ def implied_rate(mean_len: float, k: int) -> float:
 
 
 def interp(table: dict[str, float], rows: int) -> float:
-    from tinyserve.spec.cost import StepCost
+    from tinyserve.speculative.cost import StepCost
 
     return StepCost({int(r): s for r, s in table.items()})(rows)
 
@@ -273,8 +271,8 @@ def row_check(out: Path) -> None:
     """One sequence's next-token logits from a plain 1-row step vs the same row inside steps of other
     shapes, on the compiled engine of each mode: the bits speculation's greedy identity rests on."""
     from tinyserve import LLM
-    from tinyserve.bench.env_info import run_header, save_json
-    from tinyserve.engine.probe import next_token_logits
+    from tinyserve_lab.env_info import run_header, save_json
+    from tinyserve_lab.probe import next_token_logits
 
     for mode in ("gguf", "none"):
         llm = LLM(quantization=mode, max_num_seqs=16, kv_cache_memory_gb=0.5)
@@ -287,10 +285,10 @@ def row_check(out: Path) -> None:
             rows.append({"sequences": seqs, "rows_each": each, "step_rows": seqs * each,
                          "max_abs_diff": (got - plain).abs().max().item(), "same_argmax": bool(
                              got.argmax() == plain.argmax())})
-            print(f"{mode}: {seqs} x {each} rows (packed up to {e.packed_max_batch}): "
+            print(f"{mode}: {seqs} x {each} rows (packed up to {e.packed_max_rows}): "
                   f"max |diff| {rows[-1]['max_abs_diff']:.3g}", flush=True)
         save_json(run_header("tinyserve-bench-spec-rows/1", quantization=e.quantization,
-                             packed_max_batch=e.packed_max_batch, rows=rows), out, f"rows-{mode}")
+                             packed_max_rows=e.packed_max_rows, rows=rows), out, f"rows-{mode}")
 
 
 DRAFT_FORWARD = "draft forward"
@@ -302,7 +300,7 @@ def profile(name: str, prompts: int = 3) -> None:
     import collections
 
     from tinyserve import LLM, SamplingParams
-    from tinyserve.bench.profile import StepTimer
+    from tinyserve_lab.profile import StepTimer
 
     llm = LLM(max_num_seqs=16, kv_cache_memory_gb=0.5, **_with_paths(CONFIGS[name]))
     e = llm.engine

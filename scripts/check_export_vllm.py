@@ -51,7 +51,7 @@ def tinyserve_side(model: str, dtype: str, windows: list[list[int]], prompts: li
     import torch
 
     from tinyserve import LLM, SamplingParams
-    from tinyserve.bench.quality import decode_kernels, token_nll, window_logits
+    from tinyserve_lab.quality import decode_kernels, token_nll, window_logits
 
     llm = LLM(model, dtype=dtype, enforce_eager=True, num_kv_blocks=-(-16 * 128 // 16) + 16)
     with decode_kernels(llm.engine.model):
@@ -62,8 +62,8 @@ def tinyserve_side(model: str, dtype: str, windows: list[list[int]], prompts: li
 
 
 def compare(model: str, windows: list[list[int]], prompts: list[list[int]]) -> dict[str, Any]:
-    from tinyserve.bench.peers import usable_cpus
-    from tinyserve.bench.quality import greedy_agreement
+    from tinyserve_lab.peers import usable_cpus
+    from tinyserve_lab.quality import greedy_agreement
 
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, usable_cpus()))}
     spec = json.dumps({"model": model, "windows": windows, "prompts": prompts})
@@ -97,10 +97,10 @@ def main() -> None:
     if a.worker:
         print(MARK + json.dumps(worker(json.loads(sys.stdin.read()))))  # vLLM prints to stdout too
         return
-    from tinyserve.bench.env_info import run_header, save_json
-    from tinyserve.bench.quality import CHAT_PROMPTS, shakespeare_windows
     from tinyserve.models.loader import resolve_model
     from tinyserve.tokenizer import load_tokenizer
+    from tinyserve_lab.env_info import run_header, save_json
+    from tinyserve_lab.quality import CHAT_PROMPTS, shakespeare_windows
 
     tok = load_tokenizer(resolve_model(a.models[0]))
     windows, text = shakespeare_windows(tok.hf, a.windows, a.tokens)

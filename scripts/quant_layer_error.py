@@ -11,14 +11,14 @@ import argparse
 
 import torch
 
-from tinyserve.bench.quality import shakespeare_windows
 from tinyserve.models.llama import RotaryEmbedding
 from tinyserve.models.loader import hf_weights, model_config, resolve_model
-from tinyserve.quantize import gptq, rtn
-from tinyserve.quantize.calib import calibration_tokens
-from tinyserve.quantize.pipeline import layer_forward
-from tinyserve.quantize.rtn import Spec
 from tinyserve.tokenizer import load_tokenizer
+from tinyserve_lab.quality import shakespeare_windows
+from tinyserve_lab.quantize import gptq, rtn
+from tinyserve_lab.quantize.calib import calibration_tokens
+from tinyserve_lab.quantize.pipeline import layer_forward
+from tinyserve_lab.quantize.rtn import Spec
 
 LINEARS = {0: "self_attn.q_proj", 2: "mlp.gate_proj", 3: "mlp.down_proj"}
 

@@ -20,11 +20,11 @@ def main() -> None:
     p.add_argument("--quantization", default="auto")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--packed-max-batch", type=int, default=None)
+    p.add_argument("--packed-max-rows", type=int, default=None)
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--enforce-eager", action="store_true")
     args = p.parse_args()
-    kw = {} if args.packed_max_batch is None else {"packed_max_batch": args.packed_max_batch}
+    kw = {} if args.packed_max_rows is None else {"packed_max_rows": args.packed_max_rows}
     kw |= {"attention_backend": args.attention_backend, "enforce_eager": args.enforce_eager}
     engine = LLM(dtype=args.dtype, quantization=args.quantization, max_num_seqs=max(64, args.batch), **kw).engine
     params = SamplingParams(temperature=0, max_tokens=args.steps + 8, ignore_eos=True)

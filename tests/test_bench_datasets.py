@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 
-from tinyserve.bench.datasets import (
+from tinyserve_lab.datasets import (
     first_exchange,
     iter_json_array,
     load_sharegpt,

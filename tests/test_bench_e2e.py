@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tinyserve.bench.serve_bench import add_serve_bench_args, run_serve_benchmark
-from tinyserve.server.launcher import ServerProcess
+from tinyserve_lab.launcher import ServerProcess
+from tinyserve_lab.serve_bench import add_serve_bench_args, run_serve_benchmark
 
 pytestmark = pytest.mark.slow
 

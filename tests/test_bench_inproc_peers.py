@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
-from tinyserve.bench import inproc_peers, inproc_worker
-from tinyserve.bench.inproc_peers import (
+from tinyserve_lab import inproc_peers, inproc_worker
+from tinyserve_lab.inproc_peers import (
     INPROC_PEERS,
     build_inproc_spec,
     extra_metrics,
@@ -27,8 +27,8 @@ from tinyserve.bench.inproc_peers import (
     to_result,
     worker_command,
 )
-from tinyserve.bench.metrics import RequestRecord
-from tinyserve.bench.peers import ALL_PEERS, PEERS, add_peers_args, comparison_rows, run_peers
+from tinyserve_lab.metrics import RequestRecord
+from tinyserve_lab.peers import ALL_PEERS, PEERS, add_peers_args, comparison_rows, run_peers
 
 FAKE_OG = '''
 import json
@@ -195,7 +195,7 @@ def test_records_metrics_and_result_schema(tmp_path: Path) -> None:
     out = {"records": recs, "duration_s": 0.4, "load_s": 0.5, "max_concurrency": 1, "versions": {"x": "1"}}
     run = to_result(out, args, spec, (50.0, 99.0), {}, ["py", "worker"], 0.0, tmp_path / "log")
     m = run["metrics"]
-    assert run["schema"] == "tinyserve.bench.serve/1" and run["server"]["endpoint"] == "in-process"
+    assert run["schema"] == "tinyserve_lab.serve/1" and run["server"]["endpoint"] == "in-process"
     assert m["output_throughput"] == pytest.approx(10 / 0.4) and m["ttft_mean_ms"] == pytest.approx(100.0)
     assert m["tpot_mean_ms"] == pytest.approx(10.0) and m["completed"] == 2
     assert run["config"]["max_concurrency"] == 1 and "in-process" in run["peer"]["note"]

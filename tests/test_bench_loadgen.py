@@ -15,8 +15,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from tinyserve.bench.datasets import Conversation, SampleRequest, Turn
-from tinyserve.bench.loadgen import (
+from tinyserve_lab.datasets import Conversation, SampleRequest, Turn
+from tinyserve_lab.loadgen import (
     LoadConfig,
     arrival_offsets,
     fetch_first_model,
@@ -24,8 +24,8 @@ from tinyserve.bench.loadgen import (
     run_load,
     run_multi_turn,
 )
-from tinyserve.bench.metrics import compute_metrics
-from tinyserve.bench.serve_bench import add_serve_bench_args, run_serve_benchmark
+from tinyserve_lab.metrics import compute_metrics
+from tinyserve_lab.serve_bench import add_serve_bench_args, run_serve_benchmark
 
 GAP = 0.02  # seconds between fake tokens
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from tinyserve.bench.metrics import (
+from tinyserve_lab.metrics import (
     RequestRecord,
     compute_metrics,
     is_good,

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tinyserve.bench.peers import PEERS, add_peers_args, build_specs, run_peers
-from tinyserve.bench.serve_bench import run_serve_benchmark
+from tinyserve_lab.peers import PEERS, add_peers_args, build_specs, run_peers
+from tinyserve_lab.serve_bench import run_serve_benchmark
 
 
 def peer_args(*argv: str) -> argparse.Namespace:
@@ -77,7 +77,7 @@ def test_baseline_server_under_the_load_generator(tiny_llama_dir: Path, tmp_path
 
     saved = [json.loads(Path(f).read_text()) for f in out["files"]]
     assert saved[0]["label"] == "baseline" and saved[0]["peer"]["name"] == "baseline"
-    assert saved[-1]["schema"] == "tinyserve.bench.peers/1" and saved[-1]["peers"]["vllm"]["status"] == "skipped"
+    assert saved[-1]["schema"] == "tinyserve_lab.peers/1" and saved[-1]["peers"]["vllm"]["status"] == "skipped"
     assert Path(base["log"]).is_file()
 
 

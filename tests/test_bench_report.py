@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tinyserve.bench import kv_math, quality, report
-from tinyserve.bench.env_info import cpu_model, run_header, save_json
-from tinyserve.bench.metrics import RequestRecord, compute_metrics
-from tinyserve.bench.offline import Point
-from tinyserve.bench.serve_bench import RESULT_SCHEMA, write_result
+from tinyserve_lab import kv_math, quality, report
+from tinyserve_lab.env_info import cpu_model, run_header, save_json
+from tinyserve_lab.metrics import RequestRecord, compute_metrics
+from tinyserve_lab.offline import Point
+from tinyserve_lab.serve_bench import RESULT_SCHEMA, write_result
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CEILINGS = {"mem_read_gbs": 40.0, "gemm_fp32_gflops": 150.0, "gemm_bf16_gflops": 400.0}
@@ -25,7 +25,7 @@ def _point(engine: str, batch: int, input_len: int, decode: float, prefill: floa
 
 
 def write_offline(d: Path, points: list[dict], date: str | None = None) -> Path:
-    doc = run_header("tinyserve.bench.offline/1", label="offline", model="SmolLM2-135M-Instruct",
+    doc = run_header("tinyserve_lab.offline/1", label="offline", model="SmolLM2-135M-Instruct",
                      engine_torch_threads=2, ceilings=CEILINGS, config={"dtype": "float32"}, points=points)
     if date:
         doc["date"] = date
@@ -35,7 +35,7 @@ def write_offline(d: Path, points: list[dict], date: str | None = None) -> Path:
 def write_quality(d: Path) -> Path:
     """A `bench quality` result: the reference and one int4 mode (KLD > 0, dense copies held)."""
     def mode(name: str, ppl: float, kld: float, packed_mib: float, held_mib: float) -> dict:
-        return dict(mode=name, dtype="bfloat16", quantization="none", group_size=None, packed_max_batch=0,
+        return dict(mode=name, dtype="bfloat16", quantization="none", group_size=None, packed_max_rows=0,
                     logits_kernel="dense", startup_s=2.0, ppl=ppl, ppl_delta_pct=100 * (ppl / 30 - 1),
                     kld_mean=kld, kld_p99=10 * kld, kld_max=100 * kld, top1_agreement=1 - kld, greedy_identical=0.5,
                     greedy_prefix=0.75, weight_bytes=int(held_mib * 2**20), weight_bytes_packed=int(packed_mib * 2**20),
@@ -54,7 +54,7 @@ def write_quality(d: Path) -> Path:
 def write_serve(d: Path, label: str, conc: int, ttft: float, step: float, out_len: int = 8, n: int = 6,
                 failed: int = 0) -> dict:
     """A run as `bench peers` writes it: the serve schema plus a `peer` block."""
-    from tinyserve.bench.env_info import git_commit, machine_info
+    from tinyserve_lab.env_info import git_commit, machine_info
 
     records = []
     for i in range(n):
@@ -94,7 +94,7 @@ def results_dir(tmp_path: Path) -> Path:
         write_serve(serve, "tinyserve", conc, ttft=0.05 * conc, step=0.02)
         write_serve(serve, "baseline", conc, ttft=0.2 * conc, step=0.05, failed=1 if conc == 4 else 0)
     (serve / "peers-summary-20250102T030405.json").write_text(json.dumps({
-        "schema": "tinyserve.bench.peers/1", "date": "20250102T030405", "rows": [], "files": [],
+        "schema": "tinyserve_lab.peers/1", "date": "20250102T030405", "rows": [], "files": [],
         "peers": {"tinyserve": {"status": "ok"}, "llamacpp": {"status": "skipped", "message": "not installed (x)"}}}))
 
     prof = run_header("tinyserve.profile/1", model="SmolLM2-135M-Instruct", dtype="torch.float32",
@@ -164,11 +164,11 @@ def test_report_skips_missing_kinds(tmp_path: Path) -> None:
     out = report.build_report([d], tmp_path / "docs")
     assert set(out["figures"]) == {"offline_decode", "offline_prefill"}
     text = (d / "SUMMARY.md").read_text()
-    assert "Skipped: no `tinyserve.bench.serve/1` results" in text
+    assert "Skipped: no `tinyserve_lab.serve/1` results" in text
     assert "Skipped: no `tinyserve.profile/1` results" in text
     assert "| 1 | 32 | 16 | 1000 | 50.0 |" in text and text.count("| - |") >= 1
     assert "## KV cache size" in text
-    assert "Skipped: no `tinyserve.bench.quality/1` results" in text
+    assert "Skipped: no `tinyserve_lab.quality/1` results" in text
 
 
 def test_cdf_selection_defaults_to_common_highest_load(results_dir: Path) -> None:

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from tinyserve.bench.soak import run_soak
 from tinyserve.cli import main
+from tinyserve_lab.soak import run_soak
 
 pytestmark = pytest.mark.slow
 
 
 def test_short_soak_loses_nothing_and_frees_every_block(tmp_path, monkeypatch):
     captured = {}
-    monkeypatch.setattr("tinyserve.bench.soak.run_soak", lambda args: captured.setdefault("s", run_soak(args)))
+    monkeypatch.setattr("tinyserve_lab.soak.run_soak", lambda args: captured.setdefault("s", run_soak(args)))
     code = main(["bench", "soak", "--duration", "20", "--concurrency", "12", "--result-dir", str(tmp_path),
                  "--server-args", "--dtype float32 --enforce-eager --max-num-seqs 4 --max-waiting 4 "
                                   "--kv-cache-memory-gb 0.1 --max-model-len 256"])

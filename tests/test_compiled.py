@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tinyserve import LLM, SamplingParams
-from tinyserve.engine.probe import next_token_logits
+from tinyserve_lab.probe import next_token_logits
 
 from conftest import TINY
 
@@ -83,10 +83,10 @@ def test_packed_and_dense_regimes_each_have_a_graph(tiny_llama_dir, restore_torc
     engine's answers match eager on both sides of it (fp32 activations: no near-tie flips)."""
     from torch._dynamo.utils import counters
 
-    kw = dict(quantization="int8", packed_max_batch=2, block_size=4, num_kv_blocks=128)
+    kw = dict(quantization="int8", packed_max_rows=2, block_size=4, num_kv_blocks=128)
     eager = LLM(str(tiny_llama_dir), **{**EAGER, **kw})
     compiled = LLM(str(tiny_llama_dir), **{**COMPILED, **kw})
-    assert compiled.engine.packed_max_batch == 2
+    assert compiled.engine.packed_max_rows == 2
     params = SamplingParams(temperature=0, max_tokens=8, logprobs=1, ignore_eos=True)
     prompts = _prompts(eager.engine.model_config.vocab_size)  # 4 sequences: above the crossover of 2
     graphs = counters["stats"]["unique_graphs"]
@@ -129,7 +129,7 @@ def test_a_row_computes_alike_in_a_step_of_one_row_and_of_many(tiny_llama_dir, r
     dense GEMM agrees across no row counts (MKL), so it is not asked. Crossing the packed/dense
     crossover changes a row's kernel, hence its bits, by design (REPORT SD)."""
     llm = LLM(str(tiny_llama_dir), **{**COMPILED, "dtype": "bfloat16"}, quantization=quantization, block_size=4,
-              num_kv_blocks=64, packed_max_batch=64)  # every step on the packed kernel: this is about graphs
+              num_kv_blocks=64, packed_max_rows=64)  # every step on the packed kernel: this is about graphs
     runner = llm.engine.runner
     assert runner.compiled is not None and runner.compiled.two_row_minimum == (quantization == "none")
     ids = _prompts(llm.engine.model_config.vocab_size)[0][:21]
@@ -141,9 +141,9 @@ def test_a_row_computes_alike_in_a_step_of_one_row_and_of_many(tiny_llama_dir, r
 def test_a_step_no_graph_covers_runs_eager(tiny_llama_dir, restore_torch_threads):
     """Warmed for batch 1 only, with a crossover of 2, a batch of 3 (the dense regime) matches no
     graph: it runs eager (same logits), no error."""
-    from tinyserve.engine.compiled import CompiledDecode, decode_forward
+    from tinyserve.worker.compiled import CompiledDecode, decode_forward
 
-    llm = LLM(str(tiny_llama_dir), **EAGER, quantization="int8", packed_max_batch=2, block_size=4, num_kv_blocks=16)
+    llm = LLM(str(tiny_llama_dir), **EAGER, quantization="int8", packed_max_rows=2, block_size=4, num_kv_blocks=16)
     runner, bs = llm.engine.runner, llm.engine.config.block_size
     step = CompiledDecode(llm.engine.model, bs, packed_max_rows=2)
     step.warm_up(runner.kv_caches, llm.engine.attention.index_dtype, [1])

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tinyserve import LLM, SamplingParams
-from tinyserve.models.loader import resolve_model, unpermute_qk
+from tinyserve.models.gguf import unpermute_qk
+from tinyserve.models.loader import resolve_model
 
 
 def test_unknown_hub_id_offline_is_a_clear_error(monkeypatch):

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from tinyserve import LLM, SamplingParams
-from tinyserve.attention import AttentionMetadata
+from tinyserve.attention.base import AttentionMetadata
 from tinyserve.config import ModelConfig
-from tinyserve.engine.runner import ModelRunner
 from tinyserve.models.llama import rope_inv_freq
 from tinyserve.models.loader import hf_config, load_model, resolve_model
+from tinyserve.worker.runner import ModelRunner
 
 from conftest import make_tiny_checkpoint
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tinyserve.bench import offline_models
-from tinyserve.bench.offline_models import ChunkedGGUF, offline_gguf
+from tinyserve_lab import offline_models
+from tinyserve_lab.offline_models import ChunkedGGUF, offline_gguf
 
 PARTS = [b"GGUF" + bytes(range(256)) * 3, b"second part", bytes(100_000)]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tinyserve import LLM, SamplingParams
-from tinyserve.bench.profile import PARTS, StepTimer
+from tinyserve_lab.profile import PARTS, StepTimer
 
 
 def test_step_timer_times_every_phase_and_generation_still_works(tiny_llama_dir, restore_torch_threads):

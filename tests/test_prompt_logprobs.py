@@ -11,7 +11,7 @@ import torch
 from tinyserve import LLM, SamplingParams
 from tinyserve.outputs import Logprob
 from tinyserve.server import openai_format as fmt
-from tinyserve.server.launcher import ServerProcess
+from tinyserve_lab.launcher import ServerProcess
 
 from conftest import TINY  # noqa: E402  (one engine thread for tiny models)
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tinyserve.bench import quality
+from tinyserve_lab import quality
 
 
 # -- metrics ---------------------------------------------------------------------------------------------------
@@ -70,8 +70,8 @@ def test_quality_contract_on_the_bundled_model(restore_torch_threads):
     its packed int4 kernel (the logits come from it too); gguf-fp32 runs its dense copies, which is
     what the engine measures on this CPU (the packed int4 kernel in fp32 is ~20x slower than dense)."""
     modes = [quality.MODES["fp32"], quality.MODES["bf16"],
-             quality.Mode("gguf", "bfloat16", "gguf", packed_max_batch=16),
-             quality.Mode("gguf-fp32", "float32", "gguf", packed_max_batch=0)]
+             quality.Mode("gguf", "bfloat16", "gguf", packed_max_rows=16),
+             quality.Mode("gguf-fp32", "float32", "gguf", packed_max_rows=0)]
     doc = quality.run_modes(modes, windows=2, tokens=512, prompts=4, speed=False, progress=False, num_threads=1)
     rows = {r["mode"]: r for r in doc["modes"]}
     assert list(rows) == ["fp32", "bf16", "gguf", "gguf-fp32"]

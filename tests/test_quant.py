@@ -13,20 +13,13 @@ import torch
 
 from tinyserve import LLM, SamplingParams
 from tinyserve.layers import nf4
-from tinyserve.layers.linear import GGUFTensor, Linear, Unquantized, weight_bytes
+from tinyserve.layers.formats import GGUFTensor, QuantizedTensor, dequant_groups
+from tinyserve.layers.gguf_blocks import int4_blocks
+from tinyserve.layers.kernel_choice import configure_packed_kernels
+from tinyserve.layers.linear import Linear, Unquantized, weight_bytes
+from tinyserve.layers.methods import CheckpointMethod, GGUFMethod, Int4Method, Int8Method, quantize_int4
 from tinyserve.layers.nf4 import NF4Weight
-from tinyserve.layers.quant import (
-    CheckpointMethod,
-    GGUFMethod,
-    Int4Method,
-    Int4Weight,
-    Int8Method,
-    QuantizedTensor,
-    _dequant,
-    configure_packed_kernels,
-    gguf_int4,
-    quantize_int4,
-)
+from tinyserve.layers.packed import Int4Weight
 
 from conftest import TINY
 
@@ -40,9 +33,10 @@ def _gguf_tensor(w: np.ndarray, qtype: str) -> GGUFTensor:
 def test_gguf_blocks_map_exactly_onto_int4(qtype):
     w = np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32)
     t = _gguf_tensor(w, qtype)
-    q, scales, zeros = gguf_int4(t)
+    b = int4_blocks(t)
+    q, scales, zeros = b.q, b.scales, b.zeros
     assert int(q.min()) >= 0 and int(q.max()) <= 15
-    w_int4 = _dequant(q, scales, zeros, 32)
+    w_int4 = dequant_groups(q, scales, zeros, 32)
     if qtype == "Q8_0":  # two nibble halves, summed
         w_int4 = w_int4[:64] + w_int4[64:]
     assert torch.equal(w_int4, t.dequantize())
@@ -64,9 +58,10 @@ def test_gguf_q4_k_maps_onto_int4(dmin_is_d):
     magnitude, as in real files (every Q4_K weight of Qwen2.5-Coder-1.5B's GGUF matched); within
     one rounding of the weight otherwise."""
     t = _q4_k_tensor(64, 512, np.random.default_rng(3), dmin_is_d)
-    q, scales, zeros = gguf_int4(t)
+    b = int4_blocks(t)
+    q, scales, zeros = b.q, b.scales, b.zeros
     assert q.shape == (64, 512) and int(q.min()) >= 0 and int(q.max()) <= 15
-    w_int4, ref = _dequant(q, scales, zeros, 32), t.dequantize()
+    w_int4, ref = dequant_groups(q, scales, zeros, 32), t.dequantize()
     if dmin_is_d:
         assert torch.equal(w_int4, ref)
     else:
@@ -103,7 +98,7 @@ def test_gguf_unsupported_or_mixed_types_fall_back_to_dense():
 def test_int4_rtn_error_is_within_half_a_step(group):
     w = torch.randn(48, 128)
     q, scales, zeros = quantize_int4(w, group, torch.float32)
-    err = (_dequant(q, scales, zeros, group) - w).abs().view(48, -1, group)
+    err = (dequant_groups(q, scales, zeros, group) - w).abs().view(48, -1, group)
     assert bool((err <= scales[..., None] / 2 + 1e-6).all())
 
 
@@ -134,7 +129,7 @@ def test_packed_threshold_switches_kernels_and_frees_unreachable_copies():
     lin.load_shard(0, torch.randn(32, 64), torch.float32, torch.device("cpu"))
     model.append(lin)
     assert configure_packed_kernels(model, 4, max_step_rows=16, dtype=torch.float32) == 4
-    assert lin.impl.dense is not None and lin.impl.max_packed_rows == 4
+    assert lin.impl.dense is not None and lin.impl.packed_max_rows == 4
     before = weight_bytes(model)
     assert weight_bytes(model, dense_copies=False) < before
     configure_packed_kernels(model, 16, max_step_rows=16, dtype=torch.float32)
@@ -158,7 +153,7 @@ def test_quantized_modes_load_and_track_fp32(tiny_llama_dir, quant, restore_torc
     kw = {**TINY, "num_kv_blocks": 32, "block_size": 4}
     params = SamplingParams(temperature=0, max_tokens=6)
     ref = LLM(str(tiny_llama_dir), **kw).generate(["Hello there"], params)[0].outputs[0].token_ids
-    llm = LLM(str(tiny_llama_dir), **{**kw, "dtype": "bfloat16"}, quantization=quant, packed_max_batch=1024)
+    llm = LLM(str(tiny_llama_dir), **{**kw, "dtype": "bfloat16"}, quantization=quant, packed_max_rows=1024)
     assert llm.engine.model.lm_head.impl.dense is None  # never used at this threshold: freed
     out = llm.generate(["Hello there"], params)[0].outputs[0].token_ids
     assert len(out) == 6 and all(0 <= t < 49152 for t in out)
@@ -177,7 +172,7 @@ def test_auto_quantization_resolves_by_source_and_dtype(tiny_llama_dir, restore_
 
 def test_measured_crossover_is_cached(tmp_path, monkeypatch):
     """The start-up measurement runs once per (model, mode, machine); later starts read it back."""
-    import tinyserve.layers.quant as quant
+    import tinyserve.layers.kernel_choice as quant
 
     def model() -> torch.nn.Module:
         lin = Linear(64, [32], bias=False, method=Int8Method())
@@ -208,7 +203,7 @@ def test_a_disturbed_loss_is_measured_again_and_an_implausible_choice_is_not_cac
     """One burst of load while packed is timed at one row must not end the search (a loss is measured
     twice); a "dense from one row" answer in bf16 is implausible: a cached one is measured again, a
     measured one is used but not written. In fp32 it is a real answer and is cached."""
-    import tinyserve.layers.quant as quant
+    import tinyserve.layers.kernel_choice as quant
 
     def model(dtype: torch.dtype) -> torch.nn.Module:
         lin = Linear(64, [32], bias=False, method=Int8Method())
@@ -252,23 +247,25 @@ def test_a_disturbed_loss_is_measured_again_and_an_implausible_choice_is_not_cac
 def test_gguf_export_is_a_plain_hf_directory():
     """Peers (vLLM, transformers) load every top-level *.safetensors of the export as weights: the
     raw GGUF blocks kept for `--quantization gguf` must live out of their way."""
+    from tinyserve.models.gguf import GGUF_BLOCKS_FILE
     from tinyserve.models.loader import resolve_model
 
     src = resolve_model(None)
     assert [p.name for p in src.path.glob("*.safetensors")] == ["model.safetensors"]
-    assert src.gguf_blocks is not None and src.gguf_blocks.parent != src.path
+    assert src.stored_form == "gguf" and (src.path / GGUF_BLOCKS_FILE).parent != src.path
 
 
 def test_packed_modes_are_cpu_only():
     """auto never picks the CPU kernels for another device; asking for them there is a clear error."""
-    from tinyserve.models.loader import resolve_model, resolve_quantization
+    from tinyserve.layers import resolve_quantization
+    from tinyserve.models.loader import resolve_model
 
     src = resolve_model(None)
-    assert resolve_quantization("auto", src, torch.bfloat16, "cpu") == "gguf"
-    assert resolve_quantization("auto", src, torch.bfloat16, "cuda") == "none"
-    assert resolve_quantization("auto", src, torch.float32, "cpu") == "none"
+    assert resolve_quantization("auto", src.stored_form, torch.bfloat16, "cpu") == "gguf"
+    assert resolve_quantization("auto", src.stored_form, torch.bfloat16, "cuda") == "none"
+    assert resolve_quantization("auto", src.stored_form, torch.float32, "cpu") == "none"
     with pytest.raises(ValueError, match="CPU kernels"):
-        resolve_quantization("int8", src, torch.bfloat16, "cuda")
+        resolve_quantization("int8", src.stored_form, torch.bfloat16, "cuda")
 
 
 # -- NF4 on our kernel (layers/nf4.py, layers/csrc/nf4_linear.cpp) -------------------------------------------
@@ -303,7 +300,7 @@ def test_nf4_portable_path_builds_and_agrees():
     script = """
 import torch
 from tinyserve.layers.nf4 import SOURCE, pack_codes
-from tinyserve.layers.quant import NF4_CODEBOOK
+from tinyserve.layers.formats import NF4_CODEBOOK
 from tinyserve.native import CFLAGS, load_kernel
 load_kernel(SOURCE, CFLAGS + ("-DTINYSERVE_PORTABLE",))
 g = torch.Generator().manual_seed(0)
@@ -339,9 +336,9 @@ def test_nf4_checkpoint_serves_packed_with_the_dense_decodes_tokens(tiny_llama_d
     """`LLM(DIR)` of an NF4 directory runs every layer on the NF4 kernel (packed for every step here) and
     generates the greedy tokens of the same directory decoded to dense weights (fp32)."""
     from tinyserve.models.loader import hf_weights, model_config, resolve_model
-    from tinyserve.quantize.checkpoint import save_quantized
-    from tinyserve.quantize.pipeline import QuantizeOptions, quantize_weights
     from tinyserve.tokenizer import load_tokenizer
+    from tinyserve_lab.quantize.checkpoint import save_quantized
+    from tinyserve_lab.quantize.pipeline import QuantizeOptions, quantize_weights
 
     src = resolve_model(str(tiny_llama_dir))
     cfg = model_config(src)
@@ -353,11 +350,11 @@ def test_nf4_checkpoint_serves_packed_with_the_dense_decodes_tokens(tiny_llama_d
     kw = {**TINY, "num_kv_blocks": 32, "block_size": 4}
     params = SamplingParams(temperature=0, max_tokens=8)
     prompts = ["Hello there", "The capital of France is"]
-    packed = LLM(str(tmp_path / "nf4"), **kw, packed_max_batch=1024)
+    packed = LLM(str(tmp_path / "nf4"), **kw, packed_max_rows=1024)
     for name in ("qkv_proj", "o_proj"):
         assert packed.engine.model.layers[0].self_attn.get_submodule(name).impl.kind == "nf4-g32"
     assert packed.engine.model.layers[0].mlp.down_proj.impl.kind == "nf4-g32"
-    dense = LLM(str(tmp_path / "nf4"), **kw, packed_max_batch=0)  # never packed: the dense decode
+    dense = LLM(str(tmp_path / "nf4"), **kw, packed_max_rows=0)  # never packed: the dense decode
     assert dense.engine.model.layers[0].self_attn.qkv_proj.impl.kind == "dense-float32"
     assert ([o.outputs[0].token_ids for o in packed.generate(prompts, params)]
             == [o.outputs[0].token_ids for o in dense.generate(prompts, params)])

@@ -14,12 +14,15 @@ import torch
 from safetensors.torch import load_file
 
 from tinyserve import LLM, SamplingParams
-from tinyserve.layers.quant import CheckpointMethod, Int4Weight, Int8Weight, QuantizedTensor
-from tinyserve.quantize import rtn
-from tinyserve.quantize.checkpoint import save_quantized
-from tinyserve.quantize.hf_format import check_supported, pack_int32, save_hf_quantized, unpack_int32
-from tinyserve.quantize.pipeline import QuantizeOptions, quantize_model, quantize_weights
-from tinyserve.quantize.rtn import Spec
+from tinyserve.layers.formats import QuantizedTensor
+from tinyserve.layers.methods import CheckpointMethod
+from tinyserve.layers.packed import Int4Weight, Int8Weight
+from tinyserve.models.quantized import check_supported, unpack_int32
+from tinyserve_lab.quantize import rtn
+from tinyserve_lab.quantize.checkpoint import save_quantized
+from tinyserve_lab.quantize.hf_format import pack_int32, save_hf_quantized
+from tinyserve_lab.quantize.pipeline import QuantizeOptions, quantize_model, quantize_weights
+from tinyserve_lab.quantize.rtn import Spec
 
 from conftest import TINY
 
@@ -160,7 +163,7 @@ def test_export_serves_on_the_int4_kernel_with_the_same_tokens(tiny_llama_dir, t
     tok = load_tokenizer(resolve_model(None)).hf
     save_quantized(tmp_path / "ours", weights, cfg.to_hf(), tok, {"method": "gptq"})
     save_hf_quantized(tmp_path / fmt, weights, cfg.to_hf(), tok, {"method": "gptq"}, fmt)
-    kw = {**TINY, "num_kv_blocks": 32, "block_size": 4, "packed_max_batch": 1024}
+    kw = {**TINY, "num_kv_blocks": 32, "block_size": 4, "packed_max_rows": 1024}
     ours, theirs = LLM(str(tmp_path / "ours"), **kw), LLM(str(tmp_path / fmt), **kw)
     assert theirs.engine.quantization == "checkpoint"
     for a, b in zip(ours.engine.model.modules(), theirs.engine.model.modules()):
@@ -182,10 +185,10 @@ def test_field_tools_rows_score_against_tinyserves_reference(tiny_llama_dir, res
     """transformers bf16 (the control) lands near tinyserve's fp32 on the same windows and prompt ids;
     torchao int4 costs more KLD than that and holds its weights in fewer bytes; byte counts look
     inside torchao's tensor subclasses."""
-    from tinyserve.bench import field_tools
-    from tinyserve.bench.quality import Mode, measure_mode
     from tinyserve.models.loader import resolve_model
     from tinyserve.tokenizer import load_tokenizer
+    from tinyserve_lab import field_tools
+    from tinyserve_lab.quality import Mode, measure_mode
 
     windows = [torch.randint(0, 49152, (48,), generator=torch.Generator().manual_seed(0)).tolist()]
     # the chat prompt's ids as the engine's llm.chat makes them (greedy agreement is not asserted: a random

@@ -8,12 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from tinyserve import LLM, SamplingParams
+from tinyserve.layers.formats import NF4_CODEBOOK, QuantizedTensor
 from tinyserve.layers.linear import as_dense
-from tinyserve.layers.quant import NF4_CODEBOOK, CheckpointMethod, Int4Weight, Int8Weight, QuantizedTensor
-from tinyserve.quantize import awq, gptq, rtn
-from tinyserve.quantize.checkpoint import pack_nibbles, quantized_weights, save_quantized, unpack_nibbles
-from tinyserve.quantize.pipeline import GROUPS, QuantizeOptions, layer_forward, quantize_weights
-from tinyserve.quantize.rtn import Spec
+from tinyserve.layers.methods import CheckpointMethod
+from tinyserve.layers.packed import Int4Weight, Int8Weight
+from tinyserve.models.quantized import quantized_weights, unpack_nibbles
+from tinyserve_lab.quantize import awq, gptq, rtn
+from tinyserve_lab.quantize.checkpoint import pack_nibbles, save_quantized
+from tinyserve_lab.quantize.pipeline import GROUPS, QuantizeOptions, layer_forward, quantize_weights
+from tinyserve_lab.quantize.rtn import Spec
 
 from conftest import TINY
 
@@ -176,7 +179,7 @@ def test_layer_forward_equals_the_engine_model(tiny_llama_dir, restore_torch_thr
     cfg = model_config(src)
     llm = LLM(str(tiny_llama_dir), **TINY, num_kv_blocks=16, block_size=4)
     ids = [5, 900, 31, 7000, 12, 4242, 8]
-    from tinyserve.bench.quality import window_logits
+    from tinyserve_lab.quality import window_logits
 
     torch.testing.assert_close(_logits(cfg, dict(hf_weights(src.path)), torch.tensor([ids]))[0],
                                window_logits(llm.engine, ids), atol=1e-4, rtol=1e-4)
@@ -217,7 +220,7 @@ def test_saved_directory_serves_packed_and_generates_as_in_memory(tiny_weights, 
                                progress=False)
     tok = load_tokenizer(resolve_model(None)).hf
     save_quantized(tmp_path / "q", weights, {**cfg.to_hf()}, tok, {"method": "gptq"})
-    kw = {**TINY, "num_kv_blocks": 32, "block_size": 4, "packed_max_batch": 1024}
+    kw = {**TINY, "num_kv_blocks": 32, "block_size": 4, "packed_max_rows": 1024}
     llm = LLM(str(tmp_path / "q"), **kw)
     assert llm.engine.quantization == "checkpoint"
     qkv = llm.engine.model.layers[0].self_attn.qkv_proj.impl
@@ -236,8 +239,8 @@ def test_saved_directory_serves_packed_and_generates_as_in_memory(tiny_weights, 
 
 def test_calibration_sample_is_fixed_by_its_seed():
     from tinyserve.models.loader import resolve_model
-    from tinyserve.quantize.calib import calibration_tokens
     from tinyserve.tokenizer import load_tokenizer
+    from tinyserve_lab.quantize.calib import calibration_tokens
 
     tok = load_tokenizer(resolve_model(None)).hf
     a, b = calibration_tokens(tok, 4, 64, seed=0), calibration_tokens(tok, 4, 64, seed=0)
@@ -263,7 +266,7 @@ def test_quantize_command_writes_a_servable_directory(tiny_llama_dir, tmp_path, 
 def test_quant_table_joins_stages_and_parses_configs(tmp_path):
     """`bench quant`'s stages write separate results; the table joins them by mode, a row that only one
     stage measured shows dashes for the other's columns, and the plots are written."""
-    from tinyserve.bench import quant_table as qt
+    from tinyserve_lab import quant_table as qt
 
     assert qt.parse_config("gptq-4b-g64") == qt.QuantConfig("gptq", 4, 64)
     assert qt.parse_config("rtn-8b").name == "rtn-8b" and qt.QuantConfig("awq", 3, 32).name == "awq-3b-g32"

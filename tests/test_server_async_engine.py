@@ -229,8 +229,8 @@ def test_engine_flags_generated_from_engine_config():
     import argparse
     import dataclasses
 
-    from tinyserve.bench.offline import add_offline_args
     from tinyserve.engine_args import add_engine_args, engine_config
+    from tinyserve_lab.offline import add_offline_args
 
     p = argparse.ArgumentParser()
     add_engine_args(p)

@@ -19,7 +19,7 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402  (after the importorskip)
 from hypothesis.errors import Unsatisfiable  # noqa: E402
 
-from tinyserve.server.launcher import ServerProcess  # noqa: E402
+from tinyserve_lab.launcher import ServerProcess  # noqa: E402
 
 from conftest import wait_server_idle  # noqa: E402
 

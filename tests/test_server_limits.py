@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from tinyserve.server.launcher import ServerProcess
+from tinyserve_lab.launcher import ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -112,7 +112,7 @@ def test_sigterm_finishes_in_flight_and_exits_zero(server):
 def test_a_startup_timeout_reports_the_servers_log():
     """The launcher's own error path: a server not healthy in time is stopped, and the error quotes
     its log (it once raised 'I/O operation on closed file' instead, hiding why)."""
-    from tinyserve.server.launcher import ServerProcess
+    from tinyserve_lab.launcher import ServerProcess
 
     srv = ServerProcess(["--no-such-flag"], startup_timeout=0.01)
     with pytest.raises(TimeoutError, match="not healthy"):

@@ -9,7 +9,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from tinyserve.server.launcher import ServerProcess  # noqa: E402  (after the openai importorskip)
+from tinyserve_lab.launcher import ServerProcess  # noqa: E402  (after the openai importorskip)
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 """Hostile input, faults and stalled clients against a real server (bundled model, fp32, 127.0.0.1).
 
-One server for the module, with an API key, small limits and the test-only fault hook armed for
+One server for the module, with an API key, small limits and faults patched in (tests/faults.py) for
 prompts that carry a marker. Every bad request must get its 4xx in OpenAI's shape and change
 nothing: the good request after it returns the greedy text a fresh server gave. Injected faults
 must fail only the requests that carry them. The fatal-fault test runs its own server (it dies).
@@ -11,19 +11,22 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sys
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tinyserve.server.launcher import ServerProcess
+from tinyserve_lab.launcher import ServerProcess
 
 from conftest import server_metric, wait_server_idle
 
 pytestmark = pytest.mark.slow
 
+FAULT_SERVER = [sys.executable, str(Path(__file__).with_name("faults.py"))]  # `tinyserve serve`, faults patched in
 KEY = "test-key-5f0c2b"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_BYTES = 65536
@@ -40,7 +43,7 @@ SERVER_ARGS = ["--dtype", "float32", "--enforce-eager", "--api-key", KEY, "--max
 
 @pytest.fixture(scope="module")
 def server():
-    with ServerProcess(SERVER_ARGS, env={"TINYSERVE_FAULTS": FAULTS}) as srv:
+    with ServerProcess(SERVER_ARGS, env={"TINYSERVE_FAULTS": FAULTS}, entry=FAULT_SERVER) as srv:
         yield srv
 
 
@@ -309,7 +312,7 @@ def fragile():
     """A server with a 1.5 s request time limit whose engine dies on the 'fatal' marker."""
     srv = ServerProcess(["--dtype", "float32", "--enforce-eager", "--max-model-len", "128",
                          "--kv-cache-memory-gb", "0.05", "--request-timeout", "1.5"],
-                        env={"TINYSERVE_FAULTS": "fatal:FAULT_FATAL"})
+                        env={"TINYSERVE_FAULTS": "fatal:FAULT_FATAL"}, entry=FAULT_SERVER)
     with srv:
         yield srv
 

@@ -12,7 +12,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from tinyserve import SamplingParams  # noqa: E402  (after the openai importorskip)
-from tinyserve.server.launcher import ServerProcess  # noqa: E402
+from tinyserve_lab.launcher import ServerProcess  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from tinyserve import LLM, SamplingParams
-from tinyserve.spec.config import SpeculativeConfig
-from tinyserve.spec.controller import DraftPolicy, expected_tokens
-from tinyserve.spec.cost import StepCost
-from tinyserve.spec.ngram import propose_ngram
-from tinyserve.spec.verify import accept_greedy, accept_sampled
+from tinyserve.config import SpeculativeConfig
+from tinyserve.speculative.controller import DraftPolicy, expected_tokens
+from tinyserve.speculative.cost import StepCost
+from tinyserve.speculative.ngram import propose_ngram
+from tinyserve.speculative.verify import accept_greedy, accept_sampled
 
 from conftest import TINY, make_tiny_checkpoint  # noqa: E402
 
@@ -158,7 +158,7 @@ def target_and_draft_rows(target_dir, bad_draft_dir) -> tuple[torch.Tensor, torc
     """The tiny target's and the bad draft's next-token distributions at the last three positions of
     one prompt: p with temperature 0.8, top-k 8, top-p 0.9 (what a request asks); q as the draft
     samples, with temperature 1 and top-k 8 (its support is not p's)."""
-    from tinyserve.bench.quality import window_logits
+    from tinyserve_lab.quality import window_logits
 
     ids = PROMPTS[1]
     rows = [window_logits(LLM(str(d), **TINY).engine, ids)[-3:] for d in (target_dir, bad_draft_dir)]

@@ -1,4 +1,9 @@
-"""`tinyserve {generate,serve,bench,quantize,profile,report}`: one entry point for every face of the project."""
+"""`tinyserve {generate,serve} ...`, and the commands that installed packages add (the lab's `bench`,
+`quantize`, `profile` and `report`, registered under the `tinyserve.commands` entry points).
+
+A subcommand's module is imported only when that subcommand runs or shows its help, so `tinyserve
+--help` imports neither torch nor the lab, and `tinyserve serve` imports nothing of the lab.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,49 @@ import importlib
 import logging
 import sys
 import time
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import Any
 
-from tinyserve.engine_args import add_engine_args, engine_config
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its help, and either its own flags and action (`module.add_args(parser)`, then
+    `module.run(args)`, whose int result is the exit code) or subcommands of its own."""
+
+    help: str
+    module: str = ""
+    add_args: str = "add_args"
+    run: str = "run"
+    subcommands: dict[str, Command] = field(default_factory=dict)
+
+
+COMMANDS = {
+    "generate": Command("generate text for one prompt, streamed to the terminal", "tinyserve.cli",
+                        "add_generate_args", "cmd_generate"),
+    "serve": Command("OpenAI-compatible HTTP server (SSE, continuous batching)", "tinyserve.server",
+                     "add_serve_args", "run_server"),
+}
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    from tinyserve.engine_args import add_engine_args
+
+    p.add_argument("prompt")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--sampling-seed", type=int, default=None)
+    add_engine_args(p)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Stream one completion to the terminal, token by token."""
     from tinyserve.engine.llm_engine import LLMEngine
+    from tinyserve.engine_args import engine_config
     from tinyserve.sampling import SamplingParams
 
     engine = LLMEngine(engine_config(args))
@@ -41,72 +81,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _attach(p: argparse.ArgumentParser, module: str, add_args: str, run: str) -> None:
-    """Flags from `module.add_args`; running the subcommand calls `module.run(args)`."""
-    mod = importlib.import_module(module)
-    getattr(mod, add_args)(p)
-    p.set_defaults(func=lambda args: (getattr(mod, run)(args), 0)[1])
+def commands() -> dict[str, Command]:
+    """Ours, then those that installed packages register (a `Command` per `tinyserve.commands` entry point)."""
+    found = dict(COMMANDS)
+    for ep in entry_points(group="tinyserve.commands"):
+        found.setdefault(ep.name, ep.load())
+    return found
+
+
+def _add(sub: Any, name: str, cmd: Command, argv: list[str]) -> None:
+    """The subparser of `cmd`; its flags (or its own subcommands' flags) only if `argv`, the command
+    line's words without the options, chose it."""
+    p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+    chosen = argv[:1] == [name]
+    if cmd.subcommands:
+        nested = p.add_subparsers(dest=f"{name}_command", required=True)
+        rest = argv[1:] if chosen else []
+        for sub_name, sub_cmd in cmd.subcommands.items():
+            _add(nested, sub_name, sub_cmd, rest)
+        return
+    p.add_argument("--log-level", default="INFO")
+    if chosen:
+        module = importlib.import_module(cmd.module)
+        getattr(module, cmd.add_args)(p)
+        run = getattr(module, cmd.run)
+        p.set_defaults(func=lambda args: code if isinstance(code := run(args), int) else 0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tinyserve", description=__doc__)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-level", default="INFO")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="tinyserve", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-
-    gen = sub.add_parser("generate", parents=[common], help="generate text for one prompt, streamed to the terminal")
-    gen.add_argument("prompt")
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    gen.add_argument("--max-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
-    gen.add_argument("--sampling-seed", type=int, default=None)
-    add_engine_args(gen)
-    gen.set_defaults(func=cmd_generate)
-
-    srv = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server (SSE, continuous batching)")
-    server_mod = importlib.import_module("tinyserve.server")  # light: FastAPI loads only when serving
-    server_mod.add_serve_args(srv)
-    srv.set_defaults(func=server_mod.run_server)
-
-    bench = sub.add_parser("bench", help="benchmarks: offline sweeps, online serving load, peers")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    offline = bench_sub.add_parser("offline", parents=[common], help="batch x input x output sweep vs transformers")
-    _attach(offline, "tinyserve.bench.offline", "add_offline_args", "run_offline")
-    serve_b = bench_sub.add_parser("serve", parents=[common], help="load generator against any OpenAI-compatible URL")
-    _attach(serve_b, "tinyserve.bench.serve_bench", "add_serve_bench_args", "run_serve_benchmark")
-    peers_b = bench_sub.add_parser("peers", parents=[common],
-                                    help="same workload vs baseline, llama.cpp, vLLM, ORT GenAI, OpenVINO")
-    _attach(peers_b, "tinyserve.bench.peers", "add_peers_args", "run_peers")
-    suite = bench_sub.add_parser("all", parents=[common], help="every instrument, then the report (make bench)")
-    _attach(suite, "tinyserve.bench.suite", "add_suite_args", "run_suite")
-    kv = bench_sub.add_parser("kv-math", parents=[common],
-                              help="KV-cache bytes per token/request, checked against the engine's pool")
-    _attach(kv, "tinyserve.bench.kv_math", "add_kv_math_args", "run_kv_math")
-    quality = bench_sub.add_parser("quality", parents=[common],
-                                   help="perplexity, KLD, greedy agreement vs fp32, memory, speed per precision mode")
-    _attach(quality, "tinyserve.bench.quality", "add_quality_args", "run_quality")
-    quant_b = bench_sub.add_parser("quant", parents=[common],
-                                   help="the quantization table: method x bits x group, quality / bytes / speed")
-    _attach(quant_b, "tinyserve.bench.quant_table", "add_quant_args", "run_quant")
-
-    quant = sub.add_parser("quantize", parents=[common],
-                           help="RTN / GPTQ / AWQ / NF4 weights -> a model directory the engine serves packed")
-    _attach(quant, "tinyserve.quantize.pipeline", "add_quantize_args", "run_quantize")
-
-    soak = bench_sub.add_parser("soak", parents=[common], help="minutes of mixed load with disconnects against a "
-                                "server on 127.0.0.1: nothing lost, KV back to 0, RSS bounded (exit 1 if not)")
-    soak_mod = importlib.import_module("tinyserve.bench.soak")
-    soak_mod.add_soak_args(soak)
-    soak.set_defaults(func=lambda args: 0 if soak_mod.run_soak(args)["passed"] else 1)
-
-    prof = sub.add_parser("profile", parents=[common], help="op tables, step split and roofline for prefill/decode")
-    _attach(prof, "tinyserve.bench.profile", "add_profile_args", "run_profile")
-    rep = sub.add_parser("report", parents=[common], help="plots + SUMMARY.md from every result JSON under --results")
-    _attach(rep, "tinyserve.bench.report", "add_report_args", "run_report")
-
+    words = [a for a in argv if not a.startswith("-")]  # the subcommand path comes before any flag's value
+    for name, cmd in commands().items():
+        _add(sub, name, cmd, words)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -1,23 +1,29 @@
-"""Every knob in one place: the model's shape (ModelConfig) and the engine's settings (EngineConfig)."""
+"""Every knob in one place: the model's shape (ModelConfig), the engine's settings (EngineConfig) and
+speculative decoding's (SpeculativeConfig), each validated once, at construction.
+
+Light on purpose (no torch at import): `tinyserve --help` and every command's flags are built from
+these dataclasses. The knobs that name an implementation (attention_backend, quantization,
+scheduling_policy) take their choices from the registries of the packages that implement them:
+engine_args.py shows them as flags, and the engine looks them up before it loads anything.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
-import torch
+from tinyserve.system import cpu_has_fast_bf16, physical_cores
 
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+if TYPE_CHECKING:
+    import torch
+
+DTYPES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
 }
-
-QUANTIZATION_MODES = ("auto", "none", "int8", "int4", "gguf", "checkpoint")
 QUANT_GROUP_SIZES = (32, 64, 128, 256)
-SCHEDULING_POLICIES = ("fcfs", "priority", "shortest")  # engine/policy.py
 
 
 @dataclass(frozen=True)
@@ -107,66 +113,22 @@ class ModelConfig:
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         """K and V, every layer: the exact price of one token of context."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
-
-
-def physical_cores() -> int:
-    """Physical cores available to this process: torch threads beyond this oversubscribe and slow down."""
-    try:
-        import psutil
-
-        n = psutil.cpu_count(logical=False)
-    except Exception:  # pragma: no cover - psutil is a dependency, but stay robust
-        n = None
-    avail = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(n or avail, avail))
-
-
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo); empty where unknown."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo); the platform's processor string elsewhere."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
-
-
-def cpu_has_fast_bf16() -> bool:
-    """bf16 matmuls run natively (AVX512-BF16 dot products or AMX tiles) rather than emulated."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype.itemsize
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    """`auto`: bf16 where the hardware computes it natively (CUDA, AVX512-BF16, AMX), fp32 elsewhere
+    (emulated bf16 is slower than fp32). fp32 stays the exact reference path, selected explicitly."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        # bf16 where the hardware computes it natively; else fp32 (emulated bf16 is slower than fp32).
-        # fp32 stays the exact reference path, selected explicitly.
-        if device != "cpu":
-            return torch.bfloat16
-        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+        return torch.bfloat16 if device != "cpu" or cpu_has_fast_bf16() else torch.float32
     try:
-        return _DTYPES[dtype]
+        return getattr(torch, DTYPES[dtype])
     except KeyError:
-        raise ValueError(f"dtype must be one of auto, {', '.join(sorted(_DTYPES))}; got {dtype!r}") from None
+        raise ValueError(f"dtype must be one of auto, {', '.join(sorted(DTYPES))}; got {dtype!r}") from None
 
 
 def knob(default: Any, help: str, **argparse_kwargs: Any) -> Any:
@@ -183,7 +145,7 @@ class EngineConfig:
     dtype: str = knob(
         "auto", "weights and activations; auto = bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX, "
         "float32 elsewhere (emulated bf16 is slower than fp32)",
-        choices=("auto", *_DTYPES), metavar="{auto,float32,bfloat16,float16}",
+        choices=("auto", *DTYPES), metavar="{auto,float32,bfloat16,float16}",
     )
     device: str = knob("cpu", "cpu | cuda | cuda:N")
     block_size: int = knob(16, "tokens per KV-cache block")
@@ -196,32 +158,23 @@ class EngineConfig:
     num_threads: int | None = knob(None, "torch threads (default: physical cores; oversubscribed threads are slower)")
     seed: int = knob(0, "engine seed for sampling")
     tokenizer: str | None = knob(None, "tokenizer directory or hub id (default: the model's)")
-    quantization: str = knob(  # vLLM's flag name; see layers/quant.py
-        "auto", "weight quantization; auto: a GGUF keeps its own quantized blocks "
-        "when activations are 16-bit, float32 dequantizes; a `tinyserve quantize` directory keeps "
-        "its weights as stored (checkpoint)",
-        choices=QUANTIZATION_MODES,
-    )
+    quantization: str = knob(  # vLLM's flag name; the modes are registered in layers/__init__.py
+        "auto", "weight quantization; auto: a GGUF keeps its own quantized blocks when activations are 16-bit "
+        "on a CPU, float32 dequantizes; a quantized directory keeps its weights as stored (checkpoint)")
     # 32 or 64 for the bundled model: 576-wide layers have no 128 groups
     quant_group_size: int = knob(32, "int4 group size (weights sharing one scale)", choices=QUANT_GROUP_SIZES)
-    packed_max_batch: int | None = knob(
-        None, "quantized linears run their packed kernel for steps of up to this many tokens and a dense "
-        "copy above (0: always dense; >= max-num-batched-tokens: always packed, no dense copy kept). "
+    packed_max_rows: int | None = knob(
+        None, "quantized linears run their packed kernel for steps of up to this many rows (tokens) and a "
+        "dense copy above (0: always dense; >= max-num-batched-tokens: always packed, no dense copy kept). "
         "Default: measured at start-up on this machine",
     )
-    attention_backend: str = knob(
-        "auto", "how attention reads the paged KV pool: sdpa (gathers each context, then SDPA; any device), "
-        "paged (in place, native CPU kernel built on first use); auto = paged on CPU, sdpa elsewhere",
-        choices=("auto", "sdpa", "paged"),
-    )
+    attention_backend: str = knob(  # the back ends are registered in attention/__init__.py
+        "auto", "how attention reads the paged KV pool; auto = paged on CPU (sdpa where its kernel cannot "
+        "be built), sdpa elsewhere")
     enable_prefix_caching: bool = knob(
         True, "reuse the KV blocks of prompt prefixes seen before (vLLM's automatic prefix caching; "
         "--no-enable-prefix-caching turns it off)")
-    scheduling_policy: str = knob(
-        "fcfs", "who is served first: fcfs (arrival), priority (each request's priority, lower first, "
-        "then arrival), shortest (shortest remaining prompt first, with aging)",
-        choices=SCHEDULING_POLICIES,
-    )
+    scheduling_policy: str = knob("fcfs", "who is served first")  # registered in engine/policy.py
     aging_tokens_per_s: float = knob(
         1000.0, "shortest policy: prompt tokens taken off a sequence's rank per second it has waited, "
         "so a prompt of L tokens overtakes any newcomer after L / this many seconds")
@@ -234,36 +187,105 @@ class EngineConfig:
         "LLM(...) also takes a dict. Default: off")
     enforce_eager: bool = knob(
         False, "run every step eagerly: no compiled decode step (vLLM's flag; skips the start-up compile)")
-    torch_dtype: torch.dtype = field(init=False, default=torch.float32)  # resolved from dtype and device
 
     def __post_init__(self) -> None:
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} requested but CUDA is not available")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
-        self.torch_dtype = resolve_dtype(self.dtype, self.device)
+        if self.device != "cpu":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {self.device!r} requested but CUDA is not available")
+        resolve_dtype(self.dtype, self.device)  # a bad dtype fails here
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.kv_cache_memory_gb <= 0:
-            raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
-        if self.quantization not in QUANTIZATION_MODES:
-            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}; got {self.quantization!r}")
+        for name in ("kv_cache_memory_gb", "num_kv_blocks"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("aging_tokens_per_s", "packed_max_rows"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.quant_group_size not in QUANT_GROUP_SIZES:
             raise ValueError(f"quant_group_size must be one of {QUANT_GROUP_SIZES}; got {self.quant_group_size}")
-        if self.scheduling_policy not in SCHEDULING_POLICIES:
-            raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}; "
-                             f"got {self.scheduling_policy!r}")
-        if self.aging_tokens_per_s < 0:
-            raise ValueError(f"aging_tokens_per_s must be >= 0, got {self.aging_tokens_per_s}")
-        if self.packed_max_batch is not None and self.packed_max_batch < 0:
-            raise ValueError(f"packed_max_batch must be >= 0, got {self.packed_max_batch}")
         if self.num_threads is None:
             self.num_threads = physical_cores()
         if isinstance(self.speculative_config, dict):  # LLM(speculative_config={...}): kept as the flag's JSON
             self.speculative_config = json.dumps(self.speculative_config)
-        from tinyserve.spec.config import SpeculativeConfig  # spec/ imports the engine, which imports this
-
         SpeculativeConfig.parse(self.speculative_config)  # a bad config fails here, naming its field
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return resolve_dtype(self.dtype, self.device)
+
+
+SPECULATIVE_METHODS = ("ngram", "draft_model", "self")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """`speculative_config`: vLLM's names, every error naming its field."""
+
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_max: int = 4  # ngram: longest suffix of the sequence searched for earlier in it
+    prompt_lookup_min: int = 1  # ngram: shortest suffix that counts as a match
+    model: str | None = None  # draft_model: HF directory, .gguf file or hub id (same vocabulary)
+    quantization: str | None = None  # draft_model / self: the draft's weight mode (self: default int4, gguf for a GGUF)
+    disable_by_batch_size: int | None = None  # vLLM's: no speculation while more sequences than this decode
+    adaptive: bool = True  # per-sequence k from its measured acceptance; off when drafting cannot pay
+
+    def __post_init__(self) -> None:
+        def bad(name: str, msg: str) -> ValueError:
+            return ValueError(f"speculative_config.{name} {msg}")
+
+        if self.method not in SPECULATIVE_METHODS:
+            raise bad("method", f"must be one of {', '.join(SPECULATIVE_METHODS)}; got {self.method!r}")
+        k = self.num_speculative_tokens
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 16:
+            raise bad("num_speculative_tokens", f"must be an integer in [1, 16], got {k!r}")
+        for name in ("prompt_lookup_max", "prompt_lookup_min"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise bad(name, f"must be an integer >= 1, got {v!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise bad("prompt_lookup_min", f"({self.prompt_lookup_min}) must be <= prompt_lookup_max "
+                                           f"({self.prompt_lookup_max})")
+        if self.method == "draft_model" and not self.model:
+            raise bad("model", "is required with method 'draft_model' (the draft's path or id)")
+        if self.method == "ngram" and (self.model or self.quantization):
+            raise bad("method", "'ngram' takes no model or quantization")
+        if self.method == "self" and self.model:
+            raise bad("model", "must not be set with method 'self' (the draft is the target's own weights)")
+        b = self.disable_by_batch_size
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+            raise bad("disable_by_batch_size", f"must be an integer >= 1, got {b!r}")
+        if not isinstance(self.adaptive, bool):
+            raise bad("adaptive", f"must be true or false, got {self.adaptive!r}")
+
+    @classmethod
+    def parse(cls, value: str | dict[str, Any] | SpeculativeConfig | None) -> SpeculativeConfig | None:
+        """From the JSON of `--speculative-config`, a dict (`LLM(speculative_config=...)`), or None.
+        As in vLLM, a `model` without a `method` means a draft model."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"speculative_config is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a JSON object, got {type(value).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown field(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(known))}")
+        value = dict(value)
+        if "method" not in value:
+            if not value.get("model"):
+                raise ValueError("speculative_config.method is required (ngram, draft_model or self)")
+            value["method"] = "draft_model"
+        if "num_speculative_tokens" not in value:
+            raise ValueError("speculative_config.num_speculative_tokens is required")
+        return cls(**value)

@@ -1,8 +1,8 @@
 """EngineConfig as command-line flags and back, both generated from the dataclass's fields.
 
 A knob is declared once, in EngineConfig (type, default, help, choices); every command that runs an
-engine gets it as a `--kebab-case` flag (vLLM's spelling) from here. This module imports only
-config.py, so cli.py, server/ and bench/ can all use it without import cycles.
+engine gets it as a `--kebab-case` flag (vLLM's spelling) from here. A knob that names a registered
+implementation takes its choices and their help from the registry. Light: no torch at import.
 """
 
 from __future__ import annotations
@@ -15,7 +15,18 @@ import typing
 from collections.abc import Iterable
 from typing import Any
 
+from tinyserve.attention import ATTENTION_BACKENDS
 from tinyserve.config import EngineConfig
+from tinyserve.engine.policy import POLICIES
+from tinyserve.layers import QUANTIZATION
+from tinyserve.registry import Registry
+
+# knob -> (its registry, whether "auto" is a choice: the registry's owner then picks an entry)
+REGISTERED: dict[str, tuple[Registry, bool]] = {
+    "attention_backend": (ATTENTION_BACKENDS, True),
+    "quantization": (QUANTIZATION, True),
+    "scheduling_policy": (POLICIES, False),
+}
 
 
 @functools.cache
@@ -50,7 +61,12 @@ def add_engine_args(parser: argparse.ArgumentParser, only: Iterable[str] | None 
             continue
         default = defaults.get(f.name, f.default)
         extra = dict(f.metadata)
-        help_ = extra.pop("help") + ("" if default is None else " (default: %(default)s)")
+        help_ = extra.pop("help")
+        if f.name in REGISTERED:
+            registry, auto = REGISTERED[f.name]
+            extra["choices"] = (["auto"] if auto else []) + list(registry)
+            help_ += f" ({registry.help()})"
+        help_ += "" if default is None else " (default: %(default)s)"
         flag = "--" + f.name.replace("_", "-")
         if types_[f.name] is bool:  # a switch, as in vLLM: --enforce-eager / --no-enforce-eager
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_, **extra)

@@ -74,20 +74,15 @@ class LLM:
         bar = tqdm(total=len(work), desc="generate", disable=not use_tqdm)
         try:
             while pending or len(outputs) < len(work):
-                # Feed the bounded waiting queue as it drains.
-                room = engine.config.max_waiting - len(engine.scheduler.waiting)
-                while pending and room >= pending[0][2].n:
-                    rid, prompt, params, prio = pending.popleft()
-                    engine.add_request(rid, prompt, params, prio)
-                    room -= params.n
-                done = {s.request_id for s in engine.step() if s.finished}
-                for rid in done:
-                    if engine.requests[rid] and all(s.finished for s in engine.requests[rid]):
+                while pending and engine.has_capacity(pending[0][2].n):  # feed the bounded queue as it drains
+                    engine.add_request(*pending.popleft())
+                for rid in {s.request_id for s in engine.step() if s.finished}:
+                    if engine.is_finished(rid):
                         outputs[rid] = engine.pop_output(rid)
                         bar.update(1)
         except BaseException:
             for rid in ids:
-                if rid in engine.requests:
+                if engine.get_request(rid):
                     engine.abort_request(rid)
                     engine.pop_output(rid)
             raise

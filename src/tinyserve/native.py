@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tinyserve.config import cpu_flags, cpu_model
+from tinyserve.system import cache_dir, cpu_flags, cpu_model
 
 log = logging.getLogger(__name__)
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math")
@@ -26,8 +26,6 @@ CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math")
 
 def build_dir(source: Path, cflags: tuple[str, ...] = CFLAGS) -> Path:
     """Where `source`'s shared object for this machine lives (the key names everything it depends on)."""
-    from tinyserve.models.loader import cache_dir  # the loader imports the model, which imports the kernels
-
     key = "|".join([source.read_text(), " ".join(cflags), cpu_model(), " ".join(sorted(cpu_flags())),
                     torch.__version__])
     return cache_dir() / "ext" / f"{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"

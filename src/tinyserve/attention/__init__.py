@@ -1,39 +1,53 @@
-"""Attention back ends: `sdpa` (gather + SDPA, any device) and `paged` (in place, native CPU kernel).
+"""Attention back ends over the paged KV pool, registered by the name `--attention-backend` takes.
 
-`select_backend("auto", device)` picks `paged` on a CPU when its kernel builds, else `sdpa`.
+Each back end is a module with an `AttentionBackend` subclass (base.py has the shared part) and a
+factory here that imports it when called, so the flag's choices cost no torch import. `auto` is
+resolved by `select_backend`.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-from .base import AttentionBackend, AttentionMetadata, BatchLayout, DecodeMeta, PrefillChunk, SeqSpan
-from .paged import PagedBackend
-from .sdpa import SdpaBackend
+from tinyserve.registry import Registry
+
+if TYPE_CHECKING:
+    from tinyserve.attention.base import AttentionBackend
 
 log = logging.getLogger(__name__)
-BACKENDS: dict[str, type[AttentionBackend]] = {"sdpa": SdpaBackend, "paged": PagedBackend}
+ATTENTION_BACKENDS: Registry = Registry("attention_backend")
 
-__all__ = ["BACKENDS", "AttentionBackend", "AttentionMetadata", "BatchLayout", "DecodeMeta", "PrefillChunk",
-           "SeqSpan", "select_backend"]
+
+@ATTENTION_BACKENDS.register("sdpa")
+def _sdpa(device: str) -> AttentionBackend:
+    """gathers each context into a copy, then SDPA; any device"""
+    from tinyserve.attention.sdpa import SdpaBackend
+
+    return SdpaBackend()
+
+
+@ATTENTION_BACKENDS.register("paged")
+def _paged(device: str) -> AttentionBackend:
+    """reads the pool in place through a native CPU kernel, built on first use"""
+    if device != "cpu":
+        raise ValueError(f"the paged attention back end is CPU-only (device {device!r}); use sdpa")
+    from tinyserve.attention.paged import PagedBackend
+
+    try:
+        return PagedBackend()
+    except RuntimeError as e:  # no compiler: the caller picks another back end
+        raise ValueError(str(e)) from None
 
 
 def select_backend(name: str, device: str) -> AttentionBackend:
-    """The back end called `name` ("auto" resolves per device); ValueError when it cannot run here."""
-    cpu = device == "cpu"
-    if name == "auto":
-        if not cpu:
-            return SdpaBackend()
+    """The back end called `name`; `auto` is `paged` on a CPU where its kernel builds, `sdpa` elsewhere.
+    A ValueError when the named one cannot run here."""
+    if name != "auto":
+        return ATTENTION_BACKENDS[name](device)
+    if device == "cpu":
         try:
-            return PagedBackend()
-        except RuntimeError as e:
+            return ATTENTION_BACKENDS["paged"](device)
+        except ValueError as e:
             log.warning("%s; falling back to the sdpa attention back end", e)
-            return SdpaBackend()
-    if name not in BACKENDS:
-        raise ValueError(f"attention_backend must be one of auto, {', '.join(BACKENDS)}; got {name!r}")
-    if name == "paged" and not cpu:
-        raise ValueError(f"the paged attention back end is CPU-only (device {device!r}); use sdpa")
-    try:
-        return BACKENDS[name]()
-    except RuntimeError as e:
-        raise ValueError(str(e)) from None
+    return ATTENTION_BACKENDS["sdpa"](device)

@@ -30,8 +30,7 @@ from typing import Any
 
 import torch
 
-from tinyserve.engine.faults import EngineFatalError
-from tinyserve.engine.llm_engine import LLMEngine
+from tinyserve.engine.llm_engine import EngineFatalError, EngineStats, LLMEngine
 from tinyserve.engine.output import DeltaTracker, SeqDelta
 from tinyserve.engine.scheduler import QueueFullError
 from tinyserve.engine.sequence import Sequence
@@ -70,20 +69,6 @@ class RequestUpdate:
 class AddedRequest:
     request_id: str
     prompt_token_ids: list[int]
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot taken on the engine thread after each step (read from any thread)."""
-
-    running: int = 0  # requests with a running sequence
-    waiting: int = 0  # requests with only waiting sequences
-    kv_usage: float = 0.0
-    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache so far
-    prefix_cache_hits: int = 0  # ... and found there
-    spec_decode_num_drafts: int = 0  # speculative verifications so far (one per sequence and step)
-    spec_decode_num_draft_tokens: int = 0  # ... the tokens they drafted
-    spec_decode_num_accepted_tokens: int = 0  # ... and of those, the ones accepted
 
 
 @dataclass
@@ -314,7 +299,7 @@ class AsyncEngine:
         for rid in touched:
             if rid not in self._trackers:
                 continue
-            all_seqs = self.engine.requests.get(rid, [])
+            all_seqs = self.engine.get_request(rid)
             deltas = self._trackers[rid].reported.deltas(all_seqs)
             new_tokens += sum(len(d.token_ids) for d in deltas)
             if all(s.finished for s in all_seqs):
@@ -327,7 +312,7 @@ class AsyncEngine:
     def _finish_request(self, rid: str, notify: bool, last: list[SeqDelta] | None = None) -> None:
         """Forget a finished (or aborted) request: final update to its sink, metrics, pop it."""
         tr = self._trackers.pop(rid)
-        seqs = self.engine.requests.get(rid, [])
+        seqs = self.engine.get_request(rid)
         deltas = list(last or [])
         if notify:  # aborted here: report the sequences' end
             deltas += tr.reported.deltas(seqs)
@@ -345,22 +330,17 @@ class AsyncEngine:
                 self._on_finish(rid, seqs, tr.arrival)
             except Exception:
                 log.exception("on_finish callback failed")
-        if rid in self.engine.requests:
+        if self.engine.get_request(rid):
             self.engine.pop_output(rid)
 
     def _fail_all(self, message: str) -> None:
         for rid in list(self._trackers):
             try:
-                for seq in self.engine.requests.get(rid, []):
-                    if not seq.finished:
-                        seq.error = message
-                        seq.finish("error")
-                        self.engine.scheduler.finish(seq)
+                self.engine.fail_request(rid, message)
                 self._finish_request(rid, notify=True)
-            except Exception:
+            except Exception:  # the engine's state is broken: its loop is about to give up (_MAX_FAILED_PASSES)
                 log.exception("could not fail request %s cleanly", rid)
                 self._trackers.pop(rid, None)
-                self.engine.requests.pop(rid, None)
 
     def _shutdown(self, commands: list[Any]) -> None:
         for cmd in commands:
@@ -373,14 +353,7 @@ class AsyncEngine:
         log.info("engine loop stopped")
 
     def _publish_stats(self) -> None:
-        sched = self.engine.scheduler
-        running = {s.request_id for s in sched.running}
-        waiting = {s.request_id for s in sched.waiting} - running
-        blocks = self.engine.blocks
-        spec = self.engine.spec.stats if self.engine.spec is not None else None
-        self.stats = EngineStats(len(running), len(waiting), float(blocks.usage), blocks.stats.queries,
-                                 blocks.stats.hits, *((spec.num_drafts, spec.num_draft_tokens,
-                                                       spec.num_accepted_tokens) if spec else ()))
+        self.stats = self.engine.stats()
         if self._on_stats is not None:
             self._on_stats(self.stats)
 

@@ -12,32 +12,58 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
-from tinyserve.config import EngineConfig
-from tinyserve.engine.faults import EngineFatalError, FaultInjector
+from tinyserve.attention import ATTENTION_BACKENDS
+from tinyserve.config import EngineConfig, SpeculativeConfig
 from tinyserve.engine.output import request_output
 from tinyserve.engine.policy import SchedulingPolicy
-from tinyserve.engine.runner import DECODE_ROWS
 from tinyserve.engine.sampler import Sampler, prompt_logprobs
 from tinyserve.engine.scheduler import ScheduledBatch, Scheduler
 from tinyserve.engine.sequence import Sequence
-from tinyserve.engine.served_model import serve_model
 from tinyserve.kv.block_manager import BlockManager
+from tinyserve.layers import QUANTIZATION
 from tinyserve.models.loader import model_config, resolve_model
 from tinyserve.outputs import Logprob, RequestOutput
 from tinyserve.sampling import SamplingParams
-from tinyserve.spec import SpeculativeConfig
-from tinyserve.spec.decoder import SpecDecoder
+from tinyserve.speculative.decoder import SpecDecoder
+from tinyserve.speculative.target import Target
 from tinyserve.tokenizer import IncrementalDetokenizer, load_tokenizer
+from tinyserve.worker.runner import DECODE_ROWS
+from tinyserve.worker.served_model import serve_model
 
 log = logging.getLogger(__name__)
+
+
+class EngineFatalError(RuntimeError):
+    """The engine cannot go on (a lost device, a corrupted pool): raised from a step, it stops the step
+    loop instead of failing requests one by one forever, so that a supervisor restarts the process."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's queues and counters, for /metrics."""
+
+    running: int = 0  # requests with a running sequence
+    waiting: int = 0  # requests with only waiting sequences
+    kv_usage: float = 0.0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache so far
+    prefix_cache_hits: int = 0  # ... and found there
+    spec_decode_num_drafts: int = 0  # speculative verifications so far (one per sequence and step)
+    spec_decode_num_draft_tokens: int = 0  # ... the tokens they drafted
+    spec_decode_num_accepted_tokens: int = 0  # ... and of those, the ones accepted
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        # The knobs that name an implementation fail here, before anything is loaded.
+        policy = SchedulingPolicy(config.scheduling_policy, config.aging_tokens_per_s)
+        for registry, name in ((ATTENTION_BACKENDS, config.attention_backend), (QUANTIZATION, config.quantization)):
+            if name != "auto":
+                _ = registry[name]
         assert config.num_threads is not None  # resolved in EngineConfig.__post_init__
         torch.set_num_threads(config.num_threads)
         self.source = src = resolve_model(config.model)
@@ -71,15 +97,18 @@ class LLMEngine:
         rows = min(config.max_num_batched_tokens, config.max_num_seqs * max(1 + k, DECODE_ROWS))
         served = serve_model(config, src, mc, config.quantization, self.max_len, self.num_blocks, rows)
         self.model, self.runner, self.attention = served.model, served.runner, served.attention
-        self.quantization, self.packed_max_batch = served.quantization, served.packed_max_batch
+        self.quantization, self.packed_max_rows = served.quantization, served.packed_max_rows
         self.compile_seconds = served.compile_seconds
         self.blocks = BlockManager(self.num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting,
-                                   SchedulingPolicy(config.scheduling_policy, config.aging_tokens_per_s))
+                                   policy)
         self.sampler = Sampler(self.tokenizer.eos_token_ids, config.seed, self.runner.device)
-        self.spec = SpecDecoder.build(self.speculative, self) if self.speculative else None
+        self.spec = None
+        if self.speculative:
+            target = Target(config, src, mc, self.quantization, self.max_len, self.num_blocks, self.runner,
+                            self.sampler.probs)
+            self.spec = SpecDecoder.build(self.speculative, target)
         self.requests: dict[str, list[Sequence]] = {}
-        self.faults = FaultInjector.from_env(self.tokenizer.decode)  # None unless a test asks for faults
 
     # -- requests ----------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -155,6 +184,20 @@ class LLMEngine:
                 seq.finish("abort")
                 self.scheduler.finish(seq)
 
+    def fail_request(self, request_id: str, message: str) -> None:
+        """Fail what is left of a request (its blocks go back at once); the client is told `message`."""
+        for seq in self.requests.get(request_id, []):
+            if not seq.finished:
+                self._fail(seq, message)
+
+    def get_request(self, request_id: str) -> list[Sequence]:
+        """The request's n sequences (empty once it is forgotten, or if it never was)."""
+        return self.requests.get(request_id, [])
+
+    def is_finished(self, request_id: str) -> bool:
+        seqs = self.requests.get(request_id, [])
+        return bool(seqs) and all(s.finished for s in seqs)
+
     def pop_output(self, request_id: str) -> RequestOutput:
         """The request's output; forgets the request once it has finished."""
         seqs = self.requests[request_id]
@@ -165,6 +208,18 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
+
+    def has_capacity(self, num_seqs: int = 1) -> bool:
+        """Whether the bounded waiting queue takes `num_seqs` more sequences now (a request of n samples: n)."""
+        return len(self.scheduler.waiting) + num_seqs <= self.config.max_waiting
+
+    def stats(self) -> EngineStats:
+        running = {s.request_id for s in self.scheduler.running}
+        waiting = {s.request_id for s in self.scheduler.waiting} - running
+        spec = self.spec.stats if self.spec is not None else None
+        return EngineStats(len(running), len(waiting), float(self.blocks.usage), self.blocks.stats.queries,
+                           self.blocks.stats.hits, *((spec.num_drafts, spec.num_draft_tokens,
+                                                      spec.num_accepted_tokens) if spec else ()))
 
     # -- the step loop ------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
@@ -183,8 +238,6 @@ class LLMEngine:
                 self.spec.forget({*self.scheduler.running, *self.scheduler.waiting})
 
     def _step(self, batch: ScheduledBatch) -> list[Sequence]:
-        if self.faults is not None:
-            self.faults.maybe_raise("fatal", batch.seqs)
         try:
             return self._run(batch)
         except EngineFatalError:
@@ -211,13 +264,9 @@ class LLMEngine:
     def _run(self, batch: ScheduledBatch) -> list[Sequence]:
         """Forward, sample, then commit. Everything that can raise comes before the commit, so a raise
         leaves the sequences as they were."""
-        if self.faults is not None:
-            self.faults.maybe_raise("forward", batch.seqs)
-        out = self.runner.execute(batch)
+        out = self.runner.execute(batch.seqs, batch.num_tokens)
         sampling, logits = out.sampling, out.logits
         rows = [1 + len(s.spec_token_ids) for s in sampling]  # a speculating sequence verifies k + 1 rows
-        if self.faults is not None:
-            self.faults.poison(logits, [s for s, n in zip(sampling, rows) for _ in range(n)])
         bad: list[Sequence] = []
         if sampling:
             # A row's sum is finite iff the row is (fp32 logits of any sane model cannot overflow it).
@@ -228,8 +277,6 @@ class LLMEngine:
                 bad = [s for s, good in zip(sampling, ok) if not good]
                 keep = [r for e, n, good in zip(ends, rows, ok) if good for r in range(e - n, e)]
                 sampling, logits = [s for s, good in zip(sampling, ok) if good], logits[keep]
-        if self.faults is not None:
-            self.faults.maybe_raise("sampler", sampling)
         tokens, logprobs = self.sampler.sample(logits, sampling, [s.spec_token_ids for s in sampling],
                                                [s.spec_draft_probs for s in sampling]) if sampling else ([], [])
         scored = prompt_logprobs(out.prompt_logits, out.prompt_spans)
@@ -242,8 +289,6 @@ class LLMEngine:
             self._fail(seq, "the model produced non-finite logits (NaN or inf)")
         for seq, toks, lps in zip(sampling, tokens, logprobs):
             try:
-                if self.faults is not None:
-                    self.faults.maybe_raise("detokenize", [seq])
                 if seq.spec_token_ids:
                     self._commit_speculation(seq, toks, lps)
                 else:

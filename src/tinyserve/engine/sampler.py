@@ -17,7 +17,8 @@ import torch
 
 from tinyserve.engine.sequence import Sequence
 from tinyserve.outputs import Logprob
-from tinyserve.spec.verify import accept_greedy, accept_sampled
+from tinyserve.sampling import SamplingParams
+from tinyserve.speculative.verify import accept_greedy, accept_sampled
 
 
 def apply_penalties(logits: torch.Tensor, seq: Sequence, extra: Sequence_[int] = ()) -> None:
@@ -104,7 +105,7 @@ class Sampler:
                 logits[r, banned] = float("-inf")
         argmax = logits.argmax(-1).tolist()
         rand = [r for r, (i, _) in enumerate(rows) if not seqs[i].params.greedy]
-        probs = self.probs(logits[rand], [seqs[rows[r][0]] for r in rand]) if rand else logits[:0]
+        probs = self.probs(logits[rand], [seqs[rows[r][0]].params for r in rand]) if rand else logits[:0]
         at = {r: j for j, r in enumerate(rand)}  # a random row's index in `probs`
 
         tokens: list[list[int]] = []
@@ -140,15 +141,15 @@ class Sampler:
             lps[i][j] = lp
         return lps
 
-    def probs(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def probs(self, logits: torch.Tensor, params: Sequence_[SamplingParams]) -> torch.Tensor:
         """The distribution each row samples from: temperature, then top-k / top-p / min-p."""
         dev = logits.device
-        temp = torch.tensor([s.params.temperature for s in seqs], device=dev)
+        temp = torch.tensor([p.temperature for p in params], device=dev)
         logits = filter_logits(
             logits / temp[:, None],
-            torch.tensor([s.params.top_k for s in seqs], device=dev),
-            torch.tensor([s.params.top_p for s in seqs], device=dev),
-            torch.tensor([s.params.min_p for s in seqs], device=dev),
+            torch.tensor([p.top_k for p in params], device=dev),
+            torch.tensor([p.top_p for p in params], device=dev),
+            torch.tensor([p.min_p for p in params], device=dev),
         )
         return logits.softmax(-1)
 

@@ -1,0 +1,82 @@
+"""Linears and their weights; the quantization methods, registered by the name `--quantization` takes.
+
+Each method is a factory here that imports its implementation when called (layers/methods.py), so the
+flag's choices cost no torch import. `auto` is resolved by `resolve_quantization`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tinyserve.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
+
+    from tinyserve.layers.linear import QuantMethod
+
+QUANTIZATION: Registry = Registry("quantization")
+
+
+@QUANTIZATION.register("none")
+def _none(group: int) -> QuantMethod:
+    """every weight dense in the model dtype (a stored quantized weight is dequantized)"""
+    from tinyserve.layers.linear import Unquantized
+
+    return Unquantized()
+
+
+@QUANTIZATION.register("int8")
+def _int8(group: int) -> QuantMethod:
+    """int8 per output channel from any checkpoint (round to nearest), on the int8 kernel"""
+    from tinyserve.layers.methods import Int8Method
+
+    return Int8Method()
+
+
+@QUANTIZATION.register("int4")
+def _int4(group: int) -> QuantMethod:
+    """int4 in groups of --quant-group-size from any checkpoint (round to nearest), on the int4 kernel"""
+    from tinyserve.layers.methods import Int4Method
+
+    return Int4Method(group)
+
+
+@QUANTIZATION.register("gguf")
+def _gguf(group: int) -> QuantMethod:
+    """a GGUF's own blocks, packed where the int4 kernel takes their type exactly"""
+    from tinyserve.layers.methods import GGUFMethod
+
+    return GGUFMethod()
+
+
+@QUANTIZATION.register("checkpoint")
+def _checkpoint(group: int) -> QuantMethod:
+    """a quantized directory's codes as stored (tinyserve quantize, AutoGPTQ, AutoAWQ)"""
+    from tinyserve.layers.methods import CheckpointMethod
+
+    return CheckpointMethod()
+
+
+def resolve_quantization(mode: str, stored: str | None, dtype: torch.dtype, device: str = "cpu") -> str:
+    """The method a model is served with. `stored`: the quantized form the model's files hold ("gguf",
+    "checkpoint" or None). `auto`: a quantized directory keeps its weights as stored on a CPU, whatever
+    the dtype (in fp32 the start-up measurement picks their exact dense copies where the packed kernel is
+    slower); a GGUF keeps its blocks with 16-bit activations on a CPU, and fp32 dequantizes it (the exact
+    reference path); anything else, and any other device, is dense. The packed kernels are CPU ones."""
+    import torch
+
+    if mode == "auto":
+        if device != "cpu" or stored is None:
+            return "none"
+        return stored if stored == "checkpoint" or dtype in (torch.bfloat16, torch.float16) else "none"
+    QUANTIZATION[mode]  # an unknown mode fails here, naming the knob and its choices
+    if mode != "none" and device != "cpu":
+        raise ValueError(f"quantization={mode!r} runs on PyTorch's CPU kernels; use quantization='none' on {device}")
+    if mode in ("gguf", "checkpoint") and stored != mode:
+        needs = "a GGUF model" if mode == "gguf" else "a quantized directory"
+        raise ValueError(f"quantization={mode!r} needs {needs}; this model is not one")
+    if mode in ("int8", "int4") and stored == "checkpoint":
+        raise ValueError("the model is already quantized; serve it with quantization='checkpoint' "
+                         "(or 'none' to dequantize it)")
+    return mode

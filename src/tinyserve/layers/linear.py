@@ -4,53 +4,20 @@ A `Linear` is a shell: it knows its shape (one projection, or several fused alon
 like q/k/v) and collects its weight shards as the loader hands them over. Once every shard is in,
 its `QuantMethod` packs them into a weight module (`impl`) — dense, int8, int4, a GGUF block type —
 and from then on `forward` is `impl(x)` (+ bias). Quantization is therefore a module swap inside the
-shell (gpt-fast's way), chosen per engine by `--quantization`, and the model file never changes.
+shell (gpt-fast's way), chosen per engine by `--quantization` (layers/__init__.py registers the
+methods), and the model file never changes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass(frozen=True)
-class GGUFTensor:
-    """A weight as it sits in a GGUF file: raw blocks [rows, row_bytes] of `qtype` (rows already in
-    HF order). Packers that understand the type keep the blocks; others dequantize them."""
-
-    qtype: str  # GGMLQuantizationType name: "Q4_1", "Q8_0", ...
-    data: torch.Tensor  # uint8 [rows, row_bytes]
-    shape: tuple[int, int]  # (rows, cols) of the dequantized matrix
-
-    def dequantize(self) -> torch.Tensor:
-        import gguf
-
-        qtype = gguf.GGMLQuantizationType[self.qtype]
-        w = gguf.quants.dequantize(self.data.numpy(), qtype)
-        return torch.from_numpy(w.copy()).view(self.shape)
-
-
-class StoredWeight(Protocol):
-    """A weight kept in a file's own quantized form (GGUF blocks, a `tinyserve quantize` checkpoint):
-    packers that understand the form keep it, every other packer dequantizes it."""
-
-    @property
-    def shape(self) -> tuple[int, int]: ...
-
-    def dequantize(self) -> torch.Tensor: ...
-
-
-WeightSource = torch.Tensor | StoredWeight
-
-
-def as_dense(src: WeightSource) -> torch.Tensor:
-    """The fp32 (or checkpoint-dtype) matrix of any weight source."""
-    return src if isinstance(src, torch.Tensor) else src.dequantize()
+from tinyserve.layers.formats import WeightSource, as_dense
 
 
 class QuantMethod(Protocol):

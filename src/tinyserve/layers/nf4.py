@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from tinyserve.layers.quant import NF4_CODEBOOK, PackedWeight, QuantizedTensor
+from tinyserve.layers.formats import NF4_CODEBOOK, QuantizedTensor
+from tinyserve.layers.packed import PackedWeight
 from tinyserve.native import load_kernel
 
 log = logging.getLogger(__name__)

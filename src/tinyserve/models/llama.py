@@ -15,9 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinyserve.attention import AttentionBackend, AttentionMetadata, SdpaBackend
+from tinyserve.attention.base import AttentionBackend, AttentionMetadata
+from tinyserve.attention.sdpa import SdpaBackend
 from tinyserve.config import ModelConfig
-from tinyserve.layers.linear import Linear, QuantMethod, Unquantized, WeightSource, as_dense
+from tinyserve.layers.formats import WeightSource, as_dense
+from tinyserve.layers.linear import Linear, QuantMethod, Unquantized
+
+SUPPORTED_ARCHS = ("llama", "qwen2", "mistral")  # what this decoder reads: config model_type, GGUF architecture
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:

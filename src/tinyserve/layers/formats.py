@@ -1,0 +1,117 @@
+"""The forms a weight arrives in from a file, before a quantization method packs it (layers/methods.py).
+
+A dense tensor; a GGUF file's raw blocks (`GGUFTensor`); a quantized checkpoint's codes, scales and
+zeros (`QuantizedTensor`: `tinyserve quantize` directories, AutoGPTQ/AutoAWQ ones, read by
+models/quantized.py). A method that understands a stored form keeps it; any other dequantizes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """A weight as it sits in a GGUF file: raw blocks [rows, row_bytes] of `qtype` (rows already in
+    HF order)."""
+
+    qtype: str  # GGMLQuantizationType name: "Q4_1", "Q8_0", ...
+    data: torch.Tensor  # uint8 [rows, row_bytes]
+    shape: tuple[int, int]  # (rows, cols) of the dequantized matrix
+
+    def dequantize(self) -> torch.Tensor:
+        import gguf
+
+        qtype = gguf.GGMLQuantizationType[self.qtype]
+        w = gguf.quants.dequantize(self.data.numpy(), qtype)
+        return torch.from_numpy(w.copy()).view(self.shape)
+
+
+class StoredWeight(Protocol):
+    """A weight kept in a file's own quantized form (GGUF blocks, a quantized checkpoint)."""
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+    def dequantize(self) -> torch.Tensor: ...
+
+
+WeightSource = torch.Tensor | StoredWeight
+
+
+def as_dense(src: WeightSource) -> torch.Tensor:
+    """The fp32 (or checkpoint-dtype) matrix of any weight source."""
+    return src if isinstance(src, torch.Tensor) else src.dequantize()
+
+
+# QLoRA's NormalFloat4: the 16 quantiles of N(0, 1) scaled to [-1, 1], with an exact zero
+# (Dettmers et al. 2023, appendix E; bitsandbytes' table).
+NF4_CODEBOOK = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+])
+QUANT_FORMATS = ("int", "intz", "int8", "nf4")
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A weight of a quantized checkpoint, its codes unpacked (one per element):
+
+    - "int" (bits 3 or 4): asymmetric groups of `group` along K, w = (q - 8) * s + z, q in 0..2^bits-1
+      (the int4 kernel's form; 3-bit codes simply never exceed 7);
+    - "intz" (bits 3 or 4): the same groups with integer zero points zq (uint8), w = (q - zq) * s
+      (AutoGPTQ's and AutoAWQ's grid);
+    - "int8": symmetric per output row, w = q * s, q in -128..127 (group = K);
+    - "nf4": w = NF4_CODEBOOK[q] * s per group (s = the group's absmax); zeros is None.
+    """
+
+    format: str
+    bits: int
+    group: int
+    q: torch.Tensor  # uint8 ("int", "nf4") or int8 [N, K]
+    scales: torch.Tensor  # [N, K / group]; int8: [N]
+    zeros: torch.Tensor | None  # [N, K / group] for "int" (real) and "intz" (integer)
+
+    def __post_init__(self) -> None:
+        if self.format not in QUANT_FORMATS:
+            raise ValueError(f"unknown quantized format {self.format!r} (known: {', '.join(QUANT_FORMATS)})")
+        n, k = self.q.shape
+        groups = (n,) if self.format == "int8" else (n, k // self.group)
+        if k % self.group or tuple(self.scales.shape) != groups:
+            raise ValueError(f"{self.format} tensor {tuple(self.q.shape)}: scales {tuple(self.scales.shape)} do not "
+                             f"match groups of {self.group}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n, k = self.q.shape
+        return n, k
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.q.shape
+        s = self.scales.float()
+        if self.format == "int8":
+            return self.q.float() * s[:, None]
+        if self.format == "nf4":
+            w = NF4_CODEBOOK[self.q.long()].view(n, -1, self.group) * s[..., None]
+            return w.view(n, k)
+        return dequant_groups(self.q, s, self.kernel_zeros(), self.group)
+
+    def kernel_zeros(self) -> torch.Tensor:
+        """The int4 kernel's z of `(q - 8) * s + z` (fp32): the stored zeros, or (8 - zq) * s."""
+        assert self.zeros is not None and self.format in ("int", "intz")
+        if self.format == "intz":
+            return (8 - self.zeros.float()) * self.scales.float()
+        return self.zeros.float()
+
+
+def dequant_groups(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int) -> torch.Tensor:
+    """Codes in the int4 kernel's form, `(q - 8) * s + z` per group of `group` along K, as one matrix."""
+    n, k = q.shape
+    w = (q.float().view(n, k // group, group) - 8) * scales[..., None] + zeros[..., None]
+    return w.view(n, k)
+

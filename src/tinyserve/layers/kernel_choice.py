@@ -1,0 +1,141 @@
+"""Which kernel a quantized linear runs, by the number of rows in the step: packed up to a crossover,
+its dense copy above, the crossover measured on this machine once and cached.
+
+The measurement times every packed linear of the model both ways at growing row counts; its answer
+depends on the machine, the model and the mode, so it is cached under a key naming all of them
+(worker/served_model.py builds it). An answer a busy machine could have produced is neither trusted
+from the cache nor written to it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinyserve.layers.linear import DenseWeight, Linear
+from tinyserve.layers.packed import PackedWeight
+
+log = logging.getLogger(__name__)
+
+
+def packed_weights(model: nn.Module) -> list[tuple[Linear, PackedWeight]]:
+    return [(m, m.impl) for m in model.modules() if isinstance(m, Linear) and isinstance(m.impl, PackedWeight)]
+
+
+def configure_packed_kernels(model: nn.Module, packed_max_rows: int | None, max_step_rows: int, dtype: torch.dtype,
+                             cache: tuple[Path, str] | None = None) -> int:
+    """Packed kernels for steps of up to `packed_max_rows` rows, the dense copies above; what no step can
+    reach is freed (the dense copies, or with 0 the packed weights). None measures the
+    crossover on this machine, once: with `cache` = (json file, key naming model, mode and machine)
+    later starts read the answer instead. An implausible answer (`plausible_crossover`) is neither
+    trusted from the cache nor written to it: it was measured on a busy machine. Returns the threshold."""
+    weights = packed_weights(model)
+    if not weights:
+        return 0
+    rows = packed_max_rows
+    if rows is None:
+        store = _CrossoverCache(cache[0]) if cache else None
+        # the kernels in use are part of the key: a model whose layers gain a packed kernel measures afresh
+        key = f"{cache[1]}|{'+'.join(sorted({str(getattr(w, 'kind', '?')) for _, w in weights}))}" if cache else ""
+        rows = store.get(key) if store else None
+        if rows is not None and not plausible_crossover(rows, dtype):
+            log.info("cached kernel choice (%d rows) is implausible in %s: measuring again", rows, dtype)
+            rows = None
+        if rows is None:
+            rows, timings = choose_packed_max_rows(model, dtype)
+            log.info("packed kernels up to %d rows per step (ms packed/dense by rows: %s)", rows,
+                     ", ".join(f"{m}: {p:.1f}/{d:.1f}" for m, (p, d) in timings.items()))
+            if not plausible_crossover(rows, dtype):
+                log.warning("the packed kernels lost to dense even at one row in %s (a busy machine?): "
+                            "dense for this start, not cached", dtype)
+            elif store:
+                store.put(key, rows)
+    for lin, w in weights:
+        w.packed_max_rows = rows
+        if rows >= max_step_rows:
+            w.dense = None
+        elif rows == 0 and w.dense is not None:  # never packed: keep only the dense copy
+            lin.impl = DenseWeight(w.dense)
+    return rows
+
+
+def plausible_crossover(rows: int, dtype: torch.dtype) -> bool:
+    """With 16-bit activations a packed weight streams 2-4x fewer bytes than its dense copy, so a
+    one-row product (decode: bandwidth bound) must favor it; a measurement that says "dense from one
+    row" (0) was disturbed. In fp32 the packed kernels also convert activations and may lose: any answer."""
+    return rows > 0 or dtype == torch.float32
+
+
+class _CrossoverCache:
+    """Measured crossovers in a small JSON file: {key: rows}."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _read(self) -> dict[str, int]:
+        try:
+            return dict(json.loads(self.path.read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    def get(self, key: str) -> int | None:
+        return self._read().get(key)
+
+    def put(self, key: str, rows: int) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({**self._read(), key: rows}, indent=1, sort_keys=True))
+            tmp.replace(self.path)  # atomic: concurrent starts never read half a file
+        except OSError as e:  # a read-only home is no reason not to serve
+            log.warning("could not cache the kernel choice in %s: %s", self.path, e)
+
+
+def _time_kernels(with_dense: Sequence[tuple[Linear, PackedWeight, torch.Tensor]], xs: dict[int, torch.Tensor],
+                  reps: int) -> tuple[float, float]:
+    """Best-of-`reps` ms for every packed linear one way, then the other, the two interleaved rep by rep so
+    that a burst of load from elsewhere hits both alike rather than one whole side."""
+    best = [float("inf"), float("inf")]
+    for _ in range(reps):
+        for side in (0, 1):
+            start = time.perf_counter()
+            for lin, w, dense in with_dense:
+                w.packed_mm(xs[lin.in_features]) if side == 0 else F.linear(xs[lin.in_features], dense)
+            best[side] = min(best[side], time.perf_counter() - start)
+    return best[0] * 1e3, best[1] * 1e3
+
+
+@torch.inference_mode()
+def choose_packed_max_rows(model: nn.Module, dtype: torch.dtype, candidates: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
+                           reps: int = 5) -> tuple[int, dict[int, tuple[float, float]]]:
+    """Time every packed linear of the model both ways at growing row counts until the dense copy
+    wins; the last count at which packed was faster (0 if it never is). Also returns the timings (ms).
+    Stopping at the first loss bounds the start-up cost (a slow packed kernel loses at once); a loss
+    is measured a second time (best of both) before it stands, so one disturbed sample cannot end it."""
+    weights = packed_weights(model)
+    with_dense = [(lin, w, w.dense) for lin, w in weights if w.dense is not None]
+    if not weights or len(with_dense) < len(weights):
+        return (1 << 30 if weights else 0), {}
+    timings: dict[int, tuple[float, float]] = {}
+    best = 0
+    for m in candidates:
+        xs = {lin.in_features: torch.randn(m, lin.in_features, dtype=dtype, device=dense.device)
+              for lin, _, dense in with_dense}
+        _time_kernels(with_dense, xs, 1)  # warm-up
+        packed, dense = _time_kernels(with_dense, xs, reps)
+        if packed > dense:  # confirm: the best of twice the samples
+            again = _time_kernels(with_dense, xs, reps)
+            packed, dense = min(packed, again[0]), min(dense, again[1])
+        timings[m] = (packed, dense)
+        if packed > dense:
+            break
+        best = m
+    return best, timings

@@ -1,0 +1,206 @@
+"""Owns the model and the KV pool; turns a scheduled batch into flat tensors and runs the forward.
+
+Packing order: decode rows first, then the prefill chunks. A decode row is one query attending
+to its context through the back end's decode kernel; a sequence's span runs as decode rows when it
+is a decode, a decode with drafts (speculation: its last token and the k drafts, one row each, row
+i seeing the context up to itself) or a short span over a cached context (`DECODE_ROWS`: a draft
+model catching up on the tokens its target accepted). Rows of one sequence share its block table;
+the step writes all their K/V before any row attends, so each sees its predecessors. A step of
+decode rows alone can run the compiled graph (engine/compiled.py), speculation included.
+Only the positions that sample get logits: the last one of a sequence whose uncomputed tokens are
+all fed this step, plus one per draft. The LM head (hidden x vocab) is the largest matmul per token,
+and prompt positions need it only for a request that asked for `prompt_logprobs`, which alone pays
+for its rows.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+import torch
+
+from tinyserve.attention.base import AttentionMetadata, BatchLayout, SeqSpan
+from tinyserve.config import ModelConfig
+from tinyserve.models.llama import LlamaForCausalLM
+from tinyserve.worker.compiled import CompiledDecode, decode_forward, dummy_decode_inputs
+
+DECODE_ROWS = 8  # a span over a cached context of at most this many tokens runs as decode rows
+
+
+class Fed(Protocol):
+    """What the runner reads of a sequence: the engine's `Sequence`, or a `SeqView`."""
+
+    token_ids: list[int]
+    num_computed: int
+    block_table: list[int]
+    spec_token_ids: list[int]
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    def prompt_positions_to_score(self, lo: int, hi: int) -> range: ...
+
+
+S = TypeVar("S", bound=Fed)
+
+
+@dataclass(eq=False)
+class SeqView:
+    """A sequence as the runner reads it, with no scheduler behind it: a draft model's record of a
+    target sequence (speculative/draft.py), or a hand-built step of a chosen shape (the lab's probe)."""
+
+    token_ids: list[int]
+    block_table: list[int]
+    num_computed: int = 0
+    spec_token_ids: list[int] = field(default_factory=list)  # rows fed after the last token, if any
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def prompt_positions_to_score(self, lo: int, hi: int) -> range:
+        return range(0)
+
+
+@dataclass
+class PreparedBatch(Generic[S]):
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    sample_idx: torch.Tensor  # [S]: rows of the flat batch whose logits we sample from
+    sampling: list[S]  # the sequences that sample, in that order (1 + len(spec_token_ids) rows each)
+    prompt_idx: torch.Tensor | None  # [R]: rows whose logits score prompt tokens (None: nobody asked)
+    prompt_spans: list[tuple[S, range]]  # the sequences and positions of those R rows, in order
+
+
+@dataclass
+class StepLogits(Generic[S]):
+    """One step's fp32 logits: the rows that sample now, and the prompt positions asked to be scored."""
+
+    logits: torch.Tensor  # [rows, vocab]: 1 + len(spec_token_ids) consecutive rows per sampling sequence
+    sampling: list[S]
+    prompt_logits: torch.Tensor  # [R, vocab]
+    prompt_spans: list[tuple[S, range]]
+
+
+class ModelRunner:
+    def __init__(
+        self, model: LlamaForCausalLM, cfg: ModelConfig, num_blocks: int, block_size: int,
+        dtype: torch.dtype, device: str,
+    ) -> None:
+        self.model = model
+        self.compiled: CompiledDecode | None = None  # runs the pure decode steps once the engine sets it
+        self.block_size = block_size
+        self.device = torch.device(device)
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        # Allocated once; its size is the engine's KV budget. zeros, not empty: padding slots are read
+        # (and masked), and NaN garbage times a zero weight would still be NaN.
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(cfg.num_layers)
+        ]
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches)
+
+    @torch.inference_mode()  # the step's tensors are inference tensors, as the compiled graphs expect
+    def execute(self, seqs: Seq[S], num_tokens: Seq[int]) -> StepLogits[S]:
+        """Run `num_tokens[i]` tokens of each `seqs[i]` (from its `num_computed` on) in one forward; the
+        logits of the sequences that sample now and of the prompt rows asked to be scored."""
+        prepared = self.prepare(seqs, num_tokens)
+        logits, prompt_logits = self.forward(prepared)
+        return StepLogits(logits, prepared.sampling, prompt_logits, prepared.prompt_spans)
+
+    @torch.inference_mode()
+    def forward(self, b: PreparedBatch[S]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of the sampling rows and of the prompt rows, in separate LM-head calls: the sampled
+        rows' numerics never depend on whether a neighbour asked for prompt logprobs."""
+        d = b.meta.decode
+        if self.compiled is not None and d is not None and not b.meta.prefills and b.prompt_idx is None:
+            # A step of decode rows alone: the graph gives every row's logits (catch-up rows too).
+            logits = self.decode(b.input_ids, b.positions, b.meta.slot_mapping, d.block_tables, d.context_lens)
+            if b.sample_idx.shape[0] != logits.shape[0]:
+                logits = logits[b.sample_idx]
+            return logits, logits.new_empty(0)
+        hidden = self.model(b.input_ids, b.positions, self.kv_caches, b.meta)
+        logits = self.model.compute_logits(hidden[b.sample_idx]) if b.sampling else hidden.new_empty(0)
+        if b.prompt_idx is None:
+            return logits, hidden.new_empty(0)
+        return logits, self.model.compute_logits(hidden[b.prompt_idx])
+
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+               block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+        """The fp32 logits of a pure decode step from its tensors: the compiled graph if there is one."""
+        if self.compiled is not None:
+            return self.compiled(input_ids, positions, self.kv_caches, slot_mapping, block_tables, context_lens)
+        return decode_forward(self.model, input_ids, positions, self.kv_caches, slot_mapping, block_tables,
+                              context_lens, self.block_size)
+
+    @torch.inference_mode()
+    def decode_step_seconds(self, rows: list[int], repeats: int = 5) -> dict[int, float]:
+        """Median seconds of a pure decode step of each row count, as served (what speculation weighs its
+        drafts against). Run before serving starts: the dummy rows write into block 0's slot 0."""
+        out = {}
+        for b in rows:
+            args = dummy_decode_inputs(b, self.device, self.model.attention.index_dtype)
+            samples = []
+            for i in range(repeats + 1):  # the first run warms caches
+                start = time.perf_counter()
+                self.decode(*args)
+                if i:
+                    samples.append(time.perf_counter() - start)
+            out[b] = statistics.median(samples)
+        return out
+
+    def prepare(self, seqs: Seq[S], num_tokens: Seq[int]) -> PreparedBatch[S]:
+        """Pack the spans into flat tensors (token ids, positions, KV slots); the attention back end
+        turns the layout into its own metadata."""
+        rows = [self._as_rows(seqs[i], n) for i, n in enumerate(num_tokens)]
+        order = sorted(range(len(seqs)), key=lambda i: not rows[i])  # decode rows first
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_idx: list[int] = []
+        prompt_idx: list[int] = []
+        sampling: list[S] = []
+        prompt_spans: list[tuple[S, range]] = []
+        decodes: list[SeqSpan] = []
+        prefills: list[SeqSpan] = []
+        bs = self.block_size
+        for i in order:
+            seq, n = seqs[i], num_tokens[i]
+            start, lo, hi = len(input_ids), seq.num_computed, seq.num_computed + n
+            table, spec = seq.block_table, seq.spec_token_ids
+            input_ids += seq.token_ids[lo:hi] if not spec else seq.token_ids[lo:] + spec[: hi - seq.num_tokens]
+            positions += range(lo, hi)
+            slots += [table[p // bs] * bs + p % bs for p in range(lo, hi)]
+            if rows[i]:
+                decodes += [SeqSpan(start + j, 1, lo + j, table) for j in range(n)]
+            else:
+                prefills.append(SeqSpan(start, n, lo, table))
+            if hi == seq.num_tokens + len(spec):  # every token fed: the last one samples, and each draft
+                sample_idx += range(start + n - 1 - len(spec), start + n)
+                sampling.append(seq)
+            if scored := seq.prompt_positions_to_score(lo, hi):
+                prompt_idx += [start + p - lo for p in scored]
+                prompt_spans.append((seq, scored))
+        meta = self.model.attention.build(BatchLayout(decodes, prefills, self._tensor(slots), bs, self.device))
+        return PreparedBatch(self._tensor(input_ids), self._tensor(positions), meta, self._tensor(sample_idx), sampling,
+                             self._tensor(prompt_idx) if prompt_idx else None, prompt_spans)
+
+    @staticmethod
+    def _as_rows(seq: Fed, n: int) -> bool:
+        """Whether a span runs as decode rows (see the module docstring); prompt scoring needs the
+        prefill path's every position anyway."""
+        if n == 1 or seq.spec_token_ids:
+            return True
+        return seq.num_computed > 0 and n <= DECODE_ROWS and not seq.prompt_positions_to_score(seq.num_computed,
+                                                                                             seq.num_computed + n)
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)

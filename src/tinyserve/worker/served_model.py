@@ -1,0 +1,72 @@
+"""A model made ready to serve: loaded in its weight mode, its packed/dense crossover chosen, its KV
+pool allocated, its decode step compiled. The engine's target is one; a speculative draft model
+(speculative/draft.py) is another, built the same way with its own pool."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tinyserve.attention import select_backend
+from tinyserve.attention.base import AttentionBackend
+from tinyserve.config import EngineConfig, ModelConfig
+from tinyserve.layers import resolve_quantization
+from tinyserve.layers.kernel_choice import configure_packed_kernels, packed_weights
+from tinyserve.layers.linear import DenseWeight, Linear
+from tinyserve.models.llama import LlamaForCausalLM
+from tinyserve.models.loader import ModelSource, load_model
+from tinyserve.system import cache_dir, cpu_model
+from tinyserve.worker.compiled import CompiledDecode
+from tinyserve.worker.runner import ModelRunner
+
+
+@dataclass
+class ServedModel:
+    model: LlamaForCausalLM
+    runner: ModelRunner
+    attention: AttentionBackend
+    quantization: str  # the resolved weight mode
+    packed_max_rows: int
+    compile_seconds: float
+
+
+def serve_model(config: EngineConfig, src: ModelSource, mc: ModelConfig, quantization: str, max_len: int,
+                num_blocks: int, max_decode_rows: int) -> ServedModel:
+    """Load `src` for serving under `config` (dtype, device, attention, packed kernels, eager or not);
+    `max_decode_rows`: the most rows a pure decode step can have (the compiled regimes cover them)."""
+    dtype, device = config.torch_dtype, config.device
+    resolved = resolve_quantization(quantization, src.stored_form, dtype, device)
+    attention = select_backend(config.attention_backend, device)
+    model = load_model(src, mc, max_len, dtype, device, resolved, config.quant_group_size, attention)
+    # The packed/dense crossover depends on the machine, the model and the mode: measured once, cached.
+    machine = f"{cpu_model()}|{config.device}|{config.num_threads} threads|torch {torch.__version__}"
+    key = f"{src.path}|{resolved}|g{config.quant_group_size}|{dtype}|{machine}"
+    packed_max_rows = configure_packed_kernels(model, config.packed_max_rows, config.max_num_batched_tokens, dtype,
+                                                cache=(cache_dir() / "kernel-choice.json", key))
+    runner = ModelRunner(model, mc, num_blocks, config.block_size, dtype, device)
+    seconds = 0.0
+    if not config.enforce_eager:
+        runner.compiled, seconds = _compile_decode(model, runner, config.block_size, attention, packed_max_rows,
+                                                   max_decode_rows)
+    return ServedModel(model, runner, attention, resolved, packed_max_rows, seconds)
+
+
+def _compile_decode(model: LlamaForCausalLM, runner: ModelRunner, block_size: int, attention: AttentionBackend,
+                    packed_max_rows: int, top: int) -> tuple[CompiledDecode, float]:
+    """The compiled decode step, warmed up at start-up for every batch-size regime: 1 up to the
+    quantized linears' packed/dense crossover, and above it. The packed regime is warmed at both
+    ends: a graph found in inductor's on-disk cache keeps the batch range it was compiled under, so
+    one from a run that measured a lower crossover would leave the batches between the two
+    crossovers uncovered (they would run eager)."""
+    sizes = {1, 2}  # 2: a PyTorch that specializes batch 1 gives 2+ a graph of their own
+    dense = any(w.dense is not None for _, w in packed_weights(model))
+    if dense:
+        sizes |= {packed_max_rows, packed_max_rows + 1}  # the last packed batch, the first dense one
+    # A dense 16-bit linear in the compiled graph rounds one row differently from several; fp32's
+    # dense GEMM has no row count that agrees with another, so it gains nothing from two rows.
+    one_row_dense = runner.kv_caches[0][0].dtype != torch.float32 and any(
+        isinstance(m, Linear) and isinstance(m.impl, DenseWeight) for m in model.modules())
+    compiled = CompiledDecode(model, block_size, packed_max_rows if dense else None, two_row_minimum=one_row_dense)
+    seconds = compiled.warm_up(runner.kv_caches, attention.index_dtype, sorted(b for b in sizes if b <= top))
+    return compiled, seconds

@@ -1,0 +1,31 @@
+"""The lab's subcommands of `tinyserve`, found by the engine's CLI through the `tinyserve.commands`
+entry points (pyproject.toml). Names and help only: each instrument's module is imported when it runs."""
+
+from __future__ import annotations
+
+from tinyserve.cli import Command
+
+BENCH = Command("benchmarks: offline sweeps, online serving load, peers, quality, quantization, soak", subcommands={
+    "offline": Command("batch x input x output sweep vs transformers", "tinyserve_lab.offline",
+                       "add_offline_args", "run_offline"),
+    "serve": Command("load generator against any OpenAI-compatible URL", "tinyserve_lab.serve_bench",
+                     "add_serve_bench_args", "run_serve_benchmark"),
+    "peers": Command("same workload vs baseline, llama.cpp, vLLM, ORT GenAI, OpenVINO", "tinyserve_lab.peers",
+                     "add_peers_args", "run_peers"),
+    "all": Command("every instrument, then the report (make bench)", "tinyserve_lab.suite", "add_suite_args",
+                   "run_suite"),
+    "kv-math": Command("KV-cache bytes per token/request, checked against the engine's pool", "tinyserve_lab.kv_math",
+                       "add_kv_math_args", "run_kv_math"),
+    "quality": Command("perplexity, KLD, greedy agreement vs fp32, memory, speed per precision mode",
+                       "tinyserve_lab.quality", "add_quality_args", "run_quality"),
+    "quant": Command("the quantization table: method x bits x group, quality / bytes / speed",
+                     "tinyserve_lab.quant_table", "add_quant_args", "run_quant"),
+    "soak": Command("minutes of mixed load with disconnects against a server on 127.0.0.1: nothing lost, KV back "
+                    "to 0, RSS bounded (exit 1 if not)", "tinyserve_lab.soak", "add_soak_args", "soak_exit_code"),
+})
+QUANTIZE = Command("RTN / GPTQ / AWQ / NF4 weights -> a model directory the engine serves packed",
+                   "tinyserve_lab.quantize.pipeline", "add_quantize_args", "run_quantize")
+PROFILE = Command("op tables, step split and roofline for prefill/decode", "tinyserve_lab.profile",
+                  "add_profile_args", "run_profile")
+REPORT = Command("plots + SUMMARY.md from every result JSON under --results", "tinyserve_lab.report",
+                 "add_report_args", "run_report")
