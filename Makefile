@@ -9,7 +9,7 @@ TORCH   ?= torch==2.13.0
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 
-.PHONY: install serve generate test bench bench-full peers clean
+.PHONY: install serve generate lint test test-fast bench bench-full peers clean
 
 install: $(STAMP)
 
@@ -27,10 +27,18 @@ serve: install
 generate: install
 	$(BIN)/tinyserve generate "Write a haiku about paged attention." --max-tokens 64 --chat
 
-test: install
+lint: install
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/mypy src
+	$(BIN)/python scripts/check_imports.py
+
+# The whole suite: what CI runs.
+test: lint
 	$(BIN)/python -m pytest -q tests
+
+# The edit-run loop: everything but the tier marked slow (real servers, the real model, compiles).
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 # Peers for side-by-side serving runs (llama.cpp built from source, vLLM for CPU), into .peers/.
 peers: install

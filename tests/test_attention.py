@@ -113,3 +113,43 @@ def test_engine_same_answers_with_every_backend(tmp_path, restore_torch_threads)
         for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
             assert abs(la.logprob - lb.logprob) < 1e-4
             assert [t for t, _ in la.top] == [t for t, _ in lb.top]
+
+
+def test_a_back_end_added_with_one_decorator_serves_and_is_a_flag(tiny_llama_dir, restore_torch_threads):
+    """What adding a back end takes: an `AttentionBackend` subclass and one decorated factory. This one
+    attends each decode with a Python loop over its context (the plainest correct thing): served through
+    the whole engine it gives the built-in back ends' greedy tokens, and `--attention-backend` offers it."""
+    import argparse
+
+    from tinyserve.attention.base import DecodeMeta, gather_blocks
+    from tinyserve.engine_args import add_engine_args
+
+    class LoopBackend(AttentionBackend):
+        name = "loop"
+
+        def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMeta,
+                   scale: float) -> torch.Tensor:
+            out = []
+            for i in range(q.shape[0]):
+                n, table = int(meta.context_lens[i]), meta.block_tables[i : i + 1]
+                k, v = (gather_blocks(c, table)[0, :, :n].repeat_interleave(q.shape[1] // c.shape[2], 0)
+                        for c in (k_cache, v_cache))
+                out.append(((q[i, :, None] @ k.transpose(1, 2)) * scale).softmax(-1) @ v)
+            return torch.stack(out)[:, :, 0]
+
+    @ATTENTION_BACKENDS.register("loop")
+    def _loop(device: str) -> AttentionBackend:
+        """a Python loop over each decode's context"""
+        return LoopBackend()
+
+    try:
+        p = argparse.ArgumentParser()
+        add_engine_args(p)
+        assert p.parse_args(["--attention-backend", "loop"]).attention_backend == "loop"
+        prompts = [list(range(100, 140)), [7, 8, 9]]
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        got = LLM(str(tiny_llama_dir), attention_backend="loop", **TINY).generate(prompts, params)
+        want = LLM(str(tiny_llama_dir), attention_backend="sdpa", **TINY).generate(prompts, params)
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    finally:
+        del ATTENTION_BACKENDS._entries["loop"]

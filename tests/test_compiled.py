@@ -15,6 +15,8 @@ from tinyserve_lab.probe import next_token_logits
 
 from conftest import TINY
 
+pytestmark = pytest.mark.slow  # every test here compiles graphs (a minute of the suite)
+
 EAGER = TINY
 COMPILED = {**TINY, "enforce_eager": False}
 

@@ -61,9 +61,9 @@ def _spy(llm, monkeypatch):
     batches = []
     real = llm.engine.runner.execute
 
-    def spy(batch):
-        batches.append([(s.request_id, n, s.num_computed) for s, n in zip(batch.seqs, batch.num_tokens)])
-        return real(batch)
+    def spy(seqs, num_tokens):
+        batches.append([(s.request_id, n, s.num_computed) for s, n in zip(seqs, num_tokens)])
+        return real(seqs, num_tokens)
 
     monkeypatch.setattr(llm.engine.runner, "execute", spy)
     return batches
@@ -363,11 +363,11 @@ def test_step_failure_fails_that_batch_frees_blocks_and_engine_recovers(tiny_lla
     real = small.engine.runner.execute
     calls = {"n": 0}
 
-    def flaky(batch):
+    def flaky(seqs, num_tokens):
         calls["n"] += 1
         if calls["n"] == 3:  # mid-decode of the first request; the second is still waiting
             raise RuntimeError("injected failure")
-        return real(batch)
+        return real(seqs, num_tokens)
 
     monkeypatch.setattr(small.engine.runner, "execute", flaky)
     outs = small.generate([PROMPT, "x y z"], SamplingParams(max_tokens=8, **GREEDY))
@@ -382,7 +382,7 @@ def test_step_failure_fails_that_batch_frees_blocks_and_engine_recovers(tiny_lla
 def test_step_failure_error_is_recorded(tiny_llama_dir, monkeypatch):
     small = LLM(str(tiny_llama_dir), **TINY, num_kv_blocks=16, block_size=4)
     e = small.engine
-    monkeypatch.setattr(e.runner, "execute", lambda batch: (_ for _ in ()).throw(ValueError("boom")))
+    monkeypatch.setattr(e.runner, "execute", lambda seqs, num_tokens: (_ for _ in ()).throw(ValueError("boom")))
     seqs = e.add_request("r", PROMPT, SamplingParams(n=2, max_tokens=4, **GREEDY))
     done = e.step()
     assert set(done) == set(seqs) and all(s.finish_reason == "error" and "boom" in s.error for s in seqs)

@@ -243,7 +243,7 @@ def test_a_failed_request_leaves_nothing_findable(tiny_llama_dir, monkeypatch):
     e.add_request("x", prompt, SamplingParams(max_tokens=8, **GREEDY))
     e.step()  # the prompt's 3 full blocks are cached
     assert e.blocks.num_cached == 3
-    monkeypatch.setattr(e.runner, "execute", lambda batch: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(e.runner, "execute", lambda seqs, num_tokens: (_ for _ in ()).throw(RuntimeError("boom")))
     (seq,) = e.step()
     assert seq.finish_reason == "error" and e.blocks.num_cached == 0
     e.pop_output("x")

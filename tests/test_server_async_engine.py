@@ -125,11 +125,11 @@ def test_step_failure_fails_requests_and_keeps_serving(engine, aengine, monkeypa
     calls = {"n": 0}
     real = engine.runner.execute
 
-    def flaky(batch):
+    def flaky(seqs, num_tokens):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("boom")
-        return real(batch)
+        return real(seqs, num_tokens)
 
     monkeypatch.setattr(engine.runner, "execute", flaky)
 
