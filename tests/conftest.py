@@ -79,6 +79,11 @@ def bundled_llm():
     return LLM(dtype="float32", enforce_eager=True)
 
 
+def top_logprobs(entry: dict, n: int) -> list[tuple[int, float]]:
+    """The top n of a vLLM-shaped logprobs entry (token id -> Logprob), most likely first: (token id, logprob)."""
+    return [(t, lp.logprob) for t, lp in sorted(entry.items(), key=lambda kv: kv[1].rank) if lp.rank <= n]
+
+
 def server_metric(url: str, name: str, label: str = "") -> float:
     """The sum of the Prometheus series `name` at url/metrics over its label sets that contain `label`."""
     import httpx

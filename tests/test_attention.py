@@ -12,7 +12,7 @@ from tinyserve import LLM, SamplingParams
 from tinyserve.attention import ATTENTION_BACKENDS, select_backend
 from tinyserve.attention.base import AttentionBackend, BatchLayout, SeqSpan
 
-from conftest import TINY, make_tiny_checkpoint
+from conftest import TINY, make_tiny_checkpoint, top_logprobs
 
 BS = 4  # small blocks: contexts straddle many of them
 
@@ -110,9 +110,9 @@ def test_engine_same_answers_with_every_backend(tmp_path, restore_torch_threads)
         results[name] = llm.generate(prompts, params)
     for a, b in zip(*results.values()):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
-            assert abs(la.logprob - lb.logprob) < 1e-4
-            assert [t for t, _ in la.top] == [t for t, _ in lb.top]
+        for tok, la, lb in zip(a.outputs[0].token_ids, a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert abs(la[tok].logprob - lb[tok].logprob) < 1e-4
+            assert [t for t, _ in top_logprobs(la, 3)] == [t for t, _ in top_logprobs(lb, 3)]
 
 
 def test_a_back_end_added_with_one_decorator_serves_and_is_a_flag(tiny_llama_dir, restore_torch_threads):

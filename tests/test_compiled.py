@@ -41,8 +41,8 @@ def test_compiled_equals_eager_and_never_recompiles(tiny_llama_dir, restore_torc
     assert counters["stats"]["unique_graphs"] == graphs, "a decode step compiled after warm-up"
     for a, b in zip(ref, got):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
-            assert la.logprob == pytest.approx(lb.logprob, abs=1e-4)
+        for tok, la, lb in zip(a.outputs[0].token_ids, a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert la[tok].logprob == pytest.approx(lb[tok].logprob, abs=1e-4)
 
 
 def test_greedy_equals_transformers_with_compilation(tiny_llama_dir, restore_torch_threads):
@@ -97,8 +97,8 @@ def test_packed_and_dense_regimes_each_have_a_graph(tiny_llama_dir, restore_torc
     ref = eager.generate(prompts, params) + eager.generate(prompts[:2], params)
     for a, b in zip(ref, got):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
-            assert la.logprob == pytest.approx(lb.logprob, abs=1e-4)
+        for tok, la, lb in zip(a.outputs[0].token_ids, a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert la[tok].logprob == pytest.approx(lb[tok].logprob, abs=1e-4)
 
 
 def test_speculation_runs_on_the_warmed_graphs(tiny_llama_dir, restore_torch_threads):

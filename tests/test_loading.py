@@ -43,6 +43,6 @@ def test_reduced_precision_tracks_float32(tiny_llama_dir, dtype):
     kw = dict(kv_cache_memory_gb=0.01, enforce_eager=True)
     ref = LLM(str(tiny_llama_dir), dtype="float32", **kw).generate(prompt, params)[0]
     low = LLM(str(tiny_llama_dir), dtype=dtype, **kw).generate(prompt, params)[0]
-    first_ref, first_low = ref.outputs[0].logprobs[0], low.outputs[0].logprobs[0]
-    assert first_low.token_id == first_ref.token_id
-    assert abs(first_low.logprob - first_ref.logprob) < 0.1
+    tok = ref.outputs[0].token_ids[0]
+    assert low.outputs[0].token_ids[0] == tok
+    assert abs(low.outputs[0].logprobs[0][tok].logprob - ref.outputs[0].logprobs[0][tok].logprob) < 0.1

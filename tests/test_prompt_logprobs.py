@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from tinyserve import LLM, SamplingParams
+from tinyserve.engine.sequence import TokenLogprobs
 from tinyserve.outputs import Logprob
 from tinyserve.server import openai_format as fmt
+from tinyserve.tokenizer import TokenText
 from tinyserve_lab.launcher import ServerProcess
 
-from conftest import TINY  # noqa: E402  (one engine thread for tiny models)
+from conftest import TINY, top_logprobs  # noqa: E402  (one engine thread for tiny models)
 
 pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
@@ -36,16 +38,21 @@ def reference(tiny_llama_dir):
     return ref
 
 
-def assert_matches(entries: list[Logprob | None], prompt: list[int], ref: torch.Tensor, top_n: int) -> None:
-    """One entry per prompt token, the first None; entry i is prompt[i]'s logprob after prompt[:i]."""
+def assert_matches(entries: list[dict[int, Logprob] | None], prompt: list[int], ref: torch.Tensor,
+                   top_n: int) -> None:
+    """vLLM's shape: one entry per prompt token, the first None; entry i maps prompt[i] (its logprob after
+    prompt[:i] and its rank) and the top N to their Logprobs."""
     assert len(entries) == len(prompt) and entries[0] is None
-    for i, lp in enumerate(entries[1:], 1):
-        row = ref[i - 1]
-        assert lp.token_id == prompt[i]
-        assert lp.logprob == pytest.approx(row[prompt[i]].item(), abs=ATOL)
-        top_ids = [t for t, _ in lp.top]
+    for i, entry in enumerate(entries[1:], 1):
+        assert entry is not None
+        row, own = ref[i - 1], entry[prompt[i]]
+        assert own.logprob == pytest.approx(row[prompt[i]].item(), abs=ATOL)
+        v = row[prompt[i]].item()  # its rank among transformers' logprobs, up to ties within ATOL
+        assert int((row > v + ATOL).sum()) + 1 <= own.rank <= int((row >= v - ATOL).sum())
+        top = top_logprobs(entry, top_n)
+        top_ids = [t for t, _ in top]
         assert top_ids == row.topk(top_n).indices.tolist()
-        torch.testing.assert_close(torch.tensor([v for _, v in lp.top]), row[top_ids], rtol=0, atol=ATOL)
+        torch.testing.assert_close(torch.tensor([v for _, v in top]), row[top_ids], rtol=0, atol=ATOL)
 
 
 def test_prompt_logprobs_equal_transformers(tiny_llama_dir, reference):
@@ -109,8 +116,8 @@ def test_bad_values_name_the_field(bad):
 
 
 def test_wire_shapes():
-    text = fmt.TokenText(type("Tok", (), {"decode": lambda self, ids, **_: {1: "a", 2: "b", 3: "c"}[ids[0]]})())
-    lps = [None, Logprob(2, -1.5, [(3, -0.5), (2, -1.5)]), Logprob(3, -float("inf"), [(1, -0.1)])]
+    text = TokenText(type("Tok", (), {"decode": lambda self, ids, **_: {1: "a", 2: "b", 3: "c"}[ids[0]]})())
+    lps = [None, TokenLogprobs(2, -1.5, 2, [(3, -0.5), (2, -1.5)]), TokenLogprobs(3, -float("inf"), 40, [(1, -0.1)])]
     legacy, end = fmt.completion_logprobs(lps, text, 0, [1, 2, 3])
     assert (legacy.tokens, legacy.text_offset, end) == (["a", "b", "c"], [0, 1, 2], 3)
     assert legacy.token_logprobs == [None, -1.5, -9999.0] and legacy.top_logprobs[0] is None
@@ -118,7 +125,7 @@ def test_wire_shapes():
     assert vllm[0] is None
     assert {t: (e.logprob, e.rank, e.decoded_token) for t, e in vllm[1].items()} == {
         2: (-1.5, 2, "b"), 3: (-0.5, 1, "c")}
-    assert {t: (e.logprob, e.rank) for t, e in vllm[2].items()} == {3: (-9999.0, None), 1: (-0.1, 1)}
+    assert {t: (e.logprob, e.rank) for t, e in vllm[2].items()} == {3: (-9999.0, 40), 1: (-0.1, 1)}
 
 
 # -- the real server ------------------------------------------------------------------------------------

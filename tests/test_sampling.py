@@ -11,7 +11,7 @@ import torch
 from tinyserve import LLM, SamplingParams
 from tinyserve.engine.sampler import Sampler, apply_penalties, filter_logits
 
-from conftest import TINY  # noqa: E402  (one engine thread for tiny models)
+from conftest import TINY, top_logprobs  # noqa: E402  (one engine thread for tiny models)
 
 pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
@@ -202,10 +202,10 @@ def test_greedy_ignores_seed_and_is_argmax(llm):
     ]
     assert _ids(outs[0]) == _ids(outs[1]) == _ids(outs[2])
     for tok, lp in zip(_ids(outs[0]), outs[0].outputs[0].logprobs):
-        assert lp.token_id == tok
-        assert lp.top[0][0] == tok  # the raw distribution's argmax
-        assert lp.logprob == pytest.approx(lp.top[0][1])
-        assert len(lp.top) == 3 and lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1]
+        top = top_logprobs(lp, 3)
+        assert top[0][0] == tok and lp[tok].rank == 1  # the raw distribution's argmax
+        assert lp[tok].logprob == pytest.approx(top[0][1])
+        assert len(top) == 3 and top[0][1] >= top[1][1] >= top[2][1]
 
 
 # -- the support of top-k / top-p / min-p, sampled many times --------------------------------
@@ -213,7 +213,7 @@ def test_greedy_ignores_seed_and_is_argmax(llm):
 def top20(llm):
     """The raw next-token distribution's top 20 (ids, probabilities) after PROMPT."""
     out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=1, logprobs=20))[0]
-    top = out.outputs[0].logprobs[0].top
+    top = top_logprobs(out.outputs[0].logprobs[0], 20)
     assert len(top) == 20
     ids = [t for t, _ in top]
     probs = [math.exp(lp) for _, lp in top]
@@ -246,7 +246,7 @@ def test_top_k_support(llm, top20, k):
     if k > 1:
         assert len(set(tokens)) > 1
     # the reported logprobs are the raw model's, whatever the filter
-    assert [t for t, _ in out.outputs[5].logprobs[0].top] == ids
+    assert [t for t, _ in top_logprobs(out.outputs[5].logprobs[0], 20)] == ids
 
 
 def test_top_p_support(llm, top20):
@@ -288,7 +288,7 @@ def test_presence_and_frequency_penalties_through_the_engine(llm):
     assert c.finish_reason == "length" and len(c.token_ids) == 12
     for i, (tok, lp) in enumerate(zip(c.token_ids, c.logprobs)):
         seen = c.token_ids[:i]
-        scores = {t: v - freq * seen.count(t) - pres * (t in seen) for t, v in lp.top}
+        scores = {t: v - freq * seen.count(t) - pres * (t in seen) for t, v in top_logprobs(lp, 20)}
         assert tok == max(scores, key=scores.get)
     plain = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0]
     assert plain.token_ids[0] == c.token_ids[0]  # nothing generated yet: no penalty on the first token

@@ -44,6 +44,20 @@ def load_tokenizer(src: ModelSource, override: str | None = None, eos_token_ids:
     return Tokenizer(AutoTokenizer.from_pretrained(override or str(src.path)), eos_token_ids)
 
 
+class TokenText:
+    """Token id -> the text it stands for (special tokens included), cached: logprobs need it per token."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tok = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        s = self._cache.get(token_id)
+        if s is None:
+            s = self._cache[token_id] = self._tok.decode([token_id], skip_special_tokens=False)
+        return s
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas that never split a UTF-8 character.
 

@@ -22,15 +22,15 @@ from tinyserve.engine.output import request_output
 from tinyserve.engine.policy import SchedulingPolicy
 from tinyserve.engine.sampler import Sampler, prompt_logprobs
 from tinyserve.engine.scheduler import ScheduledBatch, Scheduler
-from tinyserve.engine.sequence import Sequence
+from tinyserve.engine.sequence import Sequence, TokenLogprobs
 from tinyserve.kv.block_manager import BlockManager
 from tinyserve.layers import QUANTIZATION
 from tinyserve.models.loader import model_config, resolve_model
-from tinyserve.outputs import Logprob, RequestOutput
+from tinyserve.outputs import RequestOutput
 from tinyserve.sampling import SamplingParams
 from tinyserve.speculative.decoder import SpecDecoder
 from tinyserve.speculative.target import Target
-from tinyserve.tokenizer import IncrementalDetokenizer, load_tokenizer
+from tinyserve.tokenizer import IncrementalDetokenizer, TokenText, load_tokenizer
 from tinyserve.worker.runner import DECODE_ROWS
 from tinyserve.worker.served_model import serve_model
 
@@ -70,6 +70,7 @@ class LLMEngine:
         self.model_name = src.name
         self.model_config = mc = model_config(src)
         self.tokenizer = load_tokenizer(src, config.tokenizer, mc.eos_token_ids)
+        self.token_text = TokenText(self.tokenizer)  # the decoded_token of logprobs
         dtype = config.torch_dtype
 
         bs = config.block_size
@@ -201,7 +202,7 @@ class LLMEngine:
     def pop_output(self, request_id: str) -> RequestOutput:
         """The request's output; forgets the request once it has finished."""
         seqs = self.requests[request_id]
-        out = request_output(request_id, seqs)
+        out = request_output(request_id, seqs, self.token_text)
         if out.finished:
             del self.requests[request_id]
         return out
@@ -297,7 +298,7 @@ class LLMEngine:
                 self._fail(seq, e)
         return out.sampling
 
-    def _commit_speculation(self, seq: Sequence, tokens: list[int], logprobs: list[Logprob | None]) -> None:
+    def _commit_speculation(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprobs | None]) -> None:
         """Emit a verified run: the accepted drafts then the target's own token, each through the stop
         checks (a stop ends the run there: nothing after it is emitted). The K/V that stays is the
         last token's and the accepted drafts'; the rejected drafts' slots are given back."""
@@ -326,13 +327,14 @@ class LLMEngine:
         seq.finish("error")
         self.scheduler.finish(seq)
 
-    def _append(self, seq: Sequence, token: int, logprob: Logprob | None) -> None:
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprobs | None) -> None:
         reason = self._add_token(seq, token, logprob)
         if reason is not None:
             seq.finish(*reason)
             self.scheduler.finish(seq)
 
-    def _add_token(self, seq: Sequence, token: int, logprob: Logprob | None) -> tuple[str, int | str | None] | None:
+    def _add_token(self, seq: Sequence, token: int,
+                   logprob: TokenLogprobs | None) -> tuple[str, int | str | None] | None:
         """Append one token and its text; why the sequence must stop now, if it must."""
         seq.token_ids.append(token)
         seq.output_token_ids.append(token)

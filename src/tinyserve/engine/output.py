@@ -8,10 +8,11 @@ on whichever thread owns the engine; what it returns is detached from the sequen
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tinyserve.engine.sequence import Sequence
-from tinyserve.outputs import CompletionOutput, Logprob, RequestOutput
+from tinyserve.engine.sequence import Sequence, TokenLogprobs
+from tinyserve.outputs import CompletionOutput, RequestOutput
 
 
 @dataclass(frozen=True)
@@ -21,23 +22,25 @@ class SeqDelta:
     index: int
     text: str
     token_ids: list[int]
-    logprobs: list[Logprob]
+    logprobs: list[TokenLogprobs]
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" once finished
     stop_reason: int | str | None = None
     error: str | None = None
-    # When asked for: the prompt's logprobs (RequestOutput's shape), once, with the first token (the
-    # prompt is fully scored by the step that samples it).
-    prompt_logprobs: list[Logprob | None] | None = None
+    # When asked for: the prompt's logprobs, one per prompt token (the first None), once, with the first
+    # token (the prompt is fully scored by the step that samples it).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
-def prompt_logprobs(seq: Sequence) -> list[Logprob | None] | None:
-    """A sequence's prompt logprobs scored so far, in `RequestOutput.prompt_logprobs`' shape; None unless asked."""
+def prompt_logprobs(seq: Sequence) -> list[TokenLogprobs | None] | None:
+    """A sequence's prompt logprobs scored so far, the first prompt token's None; None unless asked."""
     return None if seq.params.prompt_logprobs is None else [None, *seq.prompt_logprobs]
 
 
-def request_output(request_id: str, seqs: list[Sequence]) -> RequestOutput:
-    """The request's n sequences as one `RequestOutput` (its prompt logprobs are the first sample's)."""
+def request_output(request_id: str, seqs: list[Sequence], text: Callable[[int], str]) -> RequestOutput:
+    """The request's n sequences as one `RequestOutput` (its prompt logprobs are the first sample's), the
+    logprobs in vLLM's shape (`text` decodes each token they name)."""
     first = seqs[0]
+    scored = prompt_logprobs(first)
     return RequestOutput(
         request_id=request_id,
         prompt=first.prompt,
@@ -49,12 +52,12 @@ def request_output(request_id: str, seqs: list[Sequence]) -> RequestOutput:
                 token_ids=list(s.output_token_ids),
                 finish_reason=s.finish_reason,
                 stop_reason=s.stop_reason,
-                logprobs=list(s.logprobs) if s.params.logprobs is not None else None,
+                logprobs=[lp.as_vllm(text) for lp in s.logprobs] if s.params.logprobs is not None else None,
             )
             for s in seqs
         ],
         finished=all(s.finished for s in seqs),
-        prompt_logprobs=prompt_logprobs(first),
+        prompt_logprobs=None if scored is None else [None if lp is None else lp.as_vllm(text) for lp in scored],
         num_cached_tokens=first.num_cached_tokens or 0,
     )
 

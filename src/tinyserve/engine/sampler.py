@@ -15,8 +15,7 @@ from collections.abc import Sequence as Sequence_
 
 import torch
 
-from tinyserve.engine.sequence import Sequence
-from tinyserve.outputs import Logprob
+from tinyserve.engine.sequence import Sequence, TokenLogprobs
 from tinyserve.sampling import SamplingParams
 from tinyserve.speculative.verify import accept_greedy, accept_sampled
 
@@ -35,16 +34,18 @@ def apply_penalties(logits: torch.Tensor, seq: Sequence, extra: Sequence_[int] =
         logits -= p.frequency_penalty * counts[: logits.shape[0]] + p.presence_penalty * (counts[: logits.shape[0]] > 0)
 
 
-def token_logprobs(logprobs: torch.Tensor, tokens: list[int], top_ns: list[int]) -> list[Logprob]:
-    """Row i of a log-softmaxed [R, vocab] tensor as a Logprob: tokens[i]'s value and the top top_ns[i].
-    One gather and one topk for all rows: prompt scoring asks for hundreds at once."""
-    picked = logprobs.gather(-1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
+def token_logprobs(logprobs: torch.Tensor, tokens: list[int], top_ns: list[int]) -> list[TokenLogprobs]:
+    """Row i of a log-softmaxed [R, vocab] tensor: tokens[i]'s value and rank, and the top top_ns[i].
+    One gather, one comparison and one topk for all rows: prompt scoring asks for hundreds at once.
+    A token's rank counts the tokens at least as likely as it, itself included (vLLM's)."""
+    picked = logprobs.gather(-1, torch.tensor(tokens, device=logprobs.device)[:, None])
+    ranks = (logprobs >= picked).sum(-1).tolist()
     vals, ids = (t.tolist() for t in logprobs.topk(max(top_ns), -1))
-    return [Logprob(tok, lp, list(zip(ids[i][:n], vals[i][:n])))
-            for i, (tok, lp, n) in enumerate(zip(tokens, picked, top_ns))]
+    return [TokenLogprobs(tok, lp, rank, list(zip(ids[i][:n], vals[i][:n])))
+            for i, (tok, lp, rank, n) in enumerate(zip(tokens, picked[:, 0].tolist(), ranks, top_ns))]
 
 
-def prompt_logprobs(logits: torch.Tensor, spans: list[tuple[Sequence, range]]) -> list[list[Logprob]]:
+def prompt_logprobs(logits: torch.Tensor, spans: list[tuple[Sequence, range]]) -> list[list[TokenLogprobs]]:
     """Per span, the Logprobs of the prompt tokens its positions score (position p scores token p + 1)."""
     if not spans:
         return []
@@ -77,7 +78,7 @@ class Sampler:
         self.eos_token_ids = list(eos_token_ids)
         self.generator = torch.Generator(device=device).manual_seed(seed)  # for unseeded requests
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[Logprob | None]]:
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprobs | None]]:
         """One token per row (row i is seqs[i]'s next position)."""
         tokens, lps = self.sample(logits, seqs, [[] for _ in seqs], [None] * len(seqs))
         return [t[0] for t in tokens], [lp[0] for lp in lps]
@@ -86,7 +87,7 @@ class Sampler:
     # allows only inside inference mode.
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]],
-               draft_probs: list[torch.Tensor | None]) -> tuple[list[list[int]], list[list[Logprob | None]]]:
+               draft_probs: list[torch.Tensor | None]) -> tuple[list[list[int]], list[list[TokenLogprobs | None]]]:
         """The tokens each sequence emits this step. Sequence i owns 1 + len(drafts[i]) consecutive
         rows: its next position, then one per draft (verified by spec/verify.py; `draft_probs[i]` is
         the draft's distribution per draft, None for a point mass). A plain sequence emits one token,
@@ -128,9 +129,9 @@ class Sampler:
         return tokens, self._logprobs(raw_logprobs, want_lp, rows, seqs, tokens)
 
     def _logprobs(self, raw: torch.Tensor | None, want_lp: list[int], rows: list[tuple[int, list[int]]],
-                  seqs: list[Sequence], tokens: list[list[int]]) -> list[list[Logprob | None]]:
+                  seqs: list[Sequence], tokens: list[list[int]]) -> list[list[TokenLogprobs | None]]:
         """Each emitted token's Logprob from its row's raw distribution (emitted token j sits at row j)."""
-        lps: list[list[Logprob | None]] = [[None] * len(t) for t in tokens]
+        lps: list[list[TokenLogprobs | None]] = [[None] * len(t) for t in tokens]
         if raw is None:
             return lps
         picked = [(n, r, rows[r][0], len(rows[r][1])) for n, r in enumerate(want_lp)

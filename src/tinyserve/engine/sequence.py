@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,24 @@ from tinyserve.kv.block_hash import BlockHash, extend_block_hashes
 from tinyserve.outputs import Logprob
 from tinyserve.sampling import SamplingParams
 from tinyserve.tokenizer import IncrementalDetokenizer
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One position's logprobs as the sampler found them, under the raw model distribution: its token's
+    (sampled, or the prompt's), that token's rank (1 = the most likely), and the top N."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+    def as_vllm(self, text: Callable[[int], str]) -> dict[int, Logprob]:
+        """vLLM's entry: token id -> Logprob, the position's own token first, then the top N by rank."""
+        entry = {self.token_id: Logprob(self.logprob, self.rank, text(self.token_id))}
+        for rank, (t, lp) in enumerate(self.top, 1):
+            entry.setdefault(t, Logprob(lp, rank, text(t)))
+        return entry
 
 
 class Status(enum.Enum):
@@ -44,8 +63,8 @@ class Sequence:
     token_ids: list[int] = field(init=False)
     output_token_ids: list[int] = field(default_factory=list)
     output_text: str = ""
-    logprobs: list[Logprob] = field(default_factory=list)
-    prompt_logprobs: list[Logprob] = field(default_factory=list)  # of prompt tokens 1, 2, ... scored so far
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # of prompt tokens 1, 2, ... scored so far
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from tinyserve.outputs import Logprob
+from tinyserve.engine.sequence import TokenLogprobs
 from tinyserve.sampling import SamplingParams
 from tinyserve.server.protocol import (
     ChatCompletionRequest,
@@ -146,25 +146,11 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 # -- engine logprobs -> OpenAI ----------------------------------------------------------------------
 
 
-class TokenText:
-    """Token id -> the text it stands for (special tokens included), cached: logprobs need it per token."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._tok = tokenizer
-        self._cache: dict[int, str] = {}
-
-    def __call__(self, token_id: int) -> str:
-        s = self._cache.get(token_id)
-        if s is None:
-            s = self._cache[token_id] = self._tok.decode([token_id], skip_special_tokens=False)
-        return s
-
-
 def _finite(x: float) -> float:
     return max(x, -9999.0)  # JSON has no -inf; OpenAI clamps the same way
 
 
-def completion_logprobs(lps: Sequence[Logprob | None], text: TokenText, offset: int,
+def completion_logprobs(lps: Sequence[TokenLogprobs | None], text: Callable[[int], str], offset: int,
                         token_ids: list[int] | None = None) -> tuple[CompletionLogprobs, int]:
     """The legacy `{tokens, token_logprobs, top_logprobs, text_offset}`; returns it and the next offset.
 
@@ -188,23 +174,16 @@ def completion_logprobs(lps: Sequence[Logprob | None], text: TokenText, offset: 
     return out, offset
 
 
-def prompt_logprobs(lps: list[Logprob | None], text: TokenText) -> list[dict[int, PromptLogprob] | None]:
-    """vLLM's `prompt_logprobs` of a choice: per prompt token, token id -> logprob for the token itself
-    and the top N; a top-N entry's rank is its place, the token's own rank is known only among them."""
-    out: list[dict[int, PromptLogprob] | None] = []
-    for lp in lps:
-        if lp is None:
-            out.append(None)
-            continue
-        ranks = {t: r for r, (t, _) in enumerate(lp.top, 1)}
-        entry: dict[int, PromptLogprob] = {}
-        for t, v in [(lp.token_id, lp.logprob), *lp.top]:
-            entry.setdefault(t, PromptLogprob(logprob=_finite(v), rank=ranks.get(t), decoded_token=text(t)))
-        out.append(entry)
-    return out
+def prompt_logprobs(lps: list[TokenLogprobs | None],
+                    text: Callable[[int], str]) -> list[dict[int, PromptLogprob] | None]:
+    """vLLM's `prompt_logprobs` of a choice: per prompt token, token id -> logprob, rank and text, for the
+    token itself and the top N."""
+    return [None if lp is None else {t: PromptLogprob(logprob=_finite(e.logprob), rank=e.rank,
+                                                      decoded_token=e.decoded_token)
+                                     for t, e in lp.as_vllm(text).items()} for lp in lps]
 
 
-def chat_logprobs(lps: list[Logprob], text: TokenText) -> ChatLogprobs:
+def chat_logprobs(lps: list[TokenLogprobs], text: Callable[[int], str]) -> ChatLogprobs:
     """Chat's `{"content": [{token, logprob, bytes, top_logprobs: [...]}, ...]}`."""
     content = []
     for lp in lps:

@@ -165,8 +165,7 @@ class CompletionLogprobs(_Response):
 
 
 class PromptLogprob(_Response):
-    """vLLM's Logprob on the wire. `rank` (1 = most likely) is null where we do not know it: for a
-    prompt token outside the top N (our engine reports that token's value and the top N, not its rank)."""
+    """vLLM's Logprob on the wire; `rank`: 1 = the most likely."""
 
     logprob: float
     rank: int | None = None

@@ -26,7 +26,7 @@ from jinja2 import TemplateError
 from starlette.requests import Request
 
 from tinyserve.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestUpdate, SeqDelta
-from tinyserve.outputs import Logprob
+from tinyserve.engine.sequence import TokenLogprobs
 from tinyserve.sampling import SamplingParams
 from tinyserve.server import openai_format as fmt
 from tinyserve.server.limits import ServerLimits
@@ -47,6 +47,7 @@ from tinyserve.server.protocol import (
     PromptTokensDetails,
     Usage,
 )
+from tinyserve.tokenizer import TokenText
 
 log = logging.getLogger("tinyserve.server")
 _ERROR_TYPES = {500: "internal_error", 504: "timeout"}
@@ -240,7 +241,7 @@ class OpenAIServing:
         self.names = served_model_names
         self.metrics = metrics
         self.max_model_len = max_model_len
-        self.token_text = fmt.TokenText(tokenizer)
+        self.token_text = TokenText(tokenizer)
 
         self.draining = False  # set on SIGTERM/SIGINT: new generations get 503 while in-flight ones finish
 
@@ -295,13 +296,13 @@ class OpenAIServing:
         return CompletionResponse(id=group.request_id, model=self.model_name, choices=choices, usage=group.usage())
 
     def _completion_piece(self, req: CompletionRequest, echo: tuple[str, list[int]] | None,
-                          prompt_lps: list[Logprob | None] | None, text: str, lps: list[Logprob],
+                          prompt_lps: list[TokenLogprobs | None] | None, text: str, lps: list[TokenLogprobs],
                           offset: int) -> tuple[str, CompletionLogprobs | None, int]:
         """A choice's text and legacy logprobs from `offset` on, and the next offset. With `echo` (the
         prompt's text and ids, on the choice's first piece) the prompt comes first, its tokens' logprobs
         too: the first one null, as OpenAI and vLLM send it (all null if it ended before being scored)."""
         ids = [lp.token_id for lp in lps]
-        all_lps: Sequence[Logprob | None] = lps
+        all_lps: Sequence[TokenLogprobs | None] = lps
         if echo is not None:
             echo_text, prompt_ids = echo
             text, ids = echo_text + text, prompt_ids + ids
