@@ -102,7 +102,10 @@ def _add(sub: Any, name: str, cmd: Command, argv: list[str]) -> None:
         return
     p.add_argument("--log-level", default="INFO")
     if chosen:
-        module = importlib.import_module(cmd.module)
+        try:
+            module = importlib.import_module(cmd.module)
+        except ModuleNotFoundError as e:  # the lab installed without its extras, say
+            sys.exit(f"tinyserve {name}: {e}; the lab's commands need its dependencies: pip install 'tinyserve[lab]'")
         getattr(module, cmd.add_args)(p)
         run = getattr(module, cmd.run)
         p.set_defaults(func=lambda args: code if isinstance(code := run(args), int) else 0)

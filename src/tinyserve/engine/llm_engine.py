@@ -91,7 +91,7 @@ class LLMEngine:
             log.warning("max_model_len capped at %d tokens: the KV pool holds no more", self.max_len)
 
         self.speculative = SpeculativeConfig.parse(config.speculative_config)
-        # The most rows a step of decode rows alone can have (engine/runner.py): every sequence with
+        # The most rows a step of decode rows alone can have (worker/runner.py): every sequence with
         # 1 + k rows when speculating, or a short chunk over a cached context, within the token budget.
         # The compiled regimes must reach it, or such a step would find no graph.
         k = self.speculative.num_speculative_tokens if self.speculative else 0

@@ -89,7 +89,7 @@ class Sampler:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]],
                draft_probs: list[torch.Tensor | None]) -> tuple[list[list[int]], list[list[TokenLogprobs | None]]]:
         """The tokens each sequence emits this step. Sequence i owns 1 + len(drafts[i]) consecutive
-        rows: its next position, then one per draft (verified by spec/verify.py; `draft_probs[i]` is
+        rows: its next position, then one per draft (verified by speculative/verify.py; `draft_probs[i]` is
         the draft's distribution per draft, None for a point mass). A plain sequence emits one token,
         a speculating one its accepted drafts plus one. Each row is processed as if the drafts before
         it had been output (penalties, min_tokens), so speculation changes no distribution."""

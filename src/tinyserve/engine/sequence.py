@@ -76,7 +76,7 @@ class Sequence:
     num_preemptions: int = 0
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
     block_hashes: list[BlockHash] = field(default_factory=list)  # identities of the full blocks so far
-    # Speculation (spec/): the tokens drafted for this step, fed after the last sampled token and
+    # Speculation (speculative/): the tokens drafted for this step, fed after the last sampled token and
     # verified by it; the draft's distribution over each ([k, vocab]; None: point masses). Empty
     # outside a step, and never part of token_ids until accepted.
     spec_token_ids: list[int] = field(default_factory=list)

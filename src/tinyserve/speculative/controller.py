@@ -1,5 +1,5 @@
 """How many tokens to draft this step: the k that maximizes expected tokens per second, from each
-sequence's measured acceptance and the measured price of the step (spec/cost.py).
+sequence's measured acceptance and the measured price of the step (speculative/cost.py).
 
 With per-token acceptance rate a, k drafts emit (1 - a^(k+1)) / (1 - a) tokens on average (the
 accepted run plus the target's own token; Leviathan et al. 2023). A step of B decodes drafting k

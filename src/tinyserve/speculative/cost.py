@@ -6,7 +6,7 @@ On a CPU that price depends on the weight mode more than on anything else: dense
 the same bytes for 1 row or 5 (memory-bound), while the packed int4 kernel's work grows with the
 rows, and above the packed/dense crossover the step switches to the dense copies. A table measured
 here, interpolated between the sizes it has, is what the draft-length controller weighs
-acceptance against (spec/controller.py).
+acceptance against (controller.py).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The engine's speculative decoder: before each step, drafts for the running decodes; after it,
-counts what verification accepted (the verification itself is the sampler's, spec/verify.py)."""
+counts what verification accepted (the verification itself is the sampler's, verify.py)."""
 
 from __future__ import annotations
 

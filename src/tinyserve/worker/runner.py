@@ -6,7 +6,7 @@ is a decode, a decode with drafts (speculation: its last token and the k drafts,
 i seeing the context up to itself) or a short span over a cached context (`DECODE_ROWS`: a draft
 model catching up on the tokens its target accepted). Rows of one sequence share its block table;
 the step writes all their K/V before any row attends, so each sees its predecessors. A step of
-decode rows alone can run the compiled graph (engine/compiled.py), speculation included.
+decode rows alone can run the compiled graph (worker/compiled.py), speculation included.
 Only the positions that sample get logits: the last one of a sequence whose uncomputed tokens are
 all fed this step, plus one per draft. The LM head (hidden x vocab) is the largest matmul per token,
 and prompt positions need it only for a request that asked for `prompt_logprobs`, which alone pays
