@@ -54,7 +54,7 @@ from .tokenizer_cache import load_tokenizer
 
 PEERS = ("tinyserve", "baseline", "llamacpp", "vllm")  # HTTP servers
 ALL_PEERS = PEERS + INPROC_PEERS
-DEFAULT_PEERS_DIR = Path(__file__).resolve().parents[3] / ".peers"
+DEFAULT_PEERS_DIR = Path(__file__).resolve().parents[2] / ".peers"  # <repo>/src/tinyserve_lab/peers.py
 INSTALL_HINT = "scripts/install_peers.sh"
 
 
