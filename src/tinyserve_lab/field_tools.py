@@ -1,6 +1,6 @@
 """The field's own quantizers as rows of `bench quant`'s table: torchao (int8 / int4 weight-only) and
 bitsandbytes (NF4, LLM.int8) applied to the same model in transformers, bf16 activations, scored
-by the same instrument (bench/quality.py: the Hamlet windows, KLD and top-1 against tinyserve's fp32
+by the same instrument (tinyserve_lab/quality.py: the Hamlet windows, KLD and top-1 against tinyserve's fp32
 logits, greedy agreement on the same chat-prompt token ids) and timed like the engine (128-token
 prompts, 32 tokens out, batch 1 and 32). `hf-16b` is transformers in bf16 with no quantization: the
 control row, whose numbers should match tinyserve's bf16 row if this path measures the same thing.

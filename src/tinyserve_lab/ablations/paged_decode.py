@@ -1,6 +1,6 @@
 """Time the paged decode kernel alone against the sdpa back end's gather + SDPA, per call (one layer).
 
-    .venv/bin/python scripts/bench_paged_decode.py [--threads 1] [--batch 32] [--context 300]
+    .venv/bin/python -m tinyserve_lab.ablations.paged_decode [--threads 1] [--batch 32] [--context 300]
 Shapes of the bundled model (9 query heads, 3 KV heads, head_dim 64, 16-token blocks), fp32 and bf16.
 """
 
@@ -12,10 +12,12 @@ import time
 import torch
 
 from tinyserve.attention import select_backend
-from tinyserve.attention.base import BatchLayout, SeqSpan
+from tinyserve.attention.base import AttentionBackend, BatchLayout, DecodeMeta, SeqSpan
 
 
-def per_call_ms(backend, q, k, v, meta, reps: int = 20) -> float:
+def per_call_ms(backend: AttentionBackend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: DecodeMeta,
+                reps: int = 20) -> float:
+    """ms per `decode` call, best-effort warm (3 calls first), mean of `reps`."""
     for _ in range(3):
         backend.decode(q, k, v, meta, q.shape[-1] ** -0.5)
     t = time.perf_counter()
@@ -25,7 +27,7 @@ def per_call_ms(backend, q, k, v, meta, reps: int = 20) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--context", type=int, default=300)
@@ -43,6 +45,7 @@ def main() -> None:
         for name in ("sdpa", "paged"):
             backend = select_backend(name, "cpu")
             meta = backend.build(layout).decode
+            assert meta is not None  # every span is a decode
             row[name] = per_call_ms(backend, q, k, v, meta)
         rows = b * ctx * h_kv
         print(f"{str(dtype):>15}  sdpa {row['sdpa']:.3f} ms  paged {row['paged']:.3f} ms  "

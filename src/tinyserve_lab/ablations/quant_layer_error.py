@@ -2,7 +2,7 @@
 (fp32), inputs from the ShareGPT calibration sample and from Hamlet windows: each linear's output
 MSE after RTN and after GPTQ at several dampenings, with and without act-order.
 
-    .venv/bin/python scripts/quant_layer_error.py --layer 10 --bits 3 --group 32
+    .venv/bin/python -m tinyserve_lab.ablations.quant_layer_error --layer 10 --bits 3 --group 32
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ LINEARS = {0: "self_attn.q_proj", 2: "mlp.gate_proj", 3: "mlp.down_proj"}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layer", type=int, default=10)
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--group", type=int, default=32)

@@ -1,8 +1,8 @@
 """Warm prefill over a cached prefix, chunk attention as batched GEMMs (today) vs SDPA with a mask
 (before), interleaved in one process: the step that decides TTFT when a prompt's prefix is cached.
 
-    .venv/bin/python scripts/ablate_chunk_attention.py --rounds 3
-    .venv/bin/python scripts/ablate_chunk_attention.py --layer 34 1058 --layer 512 1536   # one layer, 1 thread
+    .venv/bin/python -m tinyserve_lab.ablations.chunk_attention --rounds 3
+    .venv/bin/python -m tinyserve_lab.ablations.chunk_attention --layer 34 1058 --layer 512 1536   # one layer
 
 The bundled model at its defaults (bf16 + GGUF blocks), eager; a 1,024-token shared prefix is cached
 once, then each measured step prefills one new prompt's ~34 uncached tokens over it.

@@ -1,4 +1,5 @@
-"""Does the field's engine read a `tinyserve quantize --format gptq|awq` directory as tinyserve does?
+"""`tinyserve bench export-check`: does the field's engine read a `tinyserve quantize --format gptq|awq`
+directory as tinyserve does?
 
 vLLM for CPU (its own venv, scripts/install_peers.sh) and tinyserve load the same directory, bf16
 activations, and run the same token ids: perplexity on the Hamlet windows of `bench quality`, and
@@ -7,14 +8,16 @@ give a perplexity near tinyserve's; the kernels differ (vLLM's CPUWNA16 vs PyTor
 greedy outputs may part after near-ties, as bf16 vs fp32 do. tinyserve in fp32 on the same directory
 is the exact value of the stored weights.
 
-    .venv/bin/python scripts/check_export_vllm.py DIR [DIR ...]     # writes docs/results/quant/export-vllm-*.json
+    tinyserve bench export-check DIR [DIR ...]     # writes docs/results/quant/export-vllm-*.json
 
-The vLLM half runs this file with `--worker` in the vLLM venv (it imports only vllm there).
+The vLLM half runs this file by its path with `--worker` in the vLLM venv, where only vllm imports:
+so this module imports nothing but the standard library at its top, and the worker imports vllm alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -23,15 +26,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-VLLM_PYTHON = Path("/work/peers/vllm-venv/bin/python")  # where scripts/install_peers.sh puts it by default
 GREEDY_TOKENS = 48
 MARK = "CHECK-EXPORT-RESULT "
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """In the vLLM venv: prompt log-probs of the windows, greedy outputs of the prompts."""
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    vllm = importlib.import_module("vllm")  # untyped here: the lab's venv has no vllm
+    LLM, SamplingParams = vllm.LLM, vllm.SamplingParams
+    TokensPrompt = importlib.import_module("vllm.inputs").TokensPrompt
 
     llm = LLM(model=spec["model"], dtype="bfloat16", enforce_eager=True, max_model_len=1024, seed=0,
               max_num_seqs=16)
@@ -48,6 +51,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def tinyserve_side(model: str, dtype: str, windows: list[list[int]], prompts: list[list[int]]) -> dict[str, Any]:
+    """What `worker` measures, from tinyserve at `dtype` with the kernels a decode step runs."""
     import torch
 
     from tinyserve import LLM, SamplingParams
@@ -61,14 +65,15 @@ def tinyserve_side(model: str, dtype: str, windows: list[list[int]], prompts: li
             "greedy": [list(o.outputs[0].token_ids) for o in outs]}
 
 
-def compare(model: str, windows: list[list[int]], prompts: list[list[int]]) -> dict[str, Any]:
+def compare(model: str, windows: list[list[int]], prompts: list[list[int]], vllm_python: Path) -> dict[str, Any]:
+    """One directory in vLLM (bf16) and in tinyserve (bf16 and fp32): perplexities and greedy agreement."""
     from tinyserve_lab.peers import usable_cpus
     from tinyserve_lab.quality import greedy_agreement
 
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, usable_cpus()))}
     spec = json.dumps({"model": model, "windows": windows, "prompts": prompts})
-    proc = subprocess.run([str(VLLM_PYTHON), __file__, "--worker"], input=spec, capture_output=True, text=True,
-                          env=env, timeout=1200)
+    proc = subprocess.run([str(vllm_python), str(Path(__file__).resolve()), "--worker"], input=spec,
+                          capture_output=True, text=True, env=env, timeout=1200)
     if proc.returncode != 0:  # a layout vLLM refuses: its own words are the result
         errors = [line for line in proc.stderr.splitlines()
                   if ("Error" in line or "error" in line) and "errors.pydantic.dev" not in line]
@@ -86,31 +91,47 @@ def compare(model: str, windows: list[list[int]], prompts: list[list[int]]) -> d
             "greedy_tinyserve_bf16_vs_fp32": {"identical": same32, "prefix": prefix32}}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("models", nargs="*", help="--format gptq/awq directories")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+def add_export_check_args(p: argparse.ArgumentParser) -> None:
+    from tinyserve_lab.peers import DEFAULT_PEERS_DIR
+
+    p.add_argument("models", nargs="+", help="--format gptq/awq directories")
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--result-dir", default="docs/results/quant")
-    a = p.parse_args()
-    if a.worker:
-        print(MARK + json.dumps(worker(json.loads(sys.stdin.read()))))  # vLLM prints to stdout too
-        return
+    p.add_argument("--peers-dir", default=str(DEFAULT_PEERS_DIR),
+                   help="where install_peers.sh put the peers (vLLM: PEERS_DIR/vllm-venv)")
+
+
+def run_export_check(args: argparse.Namespace) -> int:
     from tinyserve.models.loader import resolve_model
     from tinyserve.tokenizer import load_tokenizer
     from tinyserve_lab.env_info import run_header, save_json
     from tinyserve_lab.quality import CHAT_PROMPTS, shakespeare_windows
 
-    tok = load_tokenizer(resolve_model(a.models[0]))
-    windows, text = shakespeare_windows(tok.hf, a.windows, a.tokens)
+    vllm_python = Path(args.peers_dir) / "vllm-venv" / "bin" / "python"
+    if not vllm_python.exists():
+        raise ValueError(f"no vLLM at {vllm_python}: scripts/install_peers.sh --only vllm (or --peers-dir)")
+    tok = load_tokenizer(resolve_model(args.models[0]))
+    windows, text = shakespeare_windows(tok.hf, args.windows, args.tokens)
     prompts = [tok.apply_chat_template([{"role": "user", "content": c}], True) for c in CHAT_PROMPTS]
-    rows = [compare(m, windows, prompts) for m in a.models]
+    rows = [compare(m, windows, prompts, vllm_python) for m in args.models]
     doc = run_header("tinyserve.check.export-vllm/1", text=text, prompts=len(prompts), max_tokens=GREEDY_TOKENS,
                      rows=rows)
     print(json.dumps(rows, indent=1))
-    print(f"wrote {save_json(doc, Path(a.result_dir), 'export-vllm')}")
+    print(f"wrote {save_json(doc, Path(args.result_dir), 'export-vllm')}")
+    return 0
+
+
+def _worker_main() -> None:
+    """`python .../export_check.py --worker` in the vLLM venv: the spec on stdin, one marked line out.
+    Run by its path, Python puts this file's folder first on sys.path, where the lab's `profile.py` and
+    `datasets.py` would shadow the standard library's and Hugging Face's: drop it before vllm imports."""
+    if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+        del sys.path[0]
+    print(MARK + json.dumps(worker(json.loads(sys.stdin.read()))))  # vLLM prints to stdout too
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] != ["--worker"]:
+        sys.exit("run as `tinyserve bench export-check DIR...`; this file's own entry is the vLLM worker")
+    _worker_main()

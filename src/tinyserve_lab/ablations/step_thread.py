@@ -1,7 +1,7 @@
 """Does a decode step run slower on another thread than the one that loaded the model?
 
-    .venv/bin/python scripts/probe_step_thread.py [--enforce-eager] [--order main,thread,main,thread]
-    .venv/bin/python scripts/probe_step_thread.py --built-in-thread
+    .venv/bin/python -m tinyserve_lab.ablations.step_thread [--enforce-eager] [--order main,thread,main,thread]
+    .venv/bin/python -m tinyserve_lab.ablations.step_thread --built-in-thread
 
 Each name in --order runs 40 batch-1 decode steps of the bundled model (defaults: bf16 + GGUF
 blocks, compiled step) on the main thread or on a new thread, all on one engine built by the main
@@ -14,41 +14,30 @@ from __future__ import annotations
 import argparse
 import json
 import threading
-import time
+from collections.abc import Callable
+from typing import Any
 
-from tinyserve import LLM, SamplingParams
+from tinyserve import LLM
 from tinyserve.engine.llm_engine import LLMEngine
+from tinyserve_lab.profile import decode_ms
+
+STEPS = 40
 
 
-def ms_per_step(engine: LLMEngine, tag: str, steps: int = 40) -> float:
-    engine.add_request(tag, [100 + j for j in range(128)], SamplingParams(temperature=0, max_tokens=steps + 8,
-                                                                          ignore_eos=True))
-    while not engine.scheduler.running or engine.scheduler.running[0].num_computed < 128:
-        engine.step()
-    for _ in range(3):
-        engine.step()
-    t = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    ms = (time.perf_counter() - t) / steps * 1e3
-    while engine.has_unfinished():
-        engine.step()
-    engine.pop_output(tag)
-    return round(ms, 2)
-
-
-def on_thread(fn, *args) -> None:
+def on_thread(fn: Callable[..., None], *args: Any) -> None:
+    """Run `fn(*args)` on a new thread and wait for it."""
     th = threading.Thread(target=fn, args=args)
     th.start()
     th.join()
 
 
 def report(engine: LLMEngine, tag: str) -> None:
-    print(json.dumps({tag: ms_per_step(engine, tag)}), flush=True)
+    """One JSON line: `tag` -> ms per batch-1 decode step at a 128-token context, on the calling thread."""
+    print(json.dumps({tag: round(decode_ms(engine, 1, 128, STEPS), 2)}), flush=True)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--order", default="main,thread,main,thread")
     p.add_argument("--built-in-thread", action="store_true")
@@ -58,10 +47,11 @@ def main() -> None:
         return
     engine = LLM(enforce_eager=args.enforce_eager).engine
     for i, where in enumerate(args.order.split(",")):
+        tag = f"{where}-{i}"
         if where == "thread":
-            on_thread(report, engine, f"{where}-{i}")
+            on_thread(report, engine, tag)
         else:
-            report(engine, f"{where}-{i}")
+            report(engine, tag)
 
 
 if __name__ == "__main__":

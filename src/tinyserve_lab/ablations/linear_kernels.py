@@ -1,10 +1,10 @@
 """Time every linear of one decode step (all layers + LM head) per precision mode, kernel and row count.
 
-This is the measurement behind the kernel choice per batch size (layers/quant.py): each quantized
+This is the measurement behind the kernel choice per batch size (layers/kernel_choice.py): each quantized
 mode has a packed kernel and a dense copy; at each row count M both are timed on the model's own
 weights, in one process, best of `--reps`. Dense-only modes (fp32, bf16) are timed once.
 
-    .venv/bin/python scripts/bench_linear_kernels.py            # ~3 min on 2 cores
+    .venv/bin/python -m tinyserve_lab.ablations.linear_kernels            # ~3 min on 2 cores
     -> prints a table, writes docs/results/linear-kernels-<timestamp>.json
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,19 +31,27 @@ MODES = {  # name: (dtype, quantization, group)
 }
 
 
+def kernel(lin: Linear, packed: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The product `lin` runs: a packed weight's packed kernel or its dense copy; a dense weight itself."""
+    impl = lin.impl
+    assert impl is not None, "loaded"
+    if not isinstance(impl, PackedWeight):
+        return impl
+    if packed:
+        return impl.packed_mm
+    dense = impl.dense
+    assert dense is not None, "kept: the engine is built with packed_max_rows=1"
+    return lambda x: F.linear(x, dense)
+
+
 @torch.inference_mode()
 def time_linears(linears: list[Linear], rows: int, dtype: torch.dtype, packed: bool, reps: int) -> float:
     """Best-of-`reps` ms for one pass over every linear with `rows` input rows."""
-    xs = {lin.in_features: torch.randn(rows, lin.in_features, dtype=dtype) for lin in linears}
+    calls = [(kernel(lin, packed), torch.randn(rows, lin.in_features, dtype=dtype)) for lin in linears]
 
     def one_pass() -> None:
-        for lin in linears:
-            impl = lin.impl
-            x = xs[lin.in_features]
-            if isinstance(impl, PackedWeight):
-                impl.packed_mm(x) if packed else F.linear(x, impl.dense)
-            else:
-                impl(x)  # type: ignore[misc]
+        for fn, x in calls:
+            fn(x)
 
     one_pass()
     best = float("inf")

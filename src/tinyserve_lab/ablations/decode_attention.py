@@ -4,8 +4,9 @@ v0: `cache[block_tables]` gather + SDPA(enable_gqa)   (the first version)
 v1: index_select gather   + SDPA(enable_gqa)
 v2: index_select gather   + KV-head-grouped queries   (the `sdpa` back end)
 v3: the pool read in place by the native kernel       (the `paged` back end)
-Variants are interleaved round by round so machine drift hits all of them alike.
-Usage: .venv/bin/python scripts/ablate_decode_attention.py [--rounds 3] [--steps 8]
+Variants are interleaved round by round so machine drift hits all of them alike; eager steps (the
+report's numbers predate the compiled step, which would keep the back end it was traced with).
+Usage: .venv/bin/python -m tinyserve_lab.ablations.decode_attention [--rounds 3] [--steps 8]
 """
 
 from __future__ import annotations
@@ -21,12 +22,16 @@ from tinyserve.attention.paged import PagedBackend
 from tinyserve.attention.sdpa import SdpaBackend
 from tinyserve.config import EngineConfig
 from tinyserve.engine.llm_engine import LLMEngine
+from tinyserve_lab.ablations import rotated
 from tinyserve_lab.env_info import run_header, save_json
 from tinyserve_lab.profile import decode_ms
 
 
 class V0(SdpaBackend):
-    def decode(self, q, k_cache, v_cache, meta: DecodeMeta, scale):
+    """The first version: advanced indexing copies the blocks, SDPA repeats K/V per query head."""
+
+    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMeta,
+               scale: float) -> torch.Tensor:
         b, nb = meta.block_tables.shape
         _, bs, h_kv, d = k_cache.shape
         k = k_cache[meta.block_tables].view(b, nb * bs, h_kv, d).transpose(1, 2)
@@ -36,7 +41,10 @@ class V0(SdpaBackend):
 
 
 class V1(SdpaBackend):
-    def decode(self, q, k_cache, v_cache, meta: DecodeMeta, scale):
+    """v0 with the cheaper gather (index_select), still SDPA's enable_gqa."""
+
+    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMeta,
+               scale: float) -> torch.Tensor:
         k, v = gather_blocks(k_cache, meta.block_tables), gather_blocks(v_cache, meta.block_tables)
         return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=meta.mask, scale=scale,
                                               enable_gqa=True).squeeze(2)
@@ -47,18 +55,18 @@ VARIANTS: dict[str, type[AttentionBackend]] = {
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--result-dir", default="docs/results")
     args = p.parse_args()
-    engine = LLMEngine(EngineConfig(max_num_seqs=32, max_num_batched_tokens=2048))
+    # Eager: a compiled decode step keeps the back end it was traced with, whatever set_attention swaps in.
+    engine = LLMEngine(EngineConfig(max_num_seqs=32, max_num_batched_tokens=2048, enforce_eager=True))
     points = [(1, 128), (1, 512), (32, 128), (32, 512)]
     best: dict[str, dict[str, float]] = {name: {} for name in VARIANTS}
     backends = {name: cls() for name, cls in VARIANTS.items()}
     for r in range(args.rounds):
-        names = list(VARIANTS)[r % len(VARIANTS):] + list(VARIANTS)[: r % len(VARIANTS)]
-        for name in names:
+        for name in rotated(list(VARIANTS), r):
             engine.model.set_attention(backends[name])
             for batch, ctx in points:
                 ms = decode_ms(engine, batch, ctx, args.steps)

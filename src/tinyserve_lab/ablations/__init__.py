@@ -1,0 +1,27 @@
+"""One-off experiments whose numbers docs/REPORT.md cites, kept so those numbers can be rerun.
+
+Each is `python -m tinyserve_lab.ablations.<name> [--help]`; they were scripts/*.py before the lab
+was its own package (the old name in brackets). Unlike the `tinyserve bench` instruments, they reach
+into the engine's internals (back ends, compiled step, kernels) to switch one thing at a time, so they
+follow the engine as it changes, or are dropped once their numbers stop mattering.
+
+- `speed2`            Speed II, each change on and off (eager/compiled x sdpa/paged) [ablate_speed2]
+- `decode_attention`  the decode attention path's four versions, whole steps [ablate_decode_attention]
+- `paged_decode`      the paged decode kernel alone vs gather + SDPA, one layer per call [bench_paged_decode]
+- `chunk_attention`   warm prefill over a cached prefix: chunk attention as GEMMs vs SDPA [ablate_chunk_attention]
+- `compile_options`   the compiled decode step's inductor options [ablate_compile_options]
+- `step_thread`       a decode step on the loading thread vs another one [probe_step_thread]
+- `linear_kernels`    every linear of a step per mode, kernel and row count: the kernel choice [bench_linear_kernels]
+- `quant_layer_error` one layer's output error after RTN and GPTQ, calibration vs held-out text [quant_layer_error]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def rotated(names: Sequence[str], round_index: int) -> list[str]:
+    """`names` starting at round_index (mod len): interleaved rounds, each variant first in turn, so
+    drift of the machine within a round does not always fall on the same variant."""
+    k = round_index % len(names)
+    return [*names[k:], *names[:k]]
