@@ -206,6 +206,8 @@ def test_greedy_ignores_seed_and_is_argmax(llm):
         assert top[0][0] == tok and lp[tok].rank == 1  # the raw distribution's argmax
         assert lp[tok].logprob == pytest.approx(top[0][1])
         assert len(top) == 3 and top[0][1] >= top[1][1] >= top[2][1]
+    c = outs[0].outputs[0]  # vLLM's cumulative_logprob: the sampled tokens' logprobs summed
+    assert c.cumulative_logprob == pytest.approx(sum(lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)))
 
 
 # -- the support of top-k / top-p / min-p, sampled many times --------------------------------

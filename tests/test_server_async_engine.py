@@ -10,10 +10,11 @@ import pytest
 from tinyserve.config import EngineConfig
 from tinyserve.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from tinyserve.engine.llm_engine import LLMEngine
-from tinyserve.engine.sequence import Logprob
+from tinyserve.engine.sequence import TokenLogprobs
 from tinyserve.sampling import SamplingParams
 from tinyserve.server import openai_format as fmt
 from tinyserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from tinyserve.tokenizer import TokenText
 
 
 @pytest.fixture(scope="module")
@@ -191,8 +192,8 @@ def test_logprob_shapes():
         def decode(self, ids, skip_special_tokens=False):
             return "".join(names[i] for i in ids)
 
-    text = fmt.TokenText(Tok())
-    lps = [Logprob(1, -0.5, [(1, -0.5), (3, -2.0)]), Logprob(2, -float("inf"), [(3, -0.1)])]
+    text = TokenText(Tok())
+    lps = [TokenLogprobs(1, -0.5, 1, [(1, -0.5), (3, -2.0)]), TokenLogprobs(2, -float("inf"), 9, [(3, -0.1)])]
     legacy, end = fmt.completion_logprobs(lps, text, 10)
     assert legacy.tokens == ["Hello", " world"] and legacy.text_offset == [10, 15] and end == 21
     assert legacy.token_logprobs == [-0.5, -9999.0]  # JSON has no -inf

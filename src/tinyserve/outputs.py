@@ -33,6 +33,7 @@ class CompletionOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: int | str | None = None
     logprobs: SampleLogprobs | None = None  # when asked for (SamplingParams.logprobs)
+    cumulative_logprob: float | None = None  # the sum of the sampled tokens' logprobs, when they were asked for
 
 
 @dataclass

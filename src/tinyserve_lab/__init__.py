@@ -1,11 +1,14 @@
-"""Serving-benchmark instruments: datasets, an OpenAI-compatible load generator, vLLM-style metrics.
+"""The lab: everything that measures the engine, writes checkpoints for it, or reports on it. It imports
+the engine (`tinyserve`); the engine never imports it. Its commands reach `tinyserve` through
+`commands.py`; submodules are imported lazily by their users, so `import tinyserve_lab` stays cheap.
 
-Submodules are imported lazily by their users so that `import tinyserve_lab` stays cheap
-(no torch / transformers import just to read a results file).
-
-- `metrics`      per-request records and the vLLM `benchmark_serving` aggregate (pure functions)
-- `datasets`     ShareGPT, random, shared-prefix and multi-turn request samplers
-- `loadgen`      asyncio streaming client: arrival processes, TTFT/ITL/E2E capture, failures recorded
-- `serve_bench`  `run_serve_benchmark(args)` + `add_serve_bench_args(parser)` for `tinyserve bench serve`
-- `ablations`    one-off experiments behind numbers in docs/REPORT.md (`python -m tinyserve_lab.ablations.NAME`)
+- serving load: `datasets` (ShareGPT, random, shared-prefix, multi-turn), `loadgen` (asyncio streaming
+  client), `metrics` (vLLM's aggregates), `serve_bench`, `peers` (+ `inproc_peers`, `inproc_worker`,
+  `baseline_server`), `soak`, `launcher` (a real server process on 127.0.0.1)
+- the engine offline: `offline` (vs transformers), `profile` (+ `roofline`), `decode_speed`, `kv_math`,
+  `spec_bench`, `prefix_bench`, `probe` (hand-built steps of a chosen shape)
+- quality and quantization: `quality`, `quant_table` (+ `field_tools`), `export_check`, `quantize/`
+  (`tinyserve quantize`: RTN, GPTQ, AWQ, NF4), `offline_models` (larger GGUFs from PyPI wheels)
+- `report` (plots + SUMMARY.md), `suite` (`make bench`), `ablations/` (one-off experiments behind
+  numbers in docs/REPORT.md: `python -m tinyserve_lab.ablations.NAME`)
 """

@@ -53,6 +53,7 @@ def request_output(request_id: str, seqs: list[Sequence], text: Callable[[int], 
                 finish_reason=s.finish_reason,
                 stop_reason=s.stop_reason,
                 logprobs=[lp.as_vllm(text) for lp in s.logprobs] if s.params.logprobs is not None else None,
+                cumulative_logprob=sum(lp.logprob for lp in s.logprobs) if s.params.logprobs is not None else None,
             )
             for s in seqs
         ],
