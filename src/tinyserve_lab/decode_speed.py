@@ -23,7 +23,7 @@ import json
 import time
 from typing import Any
 
-from tinyserve_lab.spec_bench import CHAT
+from tinyserve_lab.datasets import CHAT
 
 QUESTIONS = CHAT[:4]
 MAX_TOKENS, PASSES = 128, 2  # generate

@@ -42,6 +42,8 @@ from typing import Any
 
 from .metrics import RequestRecord, compute_metrics
 
+DEFAULT_PEERS_DIR = Path(__file__).resolve().parents[2] / ".peers"  # <repo>/.peers: install_peers.sh puts them there
+
 INPROC_PEERS = ("ortgenai", "openvino")
 WORKER = Path(__file__).resolve().parent / "inproc_worker.py"
 RESULT_PREFIX = "INPROC_RESULT "  # the same constant as inproc_worker.RESULT_PREFIX (that file stays standalone)
@@ -333,8 +335,6 @@ def _fmt(x: float | None) -> str:
 def prepare(argv: list[str] | None = None) -> int:
     """`python -m tinyserve_lab.inproc_peers prepare NAME... [--hf-dir D] [--peers-dir P] [...]`: export the
     models ahead of time (scripts/install_peers.sh); the exit status is the number of failures."""
-    from .peers import DEFAULT_PEERS_DIR
-
     p = argparse.ArgumentParser(prog="python -m tinyserve_lab.inproc_peers prepare")
     p.add_argument("names", nargs="+", choices=INPROC_PEERS)
     p.add_argument("--hf-dir", default=None, help="default: the fp32 export of the bundled GGUF")

@@ -48,13 +48,12 @@ from rich.table import Table
 from tinyserve.system import physical_cores
 from tinyserve_lab.launcher import free_port
 
-from .inproc_peers import INPROC_PEERS, add_inproc_args, run_inproc_peer
+from .inproc_peers import DEFAULT_PEERS_DIR, INPROC_PEERS, add_inproc_args, run_inproc_peer
 from .serve_bench import add_serve_bench_args, run_serve_benchmark, sample_workload, sweep_points, write_result
 from .tokenizer_cache import load_tokenizer
 
 PEERS = ("tinyserve", "baseline", "llamacpp", "vllm")  # HTTP servers
 ALL_PEERS = PEERS + INPROC_PEERS
-DEFAULT_PEERS_DIR = Path(__file__).resolve().parents[2] / ".peers"  # <repo>/src/tinyserve_lab/peers.py
 INSTALL_HINT = "scripts/install_peers.sh"
 
 

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tinyserve_lab.datasets import CHAT
+
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
 SELF = {"method": "self", "num_speculative_tokens": 4}
 # Offline model names, resolved to paths. int4 (RTN of the file's weights): the 1.5B's Q6_K output layer
@@ -58,14 +60,6 @@ MAX_TOKENS = 128
 TASKS = ("Repeat the following passage exactly, word for word:",
          "Rewrite the following passage in modern English spelling, changing as little as possible:",
          "Copy the following passage, putting each sentence on its own line:")
-CHAT = ("What is the capital of France, and why is it famous?", "Write a short poem about the sea.",
-        "Explain photosynthesis to a child.", "Give me three tips for learning to code.",
-        "What does a CPU do?", "Why is the sky blue?", "Describe a cat in a few sentences.",
-        "Suggest five names for a pet goldfish.", "How do airplanes stay in the air?",
-        "What are the benefits of exercise?", "Tell me about the history of the bicycle.",
-        "How do I make a cup of tea?", "What is machine learning?", "Why do leaves change colour?",
-        "Write a limerick about a programmer.", "What is the difference between weather and climate?")
-
 
 def passages(n: int, lines: int = 6) -> list[str]:
     """n Hamlet passages of `lines` non-empty lines each, from ACT I on (the text the quality bench uses)."""

@@ -7,7 +7,7 @@
 # is the load generator for both.
 set -euo pipefail
 old=$1; new=$2; rounds=${3:-2}
-out=$(dirname "$0"); client="$new bench serve"
+out=${OUT:-$(dirname "$0")}; client="$new bench serve"
 for r in $(seq "$rounds"); do
   for side in old new; do
     port=$((8100 + 2 * r)); [ "$side" = new ] && port=$((port + 1))
