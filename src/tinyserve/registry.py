@@ -40,6 +40,10 @@ class Registry(Generic[T]):
         except KeyError:
             raise ValueError(f"{self.knob} must be one of {', '.join(self._entries)}; got {name!r}") from None
 
+    def check(self, name: str) -> None:
+        """A ValueError naming the knob and its choices unless `name` is registered."""
+        self[name]
+
     def help(self) -> str:
         """`name: the first line of its docstring`, for every entry: a flag's help lists what each choice does."""
         return "; ".join(f"{name}: {(entry.__doc__ or '').strip().splitlines()[0]}" if entry.__doc__ else name

@@ -330,8 +330,7 @@ class AsyncEngine:
                 self._on_finish(rid, seqs, tr.arrival)
             except Exception:
                 log.exception("on_finish callback failed")
-        if self.engine.get_request(rid):
-            self.engine.pop_output(rid)
+        self.engine.forget_request(rid)
 
     def _fail_all(self, message: str) -> None:
         for rid in list(self._trackers):

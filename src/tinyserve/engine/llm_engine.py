@@ -63,7 +63,7 @@ class LLMEngine:
         policy = SchedulingPolicy(config.scheduling_policy, config.aging_tokens_per_s)
         for registry, name in ((ATTENTION_BACKENDS, config.attention_backend), (QUANTIZATION, config.quantization)):
             if name != "auto":
-                _ = registry[name]
+                registry.check(name)
         assert config.num_threads is not None  # resolved in EngineConfig.__post_init__
         torch.set_num_threads(config.num_threads)
         self.source = src = resolve_model(config.model)
@@ -206,6 +206,11 @@ class LLMEngine:
         if out.finished:
             del self.requests[request_id]
         return out
+
+    def forget_request(self, request_id: str) -> None:
+        """Forget a finished request without building its output (a server has streamed it already)."""
+        if self.is_finished(request_id):
+            del self.requests[request_id]
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0

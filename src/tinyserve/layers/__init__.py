@@ -70,7 +70,7 @@ def resolve_quantization(mode: str, stored: str | None, dtype: torch.dtype, devi
         if device != "cpu" or stored is None:
             return "none"
         return stored if stored == "checkpoint" or dtype in (torch.bfloat16, torch.float16) else "none"
-    QUANTIZATION[mode]  # an unknown mode fails here, naming the knob and its choices
+    QUANTIZATION.check(mode)
     if mode != "none" and device != "cpu":
         raise ValueError(f"quantization={mode!r} runs on PyTorch's CPU kernels; use quantization='none' on {device}")
     if mode in ("gguf", "checkpoint") and stored != mode:
