@@ -148,7 +148,7 @@ def test_a_step_no_graph_covers_runs_eager(tiny_llama_dir, restore_torch_threads
     llm = LLM(str(tiny_llama_dir), **EAGER, quantization="int8", packed_max_rows=2, block_size=4, num_kv_blocks=16)
     runner, bs = llm.engine.runner, llm.engine.config.block_size
     step = CompiledDecode(llm.engine.model, bs, packed_max_rows=2)
-    step.warm_up(runner.kv_caches, llm.engine.attention.index_dtype, [1])
+    step.warm_up(runner.kv_caches, llm.engine.attention.index_dtype, [1], runner.scratch_block)
     args = [torch.tensor([5, 6, 7]), torch.zeros(3, dtype=torch.long), runner.kv_caches,
             torch.zeros(3, dtype=torch.long), torch.zeros(3, 2, dtype=llm.engine.attention.index_dtype),
             torch.ones(3, dtype=llm.engine.attention.index_dtype)]

@@ -137,6 +137,9 @@ def knob(default: Any, help: str, **argparse_kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help, **argparse_kwargs})
 
 
+COMPILE_MODES = ("background", "blocking", "off")
+
+
 @dataclass
 class EngineConfig:
     """Every engine knob; each one is also a `--kebab-case` flag of every engine-running command."""
@@ -185,8 +188,13 @@ class EngineConfig:
         '{"method": "self", "num_speculative_tokens": 4} (the target\'s own weights at int4 as the draft); '
         "also quantization (the draft's weight mode), disable_by_batch_size, adaptive (default true). "
         "LLM(...) also takes a dict. Default: off")
+    compile: str | None = knob(
+        None, "when the compiled decode step is built: background = serve eagerly at once and switch to the "
+        "compiled step between two steps once it is built; blocking = build it before serving; off = always "
+        "eager. Default: background for `tinyserve serve`, blocking for LLM(...) and the lab's benchmarks "
+        "(a measured run at full speed throughout)", choices=COMPILE_MODES)
     enforce_eager: bool = knob(
-        False, "run every step eagerly: no compiled decode step (vLLM's flag; skips the start-up compile)")
+        False, "run every step eagerly: no compiled decode step (vLLM's flag; the same as --compile off)")
 
     def __post_init__(self) -> None:
         if not (self.device == "cpu" or self.device.startswith("cuda")):
@@ -208,6 +216,10 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.quant_group_size not in QUANT_GROUP_SIZES:
             raise ValueError(f"quant_group_size must be one of {QUANT_GROUP_SIZES}; got {self.quant_group_size}")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}; got {self.compile!r}")
+        if self.enforce_eager:
+            self.compile = "off"
         if self.num_threads is None:
             self.num_threads = physical_cores()
         if isinstance(self.speculative_config, dict):  # LLM(speculative_config={...}): kept as the flag's JSON

@@ -96,7 +96,11 @@ class LLMEngine:
         # The compiled regimes must reach it, or such a step would find no graph.
         k = self.speculative.num_speculative_tokens if self.speculative else 0
         rows = min(config.max_num_batched_tokens, config.max_num_seqs * max(1 + k, DECODE_ROWS))
-        served = serve_model(config, src, mc, config.quantization, self.max_len, self.num_blocks, rows)
+        compile = config.compile or "blocking"
+        if compile == "background" and self.speculative:  # its costs are measured on the step that will serve
+            log.info("speculative decoding weighs drafts by the compiled step's cost: compiling before serving")
+            compile = "blocking"
+        served = serve_model(config, src, mc, config.quantization, self.max_len, self.num_blocks, rows, compile)
         self.model, self.runner, self.attention = served.model, served.runner, served.attention
         self.quantization, self.packed_max_rows = served.quantization, served.packed_max_rows
         self.compile_seconds = served.compile_seconds
@@ -218,6 +222,11 @@ class LLMEngine:
     def has_capacity(self, num_seqs: int = 1) -> bool:
         """Whether the bounded waiting queue takes `num_seqs` more sequences now (a request of n samples: n)."""
         return len(self.scheduler.waiting) + num_seqs <= self.config.max_waiting
+
+    @property
+    def compiled_step(self) -> str:
+        """off | building | ready | failed: whether decode steps run the compiled graph (config.compile)."""
+        return self.runner.compiled_step
 
     def stats(self) -> EngineStats:
         running = {s.request_id for s in self.scheduler.running}

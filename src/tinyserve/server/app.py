@@ -92,6 +92,7 @@ def build_app(engine: LLMEngine | AsyncEngine, served_model_names: list[str] | N
     names = list(served_model_names or [engine.model_name])
     limits = limits or ServerLimits()
     metrics = ServerMetrics(names[0])
+    metrics.watch_compiled_step(lambda: engine.compiled_step)
     async_engine.set_callbacks(on_finish=metrics.on_finish, on_step=metrics.on_step, on_stats=metrics.on_stats)
     tokenizer = copy.deepcopy(engine.tokenizer)  # the event loop's own: HF tokenizers are not thread-safe
     serving = OpenAIServing(async_engine, tokenizer, names, metrics, engine.max_len, limits)
@@ -171,7 +172,7 @@ def build_app(engine: LLMEngine | AsyncEngine, served_model_names: list[str] | N
             return JSONResponse(fmt.error_body("the engine is not running", "service_unavailable"), status_code=503)
         if serving.draining:
             return JSONResponse(fmt.error_body("the server is shutting down", "service_unavailable"), status_code=503)
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", "compiled_step": engine.compiled_step})
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -240,7 +241,7 @@ def _listen_socket(host: str, port: int, send_buffer: int) -> socket.socket:
 def run_server(args: argparse.Namespace) -> int:
     """Load the model, then serve until SIGTERM/SIGINT; returns the exit code: 0 after a clean
     shutdown, 1 if the engine died (or the server never started)."""
-    config = engine_config(args)
+    config = engine_config(args, compile=args.compile or "background")  # answer at once (config.py)
     async_engine = AsyncEngine.build(lambda: LLMEngine(config))
     app = build_app(async_engine, args.served_model_name, ServerLimits.from_args(args), resolve_api_key(args.api_key))
     server = _Server(uvicorn.Config(

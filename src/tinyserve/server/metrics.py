@@ -8,6 +8,8 @@ Arrival is when the HTTP handler submitted the request, so queueing time is incl
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from tinyserve.engine.async_engine import EngineStats
@@ -31,6 +33,9 @@ class ServerMetrics:
                              labels, registry=r).labels(model_name)
         self.kv_usage = Gauge("tinyserve_kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0-1).",
                               labels, registry=r).labels(model_name)
+        self.compiled_ready = Gauge("tinyserve_compiled_step_ready", "1 once the compiled decode step serves "
+                                    "(0: eager, while it is built in the background, or off).",
+                                    labels, registry=r).labels(model_name)
         self.prompt_tokens = Counter("tinyserve_prompt_tokens", "Prompt tokens admitted.",
                                      labels, registry=r).labels(model_name)
         self.generation_tokens = Counter("tinyserve_generation_tokens", "Tokens generated.",
@@ -71,6 +76,10 @@ class ServerMetrics:
             self._rejected.labels(model_name, reason)
 
     # Callbacks from the engine thread (prometheus_client is thread-safe).
+    def watch_compiled_step(self, status: Callable[[], str]) -> None:
+        """Read `status()` (off | building | ready | failed) at every scrape: the build ends on its own thread."""
+        self.compiled_ready.set_function(lambda: float(status() == "ready"))
+
     def on_stats(self, stats: EngineStats) -> None:
         self.running.set(stats.running)
         self.waiting.set(stats.waiting)

@@ -54,7 +54,8 @@ class DraftModelProposer:
         config = target.config
         # As many tokens as the target's pool: whatever the target holds, its draft can hold too.
         num_blocks = target.num_blocks
-        served = serve_model(config, src, mc, quant, self.max_len, num_blocks, config.max_num_seqs * DECODE_ROWS)
+        served = serve_model(config, src, mc, quant, self.max_len, num_blocks, config.max_num_seqs * DECODE_ROWS,
+                             "off" if config.compile == "off" else "blocking")
         self.runner = served.runner
         self.quantization = served.quantization
         self.cost = StepCost(self.runner.decode_step_seconds(row_counts(config.max_num_seqs))) if cfg.adaptive else None

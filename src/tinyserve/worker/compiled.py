@@ -23,9 +23,12 @@ too much to be worth graphs, and their matmuls are big enough that overhead is n
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -63,12 +66,14 @@ def decode_forward(
     return model.compute_logits(model(input_ids, positions, kv_caches, meta))
 
 
-def dummy_decode_inputs(rows: int, device: torch.device, index_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """A decode step of `rows` rows at position 0 that writes its K/V into slot 0 of block 0 (which holds
-    no sequence's data before serving starts): for warming up and timing steps. Distinct tensors:
-    graphs are guarded on which inputs alias each other."""
-    ids, positions, slots = (torch.zeros(rows, dtype=torch.long, device=device) for _ in range(3))
-    tables = torch.zeros(rows, CompiledDecode.MIN_TABLE_WIDTH, dtype=index_dtype, device=device)
+def dummy_decode_inputs(rows: int, device: torch.device, index_dtype: torch.dtype, block: int,
+                        block_size: int) -> tuple[torch.Tensor, ...]:
+    """A decode step of `rows` rows at position 0 that reads and writes only block `block` (the runner's
+    scratch block, which no sequence ever holds, so this can run while others are served): for
+    warming up and timing steps. Distinct tensors: graphs are guarded on which inputs alias each other."""
+    ids, positions = (torch.zeros(rows, dtype=torch.long, device=device) for _ in range(2))
+    slots = torch.full((rows,), block * block_size, dtype=torch.long, device=device)
+    tables = torch.full((rows, CompiledDecode.MIN_TABLE_WIDTH), block, dtype=index_dtype, device=device)
     return ids, positions, slots, tables, torch.ones(rows, dtype=index_dtype, device=device)
 
 
@@ -137,14 +142,57 @@ class CompiledDecode:
 
     @torch.inference_mode()  # as the runner's steps are: graphs are guarded on it
     def warm_up(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], index_dtype: torch.dtype,
-                batch_sizes: list[int]) -> float:
+                batch_sizes: list[int], scratch_block: int) -> float:
         """Compile (or load from the caches) the graph of each batch size; returns seconds. The dummy
-        steps write K/V into slot 0 of block 0, which holds no sequence's data yet."""
+        steps touch only `scratch_block`, so this may run on a thread while the engine serves."""
         start = time.perf_counter()
         for b in batch_sizes:
-            ids, positions, slots, tables, lens = dummy_decode_inputs(b, kv_caches[0][0].device, index_dtype)
+            args = dummy_decode_inputs(b, kv_caches[0][0].device, index_dtype, scratch_block, self.block_size)
+            ids, positions, slots, tables, lens = args
             self(ids, positions, kv_caches, slots, tables, lens)
         self.warm = True
         seconds = time.perf_counter() - start
         log.info("compiled decode step ready for batch sizes %s in %.1fs", batch_sizes, seconds)
         return seconds
+
+
+class BackgroundCompile:
+    """The compiled step built on a thread of its own while the engine serves eagerly; the runner
+    adopts it between two steps (`ModelRunner.adopt_compiled`), so no step changes path midway.
+
+    Safe to run beside serving: the warm-up's dummy steps touch only the scratch block; tracing
+    reads the model and never writes it; dynamo's and inductor's modes are thread-local and the
+    engine thread never enters a compiled function before adoption. The thread is niced, and so
+    are the compiler processes it starts, so the eager steps keep the cores they need. A build
+    that fails leaves the engine eager, with a warning: slower, never down."""
+
+    def __init__(self, build: Callable[[], tuple[CompiledDecode, float]]) -> None:
+        self.started = time.monotonic()
+        self.result: CompiledDecode | None = None
+        self.error: BaseException | None = None
+        self.seconds = 0.0  # launch of the build to its end
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(build,), name="tinyserve-compile", daemon=True)
+        self._thread.start()
+
+    def _run(self, build: Callable[[], tuple[CompiledDecode, float]]) -> None:
+        with contextlib.suppress(OSError, AttributeError):  # Linux: this thread only
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        try:
+            result, _ = build()
+            log.info("full speed: the compiled decode step is built, %.0fs after its build began in the "
+                     "background; the next decode step runs it", time.monotonic() - self.started)
+            self.result = result
+        except Exception as e:  # the engine stays eager: slower, never down
+            self.error = e
+            log.warning("building the compiled decode step failed; serving stays eager (%s: %s)",
+                        type(e).__name__, e)
+        finally:
+            self.seconds = time.monotonic() - self.started
+            self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)

@@ -15,6 +15,7 @@ for its rows.
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from collections.abc import Sequence as Seq
@@ -26,8 +27,9 @@ import torch
 from tinyserve.attention.base import AttentionMetadata, BatchLayout, SeqSpan
 from tinyserve.config import ModelConfig
 from tinyserve.models.llama import LlamaForCausalLM
-from tinyserve.worker.compiled import CompiledDecode, decode_forward, dummy_decode_inputs
+from tinyserve.worker.compiled import BackgroundCompile, CompiledDecode, decode_forward, dummy_decode_inputs
 
+log = logging.getLogger(__name__)
 DECODE_ROWS = 8  # a span over a cached context of at most this many tokens runs as decode rows
 
 
@@ -93,10 +95,15 @@ class ModelRunner:
         dtype: torch.dtype, device: str,
     ) -> None:
         self.model = model
-        self.compiled: CompiledDecode | None = None  # runs the pure decode steps once the engine sets it
+        self.compiled: CompiledDecode | None = None  # runs the pure decode steps once set
+        self.building: BackgroundCompile | None = None  # ... and this sets it when done (adopt_compiled)
+        self.compile_mode = "off"
         self.block_size = block_size
         self.device = torch.device(device)
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        # One block past the engine's pool: the scratch block, which the block manager never hands out,
+        # so warm-ups and timing steps can write K/V there while sequences are served.
+        self.scratch_block = num_blocks
+        shape = (num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim)
         # Allocated once; its size is the engine's KV budget. zeros, not empty: padding slots are read
         # (and masked), and NaN garbage times a zero weight would still be NaN.
         self.kv_caches = [
@@ -108,10 +115,30 @@ class ModelRunner:
     def kv_cache_bytes(self) -> int:
         return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches)
 
+    @property
+    def compiled_step(self) -> str:
+        """off | building | ready | failed: which decode step serves (what /health and /metrics say)."""
+        job = self.building
+        if self.compiled is not None or (job is not None and job.result is not None):
+            return "ready"  # a finished build is adopted before the next step runs
+        if job is not None:
+            return "failed" if job.done() else "building"
+        return "off"
+
+    def adopt_compiled(self) -> None:
+        """Switch to the background-built step, if it is done: called between steps, on the engine's
+        thread, so a step never changes path midway."""
+        job = self.building
+        if job is None or self.compiled is not None or not job.done() or job.result is None:
+            return
+        self.compiled = job.result
+        log.debug("the compiled decode step serves from this step on")
+
     @torch.inference_mode()  # the step's tensors are inference tensors, as the compiled graphs expect
     def execute(self, seqs: Seq[S], num_tokens: Seq[int]) -> StepLogits[S]:
         """Run `num_tokens[i]` tokens of each `seqs[i]` (from its `num_computed` on) in one forward; the
         logits of the sequences that sample now and of the prompt rows asked to be scored."""
+        self.adopt_compiled()
         prepared = self.prepare(seqs, num_tokens)
         logits, prompt_logits = self.forward(prepared)
         return StepLogits(logits, prepared.sampling, prompt_logits, prepared.prompt_spans)
@@ -147,7 +174,8 @@ class ModelRunner:
         drafts against). Run before serving starts: the dummy rows write into block 0's slot 0."""
         out = {}
         for b in rows:
-            args = dummy_decode_inputs(b, self.device, self.model.attention.index_dtype)
+            args = dummy_decode_inputs(b, self.device, self.model.attention.index_dtype, self.scratch_block,
+                                       self.block_size)
             samples = []
             for i in range(repeats + 1):  # the first run warms caches
                 start = time.perf_counter()

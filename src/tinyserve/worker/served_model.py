@@ -4,6 +4,7 @@ pool allocated, its decode step compiled. The engine's target is one; a speculat
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ from tinyserve.layers.linear import DenseWeight, Linear
 from tinyserve.models.llama import LlamaForCausalLM
 from tinyserve.models.loader import ModelSource, load_model
 from tinyserve.system import cache_dir, cpu_model
-from tinyserve.worker.compiled import CompiledDecode
+from tinyserve.worker.compiled import BackgroundCompile, CompiledDecode
 from tinyserve.worker.runner import ModelRunner
 
 
@@ -28,13 +29,14 @@ class ServedModel:
     attention: AttentionBackend
     quantization: str  # the resolved weight mode
     packed_max_rows: int
-    compile_seconds: float
+    compile_seconds: float  # spent building the compiled step before serving (0 when built in the background)
 
 
 def serve_model(config: EngineConfig, src: ModelSource, mc: ModelConfig, quantization: str, max_len: int,
-                num_blocks: int, max_decode_rows: int) -> ServedModel:
-    """Load `src` for serving under `config` (dtype, device, attention, packed kernels, eager or not);
-    `max_decode_rows`: the most rows a pure decode step can have (the compiled regimes cover them)."""
+                num_blocks: int, max_decode_rows: int, compile: str = "blocking") -> ServedModel:
+    """Load `src` for serving under `config` (dtype, device, attention, packed kernels); `compile`: when
+    its decode step is compiled (off | blocking | background: config.py); `max_decode_rows`: the most
+    rows a pure decode step can have (the compiled regimes cover them)."""
     dtype, device = config.torch_dtype, config.device
     resolved = resolve_quantization(quantization, src.stored_form, dtype, device)
     attention = select_backend(config.attention_backend, device)
@@ -45,10 +47,14 @@ def serve_model(config: EngineConfig, src: ModelSource, mc: ModelConfig, quantiz
     packed_max_rows = configure_packed_kernels(model, config.packed_max_rows, config.max_num_batched_tokens, dtype,
                                                 cache=(cache_dir() / "kernel-choice.json", key))
     runner = ModelRunner(model, mc, num_blocks, config.block_size, dtype, device)
+    runner.compile_mode = compile
     seconds = 0.0
-    if not config.enforce_eager:
-        runner.compiled, seconds = _compile_decode(model, runner, config.block_size, attention, packed_max_rows,
-                                                   max_decode_rows)
+    build = functools.partial(_compile_decode, model, runner, config.block_size, attention, packed_max_rows,
+                              max_decode_rows)
+    if compile == "blocking":
+        runner.compiled, seconds = build()
+    elif compile == "background":
+        runner.building = BackgroundCompile(build)
     return ServedModel(model, runner, attention, resolved, packed_max_rows, seconds)
 
 
@@ -68,5 +74,6 @@ def _compile_decode(model: LlamaForCausalLM, runner: ModelRunner, block_size: in
     one_row_dense = runner.kv_caches[0][0].dtype != torch.float32 and any(
         isinstance(m, Linear) and isinstance(m.impl, DenseWeight) for m in model.modules())
     compiled = CompiledDecode(model, block_size, packed_max_rows if dense else None, two_row_minimum=one_row_dense)
-    seconds = compiled.warm_up(runner.kv_caches, attention.index_dtype, sorted(b for b in sizes if b <= top))
+    seconds = compiled.warm_up(runner.kv_caches, attention.index_dtype, sorted(b for b in sizes if b <= top),
+                               runner.scratch_block)
     return compiled, seconds

@@ -49,7 +49,7 @@ def main() -> None:
     t = time.perf_counter()
     cut = default.packed_max_rows  # the engine's regimes: 1 and 2 rows, and either side of its crossover
     rows = [1, 2] if cut is None else [1, 2, cut, cut + 1]
-    variant.warm_up(engine.runner.kv_caches, engine.attention.index_dtype, rows)
+    variant.warm_up(engine.runner.kv_caches, engine.attention.index_dtype, rows, engine.runner.scratch_block)
     print("freezing-only compile", round(time.perf_counter() - t, 1), flush=True)
     variants = {"freezing+cpp_wrapper": default, "freezing": variant}
     res: dict[str, list[float]] = {k: [] for k in variants}
