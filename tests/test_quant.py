@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import gguf
 import numpy as np
@@ -180,7 +181,7 @@ def test_measured_crossover_is_cached(tmp_path, monkeypatch):
         return torch.nn.Sequential(lin)
 
     cache = (tmp_path / "kernel-choice.json", "model|int8|machine")
-    monkeypatch.setattr(quant, "choose_packed_max_rows", lambda m, d: (4, {4: (1.0, 2.0)}))
+    monkeypatch.setattr(quant, "choose_packed_max_rows", lambda m, d: (4, {4: (1.0, 2.0), 8: (3.0, 2.0)}))
     assert configure_packed_kernels(model(), None, 64, torch.float32, cache=cache) == 4
 
     def must_not_measure(m, d):
@@ -189,13 +190,13 @@ def test_measured_crossover_is_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(quant, "choose_packed_max_rows", must_not_measure)
     assert configure_packed_kernels(model(), None, 64, torch.float32, cache=cache) == 4
     other = (cache[0], "model|int4|machine")
-    monkeypatch.setattr(quant, "choose_packed_max_rows", lambda m, d: (8, {}))
+    monkeypatch.setattr(quant, "choose_packed_max_rows", lambda m, d: (8, {16: (3.0, 2.0)}))
     assert configure_packed_kernels(model(), None, 64, torch.float32, cache=other) == 8
     gained = model()  # the same key, but a layer on another packed kernel (an NF4 directory before and after
     nf4_lin = Linear(64, [16], bias=False, method=CheckpointMethod())  # its kernel existed): measured afresh
     nf4_lin.load_shard(0, _nf4(16, 64, 32), torch.float32, torch.device("cpu"))
     gained.append(nf4_lin)
-    monkeypatch.setattr(quant, "choose_packed_max_rows", lambda m, d: (2, {}))
+    monkeypatch.setattr(quant, "choose_packed_max_rows", lambda m, d: (2, {4: (3.0, 2.0)}))
     assert configure_packed_kernels(gained, None, 64, torch.float32, cache=cache) == 2
 
 
@@ -230,7 +231,7 @@ def test_a_disturbed_loss_is_measured_again_and_an_implausible_choice_is_not_cac
 
     def choose(m, d):
         measured.append(d)
-        return 0, {}
+        return 0, {1: (3.0, 2.0)}
 
     monkeypatch.setattr(quant, "choose_packed_max_rows", choose)
     assert configure_packed_kernels(model(torch.bfloat16), None, 64, torch.bfloat16, cache=(path, "m|bf16")) == 0
@@ -239,20 +240,30 @@ def test_a_disturbed_loss_is_measured_again_and_an_implausible_choice_is_not_cac
     assert measured == [torch.bfloat16]  # in fp32 it was
     assert configure_packed_kernels(model(torch.bfloat16), None, 64, torch.bfloat16, cache=(path, "new|bf16")) == 0
     assert "new|bf16" not in path.read_text()  # a measured implausible answer is not written
-    monkeypatch.setattr(quant, "choose_packed_max_rows", lambda m, d: (8, {}))
+    monkeypatch.setattr(quant, "choose_packed_max_rows", lambda m, d: (8, {16: (3.0, 2.0)}))
     assert configure_packed_kernels(model(torch.bfloat16), None, 64, torch.bfloat16, cache=(path, "m|bf16")) == 8
     assert '"m|bf16|int8": 8' in path.read_text()
 
 
-def test_gguf_export_is_a_plain_hf_directory():
-    """Peers (vLLM, transformers) load every top-level *.safetensors of the export as weights: the
-    raw GGUF blocks kept for `--quantization gguf` must live out of their way."""
-    from tinyserve.models.gguf import GGUF_BLOCKS_FILE
-    from tinyserve.models.loader import resolve_model
+def test_the_kernel_choice_is_bounded_in_time_and_a_cut_answer_is_not_cached(tmp_path, monkeypatch):
+    """Out of time (a large model, a slow machine), the search stops with the packed kernels up to the
+    last count they won; such a lower bound is used for this start and not cached."""
+    import tinyserve.layers.kernel_choice as quant
 
-    src = resolve_model(None)
-    assert [p.name for p in src.path.glob("*.safetensors")] == ["model.safetensors"]
-    assert src.stored_form == "gguf" and (src.path / GGUF_BLOCKS_FILE).parent != src.path
+    lin = Linear(64, [32], bias=False, method=Int8Method())
+    lin.load_shard(0, torch.randn(32, 64), torch.bfloat16, torch.device("cpu"))
+
+    def slow(with_dense, xs, reps):  # packed always wins; each timing takes 20 ms
+        time.sleep(0.02)
+        return 1.0, 2.0
+
+    monkeypatch.setattr(quant, "_time_kernels", slow)
+    rows, timings = quant.choose_packed_max_rows(torch.nn.Sequential(lin), torch.bfloat16, budget_s=0.05)
+    assert 1 <= rows < 64 and max(timings) == rows
+    monkeypatch.setattr(quant, "choose_packed_max_rows", lambda m, d: (rows, timings))
+    path = tmp_path / "kernel-choice.json"
+    assert configure_packed_kernels(torch.nn.Sequential(lin), None, 64, torch.bfloat16, cache=(path, "m")) == rows
+    assert not path.exists()
 
 
 def test_packed_modes_are_cpu_only():

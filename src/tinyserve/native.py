@@ -9,10 +9,12 @@ without one (every kernel here has a slower fallback).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -31,10 +33,30 @@ def build_dir(source: Path, cflags: tuple[str, ...] = CFLAGS) -> Path:
     return cache_dir() / "ext" / f"{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-@functools.cache
+_building = threading.Lock()  # one build at a time: a background one, then the caller that waits on it
+
+
 def load_kernel(source: Path, cflags: tuple[str, ...] = CFLAGS) -> Path:
     """Build (once per machine) and load `source`, whose TORCH_LIBRARY blocks register its ops under
-    torch.ops. Raises RuntimeError, in one line, when it cannot be built. Returns the build directory."""
+    torch.ops. Raises RuntimeError, in one line, when it cannot be built. Returns the build directory.
+    Waits for a build of it already under way (`build_in_background`)."""
+    with _building:
+        return _load(source, cflags)
+
+
+def build_in_background(source: Path) -> None:
+    """Start building `source` on a thread, so the compiler (a child process: another core) overlaps
+    loading the model; `load_kernel` later takes the result. A failure is left for that call to report."""
+
+    def build() -> None:
+        with contextlib.suppress(RuntimeError):
+            load_kernel(source)
+
+    threading.Thread(target=build, name=f"build-{source.stem}", daemon=True).start()
+
+
+@functools.cache  # per process; a failure is not cached (raised), so a later call tries again
+def _load(source: Path, cflags: tuple[str, ...]) -> Path:
     from torch.utils import cpp_extension
 
     try:

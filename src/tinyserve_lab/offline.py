@@ -162,7 +162,8 @@ def run_offline(args: argparse.Namespace) -> dict[str, Any]:
 
         from tinyserve.models.loader import resolve_model
 
-        hf = AutoModelForCausalLM.from_pretrained(resolve_model(args.model).path, dtype=dtype).to(args.device).eval()
+        hf_dir = resolve_model(args.model).hf_directory()
+        hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(args.device).eval()
 
     console = Console()
     console.print("measuring this machine's ceilings (memory bandwidth, GEMM rate)...")

@@ -156,7 +156,8 @@ def field_quality_rows(args: argparse.Namespace, configs: list[QuantConfig], ref
     cfg = model_config(src)
     tok = load_tokenizer(src, eos_token_ids=cfg.eos_token_ids)
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}], True) for p in CHAT_PROMPTS[:args.prompts]]
-    return [{**field_tools.quality_row(c.name, c.method, c.bits, c.group, str(src.path), ref, windows, prompts,
+    hf_dir = str(src.hf_directory())
+    return [{**field_tools.quality_row(c.name, c.method, c.bits, c.group, hf_dir, ref, windows, prompts,
                                        cfg.eos_token_ids, GREEDY_TOKENS), "config": asdict(c)}
             for c in tqdm(configs, desc="field tools")]
 
@@ -168,7 +169,7 @@ def field_speed_worker(c: QuantConfig, model: str | None) -> dict[str, Any]:
 
     src = resolve_model(model)
     start = time.perf_counter()
-    m, _ = field_tools.load(c.method, c.bits, c.group, str(src.path))
+    m, _ = field_tools.load(c.method, c.bits, c.group, str(src.hf_directory()))
     startup_s = time.perf_counter() - start
     speed = field_tools.speed(m, model_config(src).vocab_size, SPEED_BATCHES, SPEED_INPUT, SPEED_OUTPUT)
     return {"mode": c.name, "speed": speed, "startup_s": round(startup_s, 1),

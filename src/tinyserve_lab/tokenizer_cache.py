@@ -1,5 +1,5 @@
 """Tokenizers for counting benchmark lengths: the engine's own loader, so a GGUF's vocabulary is
-converted once and shared with the engine's cache (see models.loader.export_gguf)."""
+converted once and shared with the engine's cache (see models.gguf.gguf_source)."""
 
 from __future__ import annotations
 

@@ -40,6 +40,16 @@ def _paged(device: str) -> AttentionBackend:
         raise ValueError(str(e)) from None
 
 
+def prefetch(name: str, device: str) -> None:
+    """Start what `select_backend(name, device)` will need, so it overlaps loading the model: the paged
+    back end's native kernel, built on a thread (seconds on a cold machine, once)."""
+    if name in ("auto", "paged") and device == "cpu":
+        from tinyserve.attention.paged import SOURCE
+        from tinyserve.native import build_in_background
+
+        build_in_background(SOURCE)
+
+
 def select_backend(name: str, device: str) -> AttentionBackend:
     """The back end called `name`; `auto` is `paged` on a CPU where its kernel builds, `sdpa` elsewhere.
     A ValueError when the named one cannot run here."""

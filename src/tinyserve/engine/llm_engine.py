@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from tinyserve.attention import ATTENTION_BACKENDS
+from tinyserve.attention import prefetch as prefetch_attention
 from tinyserve.config import EngineConfig, SpeculativeConfig
 from tinyserve.engine.output import request_output
 from tinyserve.engine.policy import SchedulingPolicy
@@ -66,6 +67,7 @@ class LLMEngine:
                 registry.check(name)
         assert config.num_threads is not None  # resolved in EngineConfig.__post_init__
         torch.set_num_threads(config.num_threads)
+        prefetch_attention(config.attention_backend, config.device)  # its kernel builds while the model loads
         self.source = src = resolve_model(config.model)
         self.model_name = src.name
         self.model_config = mc = model_config(src)

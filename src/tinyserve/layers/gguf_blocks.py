@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tinyserve.layers.formats import GGUFTensor
+from tinyserve.layers.formats import GGUFTensor, fp16_field, nibbles
 from tinyserve.registry import Registry
 
 
@@ -44,34 +44,24 @@ def int4_blocks(t: GGUFTensor) -> Int4Blocks:
     return GGUF_INT4[t.qtype](t.data, n, k)
 
 
-def _fp16(b: torch.Tensor, at: int) -> torch.Tensor:
-    """The fp16 field at byte `at` of every block, as fp32 [..., 1]."""
-    return b[..., at : at + 2].contiguous().view(torch.float16).float()
-
-
-def _nibbles(b: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """16 bytes per 32 weights: weight j in the low nibble of byte j, weight j + 16 in its high one."""
-    return torch.cat([b & 15, b >> 4], dim=-1).view(n, k)
-
-
 @GGUF_INT4.register("Q4_0")
 def _q4_0(data: torch.Tensor, n: int, k: int) -> Int4Blocks:
     b = data.view(n, k // 32, 18)
-    d = _fp16(b, 0).squeeze(-1)
-    return Int4Blocks(_nibbles(b[..., 2:], n, k), d, torch.zeros_like(d))
+    d = fp16_field(b, 0).squeeze(-1)
+    return Int4Blocks(nibbles(b[..., 2:], n, k), d, torch.zeros_like(d))
 
 
 @GGUF_INT4.register("Q4_1")
 def _q4_1(data: torch.Tensor, n: int, k: int) -> Int4Blocks:
     b = data.view(n, k // 32, 20)
-    d, m = _fp16(b, 0).squeeze(-1), _fp16(b, 2).squeeze(-1)
-    return Int4Blocks(_nibbles(b[..., 4:], n, k), d, m + 8 * d)
+    d, m = fp16_field(b, 0).squeeze(-1), fp16_field(b, 2).squeeze(-1)
+    return Int4Blocks(nibbles(b[..., 4:], n, k), d, m + 8 * d)
 
 
 @GGUF_INT4.register("Q8_0")
 def _q8_0(data: torch.Tensor, n: int, k: int) -> Int4Blocks:
     b = data.view(n, k // 32, 34)
-    d = _fp16(b, 0).squeeze(-1)
+    d = fp16_field(b, 0).squeeze(-1)
     u = (b[..., 2:].contiguous().view(torch.int8).to(torch.int16) + 128).view(n, k)
     return Int4Blocks(torch.cat([u >> 4, u & 15]), torch.cat([16 * d, d]), torch.cat([torch.zeros_like(d), 8 * d]),
                       halves=True)
@@ -82,7 +72,7 @@ def _q4_k(data: torch.Tensor, n: int, k: int) -> Int4Blocks:
     """d, dmin (fp16), 12 bytes of eight 6-bit scales and mins, then 128 bytes of nibbles: byte j of
     each 32-byte chunk c holds element 64c + j (low) and 64c + 32 + j (high)."""
     b = data.view(n, k // 256, 144)
-    d, dmin = _fp16(b, 0), _fp16(b, 2)  # [N, K/256, 1]
+    d, dmin = fp16_field(b, 0), fp16_field(b, 2)  # [N, K/256, 1]
     lo6, hi6, rest = b[..., 4:16].unflatten(-1, (3, 4)).unbind(-2)  # llama.cpp's get_scale_min_k4
     sc = torch.cat([lo6 & 63, (rest & 15) | ((lo6 >> 2) & 48)], dim=-1)
     mins = torch.cat([hi6 & 63, (rest >> 4) | ((hi6 >> 2) & 48)], dim=-1)

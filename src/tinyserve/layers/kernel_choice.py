@@ -24,6 +24,7 @@ from tinyserve.layers.linear import DenseWeight, Linear
 from tinyserve.layers.packed import PackedWeight
 
 log = logging.getLogger(__name__)
+CANDIDATES = (1, 2, 4, 8, 16, 32, 64)  # the row counts timed, in order
 
 
 def packed_weights(model: nn.Module) -> list[tuple[Linear, PackedWeight]]:
@@ -56,6 +57,8 @@ def configure_packed_kernels(model: nn.Module, packed_max_rows: int | None, max_
             if not plausible_crossover(rows, dtype):
                 log.warning("the packed kernels lost to dense even at one row in %s (a busy machine?): "
                             "dense for this start, not cached", dtype)
+            elif rows < CANDIDATES[-1] and not any(m > rows for m in timings):  # cut short by the budget
+                log.info("kernel choice not cached: its time ran out before dense won")
             elif store:
                 store.put(key, rows)
     for lin, w in weights:
@@ -114,19 +117,25 @@ def _time_kernels(with_dense: Sequence[tuple[Linear, PackedWeight, torch.Tensor]
 
 
 @torch.inference_mode()
-def choose_packed_max_rows(model: nn.Module, dtype: torch.dtype, candidates: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
-                           reps: int = 5) -> tuple[int, dict[int, tuple[float, float]]]:
+def choose_packed_max_rows(model: nn.Module, dtype: torch.dtype, candidates: Sequence[int] = CANDIDATES,
+                           reps: int = 3, budget_s: float = 3.0) -> tuple[int, dict[int, tuple[float, float]]]:
     """Time every packed linear of the model both ways at growing row counts until the dense copy
     wins; the last count at which packed was faster (0 if it never is). Also returns the timings (ms).
     Stopping at the first loss bounds the start-up cost (a slow packed kernel loses at once); a loss
-    is measured a second time (best of both) before it stands, so one disturbed sample cannot end it."""
+    is measured a second time (best of both) before it stands, so one disturbed sample cannot end it.
+    Past `budget_s` (a large model, a slow machine) no larger count is tried: the answer is then a
+    lower bound, which costs some speed at large batches but never a wrong result."""
     weights = packed_weights(model)
     with_dense = [(lin, w, w.dense) for lin, w in weights if w.dense is not None]
     if not weights or len(with_dense) < len(weights):
         return (1 << 30 if weights else 0), {}
     timings: dict[int, tuple[float, float]] = {}
     best = 0
+    deadline = time.perf_counter() + budget_s
     for m in candidates:
+        if time.perf_counter() > deadline:
+            log.info("kernel choice: out of time after %d rows; packed up to there", best)
+            break
         xs = {lin.in_features: torch.randn(m, lin.in_features, dtype=dtype, device=dense.device)
               for lin, _, dense in with_dense}
         _time_kernels(with_dense, xs, 1)  # warm-up

@@ -1,10 +1,13 @@
-"""GGUF files: the model's config and tensors read with the `gguf` package, llama.cpp's Q/K row
-permutation undone, exported once to a cached HF-format directory (fp32 weights, config.json, the
-tokenizer) with the file's quantized blocks kept raw beside it.
+"""GGUF files, served straight from the file: its tensors are memory-mapped and read as they are
+stored (the quantized ones as raw blocks, which a quantization method packs or dequantizes), llama.cpp's
+Q/K row permutation undone.
 
-Why an export: parsing a GGUF's metadata alone takes seconds of Python and converting its vocabulary
-~15 s; later starts mmap the export in well under a second. The export is also what peers that cannot
-read GGUF (vLLM, transformers) load for side-by-side runs.
+What is slow about a GGUF is its metadata: parsing it with the `gguf` package takes seconds of
+Python, and converting its vocabulary to a fast tokenizer seconds more. Both are done once per file
+into a small cached directory (`gguf_source`: config.json, the tokenizer files, and `GGUF_INDEX`, where
+each tensor lies in the file), so a later start reads a few kilobytes of JSON and maps the file. No
+weight is converted or copied to disk at start-up; the fp32 HF export that peers without a GGUF reader
+(vLLM, transformers) load is `export_gguf`, run by the lab when a peer needs it.
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ from tinyserve.system import cache_dir
 
 log = logging.getLogger(__name__)
 
-# The GGUF's quantized blocks, kept raw beside the export. In a subdirectory: loaders that take every
-# top-level *.safetensors of an HF directory (vLLM, for one) must not read them as weights.
-GGUF_BLOCKS_FILE = "gguf/blocks.safetensors"
+# In a GGUF's cached directory: the file it describes and where each of its tensors lies in it.
+GGUF_INDEX = "gguf-index.json"
+_FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}  # BF16 has no numpy dtype: read as int16 bits
 
 
 _GGUF_NAMES = {
@@ -85,69 +88,106 @@ def gguf_config(reader, name: str) -> ModelConfig:
     )
 
 
-def gguf_weights(reader, cfg: ModelConfig, raw: bool = False) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """(HF name, tensor, GGML type name) for every tensor: dequantized to fp32, or with `raw` the
-    quantized ones as their uint8 blocks [rows, row_bytes] (float tensors are skipped then)."""
-    import gguf
-
+def _index(reader, cfg: ModelConfig, path: Path) -> dict:
+    """Where each tensor lies in the file: HF name, GGML type, byte range, shape [rows, cols] (or [n])
+    of the dequantized tensor, and the head count whose Q/K interleave to undo (0: none)."""
     permuted = reader.fields["general.architecture"].contents() in ("llama", "mistral")
-    float_types = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
+    tensors = []
     for t in reader.tensors:
-        if raw and t.tensor_type in float_types:
-            continue
-        w = t.data if raw else gguf.quants.dequantize(t.data, t.tensor_type)  # [out, in] either way
+        heads = 0
         if permuted and t.name.endswith(("attn_q.weight", "attn_k.weight")):
-            w = unpermute_qk(w, cfg.num_heads if "attn_q" in t.name else cfg.num_kv_heads)
-        yield _gguf_hf_name(t.name), torch.from_numpy(np.array(w, copy=True)), t.tensor_type.name
+            heads = cfg.num_heads if "attn_q" in t.name else cfg.num_kv_heads
+        tensors.append({"name": _gguf_hf_name(t.name), "type": t.tensor_type.name, "offset": int(t.data_offset),
+                        "nbytes": int(t.n_bytes), "shape": [int(d) for d in reversed(t.shape)], "unpermute": heads})
+    stat = path.stat()
+    return {"file": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "tensors": tensors}
 
 
-def export_gguf(path: Path) -> Path:
-    """The GGUF as a cached HF-format directory (fp32 weights, config.json, tokenizer files), plus its
-    quantized blocks as they are in the file (`GGUF_BLOCKS_FILE`) for `--quantization gguf`."""
+def gguf_source(path: Path) -> Path:
+    """The GGUF's cached directory (config.json, tokenizer files, `GGUF_INDEX`): made once per file
+    (a few seconds of metadata parsing), atomically, so concurrent first starts never see half of it."""
+    stat = path.stat()
+    out = cache_dir() / "gguf" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-v1"
+    if (out / GGUF_INDEX).is_file():
+        return out
     import gguf
-    from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    stat = path.stat()
-    out = cache_dir() / "models" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-v3"
-    if (out / "model.safetensors").is_file():
-        return out
-    log.warning("exporting %s to %s (once; later starts load the export)", path.name, out)
+    log.info("reading %s's metadata and vocabulary (once per file; later starts read %s)", path.name, out)
     reader = gguf.GGUFReader(str(path))
     cfg = gguf_config(reader, path.stem)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".export-"))
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".index-"))
     try:
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
-        save_file({n: w for n, w, _ in gguf_weights(reader, cfg)}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
-        blocks = {n: (w, qtype) for n, w, qtype in gguf_weights(reader, cfg, raw=True)}
-        if blocks:  # tensor name -> GGML type in the metadata; safetensors keeps only the bytes
-            (tmp / GGUF_BLOCKS_FILE).parent.mkdir()
-            save_file({n: w for n, (w, _) in blocks.items()}, str(tmp / GGUF_BLOCKS_FILE),
-                      metadata={n: qtype for n, (_, qtype) in blocks.items()})
         AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(tmp))
-        tmp.rename(out)  # atomic: a concurrent first start never sees a half-written export
+        (tmp / GGUF_INDEX).write_text(json.dumps(_index(reader, cfg, path)))  # last: it marks the directory done
+        if out.exists():  # damaged (no index): replaced
+            log.warning("%s has no %s: made again", out, GGUF_INDEX)
+            shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
     except OSError:
-        if not (out / "model.safetensors").is_file():
+        if not (out / GGUF_INDEX).is_file():
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
+def gguf_weights(source: Path) -> Iterator[tuple[str, WeightSource]]:
+    """Every tensor of the GGUF that `source` (a `gguf_source` directory) describes, by HF name: float
+    ones as tensors, quantized ones as their raw blocks (`GGUFTensor`, rows in HF order), read from
+    the memory-mapped file."""
+    index = json.loads((source / GGUF_INDEX).read_text())
+    path = Path(index["file"])
+    stat = path.stat()
+    if (stat.st_size, stat.st_mtime_ns) != (index["size"], index["mtime_ns"]):
+        raise ValueError(f"{path} changed since {source} was made from it; delete that directory to re-read it")
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    for t in index["tensors"]:
+        raw = mapped[t["offset"] : t["offset"] + t["nbytes"]]
+        shape, qtype = t["shape"], t["type"]
+        if qtype in _FLOAT_TYPES or qtype == "BF16":
+            w = raw.view(_FLOAT_TYPES.get(qtype, np.int16)).reshape(shape)
+        else:
+            w = raw.reshape(shape[0], -1)  # [rows, row_bytes]
+        if t["unpermute"]:
+            w = unpermute_qk(w, t["unpermute"])
+        tensor = torch.from_numpy(np.array(w))  # a copy: the map is read-only, and reading it here faults it in
+        if qtype == "BF16":
+            yield t["name"], tensor.view(torch.bfloat16).float()
+        elif qtype in _FLOAT_TYPES:
+            yield t["name"], tensor.float()
+        else:
+            yield t["name"], GGUFTensor(qtype, tensor, (shape[0], shape[1]))
 
-def gguf_block_weights(export: Path) -> Iterator[tuple[str, WeightSource]]:
-    """An export's weights with every quantized tensor replaced by its raw GGUF blocks."""
-    from safetensors import safe_open
 
-    with safe_open(str(export / GGUF_BLOCKS_FILE), framework="pt") as blocks, \
-            safe_open(str(export / "model.safetensors"), framework="pt") as dense:
-        qtypes = blocks.metadata()
-        for name in dense.keys():
-            if name in qtypes:
-                rows, cols = dense.get_slice(name).get_shape()
-                yield name, GGUFTensor(qtypes[name], blocks.get_tensor(name), (rows, cols))
-            else:
-                yield name, dense.get_tensor(name)
+def is_gguf_source(path: Path) -> bool:
+    return (path / GGUF_INDEX).is_file()
 
+
+def export_gguf(path: Path) -> Path:
+    """The GGUF as an fp32 HF-format directory (config.json, model.safetensors, tokenizer files), cached:
+    what peers that cannot read a GGUF (vLLM, transformers) load. Never a start-up cost of ours."""
+    from safetensors.torch import save_file
+
+    from tinyserve.layers.formats import as_dense
+
+    source = gguf_source(path)
+    out = source.with_name(source.name + "-hf")
+    if (out / "model.safetensors").is_file():
+        return out
+    log.warning("exporting %s to %s for a peer that cannot read GGUF", path.name, out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".export-"))
+    try:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        (tmp / GGUF_INDEX).unlink()
+        save_file({n: as_dense(w).contiguous() for n, w in gguf_weights(source)}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        tmp.rename(out)  # atomic
+    except OSError:
+        if not (out / "model.safetensors").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,9 +1,10 @@
 """Find a model (bundled GGUF, local HF directory, GGUF file, hub id) and load it into our decoder.
 
-Every source is reduced to an HF-format directory (config.json + safetensors + tokenizer files): a
-GGUF file through its cached export (models/gguf.py). Weights reach the decoder by HF name, as dense
-tensors or in their stored quantized form (GGUF blocks, a quantized directory's codes: models/
-quantized.py), and each linear's quantization method packs them. The model is built on the meta
+Every source is reduced to a directory with config.json and tokenizer files: an HF model directory
+as it is; a GGUF file through its small cached directory (models/gguf.py), whose weights are read
+from the file itself. Weights reach the decoder by HF name, as dense tensors or in their stored
+quantized form (GGUF blocks, a quantized directory's codes: models/quantized.py), and each linear's
+quantization method packs them. The model is built on the meta
 device and materialized directly in the target dtype/device, so an 8B model never exists in fp32 on
 the host.
 """
@@ -21,8 +22,8 @@ import torch
 from tinyserve.attention.base import AttentionBackend
 from tinyserve.config import ModelConfig
 from tinyserve.layers import QUANTIZATION
-from tinyserve.layers.formats import WeightSource
-from tinyserve.models.gguf import GGUF_BLOCKS_FILE, export_gguf, gguf_block_weights
+from tinyserve.layers.formats import WeightSource, as_dense
+from tinyserve.models.gguf import export_gguf, gguf_source, gguf_weights, is_gguf_source
 from tinyserve.models.llama import SUPPORTED_ARCHS, LlamaForCausalLM, RotaryEmbedding
 from tinyserve.models.quantized import is_quantized_dir, quantized_weights
 
@@ -33,16 +34,22 @@ BUNDLED_NAME = "SmolLM2-135M-Instruct"
 
 @dataclass(frozen=True)
 class ModelSource:
-    path: Path  # an HF-format directory: config.json, *.safetensors, tokenizer files
+    path: Path  # config.json and tokenizer files; the weights too, unless `gguf_file` holds them
     name: str  # the default served model name
+    gguf_file: Path | None = None  # the GGUF file `path` was made from (models/gguf.py)
 
     @property
     def stored_form(self) -> str | None:
         """How its weights are stored quantized: "checkpoint" (a quantized directory: ours, AutoGPTQ,
-        AutoAWQ), "gguf" (a GGUF file's export, its blocks kept beside it) or None (dense)."""
+        AutoAWQ), "gguf" (a GGUF file's blocks) or None (dense)."""
         if is_quantized_dir(self.path):
             return "checkpoint"
-        return "gguf" if (self.path / GGUF_BLOCKS_FILE).is_file() else None
+        return "gguf" if is_gguf_source(self.path) else None
+
+    def hf_directory(self) -> Path:
+        """An HF-format directory with the weights (config.json + *.safetensors) for tools that read
+        only that (transformers, vLLM): a GGUF's fp32 export, made once."""
+        return export_gguf(self.gguf_file) if self.gguf_file is not None else self.path
 
 
 def bundled_gguf_path() -> Path:
@@ -61,10 +68,11 @@ def bundled_gguf_path() -> Path:
 
 def resolve_model(model: str | None) -> ModelSource:
     if model is None or model in ("", BUNDLED_NAME, "default"):
-        return ModelSource(export_gguf(bundled_gguf_path()), BUNDLED_NAME)
+        path = bundled_gguf_path()
+        return ModelSource(gguf_source(path), BUNDLED_NAME, path)
     p = Path(model).expanduser()
     if p.is_file() and p.suffix == ".gguf":
-        return ModelSource(export_gguf(p), p.stem)
+        return ModelSource(gguf_source(p), p.stem, p)
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ValueError(f"model directory {p} has no config.json")
@@ -103,6 +111,15 @@ def hf_config(path: Path, name: str) -> ModelConfig:
     return ModelConfig.from_hf(cfg, name=name)
 
 
+def dense_weights(src: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every weight of `src` as a dense tensor (a GGUF's blocks dequantized to fp32), by HF name."""
+    if src.stored_form == "checkpoint":
+        raise ValueError(f"{src.path} is quantized; dense_weights reads dense and GGUF models")
+    if src.stored_form == "gguf":
+        return ((name, as_dense(w)) for name, w in gguf_weights(src.path))
+    return hf_weights(src.path)
+
+
 def hf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
@@ -132,7 +149,7 @@ def load_model(src: ModelSource, cfg: ModelConfig, max_len: int, dtype: torch.dt
     weights: Iterator[tuple[str, WeightSource]]
     if src.stored_form == "checkpoint":  # stored quantized: kept as such ("checkpoint") or dequantized ("none")
         weights = quantized_weights(src.path)
-    else:
-        weights = gguf_block_weights(src.path) if quantization == "gguf" else hf_weights(src.path)
+    else:  # a GGUF's blocks are packed by the gguf method, dequantized by the others
+        weights = gguf_weights(src.path) if src.stored_form == "gguf" else hf_weights(src.path)
     model.load_weights(weights, dtype, device)
     return model.eval().requires_grad_(False)

@@ -12,7 +12,7 @@ import argparse
 import torch
 
 from tinyserve.models.llama import RotaryEmbedding
-from tinyserve.models.loader import hf_weights, model_config, resolve_model
+from tinyserve.models.loader import dense_weights, model_config, resolve_model
 from tinyserve.tokenizer import load_tokenizer
 from tinyserve_lab.quality import shakespeare_windows
 from tinyserve_lab.quantize import gptq, rtn
@@ -35,7 +35,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     src = resolve_model(None)
     cfg = model_config(src)
-    w = {k: t.float() for k, t in hf_weights(src.path)}
+    w = {k: t.float() for k, t in dense_weights(src)}
     tok = load_tokenizer(src)
     cos, sin = RotaryEmbedding(cfg, a.seq_len)(torch.arange(a.seq_len), torch.float32)
 

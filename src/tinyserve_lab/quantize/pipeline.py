@@ -220,7 +220,7 @@ def quantize_model(model: str | None, opts: QuantizeOptions, out_dir: Path, prog
     or the field's ("gptq", "awq": quantize/hf_format.py); returns how it was made (quantization.json)."""
     import json
 
-    from tinyserve.models.loader import hf_weights, model_config, resolve_model
+    from tinyserve.models.loader import dense_weights, model_config, resolve_model
     from tinyserve.tokenizer import load_tokenizer
     from tinyserve_lab.quantize.calib import calibration_tokens
     from tinyserve_lab.quantize.checkpoint import save_quantized
@@ -238,7 +238,7 @@ def quantize_model(model: str | None, opts: QuantizeOptions, out_dir: Path, prog
     cfg = model_config(src)
     tok = load_tokenizer(src, eos_token_ids=cfg.eos_token_ids).hf
     start = time.perf_counter()
-    w = {k if k.startswith(("model.", "lm_head.")) else f"model.{k}": t.float() for k, t in hf_weights(src.path)}
+    w = {k if k.startswith(("model.", "lm_head.")) else f"model.{k}": t.float() for k, t in dense_weights(src)}
     tokens = None
     if opts.method in CALIBRATED:
         tokens = calibration_tokens(tok, opts.calib_samples, opts.calib_seq_len, opts.seed)
