@@ -1,6 +1,8 @@
 """Fault injection for the reliability tests, from outside the engine: `python tests/faults.py SERVE_ARGS`
 runs `tinyserve serve` with the engine patched so that faults fire for marked prompts.
 
+`TINYSERVE_HOLD_COMPILE=PATH` holds the background build of the compiled step until PATH exists (`hold_compile`).
+
 `TINYSERVE_FAULTS="forward:BOOM,nan:NANME"`: a comma-separated list of `kind:marker`; a fault fires for
 every sequence whose prompt text contains its marker, each time that sequence is stepped. Kinds:
   forward     the model forward raises (the whole batch it is in fails; the engine isolates it)
@@ -95,8 +97,28 @@ def install(spec: str) -> None:
     patch(LLMEngine, "_add_token", add_token)
 
 
+def hold_compile(release: str) -> None:
+    """`TINYSERVE_HOLD_COMPILE=PATH`: the background build of the compiled step waits until PATH exists,
+    so a test can talk to a server whose compiled step is still building, then let it finish."""
+    import time
+
+    from tinyserve.worker.compiled import CompiledDecode
+
+    def prepare(orig):
+        def wrapped(self, *args, **kwargs):
+            while not os.path.exists(release):
+                time.sleep(0.05)
+            return orig(self, *args, **kwargs)
+        return wrapped
+
+    CompiledDecode.prepare = prepare(CompiledDecode.prepare)
+
+
 if __name__ == "__main__":
-    install(os.environ[ENV])
+    if os.environ.get(ENV):
+        install(os.environ[ENV])
+    if os.environ.get("TINYSERVE_HOLD_COMPILE"):
+        hold_compile(os.environ["TINYSERVE_HOLD_COMPILE"])
     from tinyserve.server import main
 
     sys.exit(main(sys.argv[1:]))

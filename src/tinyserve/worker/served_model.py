@@ -5,7 +5,9 @@ pool allocated, its decode step compiled. The engine's target is one; a speculat
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -18,7 +20,7 @@ from tinyserve.layers.linear import DenseWeight, Linear
 from tinyserve.models.llama import LlamaForCausalLM
 from tinyserve.models.loader import ModelSource, load_model
 from tinyserve.system import cache_dir, cpu_model
-from tinyserve.worker.compiled import BackgroundCompile, CompiledDecode
+from tinyserve.worker.compiled import BackgroundCompile, CompiledDecode, artifact_dir, artifact_key
 from tinyserve.worker.runner import ModelRunner
 
 
@@ -49,31 +51,30 @@ def serve_model(config: EngineConfig, src: ModelSource, mc: ModelConfig, quantiz
     runner = ModelRunner(model, mc, num_blocks, config.block_size, dtype, device)
     runner.compile_mode = compile
     seconds = 0.0
-    build = functools.partial(_compile_decode, model, runner, config.block_size, attention, packed_max_rows,
-                              max_decode_rows)
-    if compile == "blocking":
-        runner.compiled, seconds = build()
-    elif compile == "background":
-        runner.building = BackgroundCompile(build)
+    if compile != "off":
+        step, cache = _compiled_step(model, runner, attention, packed_max_rows, max_decode_rows)
+        start = time.perf_counter()
+        if step.load(runner.kv_caches, attention.index_dtype, runner.scratch_block, cache):  # built before: ms
+            runner.compiled, seconds = step, time.perf_counter() - start
+        elif compile == "blocking":
+            runner.compiled, seconds = step.prepare(runner.kv_caches, attention.index_dtype, runner.scratch_block,
+                                                    cache)
+        else:
+            runner.building = BackgroundCompile(functools.partial(
+                step.prepare, runner.kv_caches, attention.index_dtype, runner.scratch_block, cache))
     return ServedModel(model, runner, attention, resolved, packed_max_rows, seconds)
 
 
-def _compile_decode(model: LlamaForCausalLM, runner: ModelRunner, block_size: int, attention: AttentionBackend,
-                    packed_max_rows: int, top: int) -> tuple[CompiledDecode, float]:
-    """The compiled decode step, warmed up at start-up for every batch-size regime: 1 up to the
-    quantized linears' packed/dense crossover, and above it. The packed regime is warmed at both
-    ends: a graph found in inductor's on-disk cache keeps the batch range it was compiled under, so
-    one from a run that measured a lower crossover would leave the batches between the two
-    crossovers uncovered (they would run eager)."""
-    sizes = {1, 2}  # 2: a PyTorch that specializes batch 1 gives 2+ a graph of their own
+def _compiled_step(model: LlamaForCausalLM, runner: ModelRunner, attention: AttentionBackend, packed_max_rows: int,
+                   top: int) -> tuple[CompiledDecode, Path]:
+    """The compiled decode step (not loaded yet) and the directory of its packages. Its regimes split at
+    the quantized linears' packed/dense crossover where dense copies exist (worker/compiled.py)."""
     dense = any(w.dense is not None for _, w in packed_weights(model))
-    if dense:
-        sizes |= {packed_max_rows, packed_max_rows + 1}  # the last packed batch, the first dense one
     # A dense 16-bit linear in the compiled graph rounds one row differently from several; fp32's
     # dense GEMM has no row count that agrees with another, so it gains nothing from two rows.
     one_row_dense = runner.kv_caches[0][0].dtype != torch.float32 and any(
         isinstance(m, Linear) and isinstance(m.impl, DenseWeight) for m in model.modules())
-    compiled = CompiledDecode(model, block_size, packed_max_rows if dense else None, two_row_minimum=one_row_dense)
-    seconds = compiled.warm_up(runner.kv_caches, attention.index_dtype, sorted(b for b in sizes if b <= top),
-                               runner.scratch_block)
-    return compiled, seconds
+    step = CompiledDecode(model, runner.block_size, packed_max_rows if dense else None, top,
+                          two_row_minimum=one_row_dense)
+    key = artifact_key(model, runner.kv_caches[0][0], attention.index_dtype, runner.block_size, step.packed_max_rows)
+    return step, artifact_dir(cache_dir() / "compiled", key)
