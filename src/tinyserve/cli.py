@@ -1,4 +1,4 @@
-"""`tinyserve {generate,serve} ...`, and the commands that installed packages add (the lab's `bench`,
+"""`tinyserve {generate,serve,warmup} ...`, and the commands that installed packages add (the lab's `bench`,
 `quantize`, `profile` and `report`, registered under the `tinyserve.commands` entry points).
 
 A subcommand's module is imported only when that subcommand runs or shows its help, so `tinyserve
@@ -34,6 +34,10 @@ COMMANDS = {
                         "add_generate_args", "cmd_generate"),
     "serve": Command("OpenAI-compatible HTTP server (SSE, continuous batching)", "tinyserve.server",
                      "add_serve_args", "run_server"),
+    "warmup": Command("build everything a start needs for these engine flags (the GGUF's index, the native "
+                      "kernels, the kernel choice, the compiled decode step) into the cache, then exit: run it "
+                      "with serve's flags in an image build and every replica starts at full speed",
+                      "tinyserve.cli", "add_warmup_args", "cmd_warmup"),
 }
 
 
@@ -57,7 +61,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tinyserve.engine_args import engine_config
     from tinyserve.sampling import SamplingParams
 
-    engine = LLMEngine(engine_config(args))
+    engine = LLMEngine(engine_config(args, compile=args.compile or "background"))  # answer at once
     params = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
         seed=args.sampling_seed, stop=args.stop or None,
@@ -78,6 +82,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     n = len(seq.output_token_ids)
     print(f"\n[{n} tokens in {elapsed:.2f}s, {n / elapsed:.1f} tok/s, finish_reason={seq.finish_reason}]",
           file=sys.stderr)
+    return 0
+
+
+def add_warmup_args(p: argparse.ArgumentParser) -> None:
+    from tinyserve.engine_args import add_engine_args
+
+    add_engine_args(p)
+
+
+def cmd_warmup(args: argparse.Namespace) -> int:
+    """Start an engine the way `serve` would, building what is missing, and say where it all is."""
+    from tinyserve.engine.llm_engine import LLMEngine
+    from tinyserve.engine_args import engine_config
+    from tinyserve.system import cache_dir
+
+    start = time.perf_counter()
+    engine = LLMEngine(engine_config(args, compile="off" if args.compile == "off" else "blocking"))
+    print(f"warm in {time.perf_counter() - start:.1f}s: {engine.model_name} ({engine.quantization}, "
+          f"{engine.config.dtype}), compiled step {engine.compiled_step}, cache {cache_dir()}")
     return 0
 
 

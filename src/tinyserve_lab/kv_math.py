@@ -123,7 +123,8 @@ def human_bytes(n: float) -> str:
 
 def check_engine_allocation(engine: Any = None, num_kv_blocks: int = 64, model: str | None = None,
                             dtype: str = "float32") -> dict[str, Any]:
-    """Build (or reuse) an engine and compare its KV pool to num_blocks x block_size x bytes/token, exactly."""
+    """Build (or reuse) an engine and compare its KV pool to (num_blocks + the runner's one scratch block)
+    x block_size x bytes/token, exactly."""
     if engine is None:
         from tinyserve.config import EngineConfig
         from tinyserve.engine.llm_engine import LLMEngine
@@ -132,7 +133,7 @@ def check_engine_allocation(engine: Any = None, num_kv_blocks: int = 64, model: 
     dt = engine.config.torch_dtype
     per_token = kv_bytes_per_token(engine.model_config, dt)
     blocks, bs = engine.num_blocks, engine.config.block_size
-    expected = blocks * bs * per_token
+    expected = (blocks + 1) * bs * per_token
     actual = int(engine.runner.kv_cache_bytes)
     return {"model": engine.model_name, "dtype": dtype_name(dt), "num_kv_blocks": blocks, "block_size": bs,
             "bytes_per_token": per_token, "expected_bytes": expected, "actual_bytes": actual,

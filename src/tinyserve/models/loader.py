@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from tinyserve.attention.base import AttentionBackend
 from tinyserve.config import ModelConfig
@@ -151,5 +152,7 @@ def load_model(src: ModelSource, cfg: ModelConfig, max_len: int, dtype: torch.dt
         weights = quantized_weights(src.path)
     else:  # a GGUF's blocks are packed by the gguf method, dequantized by the others
         weights = gguf_weights(src.path) if src.stored_form == "gguf" else hf_weights(src.path)
-    model.load_weights(weights, dtype, device)
+    # A bar on a terminal (a 1B model takes seconds to pack); nothing in a log file.
+    model.load_weights(tqdm(weights, desc=f"loading {src.name}", unit=" tensors", leave=False, disable=None,
+                            mininterval=1.0), dtype, device)
     return model.eval().requires_grad_(False)
