@@ -208,5 +208,5 @@ def test_kv_math_engine_allocation(tiny_llama_dir: Path) -> None:
     assert check["expected_bytes"] == (7 + 1) * 16 * check["bytes_per_token"] == check["actual_bytes"]  # + scratch
     assert check["match"]
     built = kv_math.check_engine_allocation(num_kv_blocks=3, model=str(tiny_llama_dir), dtype="bfloat16")
-    assert built["match"] and built["actual_bytes"] == 3 * 16 * 2 * 2 * 2 * 16 * 2
+    assert built["match"] and built["actual_bytes"] == (3 + 1) * 16 * 2 * 2 * 2 * 16 * 2
     assert "exact match" in kv_math.check_markdown(built)
