@@ -98,20 +98,13 @@ def install(spec: str) -> None:
 
 
 def hold_compile(release: str) -> None:
-    """`TINYSERVE_HOLD_COMPILE=PATH`: the background build of the compiled step waits until PATH exists,
-    so a test can talk to a server whose compiled step is still building, then let it finish."""
-    import time
+    """`TINYSERVE_HOLD_COMPILE=PATH`: the background build of the compiled step counts as unfinished until
+    PATH exists, so a test can talk to a server whose compiled step is still building, then let it end."""
+    from tinyserve.worker.compiled import BackgroundCompile
 
-    from tinyserve.worker.compiled import CompiledDecode
-
-    def prepare(orig):
-        def wrapped(self, *args, **kwargs):
-            while not os.path.exists(release):
-                time.sleep(0.05)
-            return orig(self, *args, **kwargs)
-        return wrapped
-
-    CompiledDecode.prepare = prepare(CompiledDecode.prepare)
+    done, ok = BackgroundCompile.done, BackgroundCompile.ok.fget
+    BackgroundCompile.done = lambda self: os.path.exists(release) and done(self)
+    BackgroundCompile.ok = property(lambda self: os.path.exists(release) and ok(self))
 
 
 if __name__ == "__main__":

@@ -63,3 +63,17 @@ def test_a_server_answers_while_its_compiled_step_builds_and_switches_without_ch
         compiled = httpx.post(srv.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
         assert answers and all(a == eager for a in answers) and compiled == eager
         assert "full speed" in srv.log_tail(200)
+
+
+def test_a_server_stopped_while_its_step_builds_exits_cleanly(tiny_llama_dir, tmp_path):
+    """SIGTERM while the background build runs: exit status 0, the builder stopped with it."""
+    args = ["--model", str(tiny_llama_dir), "--dtype", "float32", "--num-threads", "1", "--num-kv-blocks", "16",
+            "--block-size", "4"]
+    env = {"TINYSERVE_HOLD_COMPILE": str(tmp_path / "never"), "TINYSERVE_CACHE": str(tmp_path / "cache")}
+    srv = ServerProcess(args, env=env, entry=HELD_SERVER, startup_timeout=120).start()
+    try:
+        assert httpx.get(srv.url + "/health").json()["compiled_step"] == "building"
+        assert srv.terminate() == 0
+    finally:
+        srv.stop()
+    assert "terminate called" not in srv.log_tail(200)

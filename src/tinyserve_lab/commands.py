@@ -30,6 +30,8 @@ BENCH = Command("benchmarks: offline sweeps, online serving load, peers, quality
                       "tinyserve_lab.prefix_bench", "add_prefix_args", "run_prefix"),
     "cuda-check": Command("the engine on a GPU: correctness vs transformers and eager, decode speed on real shapes",
                           "tinyserve_lab.cuda_check"),
+    "startup": Command("launch -> first completion token, cold and warm caches, vs llama.cpp and vLLM (REPORT S3)",
+                       "tinyserve_lab.startup_bench"),
     "export-check": Command("vLLM-CPU and tinyserve on the same `quantize --format gptq|awq` directories",
                             "tinyserve_lab.export_check", "add_export_check_args", "run_export_check"),
 })

@@ -26,12 +26,16 @@ overhead is not their cost.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -264,8 +268,9 @@ def _load(path: Path) -> Callable[[list[torch.Tensor]], list[torch.Tensor]] | No
     if not path.is_file():
         return None
     try:
-        # run_single_threaded: one caller at a time (the engine's thread, or the build before adoption)
-        return torch._inductor.aoti_load_package(str(path), run_single_threaded=True).loader.boxed_run
+        # The loader itself: torch._inductor's wrapper would first import all of inductor (a second).
+        # Single-threaded: one caller at a time, the engine's thread.
+        return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, -1).boxed_run
     except Exception as e:
         log.warning("ignoring the unreadable compiled package %s (%s: %s); building it again", path,
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
@@ -288,42 +293,31 @@ def artifact_dir(root: Path, key: dict[str, Any]) -> Path:
 
 
 class BackgroundCompile:
-    """The compiled step built on a thread of its own while the engine serves eagerly; the runner
-    adopts it between two steps (`ModelRunner.adopt_compiled`), so no step changes path midway.
+    """The compiled step's packages built by a child process (`python -m tinyserve.worker.build_step`)
+    while the engine serves eagerly; the runner loads them between two steps once it is done
+    (`ModelRunner.adopt_compiled`), so no step changes path midway.
 
-    Safe to run beside serving: the warm-up's dummy steps touch only the scratch block; tracing
-    reads the model and never writes it; dynamo's and inductor's modes are thread-local and the
-    engine thread never enters a compiled function before adoption. The thread is niced, and so
-    are the compiler processes it starts, so the eager steps keep the cores they need. A build
-    that fails leaves the engine eager, with a warning: slower, never down."""
+    A process, not a thread: tracing is hours of Python in aggregate, and on a thread it would hold
+    the GIL the engine's eager steps need between every op. The child is niced, so the engine keeps
+    the cores it needs; it loads its own copy of the weights (memory for the duration of the build)
+    and writes into the same cache, atomically. A build that fails leaves the engine eager, with a
+    warning: slower, never down. A server that exits first stops the child."""
 
-    def __init__(self, build: Callable[[], tuple[CompiledDecode, float]]) -> None:
+    def __init__(self, request: dict[str, Any]) -> None:
         self.started = time.monotonic()
-        self.result: CompiledDecode | None = None
-        self.error: BaseException | None = None
-        self.seconds = 0.0  # launch of the build to its end
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(build,), name="tinyserve-compile", daemon=True)
-        self._thread.start()
-
-    def _run(self, build: Callable[[], tuple[CompiledDecode, float]]) -> None:
-        with contextlib.suppress(OSError, AttributeError):  # Linux: this thread only
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-        try:
-            result, _ = build()
-            log.info("full speed: the compiled decode step is built, %.0fs after its build began in the "
-                     "background; the next decode step runs it", time.monotonic() - self.started)
-            self.result = result
-        except Exception as e:  # the engine stays eager: slower, never down
-            self.error = e
-            log.warning("building the compiled decode step failed; serving stays eager (%s: %s)",
-                        type(e).__name__, e)
-        finally:
-            self.seconds = time.monotonic() - self.started
-            self._done.set()
+        self.proc = subprocess.Popen([sys.executable, "-m", "tinyserve.worker.build_step", json.dumps(request)],
+                                     stdin=subprocess.DEVNULL, preexec_fn=functools.partial(os.nice, 10))
+        atexit.register(self.cancel)
 
     def done(self) -> bool:
-        return self._done.is_set()
+        return self.proc.poll() is not None
 
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._done.wait(timeout)
+    @property
+    def ok(self) -> bool:
+        return self.proc.poll() == 0
+
+    def cancel(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)

@@ -20,6 +20,7 @@ import statistics
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
 import torch
@@ -30,7 +31,8 @@ from tinyserve.models.llama import LlamaForCausalLM
 from tinyserve.worker.compiled import BackgroundCompile, CompiledDecode, decode_forward, dummy_decode_inputs
 
 log = logging.getLogger(__name__)
-DECODE_ROWS = 8  # a span over a cached context of at most this many tokens runs as decode rows
+DECODE_ROWS = 8
+  # a span over a cached context of at most this many tokens runs as decode rows
 
 
 class Fed(Protocol):
@@ -96,7 +98,8 @@ class ModelRunner:
     ) -> None:
         self.model = model
         self.compiled: CompiledDecode | None = None  # runs the pure decode steps once set
-        self.building: BackgroundCompile | None = None  # ... and this sets it when done (adopt_compiled)
+        self.building: BackgroundCompile | None = None  # ... when this build is done (adopt_compiled)
+        self.pending: tuple[CompiledDecode, Path] | None = None  # what it builds, and where
         self.compile_mode = "off"
         self.block_size = block_size
         self.device = torch.device(device)
@@ -117,22 +120,31 @@ class ModelRunner:
 
     @property
     def compiled_step(self) -> str:
-        """off | building | ready | failed: which decode step serves (what /health and /metrics say)."""
+        """off | building | ready | failed: which decode step serves (what /health and /metrics say).
+        A finished build counts as ready: the next step loads it before it runs (`adopt_compiled`)."""
         job = self.building
-        if self.compiled is not None or (job is not None and job.result is not None):
-            return "ready"  # a finished build is adopted before the next step runs
+        if self.compiled is not None or (job is not None and job.ok and self.pending is not None):
+            return "ready"
         if job is not None:
             return "failed" if job.done() else "building"
         return "off"
 
     def adopt_compiled(self) -> None:
-        """Switch to the background-built step, if it is done: called between steps, on the engine's
-        thread, so a step never changes path midway."""
+        """Once the background build is done, load its packages (milliseconds) and serve from them: called
+        between steps, on the engine's thread, so a step never changes path midway."""
         job = self.building
-        if job is None or self.compiled is not None or not job.done() or job.result is None:
+        if job is None or not job.done() or self.pending is None:
             return
-        self.compiled = job.result
-        log.debug("the compiled decode step serves from this step on")
+        step, cache = self.pending
+        self.pending = None
+        seconds = time.monotonic() - job.started
+        if job.ok and step.load(self.kv_caches, self.model.attention.index_dtype, self.scratch_block, cache):
+            self.compiled = step
+            log.info("full speed: the compiled decode step serves from now on (built in the background in %.0fs)",
+                     seconds)
+            return
+        log.warning("the background build of the compiled decode step failed (exit status %s, after %.0fs); "
+                    "serving stays eager", job.proc.returncode, seconds)
 
     @torch.inference_mode()  # the step's tensors are inference tensors, as the compiled graphs expect
     def execute(self, seqs: Seq[S], num_tokens: Seq[int]) -> StepLogits[S]:

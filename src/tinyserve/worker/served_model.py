@@ -4,7 +4,7 @@ pool allocated, its decode step compiled. The engine's target is one; a speculat
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,9 +59,11 @@ def serve_model(config: EngineConfig, src: ModelSource, mc: ModelConfig, quantiz
         elif compile == "blocking":
             runner.compiled, seconds = step.prepare(runner.kv_caches, attention.index_dtype, runner.scratch_block,
                                                     cache)
-        else:
-            runner.building = BackgroundCompile(functools.partial(
-                step.prepare, runner.kv_caches, attention.index_dtype, runner.scratch_block, cache))
+        else:  # a child process builds the packages; the runner loads them when it is done
+            request = {"config": dataclasses.asdict(config), "max_len": max_len, "packed_max_rows": packed_max_rows,
+                       "max_decode_rows": max_decode_rows}
+            runner.building = BackgroundCompile(request)
+            runner.pending = (step, cache)
     return ServedModel(model, runner, attention, resolved, packed_max_rows, seconds)
 
 
