@@ -6,6 +6,7 @@ converted to tokenizer.json by the loader's export.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from tinyserve.models.loader import ModelSource
@@ -39,9 +40,17 @@ class Tokenizer:
 
 
 def load_tokenizer(src: ModelSource, override: str | None = None, eos_token_ids: tuple[int, ...] = ()) -> Tokenizer:
+    """A directory with tokenizer.json is read as a fast tokenizer straight away: AutoTokenizer would
+    first resolve the model's config class (a second of imports at every start). Anything else (a
+    hub id, a slow-only tokenizer) goes through AutoTokenizer."""
+    path = override or str(src.path)
+    if (Path(path) / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return Tokenizer(PreTrainedTokenizerFast.from_pretrained(path), eos_token_ids)
     from transformers import AutoTokenizer
 
-    return Tokenizer(AutoTokenizer.from_pretrained(override or str(src.path)), eos_token_ids)
+    return Tokenizer(AutoTokenizer.from_pretrained(path), eos_token_ids)
 
 
 class TokenText:

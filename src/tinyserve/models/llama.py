@@ -55,7 +55,8 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, cfg: ModelConfig, max_len: int) -> None:
         super().__init__()
-        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(cfg))
+        with torch.device("cpu"):  # real tables even under a meta-device build, which would import dynamo
+            freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(cfg))
         self.register_buffer("cos", freqs.cos(), persistent=False)  # [max_len, D/2]
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
@@ -139,7 +140,10 @@ class LlamaForCausalLM(nn.Module):
         method = method or Unquantized()
         self.attention = attention or SdpaBackend()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # An explicit (uninitialized) weight: the default random init would, on the meta device, import
+        # torch._dynamo (a second of every start) to initialize nothing; the loader fills it.
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg, method, self.attention) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # Tied or not, the head is a Linear of its own, so it can be quantized like any projection.

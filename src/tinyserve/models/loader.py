@@ -133,6 +133,19 @@ def hf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key, f.get_tensor(key)
 
 
+def _materialize(model: torch.nn.Module, device: torch.device) -> None:
+    """Give every meta parameter and buffer uninitialized storage on `device` (the loader fills them).
+    What `to_empty` does, without its `empty_like` on meta tensors, which imports sympy (0.4 s a start)."""
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device),
+                                                              requires_grad=p.requires_grad)
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
+
+
 # -- entry point -------------------------------------------------------------------------------------
 def model_config(src: ModelSource) -> ModelConfig:
     return hf_config(src.path, src.name)
@@ -145,7 +158,7 @@ def load_model(src: ModelSource, cfg: ModelConfig, max_len: int, dtype: torch.dt
     attending through `attention` (default: sdpa)."""
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_len, QUANTIZATION[quantization](group_size), attention).to(dtype)
-    model = model.to_empty(device=device)
+    _materialize(model, torch.device(device))
     model.rotary = RotaryEmbedding(cfg, max_len).to(device)  # fp32 tables, computed for real
     weights: Iterator[tuple[str, WeightSource]]
     if src.stored_form == "checkpoint":  # stored quantized: kept as such ("checkpoint") or dequantized ("none")
