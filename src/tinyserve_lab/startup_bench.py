@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -79,6 +80,7 @@ def run_once(spec: Any, port: int, log_path: Path, args: argparse.Namespace) -> 
 
 
 def run(args: argparse.Namespace) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     console = Console()
     out_dir = Path(args.result_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

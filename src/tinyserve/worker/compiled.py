@@ -45,7 +45,6 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-import tinyserve
 from tinyserve.attention.base import AttentionMetadata
 from tinyserve.models.llama import LlamaForCausalLM
 from tinyserve.system import cpu_flags, cpu_model
@@ -98,7 +97,7 @@ def _weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def _code_digest() -> str:
-    root = Path(tinyserve.__file__).parent
+    root = Path(__file__).resolve().parents[1]  # src/tinyserve
     h = hashlib.sha256()
     for part in _TRACED:
         files = sorted((root / part).rglob("*")) if (root / part).is_dir() else [root / part]

@@ -9,7 +9,7 @@ follow the engine as it changes, or are dropped once their numbers stop matterin
 - `decode_attention`  the decode attention path's four versions, whole steps [ablate_decode_attention]
 - `paged_decode`      the paged decode kernel alone vs gather + SDPA, one layer per call [bench_paged_decode]
 - `chunk_attention`   warm prefill over a cached prefix: chunk attention as GEMMs vs SDPA [ablate_chunk_attention]
-- `compile_options`   the compiled decode step's inductor options [ablate_compile_options]
+- `compiled_step`     the compiled decode step: eager, torch.compile (with and without guards), AOTInductor
 - `step_thread`       a decode step on the loading thread vs another one [probe_step_thread]
 - `linear_kernels`    every linear of a step per mode, kernel and row count: the kernel choice [bench_linear_kernels]
 - `quant_layer_error` one layer's output error after RTN and GPTQ, calibration vs held-out text [quant_layer_error]
