@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 
 import torch
 
@@ -23,6 +24,8 @@ from tinyserve.worker.served_model import serve_model
 
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [build]: %(message)s")
+    # torch.export's own pytree deprecation, once per graph, in the server's log: not ours to act on
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     request = json.loads(argv[0])
     config = EngineConfig(**{**request["config"], "packed_max_rows": request["packed_max_rows"]})
     torch.set_num_threads(1)  # the server's eager steps have the cores
