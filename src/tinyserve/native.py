@@ -2,9 +2,10 @@
 
 A kernel is built for this CPU (-march=native: the source picks its vector path at compile time)
 into the tinyserve cache, in a directory keyed by the source text, the flags, the CPU and the torch
-version, so a later start only loads the shared object (milliseconds) and a change to any of them
-builds afresh. The build needs a C++ compiler and torch's headers; callers decide what to do
-without one (every kernel here has a slower fallback).
+version, so a later start only loads the shared object (milliseconds, without asking ninja, which
+would rebuild when the same source sits at another path) and a change to any of them builds afresh.
+The build needs a C++ compiler and torch's headers; callers decide what to do without one (every
+kernel here has a slower fallback).
 """
 
 from __future__ import annotations
@@ -66,6 +67,13 @@ def _load(source: Path, cflags: tuple[str, ...]) -> Path:
     except ImportError:
         pass
     out = build_dir(source, cflags)
+    built = out / f"tinyserve_{source.stem}.so"
+    if built.is_file():  # the directory's key names everything it depends on: load it as it is
+        try:
+            torch.ops.load_library(str(built))
+            return out
+        except OSError as e:  # damaged: build it again
+            log.warning("could not load %s (%s): building it again", built, e)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:

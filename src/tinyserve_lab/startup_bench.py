@@ -27,6 +27,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from tinyserve.models.loader import bundled_gguf_path
 from tinyserve_lab.env_info import run_header, save_json
 from tinyserve_lab.launcher import free_port
 from tinyserve_lab.peers import PEERS, PeerProcess, add_peers_args, build_specs, model_paths
@@ -84,7 +85,10 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     out_dir = Path(args.result_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    gguf, hf_dir = model_paths(args)
+    if {"vllm", "baseline"} & set(args.peers):
+        gguf, hf_dir = model_paths(args)
+    else:  # no peer that needs the HF export: not made (6 GB of fp32 for a 1.5B model)
+        gguf, hf_dir = (Path(args.gguf) if args.gguf else bundled_gguf_path()), Path(args.hf_dir or "-")
     stamp = time.strftime("%Y%m%dT%H%M%S")
     doc: dict[str, Any] = run_header("startup-v1", model=str(gguf or hf_dir), threads=args.threads, prompt=PROMPT,
                                      runs={})
