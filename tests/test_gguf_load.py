@@ -26,6 +26,20 @@ def test_torch_dequantize_is_ggufs_bit_for_bit(qtype):
     assert torch.equal(got, torch.from_numpy(ref))
 
 
+@pytest.mark.parametrize("qtype,block_bytes,fp16_at", [("Q4_K", 144, (0, 2)), ("Q6_K", 210, (208,))])
+def test_torch_dequantize_of_k_quants_is_ggufs_bit_for_bit(qtype, block_bytes, fp16_at):
+    """Random super-blocks (gguf-py quantizes no K-quant) with finite fp16 scale fields: every bit
+    pattern of the codes, scales and mins."""
+    rng = np.random.default_rng(1)
+    raw = rng.integers(0, 256, (32, 4 * block_bytes), dtype=np.uint8)  # 32 rows of 4 x 256 weights
+    blocks = raw.reshape(32, 4, block_bytes)
+    for at in fp16_at:
+        blocks[..., at : at + 2] = rng.uniform(-0.1, 0.1, (32, 4)).astype(np.float16)[..., None].view(np.uint8)
+    ref = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype])
+    got = GGUFTensor(qtype, torch.from_numpy(raw), (32, 1024)).dequantize()
+    assert torch.equal(got, torch.from_numpy(ref))
+
+
 def test_weights_from_the_file_are_the_gguf_readers():
     """Every tensor of the bundled model, mapped out of the file by the index and dequantized, equals
     what gguf's own reader dequantizes (Q/K rows unpermuted into HF's order)."""

@@ -45,9 +45,45 @@ def nibbles(b: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return torch.cat([b & 15, b >> 4], dim=-1).view(n, k)
 
 
+def k_scale_min(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A K-quant super-block's 12 bytes of eight 6-bit scales and mins (llama.cpp's get_scale_min_k4):
+    uint8 [..., 8] each."""
+    lo6, hi6, rest = b.unflatten(-1, (3, 4)).unbind(-2)
+    sc = torch.cat([lo6 & 63, (rest & 15) | ((lo6 >> 2) & 48)], dim=-1)
+    mins = torch.cat([hi6 & 63, (rest >> 4) | ((hi6 >> 2) & 48)], dim=-1)
+    return sc, mins
+
+
+def _shifted(b: torch.Tensor, shifts: tuple[int, ...]) -> torch.Tensor:
+    """b [..., 1, W] >> each shift: [..., len(shifts), W]."""
+    return b >> torch.tensor(shifts, dtype=torch.uint8).view(len(shifts), 1)
+
+
+def _q4_k(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    b = data.reshape(-1, 144)
+    nb = b.shape[0]
+    sc, mins = k_scale_min(b[:, 4:16])
+    d = (fp16_field(b, 0) * sc.float()).view(nb, 8, 1)
+    dm = (fp16_field(b, 2) * mins.float()).view(nb, 8, 1)
+    q = (_shifted(b[:, 16:].reshape(nb, 4, 1, 32), (0, 4)) & 15).reshape(nb, 8, 32).float()
+    return (d * q - dm).reshape(n, k)
+
+
+def _q6_k(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    b = data.reshape(-1, 210)
+    nb = b.shape[0]
+    ql = (_shifted(b[:, :128].reshape(nb, 2, 1, 64), (0, 4)) & 15).reshape(nb, 8, 32)
+    qh = (_shifted(b[:, 128:192].reshape(nb, 2, 1, 32), (0, 2, 4, 6)) & 3).reshape(nb, 8, 32)
+    q = ((ql | (qh << 4)).to(torch.int8) - 32).reshape(nb, 16, 16).float()
+    d = (fp16_field(b, 208) * b[:, 192:208].contiguous().view(torch.int8).float()).view(nb, 16, 1)
+    return (d * q).reshape(n, k)
+
+
 # The same operations, in the same order, as gguf.quants (so the same fp32 values, bit for bit:
-# tests/test_gguf_load.py). Products are computed per 32-weight block: d [N, K/32, 1] * q [N, K/32, 32].
+# tests/test_gguf_load.py). Products are computed per block: d [N, blocks, 1] * q [N, blocks, weights].
 _DEQUANT = {
+    "Q4_K": _q4_k,
+    "Q6_K": _q6_k,
     "Q4_0": lambda data, n, k: fp16_field(b := data.view(n, k // 32, 18), 0)
     * (nibbles(b[..., 2:], n, k).to(torch.int8) - 8).view(n, k // 32, 32).float(),
     "Q4_1": lambda data, n, k: fp16_field(b := data.view(n, k // 32, 20), 0)

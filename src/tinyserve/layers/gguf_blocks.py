@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tinyserve.layers.formats import GGUFTensor, fp16_field, nibbles
+from tinyserve.layers.formats import GGUFTensor, fp16_field, k_scale_min, nibbles
 from tinyserve.registry import Registry
 
 
@@ -73,9 +73,7 @@ def _q4_k(data: torch.Tensor, n: int, k: int) -> Int4Blocks:
     each 32-byte chunk c holds element 64c + j (low) and 64c + 32 + j (high)."""
     b = data.view(n, k // 256, 144)
     d, dmin = fp16_field(b, 0), fp16_field(b, 2)  # [N, K/256, 1]
-    lo6, hi6, rest = b[..., 4:16].unflatten(-1, (3, 4)).unbind(-2)  # llama.cpp's get_scale_min_k4
-    sc = torch.cat([lo6 & 63, (rest & 15) | ((lo6 >> 2) & 48)], dim=-1)
-    mins = torch.cat([hi6 & 63, (rest >> 4) | ((hi6 >> 2) & 48)], dim=-1)
+    sc, mins = k_scale_min(b[..., 4:16])
     scales = (d * sc.float()).view(n, k // 32)  # both products exact in fp32 (11 x 6 bits)
     nibbles = b[..., 16:].unflatten(-1, (4, 1, 32))
     q = torch.cat([nibbles & 15, nibbles >> 4], dim=-2).view(n, k)

@@ -118,7 +118,7 @@ def _time_kernels(with_dense: Sequence[tuple[Linear, PackedWeight, torch.Tensor]
 
 @torch.inference_mode()
 def choose_packed_max_rows(model: nn.Module, dtype: torch.dtype, candidates: Sequence[int] = CANDIDATES,
-                           reps: int = 3, budget_s: float = 3.0) -> tuple[int, dict[int, tuple[float, float]]]:
+                           reps: int = 3, budget_s: float = 8.0) -> tuple[int, dict[int, tuple[float, float]]]:
     """Time every packed linear of the model both ways at growing row counts until the dense copy
     wins; the last count at which packed was faster (0 if it never is). Also returns the timings (ms).
     Stopping at the first loss bounds the start-up cost (a slow packed kernel loses at once); a loss

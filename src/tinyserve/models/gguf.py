@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,6 +105,15 @@ def _index(reader, cfg: ModelConfig, path: Path) -> dict:
     return {"file": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "tensors": tensors}
 
 
+_CONVERT_TOKENIZER = """
+import sys
+from pathlib import Path
+from transformers import AutoTokenizer
+path = Path(sys.argv[1])
+AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(sys.argv[2])
+"""
+
+
 def gguf_source(path: Path) -> Path:
     """The GGUF's cached directory (config.json, tokenizer files, `GGUF_INDEX`): made once per file
     (a few seconds of metadata parsing), atomically, so concurrent first starts never see half of it."""
@@ -111,17 +122,22 @@ def gguf_source(path: Path) -> Path:
     if (out / GGUF_INDEX).is_file():
         return out
     import gguf
-    from transformers import AutoTokenizer
 
     log.info("reading %s's metadata and vocabulary (once per file; later starts read %s)", path.name, out)
-    reader = gguf.GGUFReader(str(path))
-    cfg = gguf_config(reader, path.stem)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".index-"))
+    # The vocabulary's conversion (transformers parses the file again) runs in a child process, beside
+    # our own parse: on a 1.5B model's 151k-token vocabulary that is 9 s next to 6, instead of after them.
+    tokenizer = subprocess.Popen([sys.executable, "-c", _CONVERT_TOKENIZER, str(path), str(tmp)],
+                                 stdin=subprocess.DEVNULL)
     try:
+        reader = gguf.GGUFReader(str(path))
+        cfg = gguf_config(reader, path.stem)
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
-        AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(tmp))
-        (tmp / GGUF_INDEX).write_text(json.dumps(_index(reader, cfg, path)))  # last: it marks the directory done
+        index = _index(reader, cfg, path)
+        if tokenizer.wait() != 0:
+            raise ValueError(f"could not convert {path.name}'s vocabulary to a tokenizer (see the error above)")
+        (tmp / GGUF_INDEX).write_text(json.dumps(index))  # last: it marks the directory done
         if out.exists():  # damaged (no index): replaced
             log.warning("%s has no %s: made again", out, GGUF_INDEX)
             shutil.rmtree(out, ignore_errors=True)
@@ -130,6 +146,8 @@ def gguf_source(path: Path) -> Path:
         if not (out / GGUF_INDEX).is_file():
             raise
     finally:
+        if tokenizer.poll() is None:
+            tokenizer.kill()
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 

@@ -1,9 +1,13 @@
-"""The compiled decode step, three ways, interleaved on one engine (REPORT S3): eager; torch.compile as
-the engine ran it until 2026-12-06 (freezing + cpp_wrapper, the row count an unbacked size ranged to its
-regime; after warm-up only the guards that tell the graphs apart, `skip_guard_eval_unsafe`) and the
-same with every guard evaluated; and the AOTInductor packages the engine runs now. Prints the build
-times and `--rounds` rounds of ms per step for each batch size, and the greedy agreement of each
-compiled variant with eager over a few prompts.
+"""The compiled decode step, three ways, interleaved on one engine (REPORT S3): eager; torch.compile with
+the options the engine used until 2026-12-06 (freezing + cpp_wrapper, the row count an unbacked size
+ranged to its regime), dynamo's guards checked at every step; and the AOTInductor packages the
+engine runs now (no guards, no Python). Prints the build times, `--rounds` rounds of ms per step for
+each batch size, and for each compiled variant the position at which its greedy tokens first differ
+from eager's over a few prompts (64 = never).
+
+The engine's former step also skipped most guards once warmed (`skip_guard_eval_unsafe`); rebuilt
+here, that stance refused every step as a recompilation (its unbacked-bounds guard), so it is left
+out: the old engine itself is measured against the new one end to end in serve_ab.sh.
 
     .venv/bin/python -m tinyserve_lab.ablations.compiled_step [--rounds 4] [--steps 40] [--batch 1 8 32]
 """
@@ -24,11 +28,11 @@ from tinyserve_lab.profile import decode_ms
 
 
 class TorchCompileDecode:
-    """The engine's former compiled step, rebuilt here as the measured alternative: one torch.compile'd
-    `decode_forward`, a graph per regime of the same rows as `step`'s packages."""
+    """torch.compile'd `decode_forward` with the engine's former options, a graph per regime of the same
+    rows as `step`'s packages: the measured alternative."""
 
-    def __init__(self, step: CompiledDecode, skip_guards: bool) -> None:
-        self.step, self.skip_guards, self.warm = step, skip_guards, False
+    def __init__(self, step: CompiledDecode) -> None:
+        self.step = step
         self.fn = torch.compile(decode_forward, fullgraph=True, dynamic=False,
                                 options={"freezing": True, "cpp_wrapper": True})
 
@@ -47,11 +51,7 @@ class TorchCompileDecode:
         for t in (ids, pos, slots, tables, lens):
             mark_unbacked(t, 0, shape_id="rows", min=lo, max=hi if hi < s.regimes[-1][1] else None)
         torch._dynamo.maybe_mark_dynamic(tables, 1)
-        args = (s.model, ids, pos, kv, slots, tables, lens, s.block_size)
-        if not (self.warm and self.skip_guards):
-            return self.fn(*args)
-        with torch.compiler.set_stance("eager_on_recompile", skip_guard_eval_unsafe=True):
-            return self.fn(*args)
+        return self.fn(s.model, ids, pos, kv, slots, tables, lens, s.block_size)
 
     def warm_up(self, kv: list[tuple[torch.Tensor, torch.Tensor]], index_dtype: torch.dtype, scratch: int) -> float:
         start = time.perf_counter()
@@ -59,7 +59,6 @@ class TorchCompileDecode:
             for rows in {lo, lo + 1}:
                 a = dummy_decode_inputs(rows, kv[0][0].device, index_dtype, scratch, self.step.block_size)
                 self(a[0], a[1], kv, *a[2:])
-        self.warm = True
         return time.perf_counter() - start
 
 
@@ -85,11 +84,10 @@ def main() -> None:
     out: dict[str, Any] = {"dtype": str(engine.config.torch_dtype), "quantization": engine.quantization,
                            "regimes": aoti.regimes, "aoti_start_s": round(time.perf_counter() - t, 1)}
     variants: dict[str, Any] = {"eager": None, "aoti": aoti}
-    for name, skip in (("torch.compile", True), ("torch.compile+guards", False)):
-        v = TorchCompileDecode(aoti, skip)
-        out[f"{name}_compile_s"] = round(v.warm_up(runner.kv_caches, engine.attention.index_dtype,
-                                                   runner.scratch_block), 1)
-        variants[name] = v
+    compiled = TorchCompileDecode(aoti)
+    out["torch.compile_compile_s"] = round(compiled.warm_up(runner.kv_caches, engine.attention.index_dtype,
+                                                             runner.scratch_block), 1)
+    variants["torch.compile"] = compiled
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
     runner.compiled = None
     ref = agreement(llm, prompts, 64)
