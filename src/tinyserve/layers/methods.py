@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from tinyserve.layers.formats import GGUFTensor, QuantizedTensor, WeightSource, as_dense, dequant_groups
+from tinyserve.layers.formats import GGUFTensor, QuantizedTensor, WeightSource, as_dense, dense_copy
 from tinyserve.layers.gguf_blocks import GGUF_INT4, int4_blocks
 from tinyserve.layers.linear import Unquantized
 from tinyserve.layers.packed import Int4Weight, Int8Weight, pack_int4
@@ -72,7 +72,7 @@ class Int4Method:
         w = torch.cat([as_dense(s).float() for s in shards])
         q, scales, zeros = quantize_int4(w, self.group, dtype)
         packed, sz = pack_int4(q, scales, zeros, self.group, dtype, device)
-        dense = dequant_groups(q, scales, zeros, self.group).to(device=device, dtype=dtype) if self.keep_dense else None
+        dense = dense_copy(q, scales, zeros, self.group, dtype, device) if self.keep_dense else None
         return Int4Weight(packed, sz, self.group, False, dense)
 
 
@@ -100,11 +100,7 @@ class GGUFMethod:
         packed, sz = pack_int4(q, scales, zeros, 32, dtype, device)
         dense = None
         if self.keep_dense:  # the int4 form dequantizes to the file's values exactly (tests/test_quant.py)
-            w = dequant_groups(q, scales, zeros, 32)
-            if halves:
-                hi, lo = w.chunk(2)
-                w = hi + lo
-            dense = w.to(device=device, dtype=dtype)
+            dense = dense_copy(q, scales, zeros, 32, dtype, device, halves)
         return Int4Weight(packed, sz, 32, halves, dense)
 
 
