@@ -7,7 +7,7 @@ from eager's over a few prompts (64 = never).
 
 The engine's former step also skipped most guards once warmed (`skip_guard_eval_unsafe`); rebuilt
 here, that stance refused every step as a recompilation (its unbacked-bounds guard), so it is left
-out: the old engine itself is measured against the new one end to end in serve_ab.sh.
+out: the old engine itself is measured against the new one end to end (scripts/serve_ab.sh).
 
     .venv/bin/python -m tinyserve_lab.ablations.compiled_step [--rounds 4] [--steps 40] [--batch 1 8 32]
 """

@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
-# Served throughput before and after "Start in seconds", interleaved: each tree's server started the same
-# way (defaults: bf16 + the GGUF's own blocks), measured only once its compiled decode step serves
-# (the old tree compiles before /health answers; the new one answers at once and says when its step is
-# ready: /health compiled_step), then c=1 (8 x 128 in / 128 out) and c=32 (64 x 256 in / 128 out) from the
-# same load generator; rounds alternate old, new, old, new.
-#   docs/results/startup/serve_ab.sh "OLD_TINYSERVE" "NEW_TINYSERVE" [rounds]
+# Served throughput of two trees, interleaved: each tree's server started the same way (defaults: bf16 +
+# the GGUF's own blocks), measured only once its compiled decode step serves (a tree that compiles
+# before /health answers, or one whose /health says "compiled_step": "ready"), then c=1 (8 x 128 in /
+# 128 out) and c=32 (64 x 256 in / 128 out) from the same load generator; rounds alternate old, new.
+#   OUT=RESULT_DIR scripts/serve_ab.sh "OLD_TINYSERVE" "NEW_TINYSERVE" [rounds]
 # e.g. "env PYTHONPATH=/path/to/old/src .venv/bin/tinyserve" ".venv/bin/tinyserve": the second one's lab
-# is the load generator for both.
+# is the load generator for both. Used for docs/results/house and docs/results/startup/serve.
 set -euo pipefail
 old=$1; new=$2; rounds=${3:-2}
-out=${OUT:-$(dirname "$0")/serve}; client="$new bench serve"
+out=${OUT:?set OUT to the result directory}; client="$new bench serve"
 mkdir -p "$out"
 for r in $(seq "$rounds"); do
   for side in old new; do
