@@ -189,3 +189,23 @@ def test_a_step_no_graph_covers_runs_eager(tiny_llama_dir, restore_torch_threads
         want = decode_forward(llm.engine.model, *args, bs)
     assert torch.equal(got, want)
     assert any("matches no compiled graph" in r.getMessage() for r in caplog.records)
+
+
+def test_a_step_that_cannot_be_built_leaves_the_engine_eager(tiny_llama_dir, restore_torch_threads, monkeypatch,
+                                                             tmp_path):
+    """No compiler, an op that cannot be exported: the engine starts anyway, eager, says "failed", and
+    answers as eager does."""
+    from tinyserve.worker.compiled import CompiledDecode
+
+    def cannot(*_a, **_k):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setenv("TINYSERVE_CACHE", str(tmp_path))  # nothing built there to load instead
+    monkeypatch.setattr(CompiledDecode, "prepare", cannot)
+    llm = LLM(str(tiny_llama_dir), **COMPILED, block_size=4, num_kv_blocks=32)
+    assert llm.engine.runner.compiled is None and llm.engine.compiled_step == "failed"
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    eager = LLM(str(tiny_llama_dir), **EAGER, block_size=4, num_kv_blocks=32)
+    prompt = _prompts(eager.engine.model_config.vocab_size)[0]
+    got, want = (m.generate([prompt], params)[0].outputs[0].token_ids for m in (llm, eager))
+    assert got == want

@@ -101,6 +101,7 @@ class ModelRunner:
         self.building: BackgroundCompile | None = None  # ... when this build is done (adopt_compiled)
         self.pending: tuple[CompiledDecode, Path] | None = None  # what it builds, and where
         self.compile_mode = "off"
+        self.compile_failed = False  # a blocking build raised: eager, and /health says so
         self.block_size = block_size
         self.device = torch.device(device)
         # One block past the engine's pool: the scratch block, which the block manager never hands out,
@@ -127,7 +128,7 @@ class ModelRunner:
             return "ready"
         if job is not None:
             return "failed" if job.done() else "building"
-        return "off"
+        return "failed" if self.compile_failed else "off"
 
     def adopt_compiled(self) -> None:
         """Once the background build is done, load its packages (milliseconds) and serve from them: called

@@ -5,6 +5,7 @@ pool allocated, its decode step compiled. The engine's target is one; a speculat
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from tinyserve.models.loader import ModelSource, load_model
 from tinyserve.system import cache_dir, cpu_model
 from tinyserve.worker.compiled import BackgroundCompile, CompiledDecode, artifact_dir, artifact_key
 from tinyserve.worker.runner import ModelRunner
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,8 +60,13 @@ def serve_model(config: EngineConfig, src: ModelSource, mc: ModelConfig, quantiz
         if step.load(runner.kv_caches, attention.index_dtype, runner.scratch_block, cache):  # built before: ms
             runner.compiled, seconds = step, time.perf_counter() - start
         elif compile == "blocking":
-            runner.compiled, seconds = step.prepare(runner.kv_caches, attention.index_dtype, runner.scratch_block,
-                                                    cache)
+            try:
+                runner.compiled, seconds = step.prepare(runner.kv_caches, attention.index_dtype,
+                                                        runner.scratch_block, cache)
+            except Exception as e:  # no C++ compiler, an op export cannot trace: slower, never down
+                runner.compile_failed = True
+                log.warning("the compiled decode step could not be built; running eager (%s: %s)",
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         else:  # a child process builds the packages; the runner loads them when it is done
             request = {"config": dataclasses.asdict(config), "max_len": max_len, "packed_max_rows": packed_max_rows,
                        "max_decode_rows": max_decode_rows}
