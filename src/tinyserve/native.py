@@ -18,6 +18,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -47,7 +48,11 @@ def load_kernel(source: Path, cflags: tuple[str, ...] = CFLAGS) -> Path:
 
 def build_in_background(source: Path) -> None:
     """Start building `source` on a thread, so the compiler (a child process: another core) overlaps
-    loading the model; `load_kernel` later takes the result. A failure is left for that call to report."""
+    loading the model; `load_kernel` later takes the result. A failure is left for that call to report.
+    What the build imports is imported here first: two threads importing at once can trip Python's
+    import-deadlock detection, which hands one of them a half-initialized module (seen: transformers)."""
+    if not _built(source, CFLAGS).is_file():
+        _build_tools()
 
     def build() -> None:
         with contextlib.suppress(RuntimeError):
@@ -56,24 +61,34 @@ def build_in_background(source: Path) -> None:
     threading.Thread(target=build, name=f"build-{source.stem}", daemon=True).start()
 
 
-@functools.cache  # per process; a failure is not cached (raised), so a later call tries again
-def _load(source: Path, cflags: tuple[str, ...]) -> Path:
+def _built(source: Path, cflags: tuple[str, ...]) -> Path:
+    return build_dir(source, cflags) / f"tinyserve_{source.stem}.so"
+
+
+def _build_tools() -> Any:
+    """torch's extension builder, with the ninja wheel's binary on PATH (the venv's bin/ is not always)."""
     from torch.utils import cpp_extension
 
     try:
-        import ninja  # the pip wheel's binary: the venv's bin/ is not always on PATH
+        import ninja
 
         os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
     except ImportError:
         pass
+    return cpp_extension
+
+
+@functools.cache  # per process; a failure is not cached (raised), so a later call tries again
+def _load(source: Path, cflags: tuple[str, ...]) -> Path:
     out = build_dir(source, cflags)
-    built = out / f"tinyserve_{source.stem}.so"
+    built = _built(source, cflags)
     if built.is_file():  # the directory's key names everything it depends on: load it as it is
         try:
             torch.ops.load_library(str(built))
             return out
         except OSError as e:  # damaged: build it again
             log.warning("could not load %s (%s): building it again", built, e)
+    cpp_extension = _build_tools()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:
