@@ -180,8 +180,8 @@ class CompiledDecode:
     def prepare(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], index_dtype: torch.dtype,
                 scratch_block: int, cache: Path) -> tuple[CompiledDecode, float]:
         """Load each regime's package from `cache`, building the ones missing (or unreadable) there; then
-        run each once. Everything touches only `scratch_block`, which no sequence holds, so this may run
-        on a thread while the engine serves. Returns itself, ready, and the seconds it took."""
+        run each once on `scratch_block`, which no sequence holds. Returns itself, ready, and the seconds
+        it took."""
         start = time.perf_counter()
         built = []
         fns = []
@@ -216,7 +216,7 @@ class CompiledDecode:
                scratch_block: int, lo: int, hi: int, path: Path) -> None:
         """Export the step for `lo`..`hi` rows and compile it to `path` (atomically: a reader never sees
         half a package). Traced through a copy of the model whose own tensors are meta placeholders:
-        export swaps a module's tensors while it traces, and the engine may be running this one."""
+        export swaps a module's tensors while it traces, and the weights are the graph's inputs anyway."""
         from torch.export import Dim
         from torch.nn.utils.stateless import _reparametrize_module
 
@@ -296,11 +296,12 @@ class BackgroundCompile:
     while the engine serves eagerly; the runner loads them between two steps once it is done
     (`ModelRunner.adopt_compiled`), so no step changes path midway.
 
-    A process, not a thread: tracing is hours of Python in aggregate, and on a thread it would hold
-    the GIL the engine's eager steps need between every op. The child is niced, so the engine keeps
-    the cores it needs; it loads its own copy of the weights (memory for the duration of the build)
-    and writes into the same cache, atomically. A build that fails leaves the engine eager, with a
-    warning: slower, never down. A server that exits first stops the child."""
+    A process, not a thread: tracing is tens of seconds of pure Python, and on a thread it held the
+    GIL the engine's eager steps need between their ops (a first request's TTFT of 1.8 s, REPORT S3).
+    The child is niced, so the engine keeps the cores it needs; it loads its own copy of the weights
+    (memory for the duration of the build) and writes into the same cache, atomically. A build that
+    fails leaves the engine eager, with a warning: slower, never down. A server that exits first stops
+    the child."""
 
     def __init__(self, request: dict[str, Any]) -> None:
         self.started = time.monotonic()

@@ -31,8 +31,7 @@ from tinyserve.models.llama import LlamaForCausalLM
 from tinyserve.worker.compiled import BackgroundCompile, CompiledDecode, decode_forward, dummy_decode_inputs
 
 log = logging.getLogger(__name__)
-DECODE_ROWS = 8
-  # a span over a cached context of at most this many tokens runs as decode rows
+DECODE_ROWS = 8  # a span over a cached context of at most this many tokens runs as decode rows
 
 
 class Fed(Protocol):
@@ -100,7 +99,6 @@ class ModelRunner:
         self.compiled: CompiledDecode | None = None  # runs the pure decode steps once set
         self.building: BackgroundCompile | None = None  # ... when this build is done (adopt_compiled)
         self.pending: tuple[CompiledDecode, Path] | None = None  # what it builds, and where
-        self.compile_mode = "off"
         self.compile_failed = False  # a blocking build raised: eager, and /health says so
         self.block_size = block_size
         self.device = torch.device(device)
@@ -134,7 +132,7 @@ class ModelRunner:
         """Once the background build is done, load its packages (milliseconds) and serve from them: called
         between steps, on the engine's thread, so a step never changes path midway."""
         job = self.building
-        if job is None or not job.done() or self.pending is None:
+        if self.pending is None or job is None or not job.done():  # pending first: no syscall once adopted
             return
         step, cache = self.pending
         self.pending = None
@@ -184,7 +182,7 @@ class ModelRunner:
     @torch.inference_mode()
     def decode_step_seconds(self, rows: list[int], repeats: int = 5) -> dict[int, float]:
         """Median seconds of a pure decode step of each row count, as served (what speculation weighs its
-        drafts against). Run before serving starts: the dummy rows write into block 0's slot 0."""
+        drafts against). The dummy rows touch only the scratch block."""
         out = {}
         for b in rows:
             args = dummy_decode_inputs(b, self.device, self.model.attention.index_dtype, self.scratch_block,

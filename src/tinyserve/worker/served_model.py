@@ -52,7 +52,6 @@ def serve_model(config: EngineConfig, src: ModelSource, mc: ModelConfig, quantiz
     packed_max_rows = configure_packed_kernels(model, config.packed_max_rows, config.max_num_batched_tokens, dtype,
                                                 cache=(cache_dir() / "kernel-choice.json", key))
     runner = ModelRunner(model, mc, num_blocks, config.block_size, dtype, device)
-    runner.compile_mode = compile
     seconds = 0.0
     if compile != "off":
         step, cache = _compiled_step(model, runner, attention, packed_max_rows, max_decode_rows)
