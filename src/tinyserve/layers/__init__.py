@@ -44,10 +44,18 @@ def _int4(group: int) -> QuantMethod:
 
 @QUANTIZATION.register("gguf")
 def _gguf(group: int) -> QuantMethod:
-    """a GGUF's own blocks, packed where the int4 kernel takes their type exactly"""
+    """a GGUF's own blocks as the file stores them, on our kernel (every common block type)"""
     from tinyserve.layers.methods import GGUFMethod
 
     return GGUFMethod()
+
+
+@QUANTIZATION.register("gguf-int4")
+def _gguf_int4(group: int) -> QuantMethod:
+    """a GGUF's blocks on PyTorch's int4 kernel where their type maps onto it exactly, dense otherwise"""
+    from tinyserve.layers.methods import GGUFMethod
+
+    return GGUFMethod(native=False)
 
 
 @QUANTIZATION.register("checkpoint")
@@ -73,8 +81,8 @@ def resolve_quantization(mode: str, stored: str | None, dtype: torch.dtype, devi
     QUANTIZATION.check(mode)
     if mode != "none" and device != "cpu":
         raise ValueError(f"quantization={mode!r} runs on PyTorch's CPU kernels; use quantization='none' on {device}")
-    if mode in ("gguf", "checkpoint") and stored != mode:
-        needs = "a GGUF model" if mode == "gguf" else "a quantized directory"
+    if mode in ("gguf", "gguf-int4", "checkpoint") and stored != mode.removesuffix("-int4"):
+        needs = "a directory of quantized weights" if mode == "checkpoint" else "a GGUF model"
         raise ValueError(f"quantization={mode!r} needs {needs}; this model is not one")
     if mode in ("int8", "int4") and stored == "checkpoint":
         raise ValueError("the model is already quantized; serve it with quantization='checkpoint' "

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from tinyserve.layers import gguf_native
 from tinyserve.layers.formats import GGUFTensor, QuantizedTensor, WeightSource, as_dense, dense_copy
 from tinyserve.layers.gguf_blocks import GGUF_INT4, int4_blocks
 from tinyserve.layers.linear import Unquantized
@@ -77,16 +78,22 @@ class Int4Method:
 
 
 class GGUFMethod:
-    """`--quantization gguf`: a GGUF's blocks stay packed where layers/gguf_blocks.py maps their type onto
-    the int4 kernel (the file's own weights); other block types, and linears whose shards mix Q8_0 with
-    4-bit types, are dequantized."""
+    """`--quantization gguf`: a GGUF's blocks served as the file stores them, on our kernel
+    (layers/gguf_native.py: every common block type). `gguf-int4`, and `gguf` where that kernel cannot
+    be built: the blocks stay packed where layers/gguf_blocks.py maps their type onto PyTorch's int4
+    kernel; other block types, and linears whose shards mix Q8_0 with 4-bit types, are dequantized."""
 
-    name = "gguf"
-
-    def __init__(self, keep_dense: bool = True) -> None:
+    def __init__(self, native: bool = True, keep_dense: bool = True) -> None:
+        self.native = native
+        self.name = "gguf" if native else "gguf-int4"
         self.keep_dense = keep_dense
 
     def pack(self, shards: Sequence[WeightSource], dtype: torch.dtype, device: torch.device) -> nn.Module:
+        if self.native and gguf_native.supports(shards):
+            weight = gguf_native.gguf_weight([s for s in shards if isinstance(s, GGUFTensor)], dtype, device,
+                                             self.keep_dense)
+            if weight is not None:
+                return weight
         if not all(isinstance(s, GGUFTensor) and s.qtype in GGUF_INT4 for s in shards):
             return Unquantized().pack(shards, dtype, device)
         blocks = [int4_blocks(s) for s in shards if isinstance(s, GGUFTensor)]

@@ -1,0 +1,465 @@
+// y = x W^T for W in a GGUF file's own blocks, read as stored (no repacking: the bytes the step
+// streams are the file's bytes per weight). Types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (blocks of 32) and
+// Q4_K, Q5_K, Q6_K (super-blocks of 256 with integer sub-scales).
+//
+// Arithmetic (layers/gguf_native.py states the bound the tests check):
+// - Every block decodes to int16 codes q with w = d_j * q - min_j per 32 weights. The K-quants fold
+//   their integer sub-scales into q (|q| <= 4096), so d is one float per 256 weights.
+// - Activations are quantized per group (32 for the legacy types, 256 for the K-quants) to int16 with a
+//   power-of-two step dx = 2^(e - 14), e = floor(log2(group absmax)): every bf16 value within 2^7 of
+//   its group's largest is represented exactly, smaller ones are rounded by at most dx / 2.
+// - sum(q * xq) is exact in int32 (VNNI's vpdpwssd; worst case Q6_K: 16 products of 4096 x 32767 per
+//   lane, 2147221504 < 2^31), then scaled once per group in fp32: d * dx * sum - min_j * sum_j(x), the
+//   last with fp32 sums of the unquantized activations.
+// Each activation row is computed alone, in the same order whatever the other rows (batch-invariant).
+// Work is split over output rows (at::parallel_for, torch's thread count); a block is decoded once
+// and used for up to kRows activation rows.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && !defined(TINYSERVE_PORTABLE)
+#define TINYSERVE_GGUF_VNNI 1
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// GGML type ids (ggml.h), the only ones accepted.
+enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+
+inline float fp16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return c10::detail::fp16_ieee_to_fp32_value(h);
+}
+
+// One block decoded: w = d * q - mins[j] for the j-th 32 weights (a K-quant's sub-scales are in q).
+struct Decoded {
+  alignas(64) int16_t q[256];
+  float d;
+  float mins[8];
+};
+
+// Weights and bytes per block; K-quants are quantized against activation groups of 256, the rest of 32.
+struct Layout {
+  int64_t weights, bytes;
+  bool k_quant;
+};
+
+Layout layout(int64_t t) {
+  switch (t) {
+    case Q4_0: return {32, 18, false};
+    case Q4_1: return {32, 20, false};
+    case Q5_0: return {32, 22, false};
+    case Q5_1: return {32, 24, false};
+    case Q8_0: return {32, 34, false};
+    case Q4_K: return {256, 144, true};
+    case Q5_K: return {256, 176, true};
+    case Q6_K: return {256, 210, true};
+  }
+  TORCH_CHECK(false, "gguf_linear: unsupported GGML type ", t);
+}
+
+// A K-quant's eight 6-bit scales and mins from their 12 bytes (llama.cpp's get_scale_min_k4, all
+// eight at once with its mask trick), as the bytes of two words: returned in registers, since a
+// vector load of bytes just stored one word at a time would stall on store forwarding.
+struct ScalesMins {
+  uint64_t scales, mins;
+};
+
+inline ScalesMins scales_mins(const uint8_t* s12) {
+  uint32_t u[3];
+  std::memcpy(u, s12, 12);
+  constexpr uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, low2 = 0x03030303;
+  const uint32_t sc_hi = (u[2] & low4) | (((u[0] >> 6) & low2) << 4);
+  const uint32_t mn_hi = ((u[2] >> 4) & low4) | (((u[1] >> 6) & low2) << 4);
+  return {(u[0] & low6) | (static_cast<uint64_t>(sc_hi) << 32), (u[1] & low6) | (static_cast<uint64_t>(mn_hi) << 32)};
+}
+
+inline int byte_of(uint64_t w, int j) { return static_cast<int>((w >> (8 * j)) & 255); }
+
+// Legacy blocks: 16 bytes of nibbles, weight i in the low nibble of byte i, i + 16 in the high one;
+// Q5's fifth bits in a 32-bit field, bit i for weight i. The loops have fixed trip counts so the
+// compiler vectorizes them.
+inline void nibbles(const uint8_t* qs, int16_t* q, int16_t offset) {
+  for (int i = 0; i < 16; ++i) {
+    q[i] = static_cast<int16_t>((qs[i] & 15) - offset);
+    q[i + 16] = static_cast<int16_t>((qs[i] >> 4) - offset);
+  }
+}
+
+// Adds each weight's fifth bit (16) and subtracts `offset`.
+inline void fifth_bits(const uint8_t* qh, int16_t* q, int16_t offset) {
+  uint32_t h;
+  std::memcpy(&h, qh, 4);
+  for (int i = 0; i < 32; ++i) q[i] = static_cast<int16_t>(q[i] + (((h >> i) & 1) << 4) - offset);
+}
+
+template <int64_t T>
+inline void decode(const uint8_t* b, Decoded& o) {
+  if constexpr (T == Q4_0) {
+    o.d = fp16(b);
+    o.mins[0] = 0.f;
+    nibbles(b + 2, o.q, 8);
+  } else if constexpr (T == Q4_1) {
+    o.d = fp16(b);
+    o.mins[0] = -fp16(b + 2);
+    nibbles(b + 4, o.q, 0);
+  } else if constexpr (T == Q5_0) {  // (q5 - 16) * d
+    o.d = fp16(b);
+    o.mins[0] = 0.f;
+    nibbles(b + 6, o.q, 0);
+    fifth_bits(b + 2, o.q, 16);
+  } else if constexpr (T == Q5_1) {
+    o.d = fp16(b);
+    o.mins[0] = -fp16(b + 2);
+    nibbles(b + 8, o.q, 0);
+    fifth_bits(b + 4, o.q, 0);
+  } else if constexpr (T == Q8_0) {
+    o.d = fp16(b);
+    o.mins[0] = 0.f;
+    for (int i = 0; i < 32; ++i) o.q[i] = static_cast<int8_t>(b[2 + i]);
+  } else if constexpr (T == Q4_K || T == Q5_K) {
+    // d, dmin, 12 scale bytes, [Q5_K: 32 bytes of fifth bits], 128 bytes of nibbles: chunk c of 32 bytes
+    // holds sub-block 2c in its low nibbles and 2c + 1 in its high ones; Q5_K's bit for weight l of
+    // sub-block j is bit j of qh[l].
+    const float d = fp16(b), dmin = fp16(b + 2);
+    const uint8_t* qh = b + 16;
+    const uint8_t* qs = b + (T == Q5_K ? 48 : 16);
+    const ScalesMins sm = scales_mins(b + 4);
+    for (int j = 0; j < 8; ++j) o.mins[j] = dmin * byte_of(sm.mins, j);
+    for (int c = 0; c < 4; ++c) {
+      const int sc0 = byte_of(sm.scales, 2 * c), sc1 = byte_of(sm.scales, 2 * c + 1);
+      int16_t* lo = o.q + 64 * c;
+      int16_t* hi = lo + 32;
+      const uint8_t* s = qs + 32 * c;
+      for (int l = 0; l < 32; ++l) {
+        int a = s[l] & 15, h = s[l] >> 4;
+        if constexpr (T == Q5_K) {
+          a |= ((qh[l] >> (2 * c)) & 1) << 4;
+          h |= ((qh[l] >> (2 * c + 1)) & 1) << 4;
+        }
+        lo[l] = static_cast<int16_t>(a * sc0);
+        hi[l] = static_cast<int16_t>(h * sc1);
+      }
+    }
+    o.d = d;
+  } else if constexpr (T == Q6_K) {
+    // ql[128], qh[64], int8 scales[16] (one per 16 weights), d: llama.cpp's dequantize_row_q6_K.
+    const float d = fp16(b + 208);
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    for (int n = 0; n < 2; ++n) {
+      const uint8_t* ql = b + 64 * n;
+      const uint8_t* qh = b + 128 + 32 * n;
+      int16_t* y = o.q + 128 * n;
+      const int8_t* s = sc + 8 * n;
+      for (int half = 0; half < 2; ++half) {
+        for (int l = 16 * half; l < 16 * half + 16; ++l) {
+          y[l] = static_cast<int16_t>((((ql[l] & 15) | ((qh[l] & 3) << 4)) - 32) * s[half]);
+          y[l + 32] = static_cast<int16_t>((((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4)) - 32) * s[half + 2]);
+          y[l + 64] = static_cast<int16_t>((((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32) * s[half + 4]);
+          y[l + 96] = static_cast<int16_t>((((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32) * s[half + 6]);
+        }
+      }
+    }
+    o.d = d;
+    for (int j = 0; j < 8; ++j) o.mins[j] = 0.f;
+  }
+}
+
+constexpr bool is_k_quant(int64_t t) { return t == Q4_K || t == Q5_K || t == Q6_K; }
+constexpr bool has_mins(int64_t t) { return t == Q4_1 || t == Q5_1 || t == Q4_K || t == Q5_K; }
+
+#if defined(TINYSERVE_GGUF_VNNI)
+// The same decoding as `decode`, into registers: a block's codes as QK / 32 vectors of 32 int16, for
+// `block_dot` to multiply by up to kRows activation rows without a round trip through memory.
+template <int64_t T>
+struct Regs {
+  static constexpr int n = is_k_quant(T) ? 8 : 1;
+  __m512i q[n];
+  float d;
+  float min;     // legacy: w = d * q - min
+  __m256 mins;   // K-quants: dmin * m_j of each 32 weights
+};
+
+// 16 bytes of nibbles (weight i low in byte i, i + 16 high) as 32 int16 in weight order.
+inline __m512i nibble_regs(const uint8_t* qs) {
+  const __m256i z = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(z, _mm256_set1_epi16(15))),
+                            _mm256_srli_epi16(z, 4), 1);
+}
+
+inline __m512i bytes32(const uint8_t* p) {  // 32 bytes zero-extended to int16
+  return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <int64_t T>
+inline void decode_regs(const uint8_t* b, Regs<T>& o) {
+  const __m512i low4 = _mm512_set1_epi16(15);
+  if constexpr (T == Q4_0 || T == Q4_1) {
+    o.d = fp16(b);
+    o.min = T == Q4_1 ? -fp16(b + 2) : 0.f;
+    o.q[0] = nibble_regs(b + (T == Q4_1 ? 4 : 2));
+    if constexpr (T == Q4_0) o.q[0] = _mm512_sub_epi16(o.q[0], _mm512_set1_epi16(8));
+  } else if constexpr (T == Q5_0 || T == Q5_1) {
+    o.d = fp16(b);
+    o.min = T == Q5_1 ? -fp16(b + 2) : 0.f;
+    const uint8_t* qh = b + (T == Q5_1 ? 4 : 2);
+    uint32_t h;
+    std::memcpy(&h, qh, 4);
+    const __m512i q = nibble_regs(qh + 4);
+    o.q[0] = _mm512_mask_add_epi16(q, static_cast<__mmask32>(h), q, _mm512_set1_epi16(16));
+    if constexpr (T == Q5_0) o.q[0] = _mm512_sub_epi16(o.q[0], _mm512_set1_epi16(16));
+  } else if constexpr (T == Q8_0) {
+    o.d = fp16(b);
+    o.min = 0.f;
+    o.q[0] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2)));
+  } else if constexpr (T == Q4_K || T == Q5_K) {
+    o.d = fp16(b);
+    const ScalesMins sm = scales_mins(b + 4);
+    o.mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(sm.mins)))),
+                           _mm256_set1_ps(fp16(b + 2)));
+    // each scale in both halves of a 32-bit lane: a permute spreads one over the 16-bit lanes
+    const __m256i s32 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(sm.scales)));
+    const __m512i sc2 = _mm512_castsi256_si512(_mm256_or_si256(s32, _mm256_slli_epi32(s32, 16)));
+    __m512i h = _mm512_setzero_si512();
+    if constexpr (T == Q5_K) h = bytes32(b + 16);
+    const uint8_t* qs = b + (T == Q5_K ? 48 : 16);
+    for (int c = 0; c < 4; ++c) {
+      const __m512i z = bytes32(qs + 32 * c);
+      __m512i lo = _mm512_and_si512(z, low4), hi = _mm512_srli_epi16(z, 4);
+      if constexpr (T == Q5_K) {  // bit 2c of qh[l] is weight l's fifth bit in sub-block 2c, 2c + 1 in 2c + 1
+        const __m512i sixteen = _mm512_set1_epi16(16);
+        lo = _mm512_or_si512(lo, _mm512_and_si512(_mm512_slli_epi16(_mm512_srli_epi16(h, 2 * c), 4), sixteen));
+        hi = _mm512_or_si512(hi, _mm512_and_si512(_mm512_slli_epi16(_mm512_srli_epi16(h, 2 * c + 1), 4), sixteen));
+      }
+      o.q[2 * c] = _mm512_mullo_epi16(lo, _mm512_permutexvar_epi32(_mm512_set1_epi32(2 * c), sc2));
+      o.q[2 * c + 1] = _mm512_mullo_epi16(hi, _mm512_permutexvar_epi32(_mm512_set1_epi32(2 * c + 1), sc2));
+    }
+  } else if constexpr (T == Q6_K) {
+    o.d = fp16(b + 208);
+    const __m512i mask2 = _mm512_set1_epi16(0x30), off = _mm512_set1_epi16(32);
+    for (int n = 0; n < 2; ++n) {
+      const __m512i a = bytes32(b + 64 * n), c = bytes32(b + 64 * n + 32), h = bytes32(b + 128 + 32 * n);
+      // the 8 int8 scales of this half, one per 16 weights: lanes 0-15 take scale 2k, 16-31 scale 2k + 1
+      const __m512i sc = _mm512_castsi128_si512(
+          _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 192 + 8 * n))));
+      const __m512i q[4] = {
+          _mm512_or_si512(_mm512_and_si512(a, low4), _mm512_and_si512(_mm512_slli_epi16(h, 4), mask2)),
+          _mm512_or_si512(_mm512_and_si512(c, low4), _mm512_and_si512(_mm512_slli_epi16(h, 2), mask2)),
+          _mm512_or_si512(_mm512_srli_epi16(a, 4), _mm512_and_si512(h, mask2)),
+          _mm512_or_si512(_mm512_srli_epi16(c, 4), _mm512_and_si512(_mm512_srli_epi16(h, 2), mask2)),
+      };
+      for (int k = 0; k < 4; ++k) {
+        const __m512i idx = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(2 * k)),
+                                               _mm256_set1_epi16(static_cast<int16_t>(2 * k + 1)), 1);
+        o.q[4 * n + k] = _mm512_mullo_epi16(_mm512_sub_epi16(q[k], off), _mm512_permutexvar_epi16(idx, sc));
+      }
+    }
+  }
+}
+#endif
+
+// sum(q[i] * x[i]) over n int16 pairs, exact in int32 (the portable path; VNNI's is in `rows_of`).
+inline int32_t idot(const int16_t* q, const int16_t* x, int n) {
+  int32_t s = 0;
+  for (int i = 0; i < n; ++i) s += static_cast<int32_t>(q[i]) * x[i];
+  return s;
+}
+
+// Activations quantized for one group size g: xq [M, K] int16, dx [M, K/g], sums of x per 32 [M, K/32].
+struct Activations {
+  int64_t K = 0, group = 0;
+  std::vector<int16_t> xq;
+  std::vector<float> dx, sums;
+
+  void quantize(const float* x, int64_t M, int64_t k, int64_t g) {
+    K = k;
+    group = g;
+    xq.resize(M * K);
+    dx.resize(M * (K / g));
+    sums.resize(M * (K / 32));
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * K;
+      for (int64_t b = 0; b < K / g; ++b) {
+        float amax = 0.f;
+        for (int64_t i = b * g; i < (b + 1) * g; ++i) amax = std::max(amax, std::fabs(xm[i]));
+        // a power of two: x / step is exact for every value within 2^7 of amax (bf16's 8 bits)
+        const float step = amax > 0.f ? std::ldexp(1.f, std::ilogb(amax) - 14) : 1.f;
+        const float inv = 1.f / step;
+        dx[m * (K / g) + b] = step;
+        for (int64_t i = b * g; i < (b + 1) * g; ++i) {
+          const float v = std::nearbyint(xm[i] * inv);
+          xq[m * K + i] = static_cast<int16_t>(std::min(32767.f, std::max(-32767.f, v)));
+        }
+      }
+      for (int64_t j = 0; j < K / 32; ++j) {
+        float s = 0.f;
+        for (int i = 0; i < 32; ++i) s += xm[32 * j + i];
+        sums[m * (K / 32) + j] = s;
+      }
+    }
+  }
+};
+
+inline void store(float* p, float v) { *p = v; }
+inline void store(c10::BFloat16* p, float v) { *p = c10::BFloat16(v); }
+
+constexpr int64_t kPrefetch = 4096;
+
+// Output rows [begin, end) of one weight (row stride `row_bytes`) for activation rows m0..m0 + R.
+template <int64_t T, int R, typename Out>
+void rows_of(const uint8_t* w, int64_t row_bytes, const Activations& a, int64_t m0, int64_t begin, int64_t end,
+             Out* y, int64_t y_stride, int64_t col0) {
+  constexpr int64_t QK = is_k_quant(T) ? 256 : 32;
+  const int64_t K = a.K, blocks = K / QK, groups = K / a.group;  // one activation group per block
+  const int64_t bytes = row_bytes / blocks;
+  for (int64_t n = begin; n < end; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    float mins[R] = {};
+#if defined(TINYSERVE_GGUF_VNNI)
+    __m512 acc[R];
+    __m256 kmins[R];
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm512_setzero_ps();
+      kmins[r] = _mm256_setzero_ps();
+    }
+    Regs<T> dec;
+#else
+    float acc[R] = {};
+    Decoded dec;
+#endif
+    for (int64_t b = 0; b < blocks; ++b) {
+#if defined(TINYSERVE_GGUF_VNNI)
+      // Rows are contiguous: fetch kPrefetch bytes ahead, further than the hardware prefetcher runs
+      // ahead of a kernel that spends this long per byte (without it a step reads ~11 GB/s, not ~25).
+      for (int64_t o = 0; o < bytes; o += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(row + b * bytes + kPrefetch + o), _MM_HINT_T0);
+      decode_regs<T>(row + b * bytes, dec);
+#else
+      decode<T>(row + b * bytes, dec);
+#endif
+      for (int r = 0; r < R; ++r) {
+        const int64_t m = m0 + r;
+        const int16_t* xq = a.xq.data() + m * K + b * QK;
+        const float scale = dec.d * a.dx[m * groups + b];
+#if defined(TINYSERVE_GGUF_VNNI)
+        __m512i sum = _mm512_setzero_si512();
+        for (int i = 0; i < Regs<T>::n; ++i) sum = _mm512_dpwssd_epi32(sum, dec.q[i], _mm512_loadu_si512(xq + 32 * i));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(scale), acc[r]);
+#else
+        acc[r] += scale * static_cast<float>(idot(dec.q, xq, QK));
+#endif
+        if constexpr (has_mins(T)) {
+          const float* s = a.sums.data() + m * (K / 32) + b * (QK / 32);
+#if defined(TINYSERVE_GGUF_VNNI)
+          if constexpr (is_k_quant(T))
+            kmins[r] = _mm256_fmadd_ps(dec.mins, _mm256_loadu_ps(s), kmins[r]);
+          else
+            mins[r] += dec.min * s[0];
+#else
+          for (int j = 0; j < QK / 32; ++j) mins[r] += dec.mins[j] * s[j];
+#endif
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+#if defined(TINYSERVE_GGUF_VNNI)
+      if constexpr (is_k_quant(T) && has_mins(T)) {
+        const __m128 k4 = _mm_add_ps(_mm256_castps256_ps128(kmins[r]), _mm256_extractf128_ps(kmins[r], 1));
+        mins[r] = _mm_cvtss_f32(_mm_hadd_ps(_mm_hadd_ps(k4, k4), k4));
+      }
+      store(y + (m0 + r) * y_stride + col0 + n, _mm512_reduce_add_ps(acc[r]) - mins[r]);
+#else
+      store(y + (m0 + r) * y_stride + col0 + n, acc[r] - mins[r]);
+#endif
+    }
+  }
+}
+
+constexpr int kRows = 4;  // activation rows sharing one decode of a block
+
+template <int64_t T, typename Out>
+void weight_rows(const uint8_t* w, int64_t row_bytes, const Activations& a, int64_t M, int64_t begin, int64_t end,
+                 Out* y, int64_t y_stride, int64_t col0) {
+  for (int64_t m = 0; m < M; m += kRows) {
+    switch (std::min<int64_t>(kRows, M - m)) {
+      case 4: rows_of<T, 4>(w, row_bytes, a, m, begin, end, y, y_stride, col0); break;
+      case 3: rows_of<T, 3>(w, row_bytes, a, m, begin, end, y, y_stride, col0); break;
+      case 2: rows_of<T, 2>(w, row_bytes, a, m, begin, end, y, y_stride, col0); break;
+      default: rows_of<T, 1>(w, row_bytes, a, m, begin, end, y, y_stride, col0);
+    }
+  }
+}
+
+template <typename Out>
+void dispatch(int64_t t, const uint8_t* w, int64_t row_bytes, const Activations& a, int64_t M, int64_t begin,
+              int64_t end, Out* y, int64_t y_stride, int64_t col0) {
+  switch (t) {
+    case Q4_0: return weight_rows<Q4_0>(w, row_bytes, a, M, begin, end, y, y_stride, col0);
+    case Q4_1: return weight_rows<Q4_1>(w, row_bytes, a, M, begin, end, y, y_stride, col0);
+    case Q5_0: return weight_rows<Q5_0>(w, row_bytes, a, M, begin, end, y, y_stride, col0);
+    case Q5_1: return weight_rows<Q5_1>(w, row_bytes, a, M, begin, end, y, y_stride, col0);
+    case Q8_0: return weight_rows<Q8_0>(w, row_bytes, a, M, begin, end, y, y_stride, col0);
+    case Q4_K: return weight_rows<Q4_K>(w, row_bytes, a, M, begin, end, y, y_stride, col0);
+    case Q5_K: return weight_rows<Q5_K>(w, row_bytes, a, M, begin, end, y, y_stride, col0);
+    case Q6_K: return weight_rows<Q6_K>(w, row_bytes, a, M, begin, end, y, y_stride, col0);
+  }
+}
+
+// y [M, sum N_i] = x [M, K] times the weights stacked along N (a fused q/k/v may mix block types).
+at::Tensor gguf_linear(const at::Tensor& x, at::TensorList weights, at::IntArrayRef qtypes) {
+  TORCH_CHECK(x.dim() == 2, "gguf_linear: x must be [M, K]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "gguf_linear supports float32 and bfloat16 activations, got ", x.scalar_type());
+  TORCH_CHECK(!weights.empty() && weights.size() == qtypes.size(), "gguf_linear: one GGML type per weight");
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<int64_t> first(weights.size() + 1, 0);  // output column where each weight starts
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const Layout l = layout(qtypes[i]);
+    const at::Tensor& w = weights[i];
+    TORCH_CHECK(K % l.weights == 0, "gguf_linear: K = ", K, " is not a multiple of the block size ", l.weights);
+    TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous() &&
+                w.size(1) == K / l.weights * l.bytes, "gguf_linear: weight ", i,
+                " must be contiguous uint8 [N, K / ", l.weights, " * ", l.bytes, "]");
+    first[i + 1] = first[i] + w.size(0);
+  }
+  const int64_t N = first.back();
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  Activations by_group[2];  // [0]: groups of 32 (legacy types), [1]: of 256 (K-quants)
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const bool k = layout(qtypes[i]).k_quant;
+    if (by_group[k].group == 0) by_group[k].quantize(xf.data_ptr<float>(), M, K, k ? 256 : 32);
+  }
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (size_t i = 0; i < weights.size(); ++i) {
+      const int64_t lo = std::max(begin, first[i]), hi = std::min(end, first[i + 1]);
+      if (lo >= hi) continue;
+      const Activations& a = by_group[layout(qtypes[i]).k_quant];
+      const uint8_t* w = weights[i].data_ptr<uint8_t>();
+      const int64_t rb = weights[i].size(1);
+      if (y.scalar_type() == at::kBFloat16)
+        dispatch(qtypes[i], w, rb, a, M, lo - first[i], hi - first[i], y.data_ptr<c10::BFloat16>(), N, first[i]);
+      else
+        dispatch(qtypes[i], w, rb, a, M, lo - first[i], hi - first[i], y.data_ptr<float>(), N, first[i]);
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+// A fragment: the paged attention kernel's library owns the `tinyserve` namespace.
+TORCH_LIBRARY_FRAGMENT(tinyserve, m) {
+  m.def("gguf_linear(Tensor x, Tensor[] weights, int[] qtypes) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tinyserve, CPU, m) { m.impl("gguf_linear", &gguf_linear); }
