@@ -78,10 +78,13 @@ class Int4Method:
 
 
 class GGUFMethod:
-    """`--quantization gguf`: a GGUF's blocks served as the file stores them, on our kernel
-    (layers/gguf_native.py: every common block type). `gguf-int4`, and `gguf` where that kernel cannot
-    be built: the blocks stay packed where layers/gguf_blocks.py maps their type onto PyTorch's int4
-    kernel; other block types, and linears whose shards mix Q8_0 with 4-bit types, are dequantized."""
+    """`--quantization gguf`: a GGUF's blocks served packed, each linear on the faster of two kernels:
+    PyTorch's int4 kernel for Q4_0/Q4_1 (layers/gguf_blocks.py maps them onto it exactly; our kernel
+    decodes these 32-weight blocks one at a time and measured 20-30% slower on the bundled model's
+    shapes), our own (layers/gguf_native.py) for every other block type, read as stored.
+    `gguf-int4`, and `gguf` where our kernel cannot be built: the int4 kernel where a type maps onto
+    it (Q4_0/Q4_1/Q8_0/Q4_K); other block types, and linears whose shards mix Q8_0 with 4-bit types,
+    are dequantized."""
 
     def __init__(self, native: bool = True, keep_dense: bool = True) -> None:
         self.native = native
@@ -89,7 +92,8 @@ class GGUFMethod:
         self.keep_dense = keep_dense
 
     def pack(self, shards: Sequence[WeightSource], dtype: torch.dtype, device: torch.device) -> nn.Module:
-        if self.native and gguf_native.supports(shards):
+        if self.native and gguf_native.supports(shards) and not all(
+                isinstance(s, GGUFTensor) and s.qtype in ("Q4_0", "Q4_1") for s in shards):
             weight = gguf_native.gguf_weight([s for s in shards if isinstance(s, GGUFTensor)], dtype, device,
                                              self.keep_dense)
             if weight is not None:

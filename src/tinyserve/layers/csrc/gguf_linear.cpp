@@ -36,7 +36,11 @@ enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 
 inline float fp16(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
+#if defined(TINYSERVE_GGUF_VNNI)
+  return _cvtsh_ss(h);  // one instruction (F16C); the portable conversion is a dozen, per 32 weights
+#else
   return c10::detail::fp16_ieee_to_fp32_value(h);
+#endif
 }
 
 // One block decoded: w = d * q - mins[j] for the j-th 32 weights (a K-quant's sub-scales are in q).
@@ -273,36 +277,49 @@ inline int32_t idot(const int16_t* q, const int16_t* x, int n) {
   return s;
 }
 
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;  // bf16 is the top half of an fp32
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
 // Activations quantized for one group size g: xq [M, K] int16, dx [M, K/g], sums of x per 32 [M, K/32].
+// Kept per thread and reused: at batch 1 a call's fixed costs (allocations, an ATen conversion) are
+// a measurable share of a small linear.
 struct Activations {
   int64_t K = 0, group = 0;
   std::vector<int16_t> xq;
   std::vector<float> dx, sums;
 
-  void quantize(const float* x, int64_t M, int64_t k, int64_t g) {
+  template <typename In>
+  void quantize(const In* x, int64_t M, int64_t k, int64_t g) {
     K = k;
     group = g;
     xq.resize(M * K);
     dx.resize(M * (K / g));
     sums.resize(M * (K / 32));
+    alignas(64) float v[256];
     for (int64_t m = 0; m < M; ++m) {
-      const float* xm = x + m * K;
       for (int64_t b = 0; b < K / g; ++b) {
+        const In* xb = x + m * K + b * g;
         float amax = 0.f;
-        for (int64_t i = b * g; i < (b + 1) * g; ++i) amax = std::max(amax, std::fabs(xm[i]));
+        for (int64_t i = 0; i < g; ++i) {
+          v[i] = to_float(xb[i]);
+          amax = std::max(amax, std::fabs(v[i]));
+        }
         // a power of two: x / step is exact for every value within 2^7 of amax (bf16's 8 bits)
         const float step = amax > 0.f ? std::ldexp(1.f, std::ilogb(amax) - 14) : 1.f;
         const float inv = 1.f / step;
         dx[m * (K / g) + b] = step;
-        for (int64_t i = b * g; i < (b + 1) * g; ++i) {
-          const float v = std::nearbyint(xm[i] * inv);
-          xq[m * K + i] = static_cast<int16_t>(std::min(32767.f, std::max(-32767.f, v)));
+        int16_t* q = xq.data() + m * K + b * g;
+        for (int64_t i = 0; i < g; ++i) q[i] = static_cast<int16_t>(std::min(32767.f, std::max(-32767.f, std::nearbyint(v[i] * inv))));
+        for (int64_t j = 0; j < g / 32; ++j) {
+          float s = 0.f;
+          for (int i = 0; i < 32; ++i) s += v[32 * j + i];
+          sums[m * (K / 32) + b * (g / 32) + j] = s;
         }
-      }
-      for (int64_t j = 0; j < K / 32; ++j) {
-        float s = 0.f;
-        for (int i = 0; i < 32; ++i) s += xm[32 * j + i];
-        sums[m * (K / 32) + j] = s;
       }
     }
   }
@@ -433,11 +450,19 @@ at::Tensor gguf_linear(const at::Tensor& x, at::TensorList weights, at::IntArray
   const int64_t N = first.back();
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  Activations by_group[2];  // [0]: groups of 32 (legacy types), [1]: of 256 (K-quants)
+  const at::Tensor xc = x.contiguous();
+  thread_local Activations scratch[2];
+  // [0]: groups of 32 (legacy types), [1]: of 256 (K-quants); the workers read this thread's copy
+  Activations* by_group = scratch;
+  bool done[2] = {false, false};
   for (size_t i = 0; i < weights.size(); ++i) {
     const bool k = layout(qtypes[i]).k_quant;
-    if (by_group[k].group == 0) by_group[k].quantize(xf.data_ptr<float>(), M, K, k ? 256 : 32);
+    if (done[k]) continue;
+    done[k] = true;
+    if (xc.scalar_type() == at::kBFloat16)
+      by_group[k].quantize(xc.data_ptr<c10::BFloat16>(), M, K, k ? 256 : 32);
+    else
+      by_group[k].quantize(xc.data_ptr<float>(), M, K, k ? 256 : 32);
   }
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (size_t i = 0; i < weights.size(); ++i) {
