@@ -80,7 +80,8 @@ def test_bf16_activations_near_their_group_maximum_are_exact(qtype):
     exact one up to fp32 accumulation (before the result is rounded to bf16)."""
     g = torch.Generator().manual_seed(0)
     signs = torch.randint(0, 2, (2, 512), generator=g) * 2 - 1
-    x = (signs * torch.exp2(torch.randint(-6, 1, (2, 512), generator=g).float()) * (1 + torch.rand(2, 512, generator=g)))
+    magnitudes = torch.exp2(torch.randint(-6, 1, (2, 512), generator=g).float())
+    x = signs * magnitudes * (1 + torch.rand(2, 512, generator=g))
     x = x.bfloat16().float()  # every value in [2^-6, 2^1): within 2^7 of any group's maximum
     t = random_blocks(qtype, 16, 512)
     ref = x.double() @ reference(t).t()
