@@ -133,7 +133,7 @@ def test_method_serves_each_type_on_its_kernel():
     assert torch.equal(native.dense, ref.bfloat16())
     int4 = GGUFMethod().pack([random_blocks("Q4_1", 16, 256)], torch.bfloat16, torch.device("cpu"))
     assert isinstance(int4, Int4Weight)
-    assert isinstance(GGUFMethod(native=False).pack([random_blocks("Q4_K", 16, 256)], torch.bfloat16,
+    assert isinstance(GGUFMethod(kernel="int4").pack([random_blocks("Q4_K", 16, 256)], torch.bfloat16,
                                                     torch.device("cpu")), Int4Weight)
 
 

@@ -77,7 +77,7 @@ def test_gguf_packed_matmul_fp32_equals_dequantized(qtype):
         shards = [_q4_k_tensor(n, 256, rng, dmin_is_d=True) for n in (32, 64)]
     else:
         shards = [_gguf_tensor(rng.standard_normal((n, 64)).astype(np.float32), qtype) for n in (32, 64)]
-    impl = GGUFMethod(native=False, keep_dense=False).pack(shards, torch.float32, torch.device("cpu"))
+    impl = GGUFMethod(kernel="int4", keep_dense=False).pack(shards, torch.float32, torch.device("cpu"))
     assert isinstance(impl, Int4Weight)
     x = torch.randn(5, shards[0].shape[1])
     ref = x @ torch.cat([s.dequantize() for s in shards]).t()
@@ -90,7 +90,7 @@ def test_gguf_int4_unsupported_or_mixed_types_fall_back_to_dense():
     q8 = _gguf_tensor(rng.standard_normal((32, 64)).astype(np.float32), "Q8_0")
     q4 = _gguf_tensor(rng.standard_normal((32, 64)).astype(np.float32), "Q4_1")
     for shards in ([q5], [q8, q4]):
-        impl = GGUFMethod(native=False).pack(shards, torch.float32, torch.device("cpu"))
+        impl = GGUFMethod(kernel="int4").pack(shards, torch.float32, torch.device("cpu"))
         assert impl.kind == "dense-float32"
         torch.testing.assert_close(impl.weight, torch.cat([s.dequantize() for s in shards]))
 

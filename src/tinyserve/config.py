@@ -195,6 +195,11 @@ class EngineConfig:
         "(a measured run at full speed throughout)", choices=COMPILE_MODES)
     enforce_eager: bool = knob(
         False, "run every step eagerly: no compiled decode step (vLLM's flag; the same as --compile off)")
+    batch_invariant: bool = knob(
+        False, "a request's tokens do not depend on what else shares its steps (greedy answers are the "
+        "same alone and under load): GGUF models only, every linear on our row-independent kernel at every "
+        "batch size, prefills in chunks of a fixed size, no prefix cache, the compiled step built before "
+        "serving. Slower for large batches (docs/REPORT.md)")
 
     def __post_init__(self) -> None:
         if not (self.device == "cpu" or self.device.startswith("cuda")):
@@ -220,6 +225,8 @@ class EngineConfig:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}; got {self.compile!r}")
         if self.enforce_eager:
             self.compile = "off"
+        if self.batch_invariant:
+            self._check_batch_invariant()
         if self.num_threads is None:
             self.num_threads = physical_cores()
         if isinstance(self.speculative_config, dict):  # LLM(speculative_config={...}): kept as the flag's JSON
@@ -229,6 +236,28 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return resolve_dtype(self.dtype, self.device)
+
+    @property
+    def prefill_chunk(self) -> int | None:
+        """Batch-invariant mode: the fixed size prefills are cut into, whatever else is scheduled (the
+        budget left after the most decodes a step can hold, so the first prefill in line always fits)."""
+        return self.max_num_batched_tokens - self.max_num_seqs if self.batch_invariant else None
+
+    def _check_batch_invariant(self) -> None:
+        """What the mode cannot combine with, each named; what it implies, set."""
+        if self.speculative_config:
+            raise ValueError("batch_invariant cannot speculate: verifying drafts computes a sequence's tokens "
+                             "in other step shapes than decoding them one by one")
+        if self.packed_max_rows is not None:
+            raise ValueError("batch_invariant runs the packed kernel at every batch size; leave packed_max_rows unset")
+        if self.max_num_batched_tokens <= self.max_num_seqs:
+            raise ValueError("batch_invariant cuts prefills into chunks of max_num_batched_tokens - max_num_seqs "
+                             f"tokens; raise max_num_batched_tokens above max_num_seqs ({self.max_num_seqs})")
+        # A cached prefix changes how the rest of a prompt is computed (chunk attention over it).
+        self.enable_prefix_caching = False
+        # Eager and compiled steps round differently: a switch mid-answer would change its tokens.
+        if self.compile == "background":
+            self.compile = "blocking"
 
 
 SPECULATIVE_METHODS = ("ngram", "draft_model", "self")

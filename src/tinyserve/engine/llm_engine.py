@@ -108,7 +108,7 @@ class LLMEngine:
         self.compile_seconds = served.compile_seconds
         self.blocks = BlockManager(self.num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting,
-                                   policy)
+                                   policy, prefill_chunk=config.prefill_chunk)
         self.sampler = Sampler(self.tokenizer.eos_token_ids, config.seed, self.runner.device)
         self.spec = None
         if self.speculative:

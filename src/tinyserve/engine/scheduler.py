@@ -9,6 +9,9 @@ A step's batch mixes decodes (1 token per sequence) with prefill chunks, within
      only if nothing was preempted this step and a sequence slot and the blocks are free; it first
      takes the cached blocks of its prompt's longest cached prefix (kv/block_manager.py), so its
      prefill starts after them. Under fcfs this is "running prefills, then admissions in arrival order".
+With `prefill_chunk` (the batch-invariant mode) every prefill is cut at the same positions whatever
+else runs: a chunk is that many tokens (or the prompt's rest) and waits for a step with room for it
+whole, so a prompt's computation never depends on its neighbours.
 When a running sequence needs a block and none is free, the running sequence the policy ranks last
 that is not already in this step's batch is preempted: its blocks are freed (they stay cached) and
 it waits again to be recomputed later. Never failing for lack of memory is the point; the engine
@@ -46,8 +49,10 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_waiting: int,
-                 policy: SchedulingPolicy | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 policy: SchedulingPolicy | None = None, clock: Callable[[], float] = time.monotonic,
+                 prefill_chunk: int | None = None) -> None:
         self.blocks = blocks
+        self.prefill_chunk = prefill_chunk
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_waiting = max_waiting
@@ -96,8 +101,8 @@ class Scheduler:
         many of its drafts as `spare` budget and free blocks allow; the budget left."""
         if seq.status != Status.RUNNING:  # preempted earlier in this step
             return budget
-        n = min(seq.num_uncomputed, budget)
-        if not self._make_room(seq, seq.num_computed + n, batch, now):
+        n = self._chunk(seq.num_uncomputed, budget)
+        if n == 0 or not self._make_room(seq, seq.num_computed + n, batch, now):
             return budget
         drafts = seq.spec_token_ids
         if drafts:
@@ -117,8 +122,8 @@ class Scheduler:
         cacheable = self.blocks.enable_caching and seq.params.prompt_logprobs is None
         hits = self.blocks.match(seq.full_block_hashes(bs, seq.num_tokens - 1)) if cacheable else []
         num_cached = len(hits) * bs
-        n = min(seq.num_tokens - num_cached, budget)
-        if not self.blocks.can_take(hits, num_cached + n):
+        n = self._chunk(seq.num_tokens - num_cached, budget)
+        if n == 0 or not self.blocks.can_take(hits, num_cached + n):
             return False
         if seq.num_cached_tokens is None:  # the first admission: what the request is told it reused
             seq.num_cached_tokens = num_cached
@@ -132,6 +137,14 @@ class Scheduler:
         self.blocks.grow(seq.block_table, num_cached + n)
         batch.add(seq, n)
         return True
+
+    def _chunk(self, uncomputed: int, budget: int) -> int:
+        """Tokens to feed now: what budget allows, or with a fixed prefill chunk the next whole chunk or
+        nothing (a decode's single token is a chunk of one)."""
+        if self.prefill_chunk is None:
+            return min(uncomputed, budget)
+        n = min(uncomputed, self.prefill_chunk)
+        return n if n <= budget else 0
 
     def _make_room(self, seq: Sequence, num_tokens: int, batch: ScheduledBatch, now: float) -> bool:
         """Preempt the policy's last until `seq` can hold `num_tokens`; False if `seq` itself had to go."""

@@ -55,7 +55,16 @@ def _gguf_int4(group: int) -> QuantMethod:
     """a GGUF's blocks on PyTorch's int4 kernel where their type maps onto it exactly, dense otherwise"""
     from tinyserve.layers.methods import GGUFMethod
 
-    return GGUFMethod(native=False)
+    return GGUFMethod(kernel="int4")
+
+
+@QUANTIZATION.register("gguf-native")
+def _gguf_native(group: int) -> QuantMethod:
+    """a GGUF's blocks, every type on our kernel at every batch size, no dense copy (each row computed
+    alone: --batch-invariant's mode)"""
+    from tinyserve.layers.methods import GGUFMethod
+
+    return GGUFMethod(kernel="native", keep_dense=False)
 
 
 @QUANTIZATION.register("checkpoint")
@@ -81,10 +90,19 @@ def resolve_quantization(mode: str, stored: str | None, dtype: torch.dtype, devi
     QUANTIZATION.check(mode)
     if mode != "none" and device != "cpu":
         raise ValueError(f"quantization={mode!r} runs on PyTorch's CPU kernels; use quantization='none' on {device}")
-    if mode in ("gguf", "gguf-int4", "checkpoint") and stored != mode.removesuffix("-int4"):
+    if (mode.startswith("gguf") and stored != "gguf") or (mode == "checkpoint" and stored != mode):
         needs = "a directory of quantized weights" if mode == "checkpoint" else "a GGUF model"
         raise ValueError(f"quantization={mode!r} needs {needs}; this model is not one")
     if mode in ("int8", "int4") and stored == "checkpoint":
         raise ValueError("the model is already quantized; serve it with quantization='checkpoint' "
                          "(or 'none' to dequantize it)")
     return mode
+
+
+def batch_invariant_quantization(mode: str, stored: str | None, device: str) -> str:
+    """The method of the batch-invariant mode: every linear on our GGUF kernel, which computes each row
+    alone (the dense and int4/int8 kernels round a row differently by the batch it is in)."""
+    if stored == "gguf" and device == "cpu" and mode in ("auto", "gguf", "gguf-native"):
+        return "gguf-native"
+    raise ValueError("batch_invariant serves GGUF models on a CPU (quantization auto, gguf or gguf-native): "
+                     "only our GGUF kernel computes a row independently of the others in its step")

@@ -86,14 +86,16 @@ class GGUFMethod:
     it (Q4_0/Q4_1/Q8_0/Q4_K); other block types, and linears whose shards mix Q8_0 with 4-bit types,
     are dequantized."""
 
-    def __init__(self, native: bool = True, keep_dense: bool = True) -> None:
-        self.native = native
-        self.name = "gguf" if native else "gguf-int4"
+    def __init__(self, kernel: str = "best", keep_dense: bool = True) -> None:
+        """`kernel`: best (each type on the faster kernel), native (every type on ours: the
+        batch-invariant mode's, whose rows never depend on each other), int4 (PyTorch's where it can)."""
+        self.kernel = kernel
+        self.name = {"best": "gguf", "native": "gguf-native", "int4": "gguf-int4"}[kernel]
         self.keep_dense = keep_dense
 
     def pack(self, shards: Sequence[WeightSource], dtype: torch.dtype, device: torch.device) -> nn.Module:
-        if self.native and gguf_native.supports(shards) and not all(
-                isinstance(s, GGUFTensor) and s.qtype in ("Q4_0", "Q4_1") for s in shards):
+        int4_faster = all(isinstance(s, GGUFTensor) and s.qtype in ("Q4_0", "Q4_1") for s in shards)
+        if self.kernel != "int4" and gguf_native.supports(shards) and not (self.kernel == "best" and int4_faster):
             weight = gguf_native.gguf_weight([s for s in shards if isinstance(s, GGUFTensor)], dtype, device,
                                              self.keep_dense)
             if weight is not None:

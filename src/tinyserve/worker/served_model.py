@@ -15,7 +15,7 @@ import torch
 from tinyserve.attention import select_backend
 from tinyserve.attention.base import AttentionBackend
 from tinyserve.config import EngineConfig, ModelConfig
-from tinyserve.layers import resolve_quantization
+from tinyserve.layers import batch_invariant_quantization, resolve_quantization
 from tinyserve.layers.kernel_choice import configure_packed_kernels, packed_weights
 from tinyserve.layers.linear import DenseWeight, Linear
 from tinyserve.models.llama import LlamaForCausalLM
@@ -43,13 +43,18 @@ def serve_model(config: EngineConfig, src: ModelSource, mc: ModelConfig, quantiz
     its decode step is compiled (off | blocking | background: config.py); `max_decode_rows`: the most
     rows a pure decode step can have (the compiled regimes cover them)."""
     dtype, device = config.torch_dtype, config.device
-    resolved = resolve_quantization(quantization, src.stored_form, dtype, device)
+    if config.batch_invariant:
+        resolved = batch_invariant_quantization(quantization, src.stored_form, device)
+    else:
+        resolved = resolve_quantization(quantization, src.stored_form, dtype, device)
     attention = select_backend(config.attention_backend, device)
     model = load_model(src, mc, max_len, dtype, device, resolved, config.quant_group_size, attention)
     # The packed/dense crossover depends on the machine, the model and the mode: measured once, cached.
     machine = f"{cpu_model()}|{config.device}|{config.num_threads} threads|torch {torch.__version__}"
     key = f"{src.path}|{resolved}|g{config.quant_group_size}|{dtype}|{machine}"
-    packed_max_rows = configure_packed_kernels(model, config.packed_max_rows, config.max_num_batched_tokens, dtype,
+    # batch-invariant: the packed kernel at every batch size (no dense copy kept)
+    rows = config.max_num_batched_tokens if config.batch_invariant else config.packed_max_rows
+    packed_max_rows = configure_packed_kernels(model, rows, config.max_num_batched_tokens, dtype,
                                                 cache=(cache_dir() / "kernel-choice.json", key))
     runner = ModelRunner(model, mc, num_blocks, config.block_size, dtype, device)
     seconds = 0.0
