@@ -58,9 +58,10 @@ def group_amax(x: torch.Tensor, group: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("qtype", list(LAYOUT))
-@pytest.mark.parametrize("rows", [1, 3, 6])
+@pytest.mark.parametrize("rows", [1, 3, 6, 35])
 def test_kernel_matches_gguf_dequantization_within_its_bound(qtype, rows):
-    """37 output rows (uneven thread ranges), 1/3/6 activation rows (tiles of 4 and remainders), fp32
+    """37 output rows (uneven thread ranges), 1/3/6/35 activation rows (in registers, in groups of 32
+    and a remainder), fp32
     activations (not bf16-representable: the int16 rounding is exercised): within the stated bound."""
     t = random_blocks(qtype, 37, 512, seed=rows)
     x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))
@@ -98,16 +99,18 @@ def test_mixed_shards_are_one_call_and_match_each_alone():
     assert torch.equal(y, torch.cat([run(x, [s]) for s in shards], dim=1))
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q4_0"])
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q4_0", "Q4_1", "Q5_K"])
 def test_each_row_is_computed_alone(qtype):
-    """Batch invariance: a row's result does not depend on the rows beside it (tiles of 1 to 4 rows
-    sum in the same order)."""
+    """Batch invariance: a row's result does not depend on the rows beside it. 1 to 4 rows keep their
+    sums in registers, more go through groups of 32 in memory, 40 rows are a group and a remainder:
+    every way sums in the same order."""
     t = random_blocks(qtype, 40, 512)
-    x = torch.randn(7, 512).bfloat16()
+    x = torch.randn(40, 512).bfloat16()
     y = run(x, [t])
-    for i in range(7):
+    for i in (0, 5, 31, 32, 39):
         assert torch.equal(y[i : i + 1], run(x[i : i + 1], [t]))
-    assert torch.equal(y[2:5], run(x[2:5], [t]))
+    for lo, hi in ((2, 5), (3, 10), (0, 33)):
+        assert torch.equal(y[lo:hi], run(x[lo:hi], [t]))
 
 
 def test_bad_input_is_a_clear_error():

@@ -63,7 +63,12 @@ MODES = {m.name: m for m in (
     Mode("int4-g32", "bfloat16", "int4", 32),
     Mode("int4-g64", "bfloat16", "int4", 64),
     Mode("gguf", "bfloat16", "gguf"),
-    Mode("gguf-fp32", "float32", "gguf"),  # the file's blocks are exact in fp32: should equal fp32
+    Mode("gguf-int4", "bfloat16", "gguf-int4"),  # before our GGUF kernel: PyTorch's int4 where a type maps
+    Mode("gguf-native", "bfloat16", "gguf-native"),  # every block type on our kernel (--batch-invariant's)
+    # The file's blocks in fp32 activations: PyTorch's int4 kernel is exact there; ours rounds
+    # activations to int16 per group (within 2^-15 of the group's magnitude).
+    Mode("gguf-fp32", "float32", "gguf"),
+    Mode("gguf-native-fp32", "float32", "gguf-native"),
 )}
 REFERENCE = "fp32"
 

@@ -13,7 +13,7 @@
 //   last with fp32 sums of the unquantized activations.
 // Each activation row is computed alone, in the same order whatever the other rows (batch-invariant).
 // Work is split over output rows (at::parallel_for, torch's thread count); a block is decoded once
-// and used for up to kRows activation rows.
+// and used for up to kMany (32) activation rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -182,7 +182,7 @@ constexpr bool has_mins(int64_t t) { return t == Q4_1 || t == Q5_1 || t == Q4_K 
 
 #if defined(TINYSERVE_GGUF_VNNI)
 // The same decoding as `decode`, into registers: a block's codes as QK / 32 vectors of 32 int16, for
-// `block_dot` to multiply by up to kRows activation rows without a round trip through memory.
+// `rows_of` to multiply by several activation rows without a round trip through memory.
 template <int64_t T>
 struct Regs {
   static constexpr int n = is_k_quant(T) ? 8 : 1;
@@ -248,6 +248,37 @@ inline void decode_regs(const uint8_t* b, Regs<T>& o) {
     }
   } else if constexpr (T == Q6_K) {
     o.d = fp16(b + 208);
+#if defined(__GFNI__) && !defined(TINYSERVE_NO_GFNI)  // the flag: the ablation of this path
+    // In bytes, 64 weights per instruction: the low nibbles from ql, and each weight's two high bits
+    // from qh moved into bits 4-7 by one GF(2) affine map per qword, which also writes them as the
+    // high half of int8(q - 32): bit 4 = h0, bits 5-7 = NOT h1 (the constant 0xE0 flips them). qh is
+    // read twice (both 256-bit halves): bytes 0-31 take its bits 0-1 (then 4-5), bytes 32-63 its
+    // bits 2-3 (then 6-7), as llama.cpp's layout assigns weights l, l + 32, l + 64, l + 96.
+    const __m512i low4b = _mm512_set1_epi8(15);
+    const __m512i bits01_23 = _mm512_inserti64x4(_mm512_set1_epi64(0x0000000001020202),
+                                                 _mm256_set1_epi64x(0x0000000004080808), 1);
+    const __m512i bits45_67 = _mm512_inserti64x4(_mm512_set1_epi64(0x0000000010202020),
+                                                 _mm256_set1_epi64x(0x0000000040808080), 1);
+    for (int n = 0; n < 2; ++n) {
+      const __m512i ql = _mm512_loadu_si512(b + 64 * n);
+      const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * n)));
+      const __m512i hi_a = _mm512_gf2p8affine_epi64_epi8(qh, bits01_23, 0xE0);
+      const __m512i hi_b = _mm512_gf2p8affine_epi64_epi8(qh, bits45_67, 0xE0);
+      const __m512i w0 = _mm512_ternarylogic_epi32(ql, low4b, hi_a, 0xEA);  // (ql & 15) | hi_a
+      const __m512i w1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(ql, 4), low4b, hi_b, 0xEA);
+      const __m512i sc = _mm512_castsi128_si512(
+          _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 192 + 8 * n))));
+      const __m512i q[4] = {
+          _mm512_cvtepi8_epi16(_mm512_castsi512_si256(w0)), _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(w0, 1)),
+          _mm512_cvtepi8_epi16(_mm512_castsi512_si256(w1)), _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(w1, 1)),
+      };
+      for (int k = 0; k < 4; ++k) {  // lanes 0-15 take scale 2k, 16-31 scale 2k + 1 (one per 16 weights)
+        const __m512i idx = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(2 * k)),
+                                               _mm256_set1_epi16(static_cast<int16_t>(2 * k + 1)), 1);
+        o.q[4 * n + k] = _mm512_mullo_epi16(q[k], _mm512_permutexvar_epi16(idx, sc));
+      }
+    }
+#else
     const __m512i mask2 = _mm512_set1_epi16(0x30), off = _mm512_set1_epi16(32);
     for (int n = 0; n < 2; ++n) {
       const __m512i a = bytes32(b + 64 * n), c = bytes32(b + 64 * n + 32), h = bytes32(b + 128 + 32 * n);
@@ -266,6 +297,7 @@ inline void decode_regs(const uint8_t* b, Regs<T>& o) {
         o.q[4 * n + k] = _mm512_mullo_epi16(_mm512_sub_epi16(q[k], off), _mm512_permutexvar_epi16(idx, sc));
       }
     }
+#endif
   }
 }
 #endif
@@ -328,41 +360,48 @@ struct Activations {
 inline void store(float* p, float v) { *p = v; }
 inline void store(c10::BFloat16* p, float v) { *p = c10::BFloat16(v); }
 
-constexpr int64_t kPrefetch = 4096;
+constexpr int64_t kPrefetch = 8192;
+constexpr int kRows = 4;    // activation rows whose accumulators live in registers
+constexpr int kMany = 32;   // beyond kRows, rows sharing one decode of a block (accumulators in L1)
 
-// Output rows [begin, end) of one weight (row stride `row_bytes`) for activation rows m0..m0 + R.
+// Output rows [begin, end) of one weight (row stride `row_bytes`) for activation rows m0..m0 + R; with
+// R = 0, for `count` rows (up to kMany). Every row goes through the same operations in the same order
+// whichever way it is called: a row's result never depends on the others (tests/test_gguf_native.py).
 template <int64_t T, int R, typename Out>
-void rows_of(const uint8_t* w, int64_t row_bytes, const Activations& a, int64_t m0, int64_t begin, int64_t end,
-             Out* y, int64_t y_stride, int64_t col0) {
+void rows_of(const uint8_t* w, int64_t row_bytes, const Activations& a, int64_t m0, int count, int64_t begin,
+             int64_t end, Out* y, int64_t y_stride, int64_t col0) {
   constexpr int64_t QK = is_k_quant(T) ? 256 : 32;
+  constexpr int cap = R > 0 ? R : kMany;
+  const int rows = R > 0 ? R : count;
   const int64_t K = a.K, blocks = K / QK, groups = K / a.group;  // one activation group per block
   const int64_t bytes = row_bytes / blocks;
   for (int64_t n = begin; n < end; ++n) {
     const uint8_t* row = w + n * row_bytes;
-    float mins[R] = {};
+    float mins[cap] = {};
 #if defined(TINYSERVE_GGUF_VNNI)
-    __m512 acc[R];
-    __m256 kmins[R];
-    for (int r = 0; r < R; ++r) {
+    __m512 acc[cap];
+    __m256 kmins[cap];
+    for (int r = 0; r < rows; ++r) {
       acc[r] = _mm512_setzero_ps();
       kmins[r] = _mm256_setzero_ps();
     }
     Regs<T> dec;
 #else
-    float acc[R] = {};
+    float acc[cap] = {};
     Decoded dec;
 #endif
     for (int64_t b = 0; b < blocks; ++b) {
 #if defined(TINYSERVE_GGUF_VNNI)
-      // Rows are contiguous: fetch kPrefetch bytes ahead, further than the hardware prefetcher runs
-      // ahead of a kernel that spends this long per byte (without it a step reads ~11 GB/s, not ~25).
+      // Rows are contiguous: fetch kPrefetch bytes ahead into L2, further than the hardware prefetcher
+      // runs ahead of a kernel that spends this long per byte (without it a step read ~11 GB/s, not
+      // ~16; into L2 rather than L1 ~10% more: more misses can be in flight).
       for (int64_t o = 0; o < bytes; o += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(row + b * bytes + kPrefetch + o), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(row + b * bytes + kPrefetch + o), _MM_HINT_T1);
       decode_regs<T>(row + b * bytes, dec);
 #else
       decode<T>(row + b * bytes, dec);
 #endif
-      for (int r = 0; r < R; ++r) {
+      for (int r = 0; r < rows; ++r) {
         const int64_t m = m0 + r;
         const int16_t* xq = a.xq.data() + m * K + b * QK;
         const float scale = dec.d * a.dx[m * groups + b];
@@ -386,7 +425,7 @@ void rows_of(const uint8_t* w, int64_t row_bytes, const Activations& a, int64_t 
         }
       }
     }
-    for (int r = 0; r < R; ++r) {
+    for (int r = 0; r < rows; ++r) {
 #if defined(TINYSERVE_GGUF_VNNI)
       if constexpr (is_k_quant(T) && has_mins(T)) {
         const __m128 k4 = _mm_add_ps(_mm256_castps256_ps128(kmins[r]), _mm256_extractf128_ps(kmins[r], 1));
@@ -400,18 +439,20 @@ void rows_of(const uint8_t* w, int64_t row_bytes, const Activations& a, int64_t 
   }
 }
 
-constexpr int kRows = 4;  // activation rows sharing one decode of a block
-
 template <int64_t T, typename Out>
 void weight_rows(const uint8_t* w, int64_t row_bytes, const Activations& a, int64_t M, int64_t begin, int64_t end,
                  Out* y, int64_t y_stride, int64_t col0) {
-  for (int64_t m = 0; m < M; m += kRows) {
-    switch (std::min<int64_t>(kRows, M - m)) {
-      case 4: rows_of<T, 4>(w, row_bytes, a, m, begin, end, y, y_stride, col0); break;
-      case 3: rows_of<T, 3>(w, row_bytes, a, m, begin, end, y, y_stride, col0); break;
-      case 2: rows_of<T, 2>(w, row_bytes, a, m, begin, end, y, y_stride, col0); break;
-      default: rows_of<T, 1>(w, row_bytes, a, m, begin, end, y, y_stride, col0);
-    }
+  if (M > kRows) {  // a batch: one pass over the weights per kMany rows
+    for (int64_t m = 0; m < M; m += kMany)
+      rows_of<T, 0>(w, row_bytes, a, m, static_cast<int>(std::min<int64_t>(kMany, M - m)), begin, end, y, y_stride,
+                    col0);
+    return;
+  }
+  switch (M) {
+    case 4: return rows_of<T, 4>(w, row_bytes, a, 0, 4, begin, end, y, y_stride, col0);
+    case 3: return rows_of<T, 3>(w, row_bytes, a, 0, 3, begin, end, y, y_stride, col0);
+    case 2: return rows_of<T, 2>(w, row_bytes, a, 0, 2, begin, end, y, y_stride, col0);
+    default: return rows_of<T, 1>(w, row_bytes, a, 0, 1, begin, end, y, y_stride, col0);
   }
 }
 
