@@ -164,3 +164,14 @@ for q in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"):
         for q in LAYOUT:
             torch.testing.assert_close(torch.load(f"{out}/{q}.pt"), run(x, [random_blocks(q, 16, 512)]),
                                        rtol=1e-5, atol=1e-5)
+
+
+def test_without_vnni_the_default_stays_on_the_int4_kernel(monkeypatch):
+    """Where our kernel would run its portable loop, `gguf` keeps PyTorch's int4 kernel (the types it
+    maps) and dense copies (the rest); `gguf-native` (the batch-invariant mode's) still uses ours."""
+    monkeypatch.setattr(gguf_native, "vectorized", lambda: False)
+    cpu = torch.device("cpu")
+    assert isinstance(GGUFMethod().pack([random_blocks("Q4_K", 16, 256)], torch.bfloat16, cpu), Int4Weight)
+    assert GGUFMethod().pack([random_blocks("Q6_K", 16, 256)], torch.bfloat16, cpu).kind == "dense-bfloat16"
+    native = GGUFMethod(kernel="native").pack([random_blocks("Q6_K", 16, 256)], torch.bfloat16, cpu)
+    assert isinstance(native, GGUFWeight)

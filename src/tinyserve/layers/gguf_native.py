@@ -25,6 +25,7 @@ import torch
 from tinyserve.layers.formats import GGUFTensor
 from tinyserve.layers.packed import PackedWeight
 from tinyserve.native import load_kernel
+from tinyserve.system import cpu_flags
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "gguf_linear.cpp"
@@ -57,6 +58,12 @@ def _load() -> None:  # cached apart from kernel_available: an op's fake may be 
 
 def supports(shards: Sequence[object]) -> bool:
     return all(isinstance(s, GGUFTensor) and s.qtype in QTYPES for s in shards)
+
+
+def vectorized() -> bool:
+    """Whether this CPU gets the kernel's AVX-512 VNNI path (it is built with -march=native); elsewhere
+    it runs a portable scalar loop, correct but slower than PyTorch's int4 kernel."""
+    return {"avx512f", "avx512bw", "avx512_vnni"} <= cpu_flags()
 
 
 class GGUFWeight(PackedWeight):

@@ -81,7 +81,8 @@ class GGUFMethod:
     """`--quantization gguf`: a GGUF's blocks served packed, each linear on the faster of two kernels:
     PyTorch's int4 kernel for Q4_0/Q4_1 (layers/gguf_blocks.py maps them onto it exactly; our kernel
     decodes these 32-weight blocks one at a time and measured 20-30% slower on the bundled model's
-    shapes), our own (layers/gguf_native.py) for every other block type, read as stored.
+    shapes), our own (layers/gguf_native.py) for every other block type, read as stored (on a CPU
+    without AVX-512 VNNI, where ours runs its portable loop, the int4 path throughout).
     `gguf-int4`, and `gguf` where our kernel cannot be built: the int4 kernel where a type maps onto
     it (Q4_0/Q4_1/Q8_0/Q4_K); other block types, and linears whose shards mix Q8_0 with 4-bit types,
     are dequantized."""
@@ -94,7 +95,9 @@ class GGUFMethod:
         self.keep_dense = keep_dense
 
     def pack(self, shards: Sequence[WeightSource], dtype: torch.dtype, device: torch.device) -> nn.Module:
-        int4_faster = all(isinstance(s, GGUFTensor) and s.qtype in ("Q4_0", "Q4_1") for s in shards)
+        # "best": ours where it is the faster kernel, i.e. with AVX-512 VNNI and not for Q4_0/Q4_1 alone
+        int4_faster = not gguf_native.vectorized() or all(
+            isinstance(s, GGUFTensor) and s.qtype in ("Q4_0", "Q4_1") for s in shards)
         if self.kernel != "int4" and gguf_native.supports(shards) and not (self.kernel == "best" and int4_faster):
             weight = gguf_native.gguf_weight([s for s in shards if isinstance(s, GGUFTensor)], dtype, device,
                                              self.keep_dense)

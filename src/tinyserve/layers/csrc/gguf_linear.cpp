@@ -406,8 +406,16 @@ void rows_of(const uint8_t* w, int64_t row_bytes, const Activations& a, int64_t 
         const int16_t* xq = a.xq.data() + m * K + b * QK;
         const float scale = dec.d * a.dx[m * groups + b];
 #if defined(TINYSERVE_GGUF_VNNI)
-        __m512i sum = _mm512_setzero_si512();
-        for (int i = 0; i < Regs<T>::n; ++i) sum = _mm512_dpwssd_epi32(sum, dec.q[i], _mm512_loadu_si512(xq + 32 * i));
+        // two chains of products (even and odd vectors): half the latency of one per block (+5% at 4
+        // rows, the same at one: docs/REPORT.md S4)
+        __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
+        for (int i = 0; i + 1 < Regs<T>::n; i += 2) {
+          even = _mm512_dpwssd_epi32(even, dec.q[i], _mm512_loadu_si512(xq + 32 * i));
+          odd = _mm512_dpwssd_epi32(odd, dec.q[i + 1], _mm512_loadu_si512(xq + 32 * i + 32));
+        }
+        if constexpr (Regs<T>::n % 2) even = _mm512_dpwssd_epi32(even, dec.q[Regs<T>::n - 1],
+                                                                  _mm512_loadu_si512(xq + 32 * (Regs<T>::n - 1)));
+        const __m512i sum = _mm512_add_epi32(even, odd);
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(scale), acc[r]);
 #else
         acc[r] += scale * static_cast<float>(idot(dec.q, xq, QK));
