@@ -332,15 +332,15 @@ def test_nf4_without_a_compiler_falls_back_to_dense(monkeypatch, caplog):
     def no_compiler() -> None:
         raise RuntimeError("cannot build nf4_linear.cpp (no compiler)")
 
-    monkeypatch.setattr(nf4, "_load", no_compiler)
-    nf4.kernel_available.cache_clear()
+    monkeypatch.setattr(nf4.OPS, "load", no_compiler)
+    nf4.OPS.forget()
     try:
-        with caplog.at_level("WARNING", logger="tinyserve.layers.nf4"):
+        with caplog.at_level("WARNING", logger="tinyserve.native"):
             impl = CheckpointMethod().pack([_nf4(8, 64, 32)], torch.float32, torch.device("cpu"))
         assert impl.kind == "dense-float32" and "decoded to dense" in caplog.text
         torch.testing.assert_close(impl.weight, _nf4(8, 64, 32).dequantize())
     finally:
-        nf4.kernel_available.cache_clear()
+        nf4.OPS.forget()
 
 
 def test_nf4_checkpoint_serves_packed_with_the_dense_decodes_tokens(tiny_llama_dir, tmp_path, restore_torch_threads):

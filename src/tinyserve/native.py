@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,39 @@ def load_kernel(source: Path, cflags: tuple[str, ...] = CFLAGS) -> Path:
     Waits for a build of it already under way (`build_in_background`)."""
     with _building:
         return _load(source, cflags)
+
+
+class NativeOps:
+    """The ops one kernel source registers: built and loaded on first use, their fake (shape-only)
+    implementations registered once per process (torch.export traces through them; a fake may be
+    registered only once). `available()` is False, with one warning naming what runs `instead`,
+    where the kernel cannot be built."""
+
+    def __init__(self, source: Path, fakes: dict[str, Callable[..., Any]], instead: str) -> None:
+        self.source, self.fakes, self.instead = source, fakes, instead
+        self._available: bool | None = None
+        self._loaded = False
+
+    def load(self) -> None:
+        if not self._loaded:
+            load_kernel(self.source)
+            for name, fake in self.fakes.items():
+                torch.library.register_fake(name)(fake)
+            self._loaded = True
+
+    def available(self) -> bool:
+        if self._available is None:
+            try:
+                self.load()
+                self._available = True
+            except RuntimeError as e:
+                log.warning("%s: %s", e, self.instead)
+                self._available = False
+        return self._available
+
+    def forget(self) -> None:
+        """Ask again on the next `available()` (tests)."""
+        self._available = None
 
 
 def build_in_background(source: Path) -> None:

@@ -15,19 +15,16 @@ are summed exactly in int32 — closer to the dense product than bf16 activation
 
 from __future__ import annotations
 
-import functools
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from tinyserve import native
 from tinyserve.layers.formats import GGUFTensor
 from tinyserve.layers.packed import PackedWeight
-from tinyserve.native import load_kernel
 from tinyserve.system import cpu_flags
 
-log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "gguf_linear.cpp"
 # GGML's type ids (the kernel's `qtypes`) for the block types it reads.
 QTYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
@@ -36,24 +33,17 @@ QTYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5
 ERROR_BOUND = 2.0**-15
 
 
-@functools.cache
+def _fake(x, weights, qtypes):  # shapes for torch.export
+    return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))
+
+
+OPS = native.NativeOps(SOURCE, {"tinyserve::gguf_linear": _fake},
+                       "GGUF blocks go to PyTorch's int4 kernel or dense instead")
+
+
 def kernel_available() -> bool:
     """Whether the kernel is built and loaded; False (and one log line) where it cannot be built."""
-    try:
-        _load()
-    except RuntimeError as e:
-        log.warning("%s: GGUF block types without a PyTorch kernel are served dense instead", e)
-        return False
-    return True
-
-
-@functools.cache
-def _load() -> None:  # cached apart from kernel_available: an op's fake may be registered only once
-    load_kernel(SOURCE)
-
-    @torch.library.register_fake("tinyserve::gguf_linear")
-    def _(x, weights, qtypes):  # shapes for torch.export
-        return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))
+    return OPS.available()
 
 
 def supports(shards: Sequence[object]) -> bool:

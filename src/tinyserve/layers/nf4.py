@@ -10,40 +10,29 @@ with more rows than the measured crossover. Without a compiler it falls back to 
 
 from __future__ import annotations
 
-import functools
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from tinyserve import native
 from tinyserve.layers.formats import NF4_CODEBOOK, QuantizedTensor
 from tinyserve.layers.packed import PackedWeight
-from tinyserve.native import load_kernel
 
-log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "nf4_linear.cpp"
 BLOCK = 32  # the kernel's unit along K: 16 bytes, weight i in the low nibble, i + 16 in the high one
 
 
-@functools.cache
+def _fake(x, codes, scales, codebook, group):  # shapes for torch.export
+    return x.new_empty(x.shape[0], codes.shape[0])
+
+
+OPS = native.NativeOps(SOURCE, {"tinyserve::nf4_linear": _fake}, "NF4 checkpoints are decoded to dense weights instead")
+
+
 def kernel_available() -> bool:
     """Whether the kernel is built and loaded; False (and one log line) where it cannot be built."""
-    try:
-        _load()
-    except RuntimeError as e:
-        log.warning("%s: NF4 checkpoints are decoded to dense weights instead", e)
-        return False
-    return True
-
-
-@functools.cache
-def _load() -> None:  # cached apart from kernel_available: an op's fake may be registered only once
-    load_kernel(SOURCE)
-
-    @torch.library.register_fake("tinyserve::nf4_linear")
-    def _(x, codes, scales, codebook, group):  # shapes for torch.compile
-        return x.new_empty(x.shape[0], codes.shape[0])
+    return OPS.available()
 
 
 def pack_codes(q: torch.Tensor) -> torch.Tensor:
