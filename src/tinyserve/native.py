@@ -36,14 +36,19 @@ def build_dir(source: Path, cflags: tuple[str, ...] = CFLAGS) -> Path:
     return cache_dir() / "ext" / f"{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-_building = threading.Lock()  # one build at a time: a background one, then the caller that waits on it
+# One build of a source at a time (a background one, then the caller that waits on it); two sources
+# build at once, each compiler on a core of its own.
+_building: dict[Path, threading.Lock] = {}
+_locks = threading.Lock()
 
 
 def load_kernel(source: Path, cflags: tuple[str, ...] = CFLAGS) -> Path:
     """Build (once per machine) and load `source`, whose TORCH_LIBRARY blocks register its ops under
     torch.ops. Raises RuntimeError, in one line, when it cannot be built. Returns the build directory.
     Waits for a build of it already under way (`build_in_background`)."""
-    with _building:
+    with _locks:
+        lock = _building.setdefault(source, threading.Lock())
+    with lock:
         return _load(source, cflags)
 
 

@@ -26,6 +26,7 @@ from tinyserve.engine.scheduler import ScheduledBatch, Scheduler
 from tinyserve.engine.sequence import Sequence, TokenLogprobs
 from tinyserve.kv.block_manager import BlockManager
 from tinyserve.layers import QUANTIZATION
+from tinyserve.layers import prefetch as prefetch_quantization
 from tinyserve.models.loader import model_config, resolve_model
 from tinyserve.outputs import RequestOutput
 from tinyserve.sampling import SamplingParams
@@ -33,7 +34,7 @@ from tinyserve.speculative.decoder import SpecDecoder
 from tinyserve.speculative.target import Target
 from tinyserve.tokenizer import IncrementalDetokenizer, TokenText, load_tokenizer
 from tinyserve.worker.runner import DECODE_ROWS
-from tinyserve.worker.served_model import serve_model
+from tinyserve.worker.served_model import serve_model, served_quantization
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class LLMEngine:
         torch.set_num_threads(config.num_threads)
         prefetch_attention(config.attention_backend, config.device)  # its kernel builds while the model loads
         self.source = src = resolve_model(config.model)
+        # the GGUF kernel builds while the tokenizer and the weights load (a cold machine: seconds, once)
+        prefetch_quantization(served_quantization(config, config.quantization, src.stored_form), config.device)
         self.model_name = src.name
         self.model_config = mc = model_config(src)
         self.tokenizer = load_tokenizer(src, config.tokenizer, mc.eos_token_ids)

@@ -106,3 +106,13 @@ def batch_invariant_quantization(mode: str, stored: str | None, device: str) -> 
         return "gguf-native"
     raise ValueError("batch_invariant serves GGUF models on a CPU (quantization auto, gguf or gguf-native): "
                      "only our GGUF kernel computes a row independently of the others in its step")
+
+
+def prefetch(quantization: str, device: str) -> None:
+    """Start building what the resolved `quantization` will need, so it overlaps loading the model:
+    our GGUF kernel (seconds on a cold machine, once), on a thread."""
+    if quantization in ("gguf", "gguf-native") and device == "cpu":
+        from tinyserve.layers.gguf_native import SOURCE
+        from tinyserve.native import build_in_background
+
+        build_in_background(SOURCE)

@@ -37,16 +37,20 @@ class ServedModel:
     compile_seconds: float  # spent building the compiled step before serving (0 when built in the background)
 
 
+def served_quantization(config: EngineConfig, quantization: str, stored: str | None) -> str:
+    """The weight method `quantization` resolves to for a model stored as `stored` under `config`."""
+    if config.batch_invariant:
+        return batch_invariant_quantization(quantization, stored, config.device)
+    return resolve_quantization(quantization, stored, config.torch_dtype, config.device)
+
+
 def serve_model(config: EngineConfig, src: ModelSource, mc: ModelConfig, quantization: str, max_len: int,
                 num_blocks: int, max_decode_rows: int, compile: str = "blocking") -> ServedModel:
     """Load `src` for serving under `config` (dtype, device, attention, packed kernels); `compile`: when
     its decode step is compiled (off | blocking | background: config.py); `max_decode_rows`: the most
     rows a pure decode step can have (the compiled regimes cover them)."""
     dtype, device = config.torch_dtype, config.device
-    if config.batch_invariant:
-        resolved = batch_invariant_quantization(quantization, src.stored_form, device)
-    else:
-        resolved = resolve_quantization(quantization, src.stored_form, dtype, device)
+    resolved = served_quantization(config, quantization, src.stored_form)
     attention = select_backend(config.attention_backend, device)
     model = load_model(src, mc, max_len, dtype, device, resolved, config.quant_group_size, attention)
     # The packed/dense crossover depends on the machine, the model and the mode: measured once, cached.
