@@ -110,9 +110,12 @@ def batch_invariant_quantization(mode: str, stored: str | None, device: str) -> 
 
 def prefetch(quantization: str, device: str) -> None:
     """Start building what the resolved `quantization` will need, so it overlaps loading the model:
-    our GGUF kernel (seconds on a cold machine, once), on a thread."""
-    if quantization in ("gguf", "gguf-native") and device == "cpu":
-        from tinyserve.layers.gguf_native import SOURCE
-        from tinyserve.native import build_in_background
+    our GGUF kernel (seconds on a cold machine, once), on a thread; not where `gguf` keeps PyTorch's
+    int4 kernel throughout (a CPU without AVX-512 VNNI)."""
+    if device != "cpu" or quantization not in ("gguf", "gguf-native"):
+        return
+    from tinyserve.layers import gguf_native
+    from tinyserve.native import build_in_background
 
-        build_in_background(SOURCE)
+    if quantization == "gguf-native" or gguf_native.vectorized():
+        build_in_background(gguf_native.SOURCE)

@@ -77,6 +77,13 @@ class Int4Method:
         return Int4Weight(packed, sz, self.group, False, dense)
 
 
+def ours_faster(shards: Sequence[WeightSource]) -> bool:
+    """Whether our GGUF kernel beats PyTorch's int4 one on these shards: with AVX-512 VNNI, and unless
+    they are all Q4_0/Q4_1 (measured: docs/REPORT.md S4)."""
+    return gguf_native.vectorized() and not all(isinstance(s, GGUFTensor) and s.qtype in ("Q4_0", "Q4_1")
+                                                 for s in shards)
+
+
 class GGUFMethod:
     """`--quantization gguf`: a GGUF's blocks served packed, each linear on the faster of two kernels:
     PyTorch's int4 kernel for Q4_0/Q4_1 (layers/gguf_blocks.py maps them onto it exactly; our kernel
@@ -95,10 +102,7 @@ class GGUFMethod:
         self.keep_dense = keep_dense
 
     def pack(self, shards: Sequence[WeightSource], dtype: torch.dtype, device: torch.device) -> nn.Module:
-        # "best": ours where it is the faster kernel, i.e. with AVX-512 VNNI and not for Q4_0/Q4_1 alone
-        int4_faster = not gguf_native.vectorized() or all(
-            isinstance(s, GGUFTensor) and s.qtype in ("Q4_0", "Q4_1") for s in shards)
-        if self.kernel != "int4" and gguf_native.supports(shards) and not (self.kernel == "best" and int4_faster):
+        if self.kernel != "int4" and gguf_native.supports(shards) and (self.kernel == "native" or ours_faster(shards)):
             weight = gguf_native.gguf_weight([s for s in shards if isinstance(s, GGUFTensor)], dtype, device,
                                              self.keep_dense)
             if weight is not None:

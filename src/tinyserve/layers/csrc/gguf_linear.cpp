@@ -50,22 +50,25 @@ struct Decoded {
   float mins[8];
 };
 
-// Weights and bytes per block; K-quants are quantized against activation groups of 256, the rest of 32.
+// K-quants: super-blocks of 256 with integer sub-scales, quantized against activation groups of 256;
+// the rest: blocks (and activation groups) of 32.
+constexpr bool is_k_quant(int64_t t) { return t == Q4_K || t == Q5_K || t == Q6_K; }
+constexpr bool has_mins(int64_t t) { return t == Q4_1 || t == Q5_1 || t == Q4_K || t == Q5_K; }
+
 struct Layout {
   int64_t weights, bytes;
-  bool k_quant;
 };
 
 Layout layout(int64_t t) {
   switch (t) {
-    case Q4_0: return {32, 18, false};
-    case Q4_1: return {32, 20, false};
-    case Q5_0: return {32, 22, false};
-    case Q5_1: return {32, 24, false};
-    case Q8_0: return {32, 34, false};
-    case Q4_K: return {256, 144, true};
-    case Q5_K: return {256, 176, true};
-    case Q6_K: return {256, 210, true};
+    case Q4_0: return {32, 18};
+    case Q4_1: return {32, 20};
+    case Q5_0: return {32, 22};
+    case Q5_1: return {32, 24};
+    case Q8_0: return {32, 34};
+    case Q4_K: return {256, 144};
+    case Q5_K: return {256, 176};
+    case Q6_K: return {256, 210};
   }
   TORCH_CHECK(false, "gguf_linear: unsupported GGML type ", t);
 }
@@ -177,8 +180,6 @@ inline void decode(const uint8_t* b, Decoded& o) {
   }
 }
 
-constexpr bool is_k_quant(int64_t t) { return t == Q4_K || t == Q5_K || t == Q6_K; }
-constexpr bool has_mins(int64_t t) { return t == Q4_1 || t == Q5_1 || t == Q4_K || t == Q5_K; }
 
 #if defined(TINYSERVE_GGUF_VNNI)
 // The same decoding as `decode`, into registers: a block's codes as QK / 32 vectors of 32 int16, for
@@ -505,7 +506,7 @@ at::Tensor gguf_linear(const at::Tensor& x, at::TensorList weights, at::IntArray
   Activations* by_group = scratch;
   bool done[2] = {false, false};
   for (size_t i = 0; i < weights.size(); ++i) {
-    const bool k = layout(qtypes[i]).k_quant;
+    const bool k = is_k_quant(qtypes[i]);
     if (done[k]) continue;
     done[k] = true;
     if (xc.scalar_type() == at::kBFloat16)
@@ -517,7 +518,7 @@ at::Tensor gguf_linear(const at::Tensor& x, at::TensorList weights, at::IntArray
     for (size_t i = 0; i < weights.size(); ++i) {
       const int64_t lo = std::max(begin, first[i]), hi = std::min(end, first[i + 1]);
       if (lo >= hi) continue;
-      const Activations& a = by_group[layout(qtypes[i]).k_quant];
+      const Activations& a = by_group[is_k_quant(qtypes[i])];
       const uint8_t* w = weights[i].data_ptr<uint8_t>();
       const int64_t rb = weights[i].size(1);
       if (y.scalar_type() == at::kBFloat16)
