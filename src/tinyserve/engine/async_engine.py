@@ -186,6 +186,8 @@ class AsyncEngine:
         the waiting queue is full) so the caller can answer 400 / 503."""
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
+        if params.structured_outputs is not None:  # compiled here, off the step loop, within a time limit
+            await self.engine.grammars.compile_async(params.structured_outputs)
         loop = asyncio.get_running_loop()
         fut: concurrent.futures.Future = concurrent.futures.Future()
         tracker = _Tracker(loop=loop, sink=sink, arrival=time.monotonic())

@@ -32,6 +32,7 @@ from tinyserve.outputs import RequestOutput
 from tinyserve.sampling import SamplingParams
 from tinyserve.speculative.decoder import SpecDecoder
 from tinyserve.speculative.target import Target
+from tinyserve.structured.grammar import Grammars
 from tinyserve.tokenizer import IncrementalDetokenizer, TokenText, load_tokenizer
 from tinyserve.worker.runner import DECODE_ROWS
 from tinyserve.worker.served_model import serve_model, served_quantization
@@ -112,7 +113,9 @@ class LLMEngine:
         self.blocks = BlockManager(self.num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting,
                                    policy, prefill_chunk=config.prefill_chunk)
-        self.sampler = Sampler(self.tokenizer.eos_token_ids, config.seed, self.runner.device)
+        # Structured outputs: nothing is imported or built until the first request asks for a grammar.
+        self.grammars = Grammars(self.tokenizer.hf, mc.vocab_size, self.tokenizer.eos_token_ids)
+        self.sampler = Sampler(self.tokenizer.eos_token_ids, config.seed, self.runner.device, self.grammars)
         self.spec = None
         if self.speculative:
             target = Target(config, src, mc, self.quantization, self.max_len, self.num_blocks, self.runner,
@@ -166,6 +169,8 @@ class LLMEngine:
         self.check_priority(priority)
         ids = self.encode_prompt(prompt)
         self.check_params(params)
+        # A server compiled it before queueing (AsyncEngine): here a cache hit. Offline, compiled now.
+        grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs else None
         now = time.monotonic()
         seqs = []
         for i in range(params.n):
@@ -183,6 +188,7 @@ class LLMEngine:
                 index=i,
                 priority=priority,
                 generator=gen,
+                grammar=None if grammar is None else self.grammars.matcher(grammar),
             ))
         self.scheduler.add(seqs)  # raises QueueFullError when the bounded queue is full
         self.requests[request_id] = seqs
@@ -355,6 +361,8 @@ class LLMEngine:
     def _add_token(self, seq: Sequence, token: int,
                    logprob: TokenLogprobs | None) -> tuple[str, int | str | None] | None:
         """Append one token and its text; why the sequence must stop now, if it must."""
+        if seq.grammar is not None and not seq.grammar.accept(token):  # the mask makes this unreachable
+            raise RuntimeError(f"token {token} breaks the request's grammar")
         seq.token_ids.append(token)
         seq.output_token_ids.append(token)
         if logprob is not None:
@@ -368,6 +376,8 @@ class LLMEngine:
     def _stop_reason(self, seq: Sequence, token: int, text_before: int) -> tuple[str, int | str | None] | None:
         p = seq.params
         n_out = len(seq.output_token_ids)
+        if seq.grammar is not None and seq.grammar.terminated:  # its stop token: the output is complete
+            return "stop", None
         if n_out >= p.min_tokens:
             if token in self.tokenizer.eos_token_ids and not p.ignore_eos:
                 return "stop", None

@@ -6,11 +6,15 @@ top-k/top-p require runs only on the rows that asked for them. Draws use the exp
 draw from its own torch.Generator, so its tokens do not depend on its batch neighbours.
 Logprobs, like vLLM's default, are those of the raw model distribution (before penalties and
 temperature), for sampled tokens and, when asked, for prompt tokens alike.
+A sequence with a grammar (structured outputs) has its rows masked to the tokens the grammar allows
+after penalties, before any choice: greedy, sampled and speculative rows alike (a draft the grammar
+forbids has probability 0, so verification rejects it).
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Sequence as Sequence_
 
 import torch
@@ -18,6 +22,7 @@ import torch
 from tinyserve.engine.sequence import Sequence, TokenLogprobs
 from tinyserve.sampling import SamplingParams
 from tinyserve.speculative.verify import accept_greedy, accept_sampled
+from tinyserve.structured.grammar import Grammars
 
 
 def apply_penalties(logits: torch.Tensor, seq: Sequence, extra: Sequence_[int] = ()) -> None:
@@ -74,9 +79,11 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: tuple[int, ...], seed: int, device: torch.device) -> None:
+    def __init__(self, eos_token_ids: tuple[int, ...], seed: int, device: torch.device,
+                 grammars: Grammars | None = None) -> None:
         self.eos_token_ids = list(eos_token_ids)
         self.generator = torch.Generator(device=device).manual_seed(seed)  # for unseeded requests
+        self.grammars = grammars
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprobs | None]]:
         """One token per row (row i is seqs[i]'s next position)."""
@@ -100,10 +107,13 @@ class Sampler:
             p = seqs[i].params
             if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
                 apply_penalties(logits[r], seqs[i], before)
-            if len(seqs[i].output_token_ids) + len(before) < p.min_tokens:  # too early to end: ban stopping
+            # Too early to end: ban stopping (a grammar decides for itself when its output is complete).
+            if seqs[i].grammar is None and len(seqs[i].output_token_ids) + len(before) < p.min_tokens:
                 assert p.stop_token_ids is not None  # a list after SamplingParams.__post_init__
                 banned = p.stop_token_ids + ([] if p.ignore_eos else self.eos_token_ids)
                 logits[r, banned] = float("-inf")
+        if any(seq.grammar is not None for seq in seqs):
+            self._mask(logits, seqs, drafts)
         argmax = logits.argmax(-1).tolist()
         rand = [r for r, (i, _) in enumerate(rows) if not seqs[i].params.greedy]
         probs = self.probs(logits[rand], [seqs[rows[r][0]].params for r in rand]) if rand else logits[:0]
@@ -127,6 +137,30 @@ class Sampler:
             for r, tok in zip(plain, self._race(plain_probs, [seqs[rows[r][0]] for r in plain]).tolist()):
                 tokens[rows[r][0]] = [tok]
         return tokens, self._logprobs(raw_logprobs, want_lp, rows, seqs, tokens)
+
+    def _mask(self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]) -> None:
+        """Each constrained sequence's rows to what its grammar allows there: row j is the state after
+        drafts[:j], reached by walking the drafts and rolling back. Rows past a draft the grammar refuses
+        stay unmasked: verification stops at that draft, so they emit nothing."""
+        assert self.grammars is not None  # a sequence has a grammar only where the engine has Grammars
+        t0 = time.perf_counter()
+        bitmask = self.grammars.new_bitmask(logits.shape[0])
+        targets: list[int] = []
+        first = 0
+        for seq, d in zip(seqs, drafts):
+            m = seq.grammar
+            if m is not None:
+                m.fill(bitmask, first)
+                targets.append(first)
+                walked = 0
+                while walked < len(d) and m.accept(d[walked]):
+                    walked += 1
+                    m.fill(bitmask, first + walked)
+                    targets.append(first + walked)
+                m.rollback(walked)
+            first += len(d) + 1
+        self.grammars.apply(logits, targets, bitmask)
+        self.grammars.mask_seconds += time.perf_counter() - t0
 
     def _logprobs(self, raw: torch.Tensor | None, want_lp: list[int], rows: list[tuple[int, list[int]]],
                   seqs: list[Sequence], tokens: list[list[int]]) -> list[list[TokenLogprobs | None]]:

@@ -20,6 +20,7 @@ import torch
 from tinyserve.kv.block_hash import BlockHash, extend_block_hashes
 from tinyserve.outputs import Logprob
 from tinyserve.sampling import SamplingParams
+from tinyserve.structured.grammar import Matcher
 from tinyserve.tokenizer import IncrementalDetokenizer
 
 
@@ -81,6 +82,8 @@ class Sequence:
     # outside a step, and never part of token_ids until accepted.
     spec_token_ids: list[int] = field(default_factory=list)
     spec_draft_probs: torch.Tensor | None = None
+    # Structured outputs: where this sequence stands in its grammar, advanced by every emitted token.
+    grammar: Matcher | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
