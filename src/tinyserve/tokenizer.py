@@ -31,10 +31,17 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template has a tools section of its own (Qwen2.5's does, SmolLM2's does not)."""
+        return "tools" in (self.hf.chat_template or "")
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> list[int]:
         if not self.hf.chat_template:
             raise ValueError("messages: this model has no chat template; use a plain prompt instead")
-        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           **({"tools": tools} if tools else {}))
         # The template writes the special tokens itself; don't add a second BOS.
         return self.encode(text, add_special_tokens=False)
 

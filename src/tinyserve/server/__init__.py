@@ -12,6 +12,7 @@ import sys
 
 from tinyserve.engine_args import add_engine_args
 from tinyserve.server.limits import add_limit_args
+from tinyserve.structured.tool_formats import TOOL_FORMATS
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +33,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--socket-send-buffer", type=int, default=256 * 1024, metavar="BYTES",
                    help="each connection's kernel send buffer (0: the kernel's auto-tuning, up to MiBs); bounds "
                         "what a client that stops reading can leave unread before it is noticed (default: %(default)s)")
+    g.add_argument("--tool-call-parser", default="hermes", choices=list(TOOL_FORMATS),
+                   help="how the model writes tool calls: " + TOOL_FORMATS.help())
     add_limit_args(parser)
     add_engine_args(parser)
 

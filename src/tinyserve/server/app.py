@@ -84,7 +84,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def build_app(engine: LLMEngine | AsyncEngine, served_model_names: list[str] | None = None,
-              limits: ServerLimits | None = None, api_key: str | None = None) -> FastAPI:
+              limits: ServerLimits | None = None, api_key: str | None = None,
+              tool_call_parser: str = "hermes") -> FastAPI:
     """An app serving `engine`; the engine thread runs while the app's lifespan does. With `api_key`,
     every route but /health, /metrics, /version and /openapi.json needs `Authorization: Bearer <key>`."""
     async_engine = engine if isinstance(engine, AsyncEngine) else AsyncEngine(engine)
@@ -95,7 +96,8 @@ def build_app(engine: LLMEngine | AsyncEngine, served_model_names: list[str] | N
     metrics.watch_compiled_step(lambda: engine.compiled_step)
     async_engine.set_callbacks(on_finish=metrics.on_finish, on_step=metrics.on_step, on_stats=metrics.on_stats)
     tokenizer = copy.deepcopy(engine.tokenizer)  # the event loop's own: HF tokenizers are not thread-safe
-    serving = OpenAIServing(async_engine, tokenizer, names, metrics, engine.max_len, limits)
+    engine.grammars.compile_timeout_s = limits.grammar_timeout
+    serving = OpenAIServing(async_engine, tokenizer, names, metrics, engine.max_len, limits, tool_call_parser)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -243,7 +245,8 @@ def run_server(args: argparse.Namespace) -> int:
     shutdown, 1 if the engine died (or the server never started)."""
     config = engine_config(args, compile=args.compile or "background")  # answer at once (config.py)
     async_engine = AsyncEngine.build(lambda: LLMEngine(config))
-    app = build_app(async_engine, args.served_model_name, ServerLimits.from_args(args), resolve_api_key(args.api_key))
+    app = build_app(async_engine, args.served_model_name, ServerLimits.from_args(args), resolve_api_key(args.api_key),
+                    args.tool_call_parser)
     server = _Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=str(getattr(args, "log_level", "info")).lower(),
         access_log=args.access_log, timeout_graceful_shutdown=args.shutdown_timeout, timeout_keep_alive=5,

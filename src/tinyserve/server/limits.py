@@ -22,6 +22,7 @@ class ServerLimits:
     max_messages: int = 512
     request_timeout: float = 600.0
     stream_buffer: int = 512
+    grammar_timeout: float = 10.0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerLimits:
@@ -50,6 +51,8 @@ _HELP = {
     "max_messages": "most chat messages per request",
     "request_timeout": "seconds a request may take end to end before it is aborted (0: no limit)",
     "stream_buffer": "engine updates a stream may leave unread before its client counts as stalled and is aborted",
+    "grammar_timeout": "seconds a structured-output schema, regex or grammar may take to compile before the request "
+                       "is refused (400)",
 }
 
 

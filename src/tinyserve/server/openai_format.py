@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tinyserve.engine.sequence import TokenLogprobs
-from tinyserve.sampling import SamplingParams
+from tinyserve.sampling import SamplingParams, StructuredOutputsParams
 from tinyserve.server.protocol import (
     ChatCompletionRequest,
     ChatLogprobs,
@@ -25,6 +25,7 @@ from tinyserve.server.protocol import (
     PromptLogprob,
     TopLogprob,
 )
+from tinyserve.structured.tool_formats import ToolFormat
 
 
 class ApiError(Exception):
@@ -52,16 +53,40 @@ def bad_value(e: ValueError, renames: dict[str, str] | None = None) -> ApiError:
     msg = str(e)
     m = _FIELD.match(msg)
     param = _PARAM_ALIASES.get(m.group(1), m.group(1)) if m else None
-    if renames and param in renames:
+    if renames and param in renames:  # the field as this endpoint's client spelt it, in the message too
         param = renames[param]
+        msg = param + msg[len(m.group(1)) :] if m else msg
     return ApiError(400, msg, param=param)
 
 
 # -- requests -> engine -----------------------------------------------------------------------------
 
 
+def structured_outputs(req: CompletionRequest | ChatCompletionRequest) -> StructuredOutputsParams | None:
+    """OpenAI's `response_format` or vLLM's `structured_outputs` (one of them) as the engine's constraint."""
+    rf, so = req.response_format, req.structured_outputs
+    if rf is not None and so is not None:
+        raise ApiError(400, "response_format and structured_outputs cannot both be set", param="response_format")
+    try:
+        if so is not None:
+            return StructuredOutputsParams(json=so.json_, regex=so.regex, choice=so.choice, grammar=so.grammar,
+                                           json_object=so.json_object,
+                                           disable_any_whitespace=so.disable_any_whitespace)
+        if rf is None or rf.type == "text":
+            return None
+        if rf.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if rf.json_schema is None or rf.json_schema.schema_ is None:
+            raise ApiError(400, "response_format.json_schema.schema is required for type json_schema",
+                           param="response_format")
+        return StructuredOutputsParams(json=rf.json_schema.schema_)
+    except ValueError as e:
+        raise bad_value(e, {"structured_outputs": "response_format"} if rf is not None else None) from None
+
+
 def _common_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
-                   logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+                   logprobs: int | None, prompt_logprobs: int | None = None,
+                   constraint: StructuredOutputsParams | None = None) -> SamplingParams:
     if req.logit_bias:
         raise ApiError(400, "logit_bias is not supported", param="logit_bias")
     return SamplingParams(
@@ -83,6 +108,7 @@ def _common_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: i
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         skip_special_tokens=req.skip_special_tokens,
+        structured_outputs=constraint or structured_outputs(req),
     )
 
 
@@ -102,12 +128,17 @@ def completion_params(req: CompletionRequest) -> SamplingParams:
         raise bad_value(e) from None
 
 
-def chat_params(req: ChatCompletionRequest) -> SamplingParams:
+def chat_params(req: ChatCompletionRequest, forced_call: StructuredOutputsParams | None = None) -> SamplingParams:
+    """`forced_call`: the grammar of a tool call that `tool_choice` (required or named) demands."""
     if req.top_logprobs is not None and not req.logprobs:
         raise ApiError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+    if forced_call is not None and (req.response_format is not None or req.structured_outputs is not None):
+        raise ApiError(400, "tool_choice required or named cannot be combined with response_format or "
+                            "structured_outputs", param="tool_choice")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     try:
-        return _common_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        return _common_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
+                              constraint=forced_call)
     except ValueError as e:
         renames = {"logprobs": "top_logprobs"}
         if req.max_completion_tokens is not None:
@@ -126,20 +157,89 @@ def completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) ->
     return list(prompt)
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
 def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as the chat template expects them; text content parts are joined."""
+    """Messages as the chat template expects them: text content parts joined, `developer` as `system`
+    (OpenAI's newer name for it), an assistant's tool calls with their arguments parsed (templates
+    write them with `tojson`). Anything a template would render blindly is refused here."""
     out = []
     for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if m.role not in ROLES:
+            raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)}; got {m.role!r}",
+                           param=f"{where}.role")
         content = m.content
         if isinstance(content, list):
             if any(p.type != "text" or p.text is None for p in content):
-                raise ApiError(400, f"messages[{i}].content: only text content parts are supported",
-                               param="messages")
+                raise ApiError(400, f"{where}.content: only text content parts are supported", param="messages")
             content = "".join(p.text or "" for p in content)
-        msg: dict[str, Any] = {"role": m.role, "content": content or ""}
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
         if m.name is not None:
             msg["name"] = m.name
+        if m.tool_calls:
+            if m.role != "assistant":
+                raise ApiError(400, f"{where}.tool_calls: only assistant messages make tool calls",
+                               param=f"{where}.tool_calls")
+            msg["tool_calls"] = [_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(m.tool_calls)]
+        if m.role == "tool":
+            if not m.tool_call_id:
+                raise ApiError(400, f"{where}.tool_call_id is required for a tool message",
+                               param=f"{where}.tool_call_id")
+            msg["tool_call_id"] = m.tool_call_id
         out.append(msg)
+    return out
+
+
+def _tool_call(call: Any, where: str) -> dict[str, Any]:
+    try:
+        args = json.loads(call.function.arguments)
+    except ValueError:
+        raise ApiError(400, f"{where}.function.arguments is not valid JSON",
+                       param=f"{where}.function.arguments") from None
+    return {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": args}}
+
+
+def chat_tools(req: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]] | None]:
+    """(the tools the model is shown, the tools one of which it must call): `tool_choice` none shows
+    none, auto (the default with tools) shows them all, required forces a call to one of them, a named
+    function a call to that one."""
+    choice = req.tool_choice
+    if not req.tools:
+        if choice not in (None, "none"):
+            raise ApiError(400, "tool_choice needs tools", param="tool_choice")
+        return None, None
+    tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    if choice == "none":
+        return None, None
+    if choice is None or choice == "auto":
+        return tools, None
+    if choice == "required":
+        return tools, tools
+    assert not isinstance(choice, str)  # a NamedToolChoice
+    named = [t for t in tools if t["function"]["name"] == choice.function.name]
+    if not named:
+        raise ApiError(400, f"tool_choice names {choice.function.name!r}, which is not among tools",
+                       param="tool_choice")
+    return tools, named
+
+
+def inline_tools(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                 fmt: ToolFormat) -> list[dict[str, Any]]:
+    """For a chat template with no tools section (SmolLM2's): the tools go into the system message and
+    earlier calls into their assistant messages' text, both as the tool format writes them."""
+    out = [dict(m) for m in messages]
+    for m in out:
+        calls = m.pop("tool_calls", None)
+        if calls:
+            m["content"] = "\n".join(filter(None, [m["content"], fmt.render_calls(calls)]))
+    if tools:
+        block = fmt.render_tools(tools)
+        if out and out[0]["role"] == "system":
+            out[0]["content"] = f"{out[0]['content']}\n\n{block}"
+        else:
+            out.insert(0, {"role": "system", "content": block})
     return out
 
 

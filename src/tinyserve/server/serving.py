@@ -27,7 +27,7 @@ from starlette.requests import Request
 
 from tinyserve.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestUpdate, SeqDelta
 from tinyserve.engine.sequence import TokenLogprobs
-from tinyserve.sampling import SamplingParams
+from tinyserve.sampling import SamplingParams, StructuredOutputsParams
 from tinyserve.server import openai_format as fmt
 from tinyserve.server.limits import ServerLimits
 from tinyserve.server.metrics import ServerMetrics
@@ -44,9 +44,13 @@ from tinyserve.server.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
     PromptTokensDetails,
+    ToolCallOut,
     Usage,
 )
+from tinyserve.structured.tool_formats import TOOL_FORMATS, ToolCall, ToolCallStream
 from tinyserve.tokenizer import TokenText
 
 log = logging.getLogger("tinyserve.server")
@@ -201,6 +205,15 @@ class RequestGroup:
                  time.monotonic() - self.start, status)
 
 
+def _tool_call_out(call: ToolCall) -> ToolCallOut:
+    return ToolCallOut(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
+
+
+def _finish_reason(reason: str | None, calls: list[ToolCall]) -> str | None:
+    """OpenAI's: an output that ended by itself after making calls finished to have them run."""
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
 async def _wait_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -234,8 +247,9 @@ class StreamResult:
 
 class OpenAIServing:
     def __init__(self, engine: AsyncEngine, tokenizer: Any, served_model_names: list[str], metrics: ServerMetrics,
-                 max_model_len: int, limits: ServerLimits | None = None) -> None:
+                 max_model_len: int, limits: ServerLimits | None = None, tool_call_parser: str = "hermes") -> None:
         self.engine = engine
+        self.tool_format = TOOL_FORMATS[tool_call_parser]()
         self.limits = limits or ServerLimits()
         self.tokenizer = tokenizer  # the HTTP side's own copy: never shared with the engine thread
         self.names = served_model_names
@@ -340,12 +354,15 @@ class OpenAIServing:
         self.check_admitting()
         self.check_model(req.model)
         try:
-            params = fmt.chat_params(req)
+            tools, forced = fmt.chat_tools(req)
+            params = fmt.chat_params(req, self._forced_call(forced))
             messages = fmt.chat_messages(req.messages)
+            if not self.tokenizer.renders_tools:
+                messages, tools = fmt.inline_tools(messages, tools, self.tool_format), None
             try:
                 self.limits.check_sampling(params.n, req.stop)
                 self.limits.check_messages(len(messages))
-                prompt = self.tokenizer.apply_chat_template(messages, req.add_generation_prompt)
+                prompt = self.tokenizer.apply_chat_template(messages, req.add_generation_prompt, tools)
             except ValueError as e:
                 raise fmt.bad_value(e) from None
             except (TemplateError, TypeError, KeyError) as e:  # the template rejects this conversation
@@ -356,24 +373,43 @@ class OpenAIServing:
             self.metrics.on_rejected("invalid")
             raise
         group = RequestGroup(self.engine, f"chatcmpl-{uuid.uuid4().hex}", params.n, self.limits)
-        await group.submit([prompt], params, self.metrics, {"prompt": "messages"}, req.priority)
+        renames = {"prompt": "messages", "structured_outputs": "tools" if forced else
+                   "response_format" if req.response_format else "structured_outputs"}
+        await group.submit([prompt], params, self.metrics, renames, req.priority)
+        calls_wanted = bool(req.tools) and req.tool_choice != "none"  # the output is searched for tool calls
         if req.stream:
-            return StreamResult(self._chat_stream(group, req), group.abort)
+            return StreamResult(self._chat_stream(group, req, calls_wanted), group.abort)
         await collect_or_abort(group, request)
         self._raise_if_failed(group, "chat")
-        choices = [
-            ChatChoice(index=c, message=ChatResponseMessage(content=ch.text),
-                       logprobs=fmt.chat_logprobs(ch.logprobs, self.token_text) if req.logprobs else None,
-                       finish_reason=ch.finish_reason, stop_reason=ch.stop_reason)
-            for c, ch in sorted(group.choices.items())
-        ]
+        choices = []
+        for c, ch in sorted(group.choices.items()):
+            content, calls = self.tool_format.parse(ch.text) if calls_wanted else (ch.text, [])
+            message = ChatResponseMessage(content=content if content.strip() or not calls else None,
+                                          tool_calls=[_tool_call_out(t) for t in calls])
+            choices.append(ChatChoice(
+                index=c, message=message,
+                logprobs=fmt.chat_logprobs(ch.logprobs, self.token_text) if req.logprobs else None,
+                finish_reason=_finish_reason(ch.finish_reason, calls), stop_reason=ch.stop_reason))
         group.log_done("chat", False)
         return ChatCompletionResponse(id=group.request_id, model=self.model_name, choices=choices,
                                       usage=group.usage())
 
-    def _chat_stream(self, group: RequestGroup, req: ChatCompletionRequest) -> AsyncIterator[str]:
+    def _forced_call(self, tools: list[dict[str, Any]] | None) -> StructuredOutputsParams | None:
+        """The grammar of one call, framed as the model writes calls, to one of `tools`."""
+        if tools is None:
+            return None
+        f = self.tool_format
+        try:
+            return StructuredOutputsParams(json=f.call_schema(tools), begin=f.begin, end=f.end)
+        except ValueError as e:
+            raise fmt.ApiError(400, f"tools: {e}", param="tools") from None
+
+    def _chat_stream(self, group: RequestGroup, req: ChatCompletionRequest, calls_wanted: bool) -> AsyncIterator[str]:
         created = int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        # Per choice: the tool-call splitter and the calls it has found so far (each call is one delta).
+        splitters = {c: ToolCallStream(self.tool_format) for c in group.choices} if calls_wanted else {}
+        found: dict[int, int] = dict.fromkeys(group.choices, 0)
 
         def chunk(choice: ChatChunkChoice) -> str:
             return fmt.sse(fmt.chunk_payload(
@@ -382,10 +418,21 @@ class OpenAIServing:
 
         def render(c: int, d: SeqDelta) -> Iterator[str]:
             lps = fmt.chat_logprobs(d.logprobs, self.token_text) if req.logprobs and d.logprobs else None
-            if d.text or lps is not None:
-                yield chunk(ChatChunkChoice(index=c, delta=DeltaMessage(content=d.text), logprobs=lps))
+            text, calls = d.text, list[ToolCall]()
+            if c in splitters:
+                text, calls = splitters[c].feed(d.text)
+                if d.finish_reason is not None:
+                    text += splitters[c].finish()
+            if text or lps is not None:
+                yield chunk(ChatChunkChoice(index=c, delta=DeltaMessage(content=text), logprobs=lps))
+            for call in calls:
+                yield chunk(ChatChunkChoice(index=c, delta=DeltaMessage(tool_calls=[DeltaToolCall(
+                    index=found[c], id=call.id, type="function", function=FunctionCall(name=call.name,
+                                                                                       arguments=call.arguments))])))
+                found[c] += 1
             if d.finish_reason is not None:
-                yield chunk(ChatChunkChoice(index=c, delta=DeltaMessage(), finish_reason=d.finish_reason,
+                reason = "tool_calls" if found[c] and d.finish_reason == "stop" else d.finish_reason
+                yield chunk(ChatChunkChoice(index=c, delta=DeltaMessage(), finish_reason=reason,
                                             stop_reason=d.stop_reason))
 
         usage = (lambda: ChatCompletionChunk(id=group.request_id, created=created, model=self.model_name, choices=[],

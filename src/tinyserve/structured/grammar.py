@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -23,9 +24,6 @@ from typing import Any
 import torch
 
 from tinyserve.sampling import StructuredOutputsParams
-
-# The most drafted tokens a matcher takes back (speculative verification walks the drafts, then rolls back).
-MAX_ROLLBACK = 64
 
 
 class Matcher:
@@ -89,7 +87,7 @@ class Grammars:
     def matcher(self, compiled: Any) -> Matcher:
         import xgrammar as xgr
 
-        return Matcher(xgr.GrammarMatcher(compiled, max_rollback_tokens=MAX_ROLLBACK))
+        return Matcher(xgr.GrammarMatcher(compiled))  # rollback is unbounded (speculative drafts walk back)
 
     def _cached(self, spec: StructuredOutputsParams) -> Any:
         with self._lock:
@@ -176,6 +174,9 @@ def _literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+_CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # XGrammar's "[hh:mm:ss] file.cc:line: "
+
+
 def _first_line(e: BaseException) -> str:
     lines = [ln for ln in str(e).splitlines() if ln.strip()]
-    return lines[0][:300] if lines else type(e).__name__
+    return _CPP_PREFIX.sub("", lines[0])[:300] if lines else type(e).__name__
