@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 
+import jsonschema
 import pytest
 
 from tinyserve import LLM, SamplingParams
@@ -14,9 +15,6 @@ from tinyserve.sampling import StructuredOutputsParams as S
 from tinyserve.structured.tool_formats import TOOL_FORMATS, ToolCallStream
 
 from conftest import TINY
-
-pytest.importorskip("xgrammar")
-jsonschema = pytest.importorskip("jsonschema")
 
 pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 

@@ -400,7 +400,9 @@ class OpenAIServing:
             return None
         f = self.tool_format
         try:
-            return StructuredOutputsParams(json=f.call_schema(tools), begin=f.begin, end=f.end)
+            # one line, as the model writes its calls
+            return StructuredOutputsParams(json=f.call_schema(tools), begin=f.begin, end=f.end,
+                                           disable_any_whitespace=True)
         except ValueError as e:
             raise fmt.ApiError(400, f"tools: {e}", param="tools") from None
 
