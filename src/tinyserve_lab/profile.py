@@ -4,6 +4,8 @@
 2. The split of an engine step between scheduling, batch packing, the forward pass, sampling and
    postprocessing (detokenization + stop checks), by timing wrappers around those five calls.
 3. Roofline: the decode step's achieved GB/s and GFLOP/s next to the machine's measured ceilings.
+With `--structured`, every decode request carries a JSON-schema constraint and the split shows the
+grammar's mask time (filling and applying the token masks, part of `sample`).
 The HTTP share of a serving step is not visible here; compare `bench serve` TPOT with these step
 times at the same concurrency for that.
 """
@@ -23,7 +25,7 @@ from rich.table import Table
 
 from tinyserve.engine.llm_engine import LLMEngine
 from tinyserve.engine_args import add_engine_args, engine_config
-from tinyserve.sampling import SamplingParams
+from tinyserve.sampling import SamplingParams, StructuredOutputsParams
 from tinyserve_lab import roofline
 from tinyserve_lab.env_info import run_header, save_json
 from tinyserve_lab.offline import make_prompts
@@ -68,8 +70,13 @@ class StepTimer:
         self.calls.clear()
 
 
-def start_greedy(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> None:
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+# An open-ended schema (an array with no bound): a constrained request decodes as long as a free one.
+OPEN_SCHEMA = {"type": "array", "items": {"type": "object", "properties": {"word": {"type": "string"}}}}
+
+
+def start_greedy(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, structured: bool = False) -> None:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
+                            structured_outputs=StructuredOutputsParams(json=OPEN_SCHEMA) if structured else None)
     for i, p in enumerate(prompts):
         engine.add_request(f"profile-{time.monotonic_ns()}-{i}", p, params)
 
@@ -122,6 +129,7 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=16, help="decode steps measured per batch size")
     p.add_argument("--rows", type=int, default=12, help="ops shown per profiler table")
     p.add_argument("--result-dir", default="docs/results")
+    p.add_argument("--structured", action="store_true", help="a JSON-schema constraint on every decode request")
     # The engine is sized from the batch sizes and prefill length; these are the knobs left to choose.
     add_engine_args(p, only=("model", "dtype", "device", "quantization", "quant_group_size", "attention_backend",
                              "enforce_eager"), dtype="float32")
@@ -149,17 +157,20 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
 
     timer = StepTimer(engine)
     split_table = Table(title="share of a decode step (%)")
-    for col in ("batch", "ms/step", *PARTS, "GB/s", "GFLOP/s"):
+    for col in ("batch", "ms/step", *PARTS, "mask", "GB/s", "GFLOP/s"):
         split_table.add_column(col, justify="right")
     for batch in args.batch_sizes:
-        start_greedy(engine, make_prompts(mc.vocab_size, batch, args.context_len, 2), args.steps * 2 + 4)
+        start_greedy(engine, make_prompts(mc.vocab_size, batch, args.context_len, 2), args.steps * 2 + 4,
+                     args.structured)
         finish_prefill(engine)
         table, _ = op_table(engine, 2, args.rows)
         timer.reset()
+        mask0 = engine.grammars.mask_seconds
         t = time.perf_counter()
         for _ in range(args.steps):
             engine.step()
         ms = (time.perf_counter() - t) / args.steps * 1e3
+        timer.totals["mask"] = engine.grammars.mask_seconds - mask0
         shares = {k: 100 * v / args.steps / (ms / 1e3) for k, v in timer.totals.items()}
         drain(engine)
         kv_read = batch * (args.context_len + args.steps) * mc.kv_bytes_per_token(dtype)
@@ -170,10 +181,11 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
         report["tables"][f"decode_batch{batch}"] = {"table": table}
         console.print(f"[bold]decode at batch {batch} (context {args.context_len}): top ops")
         console.print(table)
-        split_table.add_row(str(batch), f"{ms:.1f}", *(f"{shares.get(k, 0):.1f}" for k in PARTS), f"{gbs:.1f}",
-                            f"{gflops:.0f}")
+        split_table.add_row(str(batch), f"{ms:.1f}", *(f"{shares.get(k, 0):.1f}" for k in (*PARTS, "mask")),
+                            f"{gbs:.1f}", f"{gflops:.0f}")
     console.print(split_table)
     console.print(f"ceilings: {ceilings}")
     if args.result_dir:
-        console.print(f"wrote {save_json(report, Path(args.result_dir), f'profile-{dtype}'.replace('torch.', ''))}")
+        stem = f"profile-{dtype}{'-structured' if args.structured else ''}".replace("torch.", "")
+        console.print(f"wrote {save_json(report, Path(args.result_dir), stem)}")
     return report
