@@ -109,7 +109,7 @@ def test_filter_always_keeps_the_argmax():
 # -- penalties on a hand-made sequence ---------------------------------------------------------
 def _seq(prompt, output, **params):
     return SimpleNamespace(params=SamplingParams(**params), token_ids=list(prompt) + list(output),
-                           output_token_ids=list(output))
+                           output_token_ids=list(output), grammar=None)
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits():
