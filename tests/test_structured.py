@@ -121,6 +121,22 @@ def test_bad_specs_and_slow_compiles_are_refused_naming_the_field(tiny):
     assert not tiny.engine.has_unfinished()
 
 
+def test_masks_apply_as_xgrammar_applies_them(tiny):
+    """Our vectorized unpacking gives XGrammar's own kernel's result, on every row or on some."""
+    import torch
+    import xgrammar as xgr
+
+    g = tiny.engine.grammars
+    words = torch.randint(-(2**31), 2**31 - 1, (6, (g.vocab_size + 31) // 32), dtype=torch.int32)
+    words[2] = 0  # nothing allowed but what a row's other words allow: here, nothing at all
+    for rows in ([0, 1, 2, 3, 4, 5], [1, 4]):
+        ours = torch.randn(6, g.vocab_size)
+        theirs = ours.clone()
+        g.apply(ours, rows, words)
+        xgr.apply_token_bitmask_inplace(theirs, words, indices=rows)
+        assert torch.equal(ours, theirs)
+
+
 # -- tool calls -------------------------------------------------------------------------------------
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 

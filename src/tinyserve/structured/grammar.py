@@ -25,6 +25,8 @@ import torch
 
 from tinyserve.sampling import StructuredOutputsParams
 
+_BITS: dict[torch.device, torch.Tensor] = {}  # bit j of an int32 word (1 << 31 wraps to the sign bit)
+
 
 class Matcher:
     """One sequence's position in its grammar. `accept` advances on an emitted token; `fill` writes the
@@ -135,10 +137,23 @@ class Grammars:
 
     # -- masking (on the step loop) -----------------------------------------------------------------
     def apply(self, logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
-        """Mask `logits[rows]` in place (-inf where the grammar forbids) with the filled `bitmask` rows."""
-        import xgrammar as xgr
+        """Mask `logits[rows]` in place (-inf where the grammar forbids) with the filled `bitmask` rows.
 
-        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)
+        Not XGrammar's CPU kernel: it tests one bit per vocabulary entry in a scalar loop, 1.4-3.1 ms for
+        16 rows of a mask that allows few tokens (49,152 entries each); one vectorized AND that unpacks
+        the words and one masked_fill take 0.5 ms, with the same result (tests/test_structured.py), and
+        run on any device."""
+        bits = _BITS.get(logits.device)
+        if bits is None:
+            bits = _BITS[logits.device] = (1 << torch.arange(32, dtype=torch.int64)).to(torch.int32).to(logits.device)
+        words = bitmask.to(logits.device, non_blocking=True)
+        if len(rows) < logits.shape[0]:
+            words = words[rows]
+        forbidden = ((words.unsqueeze(-1) & bits) == 0).view(words.shape[0], -1)[:, : logits.shape[-1]]
+        if len(rows) == logits.shape[0]:
+            logits.masked_fill_(forbidden, float("-inf"))
+        else:
+            logits[rows] = logits[rows].masked_fill(forbidden, float("-inf"))
 
     def new_bitmask(self, num_rows: int) -> torch.Tensor:
         """Rows of all-allowed bits (int32 words, XGrammar's layout) for `fill` to narrow."""
