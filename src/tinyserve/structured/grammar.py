@@ -64,6 +64,7 @@ class Grammars:
         self._compiler: Any = None
         # One thread: a schema that compiles for long delays the next one, never a step.
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tinyserve-grammar")
+        self._bitmask = torch.empty((0, 0), dtype=torch.int32)  # the step loop's, grown as needed
         self.mask_seconds = 0.0  # time spent filling and applying masks, for `tinyserve profile`
         self.compile_seconds = 0.0
 
@@ -156,8 +157,11 @@ class Grammars:
             logits[rows] = logits[rows].masked_fill(forbidden, float("-inf"))
 
     def new_bitmask(self, num_rows: int) -> torch.Tensor:
-        """Rows of all-allowed bits (int32 words, XGrammar's layout) for `fill` to narrow."""
-        return torch.full((num_rows, (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+        """Rows of int32 words (XGrammar's layout) for `fill`, which writes a row whole: only filled rows
+        are ever applied, so the buffer is reused as it is (no initialisation, no allocation per step)."""
+        if self._bitmask.shape[0] < num_rows:
+            self._bitmask = torch.empty((max(num_rows, 64), (self.vocab_size + 31) // 32), dtype=torch.int32)
+        return self._bitmask[:num_rows]
 
 
 def _compile_spec(compiler: Any, spec: StructuredOutputsParams) -> Any:
