@@ -32,6 +32,8 @@ BENCH = Command("benchmarks: offline sweeps, online serving load, peers, quality
                           "tinyserve_lab.cuda_check"),
     "startup": Command("launch -> first completion token, cold and warm caches, vs llama.cpp and vLLM (REPORT S3)",
                        "tinyserve_lab.startup_bench"),
+    "structured": Command("structured outputs: 50 schema prompts valid off/on, constrained vs free throughput "
+                          "(REPORT S5)", "tinyserve_lab.structured_bench"),
     "export-check": Command("vLLM-CPU and tinyserve on the same `quantize --format gptq|awq` directories",
                             "tinyserve_lab.export_check", "add_export_check_args", "run_export_check"),
 })

@@ -9,8 +9,8 @@
    every one, same prompts and max_tokens (an open-ended schema, so constrained outputs run as long as
    free ones), interleaved off/on over repeats; output tok/s and the grammar's mask time per step.
 
-    .venv/bin/python -m tinyserve_lab.structured_bench validity --model qwen2.5-coder-0.5b
-    .venv/bin/python -m tinyserve_lab.structured_bench throughput --concurrency 1 16
+    .venv/bin/tinyserve bench structured validity --model qwen2.5-coder-0.5b
+    .venv/bin/tinyserve bench structured throughput --concurrency 1 16
 """
 
 from __future__ import annotations
@@ -195,21 +195,19 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("what", choices=["validity", "throughput"])
     p.add_argument("--model", default=None, help=f"a path, or one of {', '.join(OFFLINE_GGUFS)} (default: bundled)")
-    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=None, help="default: 400 (validity), 128 (throughput)")
     p.add_argument("--limit", type=int, default=50, help="validity: how many of the 50 prompts")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--result-dir", default="docs/results/structured")
-    args = p.parse_args()
+
+
+def run(args: argparse.Namespace) -> int:
     args.max_tokens = args.max_tokens or (400 if args.what == "validity" else 128)
-    run = run_validity if args.what == "validity" else run_throughput
-    report = run_header(f"tinyserve.structured_{args.what}/1", **run(args))
+    measure = run_validity if args.what == "validity" else run_throughput
+    report = run_header(f"tinyserve.structured_{args.what}/1", **measure(args))
     print("wrote", save_json(report, Path(args.result_dir), f"{args.what}-{report['model']}"))
-
-
-if __name__ == "__main__":
-    main()
+    return 0
