@@ -70,8 +70,8 @@ class StepTimer:
         self.calls.clear()
 
 
-# An open-ended schema (an array with no bound): a constrained request decodes as long as a free one.
-OPEN_SCHEMA = {"type": "array", "items": {"type": "object", "properties": {"word": {"type": "string"}}}}
+# At least 64 strings (3+ tokens each): the grammar cannot end before a profiled request has to.
+OPEN_SCHEMA = {"type": "array", "items": {"type": "string"}, "minItems": 64}
 
 
 def start_greedy(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, structured: bool = False) -> None:
