@@ -53,3 +53,23 @@ def test_speculative_server_gives_the_engines_own_text(server, bundled_llm):
                 if ln.startswith("tinyserve_spec_decode_acceptance_rate{"))
     assert 0 < rate <= 1
     assert got.usage.completion_tokens == len(ref.token_ids)
+
+
+def test_speculative_server_keeps_a_schema_and_the_engines_tokens(server, bundled_llm):
+    """A drafted token the grammar forbids is rejected: the constrained text is the engine's own without
+    speculation (the prompt repeats its JSON, so prompt lookup drafts plenty)."""
+    from tinyserve.sampling import StructuredOutputsParams
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "temp": {"type": "integer", "minimum": -50, "maximum": 60}},
+              "required": ["city", "temp"], "additionalProperties": False}
+    msgs = [{"role": "user", "content": 'Repeat this JSON exactly: {"city": "Paris", "temp": 21}'}]
+    want = bundled_llm.chat(msgs, SamplingParams(temperature=0, max_tokens=40,
+                                                 structured_outputs=StructuredOutputsParams(json=schema)))
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    drafts = counter(server, "tinyserve_spec_decode_num_draft_tokens")
+    got = client.chat.completions.create(model="smol", messages=msgs, max_tokens=40, temperature=0,
+                                         extra_body={"structured_outputs": {"json": schema}})
+    assert got.choices[0].message.content == want[0].outputs[0].text
+    assert json.loads(got.choices[0].message.content)["city"]
+    assert counter(server, "tinyserve_spec_decode_num_draft_tokens") > drafts

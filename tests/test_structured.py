@@ -12,7 +12,7 @@ import pytest
 
 from tinyserve import LLM, SamplingParams
 from tinyserve.sampling import StructuredOutputsParams as S
-from tinyserve.structured.tool_formats import TOOL_FORMATS, ToolCallStream
+from tinyserve.structured.tool_formats import TOOL_FORMATS, ToolCallStream, join_deltas
 
 from conftest import TINY
 
@@ -146,17 +146,23 @@ def test_the_splitter_finds_calls_in_any_chunking_and_holds_back_a_partial_tag()
     text = f"Let me check.\n{CALL}\n{CALL.replace('Paris', 'Rome')}"
     whole = fmt.parse(text)
     assert whole[0] == "Let me check.\n" and [json.loads(c.arguments)["city"] for c in whole[1]] == ["Paris", "Rome"]
+    assert [c.arguments for c in whole[1]] == ['{"city": "Paris"}', '{"city": "Rome"}']  # as written
     stream = ToolCallStream(fmt)
-    content, calls = "", []
-    for ch in text:
+    content, deltas = "", []
+    for ch in text:  # one character at a time: the arguments arrive in pieces, the tags never show
         got, new = stream.feed(ch)
-        assert "<" not in got, "the start of a tag was shown as content"
-        content, calls = content + got, calls + new
+        assert "<" not in got and not any("<" in d.arguments or d.arguments.endswith("}}") for d in new)
+        content, deltas = content + got, deltas + new
     content += stream.finish()
-    assert content == whole[0] and [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in whole[1]]
-    # Not a call (bad JSON) stays text; an unfinished call at the end is given back as text.
+    assert len([d for d in deltas if d.name is not None]) == 2 and len(deltas) > 4
+    assert content == whole[0]
+    assert [(c.name, c.arguments) for c in join_deltas(deltas)] == [(c.name, c.arguments) for c in whole[1]]
+    # Not a call (bad JSON) stays text; one cut before its arguments is given back as text; one cut inside
+    # its arguments (max_tokens) has been streamed as a call, and stays one.
     assert fmt.parse("<tool_call>\nnot json\n</tool_call>") == ("<tool_call>\nnot json\n</tool_call>", [])
     assert fmt.parse('a <tool_call>\n{"name": "f"') == ('a <tool_call>\n{"name": "f"', [])
+    cut = fmt.parse('<tool_call>\n{"name": "f", "arguments": {"a": "b')
+    assert cut[0] == "" and [(c.name, c.arguments) for c in cut[1]] == [("f", '{"a": "b')]
 
 
 def test_a_forced_call_is_a_valid_call_even_from_noise(tiny):

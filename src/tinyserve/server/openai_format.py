@@ -306,6 +306,14 @@ def sse(payload: dict[str, Any]) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
 def chunk_payload(chunk: Any, include_usage: bool) -> dict[str, Any]:
     """A chunk as OpenAI sends it: `usage` only when asked for, deltas without null fields."""
     d = chunk.model_dump()
@@ -313,7 +321,7 @@ def chunk_payload(chunk: Any, include_usage: bool) -> dict[str, Any]:
         d.pop("usage", None)
     for c in d.get("choices", []):
         if isinstance(c.get("delta"), dict):
-            c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
+            c["delta"] = _without_nulls(c["delta"])
         for extra in ("stop_reason", "prompt_logprobs"):  # vLLM's extras, only when set
             if c.get(extra) is None:
                 c.pop(extra, None)

@@ -314,11 +314,18 @@ class ChatCompletionResponse(_Response):
     system_fingerprint: str | None = None
 
 
+class DeltaFunctionCall(_Response):
+    name: str | None = None
+    arguments: str | None = None
+
+
 class DeltaToolCall(_Response):
+    """A call's first delta has its id, type and name; the others, pieces of its arguments."""
+
     index: int
     id: str | None = None
     type: Literal["function"] | None = None
-    function: FunctionCall | None = None
+    function: DeltaFunctionCall
 
 
 class DeltaMessage(_Response):

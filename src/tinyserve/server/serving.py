@@ -43,6 +43,7 @@ from tinyserve.server.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    DeltaFunctionCall,
     DeltaMessage,
     DeltaToolCall,
     FunctionCall,
@@ -50,7 +51,7 @@ from tinyserve.server.protocol import (
     ToolCallOut,
     Usage,
 )
-from tinyserve.structured.tool_formats import TOOL_FORMATS, ToolCall, ToolCallStream
+from tinyserve.structured.tool_formats import TOOL_FORMATS, ToolCall, ToolCallDelta, ToolCallStream
 from tinyserve.tokenizer import TokenText
 
 log = logging.getLogger("tinyserve.server")
@@ -420,18 +421,18 @@ class OpenAIServing:
 
         def render(c: int, d: SeqDelta) -> Iterator[str]:
             lps = fmt.chat_logprobs(d.logprobs, self.token_text) if req.logprobs and d.logprobs else None
-            text, calls = d.text, list[ToolCall]()
+            text, calls = d.text, list[ToolCallDelta]()
             if c in splitters:
                 text, calls = splitters[c].feed(d.text)
                 if d.finish_reason is not None:
                     text += splitters[c].finish()
             if text or lps is not None:
                 yield chunk(ChatChunkChoice(index=c, delta=DeltaMessage(content=text), logprobs=lps))
-            for call in calls:
+            for t in calls:  # as OpenAI streams a call: id, type and name first, then its arguments in pieces
                 yield chunk(ChatChunkChoice(index=c, delta=DeltaMessage(tool_calls=[DeltaToolCall(
-                    index=found[c], id=call.id, type="function", function=FunctionCall(name=call.name,
-                                                                                       arguments=call.arguments))])))
-                found[c] += 1
+                    index=t.index, id=t.id, type="function" if t.id else None,
+                    function=DeltaFunctionCall(name=t.name, arguments=t.arguments))])))
+                found[c] += t.name is not None
             if d.finish_reason is not None:
                 reason = "tool_calls" if found[c] and d.finish_reason == "stop" else d.finish_reason
                 yield chunk(ChatChunkChoice(index=c, delta=DeltaMessage(), finish_reason=reason,

@@ -8,6 +8,7 @@ Adding a format is one class here, registered under the name `--tool-call-parser
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -43,8 +44,8 @@ class ToolFormat:
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """The text outside the calls, and the calls (a block that is not a call stays text)."""
         stream = ToolCallStream(self)
-        content, calls = stream.feed(text)
-        return content + stream.finish(), calls
+        content, deltas = stream.feed(text)
+        return content + stream.finish(), join_deltas(deltas)
 
     def render_tools(self, tools: list[dict[str, Any]]) -> str:
         raise NotImplementedError
@@ -87,9 +88,25 @@ class Hermes(ToolFormat):
                 "<args-json-object>}\n</tool_call>")
 
 
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of a streamed call, as OpenAI streams them: the first of a call names it (id and name),
+    the others carry its arguments' text; joined per index, they are the call."""
+
+    index: int
+    arguments: str = ""
+    id: str | None = None
+    name: str | None = None
+
+
+# A call's opening, up to where its arguments begin: once it is seen, the arguments stream as they come.
+_CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+
+
 class ToolCallStream:
-    """Splits a growing text into content and complete tool calls. Text that could still become a
-    call's opening tag is held back, so a stream never shows the start of a call as content."""
+    """Splits a growing text into content and tool-call deltas. Text that could still become a call's
+    opening tag is held back, so a stream never shows the start of a call as content; inside a call,
+    the arguments stream as written, less a trailing `}` that may be the call's own closing brace."""
 
     def __init__(self, fmt: ToolFormat) -> None:
         self.fmt = fmt
@@ -97,11 +114,14 @@ class ToolCallStream:
         self._buf = ""
         self._in_call = False
         self._after_call = False  # newlines right after a call belong to its framing, not to the content
+        self._index = 0  # the next call's index
+        self._args_at: int | None = None  # in a call whose head was seen: where its arguments begin
+        self._sent = 0  # of those arguments, the characters already sent
 
-    def feed(self, text: str) -> tuple[str, list[ToolCall]]:
-        """(content that is final now, calls completed now)."""
+    def feed(self, text: str) -> tuple[str, list[ToolCallDelta]]:
+        """(content that is final now, call deltas now)."""
         self._buf += text
-        content, calls = "", list[ToolCall]()
+        content, deltas = "", list[ToolCallDelta]()
         while True:
             if self._after_call:
                 self._buf = self._buf.lstrip("\n")
@@ -112,25 +132,58 @@ class ToolCallStream:
                     keep = _partial_suffix(self._buf, self.open)
                     content += self._buf[: len(self._buf) - keep]
                     self._buf = self._buf[len(self._buf) - keep:]
-                    return content, calls
+                    return content, deltas
                 content += self._buf[:at]
                 self._buf, self._in_call = self._buf[at + len(self.open):], True
             at = self._buf.find(self.close)
+            block = self._buf[: len(self._buf) - _partial_suffix(self._buf, self.close)] if at < 0 else self._buf[:at]
+            head = _CALL_HEAD.match(block) if self._args_at is None else None
+            if head is not None and head.end() < len(block):  # the arguments' first character is in
+                name = json.loads(f'"{head.group(1)}"')
+                deltas.append(ToolCallDelta(self._index, id=ToolCall(name, "").id, name=name))
+                self._args_at, self._sent = head.end(), 0
+            if self._args_at is not None:
+                args = _arguments(block[self._args_at:])
+                if len(args) > self._sent:
+                    deltas.append(ToolCallDelta(self._index, args[self._sent:]))
+                    self._sent = len(args)
             if at < 0:
-                return content, calls
-            block, self._buf, self._in_call = self._buf[:at], self._buf[at + len(self.close):], False
-            call = self.fmt.to_call(block.strip())
-            if call is None:  # not a call after all: it stays text
-                content += f"{self.open}{block}{self.close}"
-            else:
-                calls.append(call)
-                self._after_call = True
+                return content, deltas
+            self._buf, self._in_call = self._buf[at + len(self.close):], False
+            if self._args_at is None:  # no call's head: a call written some other way, or not a call
+                call = self.fmt.to_call(block.strip())
+                if call is None:
+                    content += f"{self.open}{block}{self.close}"
+                    continue
+                deltas += [ToolCallDelta(self._index, id=call.id, name=call.name),
+                           ToolCallDelta(self._index, call.arguments)]
+            self._index, self._args_at, self._after_call = self._index + 1, None, True
 
     def finish(self) -> str:
-        """At the end of the output, what is held back: an unfinished call stays text (as it was written)."""
-        rest = (self.open if self._in_call else "") + self._buf
-        self._buf, self._in_call = "", False
+        """At the end of the output, the text held back: a call cut short before its arguments began stays
+        text (as it was written); one cut inside its arguments has been sent as a call and stays one."""
+        rest = "" if self._args_at is not None else (self.open if self._in_call else "") + self._buf
+        self._buf, self._in_call, self._args_at = "", False, None
         return rest
+
+
+def _arguments(body: str) -> str:
+    """The arguments' text within a call's body so far: a last `}` is held back (the call's own closing
+    brace, if nothing follows it), and the whitespace around it."""
+    body = body.rstrip()
+    return body[:-1].rstrip() if body.endswith("}") else body
+
+
+def join_deltas(deltas: list[ToolCallDelta]) -> list[ToolCall]:
+    """The calls that a list of deltas streams."""
+    calls: dict[int, ToolCall] = {}
+    for d in deltas:
+        if d.name is not None:
+            calls[d.index] = ToolCall(d.name, "", d.id or "")
+        else:
+            c = calls[d.index]
+            calls[d.index] = ToolCall(c.name, c.arguments + d.arguments, c.id)
+    return [calls[i] for i in sorted(calls)]
 
 
 def _partial_suffix(text: str, tag: str) -> int:
