@@ -132,7 +132,7 @@ def test_a_back_end_added_with_one_decorator_serves_and_is_a_flag(tiny_llama_dir
             out = []
             for i in range(q.shape[0]):
                 n, table = int(meta.context_lens[i]), meta.block_tables[i : i + 1]
-                k, v = (gather_blocks(c, table)[0, :, :n].repeat_interleave(q.shape[1] // c.shape[2], 0)
+                k, v = (gather_blocks(c, table, q.dtype)[0, :, :n].repeat_interleave(q.shape[1] // c.shape[2], 0)
                         for c in (k_cache, v_cache))
                 out.append(((q[i, :, None] @ k.transpose(1, 2)) * scale).softmax(-1) @ v)
             return torch.stack(out)[:, :, 0]

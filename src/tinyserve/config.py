@@ -111,9 +111,12 @@ class ModelConfig:
             cfg["attention_bias"] = False
         return cfg
 
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        """K and V, every layer: the exact price of one token of context."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype.itemsize
+    def kv_bytes_per_token(self, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+        """K and V, every layer: the exact price of one token of context (`dtype`: the activations')."""
+        from tinyserve.kv.quant import pool_dtype, row_width
+
+        row = row_width(self.head_dim, kv_cache_dtype) * pool_dtype(kv_cache_dtype, dtype).itemsize
+        return 2 * self.num_layers * self.num_kv_heads * row
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
@@ -152,6 +155,9 @@ class EngineConfig:
     )
     device: str = knob("cpu", "cpu | cuda | cuda:N")
     block_size: int = knob(16, "tokens per KV-cache block")
+    kv_cache_dtype: str = knob(  # vLLM's flag; the formats are in kv/quant.py
+        "auto", "how the KV pool stores K and V: auto = the activations' dtype; int8 = int8 codes with a bf16 "
+        "scale per token and head (1.94x the tokens in the same bytes at head_dim 64)", choices=("auto", "int8"))
     kv_cache_memory_gb: float = knob(1.0, "KV pool budget, allocated once at start")
     num_kv_blocks: int | None = knob(None, "exact KV pool size in blocks (overrides the budget; tests use tiny pools)")
     max_num_seqs: int = knob(64, "sequences in one batch")
@@ -219,6 +225,8 @@ class EngineConfig:
         for name in ("aging_tokens_per_s", "packed_max_rows"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.kv_cache_dtype not in ("auto", "int8"):
+            raise ValueError(f"kv_cache_dtype must be one of auto, int8; got {self.kv_cache_dtype!r}")
         if self.quant_group_size not in QUANT_GROUP_SIZES:
             raise ValueError(f"quant_group_size must be one of {QUANT_GROUP_SIZES}; got {self.quant_group_size}")
         if self.compile is not None and self.compile not in COMPILE_MODES:

@@ -28,6 +28,6 @@ class SdpaBackend(AttentionBackend):
         b, h, d = q.shape
         h_kv = k_cache.shape[2]
         qg = q.view(b, h_kv, h // h_kv, d)
-        k = gather_blocks(k_cache, meta.block_tables)
-        v = gather_blocks(v_cache, meta.block_tables)
+        k = gather_blocks(k_cache, meta.block_tables, q.dtype)
+        v = gather_blocks(v_cache, meta.block_tables, q.dtype)
         return F.scaled_dot_product_attention(qg, k, v, attn_mask=meta.mask, scale=scale).reshape(b, h, d)

@@ -80,7 +80,7 @@ class LLMEngine:
         dtype = config.torch_dtype
 
         bs = config.block_size
-        block_bytes = mc.kv_bytes_per_token(dtype) * bs
+        block_bytes = mc.kv_bytes_per_token(dtype, config.kv_cache_dtype) * bs
         self.num_blocks = config.num_kv_blocks or int(config.kv_cache_memory_gb * 2**30 // block_bytes)
         if self.num_blocks < 1:
             raise ValueError(

@@ -27,6 +27,7 @@ import torch
 
 from tinyserve.attention.base import AttentionMetadata, BatchLayout, SeqSpan
 from tinyserve.config import ModelConfig
+from tinyserve.kv.quant import pool_dtype, row_width
 from tinyserve.models.llama import LlamaForCausalLM
 from tinyserve.worker.compiled import BackgroundCompile, CompiledDecode, decode_forward, dummy_decode_inputs
 
@@ -93,9 +94,10 @@ class StepLogits(Generic[S]):
 class ModelRunner:
     def __init__(
         self, model: LlamaForCausalLM, cfg: ModelConfig, num_blocks: int, block_size: int,
-        dtype: torch.dtype, device: str,
+        dtype: torch.dtype, device: str, kv_cache_dtype: str = "auto",
     ) -> None:
         self.model = model
+        self.dtype = dtype  # the activations' (a quantized pool's own dtype says its format: kv/quant.py)
         self.compiled: CompiledDecode | None = None  # runs the pure decode steps once set
         self.building: BackgroundCompile | None = None  # ... when this build is done (adopt_compiled)
         self.pending: tuple[CompiledDecode, Path] | None = None  # what it builds, and where
@@ -105,11 +107,12 @@ class ModelRunner:
         # One block past the engine's pool: the scratch block, which the block manager never hands out,
         # so warm-ups and timing steps can write K/V there while sequences are served.
         self.scratch_block = num_blocks
-        shape = (num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (num_blocks + 1, block_size, cfg.num_kv_heads, row_width(cfg.head_dim, kv_cache_dtype))
+        pool = pool_dtype(kv_cache_dtype, dtype)
         # Allocated once; its size is the engine's KV budget. zeros, not empty: padding slots are read
         # (and masked), and NaN garbage times a zero weight would still be NaN.
         self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            (torch.zeros(shape, dtype=pool, device=device), torch.zeros(shape, dtype=pool, device=device))
             for _ in range(cfg.num_layers)
         ]
 

@@ -60,7 +60,7 @@ def serve_model(config: EngineConfig, src: ModelSource, mc: ModelConfig, quantiz
     rows = config.max_num_batched_tokens if config.batch_invariant else config.packed_max_rows
     packed_max_rows = configure_packed_kernels(model, rows, config.max_num_batched_tokens, dtype,
                                                 cache=(cache_dir() / "kernel-choice.json", key))
-    runner = ModelRunner(model, mc, num_blocks, config.block_size, dtype, device)
+    runner = ModelRunner(model, mc, num_blocks, config.block_size, dtype, device, config.kv_cache_dtype)
     seconds = 0.0
     if compile != "off":
         step, cache = _compiled_step(model, runner, attention, packed_max_rows, max_decode_rows)
@@ -90,7 +90,7 @@ def _compiled_step(model: LlamaForCausalLM, runner: ModelRunner, attention: Atte
     dense = any(w.dense is not None for _, w in packed_weights(model))
     # A dense 16-bit linear in the compiled graph rounds one row differently from several; fp32's
     # dense GEMM has no row count that agrees with another, so it gains nothing from two rows.
-    one_row_dense = runner.kv_caches[0][0].dtype != torch.float32 and any(
+    one_row_dense = runner.dtype != torch.float32 and any(
         isinstance(m, Linear) and isinstance(m.impl, DenseWeight) for m in model.modules())
     step = CompiledDecode(model, runner.block_size, packed_max_rows if dense else None, top,
                           two_row_minimum=one_row_dense)

@@ -45,7 +45,7 @@ class V1(SdpaBackend):
 
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: DecodeMeta,
                scale: float) -> torch.Tensor:
-        k, v = gather_blocks(k_cache, meta.block_tables), gather_blocks(v_cache, meta.block_tables)
+        k, v = gather_blocks(k_cache, meta.block_tables, q.dtype), gather_blocks(v_cache, meta.block_tables, q.dtype)
         return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=meta.mask, scale=scale,
                                               enable_gqa=True).squeeze(2)
 

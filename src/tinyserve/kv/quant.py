@@ -1,0 +1,47 @@
+"""KV cache formats: how one token's K (or V) of one KV head is stored in the pool.
+
+`auto` stores the activations' dtype as is. `int8` stores the head's D values as int8 codes and its
+scale (absmax / 127, a bf16) in the same row, in its last two bytes: a row is D + 2 int8, so a pool
+is still one tensor per layer for K and one for V, and nothing but the code that writes or reads rows
+knows the difference (the block manager, the prefix cache and the compiled step's inputs are the same).
+A token then costs D + 2 bytes per head and tensor instead of 2D in bf16: 1.94x the tokens at D = 64.
+Per (token, head) scales follow each row's own range; K's outlier channels (Qwen's K bias) cost that
+row's precision only. The pool's dtype says its format: int8 means this layout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KV_CACHE_DTYPES = ("auto", "int8")
+SCALE_BYTES = 2  # a bf16 scale after the codes
+
+
+def is_quantized(cache: torch.Tensor) -> bool:
+    return cache.dtype == torch.int8
+
+
+def row_width(head_dim: int, kv_cache_dtype: str) -> int:
+    """Elements in one stored row of one head (codes plus the scale's bytes when quantized)."""
+    return head_dim + SCALE_BYTES if kv_cache_dtype == "int8" else head_dim
+
+
+def pool_dtype(kv_cache_dtype: str, activations: torch.dtype) -> torch.dtype:
+    return torch.int8 if kv_cache_dtype == "int8" else activations
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """[..., D] floats -> [..., D + 2] int8: codes round(x / scale), then the bf16 scale's two bytes.
+    The scale is rounded to bf16 before dividing, so codes times the stored scale is what a read gives."""
+    absmax = x.abs().amax(-1, keepdim=True).float()
+    scale = (absmax / 127).to(torch.bfloat16)
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale).float()
+    codes = (x.float() / safe).round().clamp(-127, 127).to(torch.int8)
+    return torch.cat([codes, scale.view(torch.int8)], -1)
+
+
+def dequantize(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[..., D + 2] int8 rows -> [..., D] in `dtype`."""
+    d = rows.shape[-1] - SCALE_BYTES
+    scale = rows[..., d:].contiguous().view(torch.bfloat16).float()
+    return (rows[..., :d].float() * scale).to(dtype)

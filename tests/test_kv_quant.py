@@ -1,0 +1,87 @@
+"""The int8 KV pool (`--kv-cache-dtype int8`, kv/quant.py): the row format's error bound, the paged
+kernel against attention over the dequantized rows, and the engine on it (back ends agreeing, pool
+size, preemption and the prefix cache exact)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tinyserve import LLM, SamplingParams
+from tinyserve.kv.quant import dequantize, quantize
+
+from conftest import TINY
+
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")
+
+
+def test_a_row_is_its_codes_times_its_scale_within_half_a_step():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 4, 64, generator=g) * torch.logspace(-3, 3, 50)[:, None, None]
+    x[3, 1] = 0  # an all-zero row keeps its zeros
+    rows = quantize(x)
+    assert rows.dtype == torch.int8 and rows.shape == (50, 4, 66)
+    step = (x.abs().amax(-1, keepdim=True) / 127)
+    err = (dequantize(rows, torch.float32) - x).abs()
+    assert bool((err <= step * 0.5 * (1 + 2**-7) + 1e-30).all())
+    assert bool((dequantize(rows, torch.float32)[3, 1] == 0).all())
+    assert dequantize(rows, torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("head_dim", [64, 32])  # the unrolled kernel and the generic one
+def test_paged_kernel_reads_the_int8_pool_as_its_dequantized_rows(head_dim):
+    from tinyserve.attention.paged import load_native
+
+    load_native()
+    g = torch.Generator().manual_seed(1)
+    blocks, bs, h_kv, h, b = 12, 4, 2, 6, 3
+    k_cache = quantize(torch.randn(blocks, bs, h_kv, head_dim, generator=g) * 3)
+    v_cache = quantize(torch.randn(blocks, bs, h_kv, head_dim, generator=g))
+    q = torch.randn(b, h, head_dim, generator=g)
+    tables = torch.tensor([[3, 7, 1], [0, 2, 9], [11, 5, 4]], dtype=torch.int32)
+    lens = torch.tensor([10, 3, 12], dtype=torch.int32)
+    out = torch.ops.tinyserve.paged_decode(q, k_cache, v_cache, tables, lens, 0.125)
+    k, v = dequantize(k_cache, torch.float32), dequantize(v_cache, torch.float32)
+    for s in range(b):
+        n = int(lens[s])
+        ks = k[tables[s].long()].reshape(-1, h_kv, head_dim)[:n].repeat_interleave(h // h_kv, 1)
+        vs = v[tables[s].long()].reshape(-1, h_kv, head_dim)[:n].repeat_interleave(h // h_kv, 1)
+        p = (torch.einsum("hd,thd->ht", q[s], ks) * 0.125).softmax(-1)
+        torch.testing.assert_close(out[s], torch.einsum("ht,thd->hd", p, vs), rtol=1e-5, atol=1e-5)
+
+
+PROMPTS = [[5, 77, 913, 4000, 21, 8, 8, 300], [9, 10, 11, 12, 13, 14, 15], [2000, 3000, 4000], [42] * 20]
+
+
+def test_the_engine_on_an_int8_pool(tiny_llama_dir):
+    """fp32 activations: the paged kernel and SDPA over dequantized rows give the same greedy tokens; the
+    pool holds what its bytes per token say; a pool small enough to preempt, with the prefix cache on,
+    gives the unpressured run's tokens (a recomputed K/V quantizes to the same codes)."""
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    runs = {}
+    for backend in ("paged", "sdpa"):
+        llm = LLM(str(tiny_llama_dir), **TINY, kv_cache_dtype="int8", attention_backend=backend,
+                  kv_cache_memory_gb=0.01, max_num_batched_tokens=8)  # chunks: later ones read the pool
+        runs[backend] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+        assert llm.engine.runner.kv_caches[0][0].dtype == torch.int8
+    assert runs["paged"] == runs["sdpa"]
+    mc, bs = llm.engine.model_config, llm.engine.config.block_size
+    hd, kv_heads = mc.head_dim, mc.num_kv_heads
+    assert mc.kv_bytes_per_token(torch.float32, "int8") == 2 * mc.num_layers * kv_heads * (hd + 2)
+    assert mc.kv_bytes_per_token(torch.float32) == 2 * mc.num_layers * kv_heads * hd * 4
+    assert llm.engine.num_blocks == int(0.01 * 2**30 // (mc.kv_bytes_per_token(torch.float32, "int8") * bs))
+    tight = LLM(str(tiny_llama_dir), **TINY, kv_cache_dtype="int8", num_kv_blocks=12, block_size=4,
+                max_num_batched_tokens=8)
+    e = tight.engine
+    seqs = [s for i, p in enumerate(PROMPTS + PROMPTS[:2]) for s in e.add_request(f"r{i}", p, params)]
+    while e.has_unfinished():
+        e.step()
+    assert [s.output_token_ids for s in seqs] == runs["paged"] + runs["paged"][:2]
+    assert sum(s.num_preemptions for s in seqs) > 0, "the pool was meant to force preemption"
+
+
+def test_an_unknown_kv_cache_dtype_is_refused():
+    from tinyserve.config import EngineConfig
+
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        EngineConfig(kv_cache_dtype="fp4")
