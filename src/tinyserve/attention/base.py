@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from tinyserve.kv.quant import dequantize, is_quantized, quantize
+from tinyserve.kv.quant import dequantize, is_quantized, quantize, rotate
 
 
 @dataclass(frozen=True)
@@ -159,12 +159,24 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:
         """Write this step's K/V into the pool, attend every query to its context; returns [T, H, D]."""
         _, _, h_kv, row = k_cache.shape
-        if is_quantized(k_cache):  # rows of codes and their scale (kv/quant.py)
-            k_rows, v_rows = quantize(k), quantize(v)
+        quantized = is_quantized(k_cache)
+        if quantized:  # rows rotated, then codes and their scale (kv/quant.py)
+            k_rows, v_rows = quantize(rotate(k)), quantize(rotate(v))
         else:
             k_rows, v_rows = k, v
         k_cache.view(-1, h_kv, row).index_copy_(0, meta.slot_mapping, k_rows)
         v_cache.view(-1, h_kv, row).index_copy_(0, meta.slot_mapping, v_rows)
+        if quantized:
+            # Every attention reads K/V as the pool holds them, a fresh prompt's own too: a prefix
+            # recomputed after preemption gives back the same codes. The work happens in the rotated
+            # space (queries rotated, the output rotated back: H is its own inverse).
+            out = self._attend(rotate(q), dequantize(k_rows, q.dtype), dequantize(v_rows, q.dtype), k_cache, v_cache,
+                               meta, scale)
+            return rotate(out)
+        return self._attend(q, k, v, k_cache, v_cache, meta, scale)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         nd = meta.num_decodes
         if nd == q.shape[0]:  # a pure decode step (the common one): no output buffer to fill
             assert meta.decode is not None

@@ -5,11 +5,16 @@ scale (absmax / 127, a bf16) in the same row, in its last two bytes: a row is D 
 is still one tensor per layer for K and one for V, and nothing but the code that writes or reads rows
 knows the difference (the block manager, the prefix cache and the compiled step's inputs are the same).
 A token then costs D + 2 bytes per head and tensor instead of 2D in bf16: 1.94x the tokens at D = 64.
-Per (token, head) scales follow each row's own range; K's outlier channels (Qwen's K bias) cost that
-row's precision only. The pool's dtype says its format: int8 means this layout.
+Per (token, head) scales follow each row's own range. A few outlier channels (Qwen2's K bias, rotated
+by RoPE) would still set a row's scale and leave the other channels a handful of codes, so rows are
+stored rotated by an orthonormal Hadamard matrix H (QuaRot's trick): H spreads any channel's energy over
+all D, and since q.k = (qH).(kH), a reader that rotates its queries by H and its output back by H (H is
+symmetric) attends exactly as before. The pool's dtype says its format: int8 means this layout.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -31,8 +36,9 @@ def pool_dtype(kv_cache_dtype: str, activations: torch.dtype) -> torch.dtype:
 
 
 def quantize(x: torch.Tensor) -> torch.Tensor:
-    """[..., D] floats -> [..., D + 2] int8: codes round(x / scale), then the bf16 scale's two bytes.
-    The scale is rounded to bf16 before dividing, so codes times the stored scale is what a read gives."""
+    """[..., D] floats (already rotated) -> [..., D + 2] int8: codes round(x / scale), then the bf16
+    scale's two bytes. The scale is rounded to bf16 before dividing, so codes times the stored scale is
+    what a read gives."""
     absmax = x.abs().amax(-1, keepdim=True).float()
     scale = (absmax / 127).to(torch.bfloat16)
     safe = torch.where(scale == 0, torch.ones_like(scale), scale).float()
@@ -45,3 +51,20 @@ def dequantize(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     d = rows.shape[-1] - SCALE_BYTES
     scale = rows[..., d:].contiguous().view(torch.bfloat16).float()
     return (rows[..., :d].float() * scale).to(dtype)
+
+
+@functools.cache
+def _hadamard(d: int, device: torch.device) -> torch.Tensor:
+    h = torch.ones(1, 1)
+    while h.shape[0] < d:  # Sylvester's construction: [[H, H], [H, -H]]
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / d**0.5).to(device)
+
+
+def rotate(x: torch.Tensor) -> torch.Tensor:
+    """x H over the last dim, in fp32, back in x's dtype (H is its own inverse: rotating twice is x).
+    head_dim must be a power of two (64 and 128 in the models here)."""
+    d = x.shape[-1]
+    if d & (d - 1):
+        raise ValueError(f"the int8 KV cache needs a power-of-two head_dim, got {d}")
+    return (x.float() @ _hadamard(d, x.device)).to(x.dtype)
