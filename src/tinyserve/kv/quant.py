@@ -14,8 +14,6 @@ symmetric) attends exactly as before. The pool's dtype says its format: int8 mea
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 KV_CACHE_DTYPES = ("auto", "int8")
@@ -53,12 +51,21 @@ def dequantize(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (rows[..., :d].float() * scale).to(dtype)
 
 
-@functools.cache
+_HADAMARD: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
 def _hadamard(d: int, device: torch.device) -> torch.Tensor:
-    h = torch.ones(1, 1)
-    while h.shape[0] < d:  # Sylvester's construction: [[H, H], [H, -H]]
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / d**0.5).to(device)
+    h = _HADAMARD.get((d, device))
+    if h is None:
+        h = torch.ones(1, 1)
+        while h.shape[0] < d:  # Sylvester's construction: [[H, H], [H, -H]]
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        h = (h / d**0.5).to(device)
+        # Kept only when made eagerly: one made while the compiled step is traced is a fake tensor
+        # (a constant of that graph), which an eager step must never pick up.
+        if not torch.compiler.is_compiling():
+            _HADAMARD[d, device] = h
+    return h
 
 
 def rotate(x: torch.Tensor) -> torch.Tensor:
