@@ -29,12 +29,15 @@ def _no_eager_fallback(caplog) -> None:
     assert not [r for r in caplog.records if "matches no compiled graph" in r.getMessage()]
 
 
-def test_compiled_equals_eager(tiny_llama_dir, restore_torch_threads, caplog):
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_compiled_equals_eager(tiny_llama_dir, restore_torch_threads, caplog, kv_cache_dtype):
     """Greedy tokens equal, logprobs equal to fp32 rounding, for steps of 1..4 decodes, every one of
-    them on a compiled graph (none falls back to eager)."""
+    them on a compiled graph (none falls back to eager); with the int8 pool too (its rotation and
+    quantization traced into the graph, and nothing of the trace left for the eager engine after it)."""
     params = SamplingParams(temperature=0, max_tokens=20, logprobs=2, ignore_eos=True)
-    eager = LLM(str(tiny_llama_dir), **EAGER, block_size=4, num_kv_blocks=128)
-    compiled = LLM(str(tiny_llama_dir), **COMPILED, block_size=4, num_kv_blocks=128)
+    kw = dict(block_size=4, num_kv_blocks=128, kv_cache_dtype=kv_cache_dtype)
+    eager = LLM(str(tiny_llama_dir), **EAGER, **kw)
+    compiled = LLM(str(tiny_llama_dir), **COMPILED, **kw)
     assert compiled.engine.runner.compiled is not None and eager.engine.runner.compiled is None
     assert compiled.engine.compiled_step == "ready" and eager.engine.compiled_step == "off"
     prompts = _prompts(eager.engine.model_config.vocab_size)

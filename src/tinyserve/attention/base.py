@@ -159,21 +159,21 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:
         """Write this step's K/V into the pool, attend every query to its context; returns [T, H, D]."""
         _, _, h_kv, row = k_cache.shape
-        quantized = is_quantized(k_cache)
-        if quantized:  # rows rotated, then codes and their scale (kv/quant.py)
-            k_rows, v_rows = quantize(rotate(k)), quantize(rotate(v))
-        else:
-            k_rows, v_rows = k, v
+        if not is_quantized(k_cache):
+            k_cache.view(-1, h_kv, row).index_copy_(0, meta.slot_mapping, k)
+            v_cache.view(-1, h_kv, row).index_copy_(0, meta.slot_mapping, v)
+            return self._attend(q, k, v, k_cache, v_cache, meta, scale)
+        # The int8 pool (kv/quant.py): K rows rotated, then codes and their scale; V rows as they are
+        # (no outlier channels to spread: rotating V too cost more step time than it gained, REPORT K).
+        # Queries are rotated to match, and every attention reads K/V as the pool holds them, a fresh
+        # prompt's own too, so a prefix recomputed after preemption gives back the same codes.
+        k_rows, v_rows = quantize(rotate(k)), quantize(v)
         k_cache.view(-1, h_kv, row).index_copy_(0, meta.slot_mapping, k_rows)
         v_cache.view(-1, h_kv, row).index_copy_(0, meta.slot_mapping, v_rows)
-        if quantized:
-            # Every attention reads K/V as the pool holds them, a fresh prompt's own too: a prefix
-            # recomputed after preemption gives back the same codes. The work happens in the rotated
-            # space (queries rotated, the output rotated back: H is its own inverse).
-            out = self._attend(rotate(q), dequantize(k_rows, q.dtype), dequantize(v_rows, q.dtype), k_cache, v_cache,
-                               meta, scale)
-            return rotate(out)
-        return self._attend(q, k, v, k_cache, v_cache, meta, scale)
+        fresh = any(c.block_table is None for c in meta.prefills)  # attends to this step's own K/V
+        if fresh:
+            k, v = dequantize(k_rows, q.dtype), dequantize(v_rows, q.dtype)
+        return self._attend(rotate(q), k, v, k_cache, v_cache, meta, scale)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:

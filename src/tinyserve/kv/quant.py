@@ -6,10 +6,10 @@ is still one tensor per layer for K and one for V, and nothing but the code that
 knows the difference (the block manager, the prefix cache and the compiled step's inputs are the same).
 A token then costs D + 2 bytes per head and tensor instead of 2D in bf16: 1.94x the tokens at D = 64.
 Per (token, head) scales follow each row's own range. A few outlier channels (Qwen2's K bias, rotated
-by RoPE) would still set a row's scale and leave the other channels a handful of codes, so rows are
+by RoPE) would still set a K row's scale and leave the other channels a handful of codes, so K rows are
 stored rotated by an orthonormal Hadamard matrix H (QuaRot's trick): H spreads any channel's energy over
-all D, and since q.k = (qH).(kH), a reader that rotates its queries by H and its output back by H (H is
-symmetric) attends exactly as before. The pool's dtype says its format: int8 means this layout.
+all D, and since q.k = (qH).(kH), a reader that rotates its queries by H attends exactly as before. V
+has no such channels and is stored as it is. The pool's dtype says its format: int8 means this layout.
 """
 
 from __future__ import annotations
