@@ -173,7 +173,7 @@ class AttentionBackend(ABC):
         fresh = any(c.block_table is None for c in meta.prefills)  # attends to this step's own K/V
         if fresh:
             k, v = dequantize(k_rows, q.dtype), dequantize(v_rows, q.dtype)
-        return self._attend(rotate(q), k, v, k_cache, v_cache, meta, scale)
+        return self._attend(rotate(q), k, v, k_cache, v_cache, meta, scale / q.shape[-1])  # (qS).(kS) = D q.k
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -7,9 +7,9 @@ knows the difference (the block manager, the prefix cache and the compiled step'
 A token then costs D + 2 bytes per head and tensor instead of 2D in bf16: 1.94x the tokens at D = 64.
 Per (token, head) scales follow each row's own range. A few outlier channels (Qwen2's K bias, rotated
 by RoPE) would still set a K row's scale and leave the other channels a handful of codes, so K rows are
-stored rotated by an orthonormal Hadamard matrix H (QuaRot's trick): H spreads any channel's energy over
-all D, and since q.k = (qH).(kH), a reader that rotates its queries by H attends exactly as before. V
-has no such channels and is stored as it is. The pool's dtype says its format: int8 means this layout.
+stored rotated by a Hadamard matrix (QuaRot's trick), which spreads any channel's energy over all D;
+a reader rotates its queries the same way and attends exactly as before (`rotate`). V has no such
+channels and is stored as it is. The pool's dtype says its format: int8 means this layout.
 """
 
 from __future__ import annotations
@@ -51,27 +51,29 @@ def dequantize(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (rows[..., :d].float() * scale).to(dtype)
 
 
-_HADAMARD: dict[tuple[int, torch.device], torch.Tensor] = {}
+_SYLVESTER: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
 
-def _hadamard(d: int, device: torch.device) -> torch.Tensor:
-    h = _HADAMARD.get((d, device))
-    if h is None:
-        h = torch.ones(1, 1)
-        while h.shape[0] < d:  # Sylvester's construction: [[H, H], [H, -H]]
-            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-        h = (h / d**0.5).to(device)
+def _sylvester(d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (d, dtype, device)
+    s = _SYLVESTER.get(key)
+    if s is None:
+        s = torch.ones(1, 1)
+        while s.shape[0] < d:  # Sylvester's construction: [[S, S], [S, -S]]
+            s = torch.cat([torch.cat([s, s], 1), torch.cat([s, -s], 1)], 0)
+        s = s.to(dtype=dtype, device=device)
         # Kept only when made eagerly: one made while the compiled step is traced is a fake tensor
         # (a constant of that graph), which an eager step must never pick up.
         if not torch.compiler.is_compiling():
-            _HADAMARD[d, device] = h
-    return h
+            _SYLVESTER[key] = s
+    return s
 
 
 def rotate(x: torch.Tensor) -> torch.Tensor:
-    """x H over the last dim, in fp32, back in x's dtype (H is its own inverse: rotating twice is x).
-    head_dim must be a power of two (64 and 128 in the models here)."""
+    """x S over the last dim, S the Sylvester-Hadamard matrix of +-1 (exact in any dtype, one matmul in
+    x's own): S = sqrt(D) H with H orthonormal, so (qS).(kS) = D (q.k) and a reader divides its
+    attention scale by D. head_dim must be a power of two (64 and 128 in the models here)."""
     d = x.shape[-1]
     if d & (d - 1):
         raise ValueError(f"the int8 KV cache needs a power-of-two head_dim, got {d}")
-    return (x.float() @ _hadamard(d, x.device)).to(x.dtype)
+    return x @ _sylvester(d, x.dtype, x.device)

@@ -8,6 +8,11 @@
 
     .venv/bin/python -m tinyserve_lab.ablations.kv_cache_dtype                              # bundled
     .venv/bin/python -m tinyserve_lab.ablations.kv_cache_dtype --model qwen2.5-coder-0.5b
+
+`--error-study` instead measures, on one window's K/V as a bf16 pool holds them (every third layer), the
+relative error of attention outputs when only K, or only V, is rounded to int8 per row: plain, rotated
+(the Hadamard of kv/quant.py), in groups of 32, and asymmetric (min/max); queries are the pool's own K
+rows, shuffled (a proxy: real queries are not stored).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import json
 import math
 import statistics
 from typing import Any
+
+import torch
 
 from tinyserve import LLM, SamplingParams
 from tinyserve_lab.ablations import rotated
@@ -37,6 +44,50 @@ def perplexity(llm: LLM, windows: list[list[int]]) -> float:
     return math.exp(statistics.mean(nll))
 
 
+def _sym(x: torch.Tensor) -> torch.Tensor:
+    s = x.abs().amax(-1, keepdim=True) / 127
+    return (x / s.clamp_min(1e-30)).round().clamp(-127, 127) * s
+
+
+def _groups32(x: torch.Tensor) -> torch.Tensor:
+    return _sym(x.unflatten(-1, (-1, 32))).flatten(-2)
+
+
+def _asym(x: torch.Tensor) -> torch.Tensor:
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    s = (hi - lo) / 255
+    return ((x - lo) / s.clamp_min(1e-30)).round().clamp(0, 255) * s + lo
+
+
+def error_study(model: str | None, window_tokens: int) -> dict[str, dict[str, float]]:
+    from tinyserve.kv.quant import rotate
+
+    llm = LLM(model, enforce_eager=True, enable_prefix_caching=False, max_num_batched_tokens=window_tokens)
+    (window,), _ = shakespeare_windows(llm.tokenizer, 1, window_tokens)
+    llm.generate([window], SamplingParams(max_tokens=1))  # a fresh engine: the window's K/V fill blocks 0..
+    def rotated_by(f: Any) -> Any:  # S S = D I: rotating twice is D times the original
+        return lambda x: rotate(f(rotate(x))) / x.shape[-1]
+
+    schemes = {"per-row": _sym, "per-row, rotated": rotated_by(_sym), "groups of 32": _groups32,
+               "asymmetric": _asym, "asymmetric, rotated": rotated_by(_asym)}
+    errors: dict[str, dict[str, list[float]]] = {n: {"K": [], "V": []} for n in schemes}
+    g = torch.Generator().manual_seed(0)
+    for k_pool, v_pool in llm.engine.runner.kv_caches[::3]:
+        k = k_pool.flatten(0, 1)[:window_tokens].float()
+        v = v_pool.flatten(0, 1)[:window_tokens].float()
+        q = k[torch.randperm(window_tokens, generator=g)[:64]]
+
+        def attend(kx: torch.Tensor, vx: torch.Tensor) -> torch.Tensor:
+            p = (torch.einsum("qhd,khd->hqk", q, kx) / kx.shape[-1] ** 0.5).softmax(-1)  # noqa: B023
+            return torch.einsum("hqk,khd->qhd", p, vx)
+
+        ref = attend(k, v)
+        for name, f in schemes.items():
+            errors[name]["K"].append(float((attend(f(k), v) - ref).norm() / ref.norm()))
+            errors[name]["V"].append(float((attend(k, f(v)) - ref).norm() / ref.norm()))
+    return {n: {t: statistics.mean(e) for t, e in d.items()} for n, d in errors.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help=f"a path or one of {', '.join(OFFLINE_GGUFS)} (default: bundled)")
@@ -48,8 +99,12 @@ def main() -> None:
     p.add_argument("--kv-cache-memory-gb", type=float, default=0.25)
     p.add_argument("--capacity-len", type=int, default=2048)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--error-study", action="store_true", help="the K/V rounding study instead (see above)")
     args = p.parse_args()
     model = str(offline_gguf(args.model)) if args.model in OFFLINE_GGUFS else args.model
+    if args.error_study:
+        print(json.dumps(error_study(model, args.window_tokens), indent=1))
+        return
     # chunked prefill and no prefix cache: every scored position past the first chunk reads the pool
     llms = {f: LLM(model, kv_cache_dtype=f, max_num_batched_tokens=args.chunk, max_num_seqs=32,
                    enable_prefix_caching=False, kv_cache_memory_gb=args.kv_cache_memory_gb) for f in FORMATS}
