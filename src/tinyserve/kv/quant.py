@@ -51,29 +51,19 @@ def dequantize(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (rows[..., :d].float() * scale).to(dtype)
 
 
-_SYLVESTER: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
-
-
-def _sylvester(d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    key = (d, dtype, device)
-    s = _SYLVESTER.get(key)
-    if s is None:
-        s = torch.ones(1, 1)
-        while s.shape[0] < d:  # Sylvester's construction: [[S, S], [S, -S]]
-            s = torch.cat([torch.cat([s, s], 1), torch.cat([s, -s], 1)], 0)
-        s = s.to(dtype=dtype, device=device)
-        # Kept only when made eagerly: one made while the compiled step is traced is a fake tensor
-        # (a constant of that graph), which an eager step must never pick up.
-        if not torch.compiler.is_compiling():
-            _SYLVESTER[key] = s
-    return s
-
-
 def rotate(x: torch.Tensor) -> torch.Tensor:
-    """x S over the last dim, S the Sylvester-Hadamard matrix of +-1 (exact in any dtype, one matmul in
-    x's own): S = sqrt(D) H with H orthonormal, so (qS).(kS) = D (q.k) and a reader divides its
-    attention scale by D. head_dim must be a power of two (64 and 128 in the models here)."""
+    """x S over the last dim, S the Sylvester-Hadamard matrix of +-1, as the fast Walsh-Hadamard
+    transform: log2(D) butterflies of adds and subtracts in fp32, which the compiled step fuses into
+    one loop with the quantization (a small GEMM per call cost more than the whole rest of the int8
+    path). S = sqrt(D) H with H orthonormal and symmetric: (qS).(kS) = D (q.k), so a reader divides its
+    attention scale by D, and rotating twice gives D x. head_dim must be a power of two."""
     d = x.shape[-1]
     if d & (d - 1):
         raise ValueError(f"the int8 KV cache needs a power-of-two head_dim, got {d}")
-    return x @ _sylvester(d, x.dtype, x.device)
+    y, h = x.float(), 1
+    while h < d:
+        pairs = y.unflatten(-1, (d // (2 * h), 2, h))
+        a, b = pairs.select(-2, 0), pairs.select(-2, 1)
+        y = torch.stack((a + b, a - b), dim=-2).flatten(-3)
+        h *= 2
+    return y.to(x.dtype)
