@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=nn.Module)
 ARTIFACT_VERSION = 1  # bump when the packages' layout or calling convention changes
 # The code a graph is traced through: any change to these files makes a new key.
-_TRACED = ("models", "layers", "attention", "worker/compiled.py")
+_TRACED = ("models", "layers", "attention", "kv/quant.py", "worker/compiled.py")
 
 
 def decode_forward(
