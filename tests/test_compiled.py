@@ -29,6 +29,23 @@ def _no_eager_fallback(caplog) -> None:
     assert not [r for r in caplog.records if "matches no compiled graph" in r.getMessage()]
 
 
+def _assert_agree(ref: list, got: list, kv_cache_dtype: str = "auto") -> None:
+    """Eager's and the graph's outputs: the same greedy tokens, logprobs equal to fp32 rounding. On the
+    int8 pool the graph's K/V equal eager's to fp32 rounding, but rounded to codes a value that close to
+    a code's boundary lands one code off (a few codes per decode-written row, measured): logprobs move
+    by a few 1e-2 and a later near-tie can flip. There, the same tokens through the first decode steps,
+    each within 0.15 (a wrong graph, such as unrotated queries, is off by far more)."""
+    for a, b in zip(ref, got):
+        ta, tb = a.outputs[0].token_ids, b.outputs[0].token_ids
+        if kv_cache_dtype == "int8":
+            same = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), len(ta))
+            assert same >= 4, (ta, tb)
+            ta, tb = ta[:same], tb[:same]
+        assert ta == tb
+        for tok, la, lb in zip(ta, a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert la[tok].logprob == pytest.approx(lb[tok].logprob, abs=1e-4 if kv_cache_dtype == "auto" else 0.15)
+
+
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
 def test_compiled_equals_eager(tiny_llama_dir, restore_torch_threads, caplog, kv_cache_dtype):
     """Greedy tokens equal, logprobs equal to fp32 rounding, for steps of 1..4 decodes, every one of
@@ -44,10 +61,7 @@ def test_compiled_equals_eager(tiny_llama_dir, restore_torch_threads, caplog, kv
     ref = eager.generate(prompts, params) + [eager.generate([p], params)[0] for p in prompts]
     got = compiled.generate(prompts, params) + [compiled.generate([p], params)[0] for p in prompts]
     _no_eager_fallback(caplog)
-    for a, b in zip(ref, got):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        for tok, la, lb in zip(a.outputs[0].token_ids, a.outputs[0].logprobs, b.outputs[0].logprobs):
-            assert la[tok].logprob == pytest.approx(lb[tok].logprob, abs=1e-4)
+    _assert_agree(ref, got, kv_cache_dtype)
 
 
 def test_greedy_equals_transformers_with_compilation(tiny_llama_dir, restore_torch_threads):
@@ -134,10 +148,7 @@ def test_packed_and_dense_regimes_each_have_a_graph(tiny_llama_dir, restore_torc
     got = compiled.generate(prompts, params) + compiled.generate(prompts[:2], params)
     _no_eager_fallback(caplog)
     ref = eager.generate(prompts, params) + eager.generate(prompts[:2], params)
-    for a, b in zip(ref, got):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        for tok, la, lb in zip(a.outputs[0].token_ids, a.outputs[0].logprobs, b.outputs[0].logprobs):
-            assert la[tok].logprob == pytest.approx(lb[tok].logprob, abs=1e-4)
+    _assert_agree(ref, got)
 
 
 def test_speculation_runs_on_the_compiled_graphs(tiny_llama_dir, restore_torch_threads, caplog):
