@@ -27,15 +27,35 @@ inline float to_float(c10::BFloat16 x) {
   return f;
 }
 
+inline float to_float(int8_t x) { return static_cast<float>(x); }
+
+// A pool row of one KV head: D values of the cache's dtype, or (kScaled, the int8 pool of
+// tinyserve/kv/quant.py) D int8 codes then the row's bf16 scale, D + 2 bytes. The scale multiplies the
+// dot product (K) and the softmax weight (V), once per row.
+template <typename C, bool kScaled>
+struct Rows {
+  static constexpr int64_t kExtra = kScaled ? 2 : 0;
+  static float scale(const C* row, int64_t D) {
+    if constexpr (kScaled) {
+      c10::BFloat16 s;
+      std::memcpy(&s.x, row + D, sizeof s.x);
+      return to_float(s);
+    } else {
+      return 1.f;
+    }
+  }
+};
+
 // kD > 0 fixes head_dim at compile time (the inner loops unroll into a few vector FMAs: 3.7x
 // faster per K row than a runtime trip count at D=64); kD == 0 handles any head_dim.
-template <typename T, int kD>
-void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t* tables,
+template <typename T, typename C, bool kScaled, int kD>
+void decode_kernel(const T* q, const C* k_cache, const C* v_cache, const int32_t* tables,
                    const int32_t* lens, T* out, int64_t num_seqs, int64_t num_heads,
                    int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t table_width,
                    float scale) {
-  const int64_t G = num_heads / num_kv_heads, D = kD > 0 ? kD : head_dim;
-  const int64_t row_stride = num_kv_heads * D, block_stride = block_size * row_stride;
+  using R = Rows<C, kScaled>;
+  const int64_t G = num_heads / num_kv_heads, D = kD > 0 ? kD : head_dim, W = D + R::kExtra;
+  const int64_t row_stride = num_kv_heads * W, block_stride = block_size * row_stride;
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(G * D), acc(G * D), scores;
     for (int64_t item = begin; item < end; ++item) {
@@ -47,13 +67,14 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t
       scores.resize(G * n);
       // Pass 1: scores[g][t] = q_g . k_t
       for (int64_t t = 0; t < n; ++t) {
-        const T* k = k_cache + table[t / block_size] * block_stride + (t % block_size) * row_stride + h * D;
+        const C* k = k_cache + table[t / block_size] * block_stride + (t % block_size) * row_stride + h * W;
+        const float ks = R::scale(k, D);
         for (int64_t g = 0; g < G; ++g) {
           const float* qg = qf.data() + g * D;
           float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
           for (int64_t d = 0; d < D; ++d) dot += qg[d] * to_float(k[d]);
-          scores[g * n + t] = dot;
+          scores[g * n + t] = dot * ks;
         }
       }
       // Softmax over t, per query head.
@@ -68,71 +89,13 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t
       // Pass 2: out_g = sum_t p[g][t] v_t
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < n; ++t) {
-        const T* v = v_cache + table[t / block_size] * block_stride + (t % block_size) * row_stride + h * D;
-        for (int64_t g = 0; g < G; ++g) {
-          const float p = scores[g * n + t];
-          float* ag = acc.data() + g * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) ag[d] += p * to_float(v[d]);
-        }
-      }
-      T* os = out + (s * num_heads + h * G) * D;
-      for (int64_t i = 0; i < G * D; ++i) os[i] = static_cast<T>(acc[i]);
-    }
-  });
-}
-
-// The int8 pool (tinyserve/kv/quant.py): a row is D int8 codes then the row's bf16 scale, D + 2 bytes.
-// The scale multiplies the dot product (K) and the softmax weight (V), once per row.
-template <typename T, int kD>
-void decode_kernel_q8(const T* q, const int8_t* k_cache, const int8_t* v_cache, const int32_t* tables,
-                      const int32_t* lens, T* out, int64_t num_seqs, int64_t num_heads,
-                      int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t table_width,
-                      float scale) {
-  const int64_t G = num_heads / num_kv_heads, D = kD > 0 ? kD : head_dim, R = D + 2;
-  const int64_t row_stride = num_kv_heads * R, block_stride = block_size * row_stride;
-  auto row_scale = [D](const int8_t* row) {
-    c10::BFloat16 s;
-    std::memcpy(&s.x, row + D, sizeof s.x);
-    return to_float(s);
-  };
-  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * D), acc(G * D), scores;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t s = item / num_kv_heads, h = item % num_kv_heads;
-      const int64_t n = lens[s];
-      const int32_t* table = tables + s * table_width;
-      const T* qs = q + (s * num_heads + h * G) * D;
-      for (int64_t i = 0; i < G * D; ++i) qf[i] = to_float(qs[i]) * scale;
-      scores.resize(G * n);
-      for (int64_t t = 0; t < n; ++t) {
-        const int8_t* k = k_cache + table[t / block_size] * block_stride + (t % block_size) * row_stride + h * R;
-        const float ks = row_scale(k);
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qg = qf.data() + g * D;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < D; ++d) dot += qg[d] * static_cast<float>(k[d]);
-          scores[g * n + t] = dot * ks;
-        }
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        float* sg = scores.data() + g * n;
-        const float mx = *std::max_element(sg, sg + n);
-        float sum = 0.f;
-        for (int64_t t = 0; t < n; ++t) sum += (sg[t] = std::exp(sg[t] - mx));
-        const float inv = 1.f / sum;
-        for (int64_t t = 0; t < n; ++t) sg[t] *= inv;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < n; ++t) {
-        const int8_t* v = v_cache + table[t / block_size] * block_stride + (t % block_size) * row_stride + h * R;
-        const float vs = row_scale(v);
+        const C* v = v_cache + table[t / block_size] * block_stride + (t % block_size) * row_stride + h * W;
+        const float vs = R::scale(v, D);
         for (int64_t g = 0; g < G; ++g) {
           const float p = scores[g * n + t] * vs;
           float* ag = acc.data() + g * D;
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) ag[d] += p * static_cast<float>(v[d]);
+          for (int64_t d = 0; d < D; ++d) ag[d] += p * to_float(v[d]);
         }
       }
       T* os = out + (s * num_heads + h * G) * D;
@@ -161,28 +124,22 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   auto out = at::empty_like(q);
   if (B == 0) return out;
   const int64_t bs = k_cache.size(1), width = block_tables.size(1);
-  if (q8) {
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "paged_decode_q8", [&] {
-      auto run = [&](auto kernel) {
-        kernel(q.data_ptr<scalar_t>(), k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
-               block_tables.data_ptr<int32_t>(), context_lens.data_ptr<int32_t>(), out.data_ptr<scalar_t>(),
-               B, H, Hkv, D, bs, width, static_cast<float>(scale));
-      };
-      if (D == 64) run(decode_kernel_q8<scalar_t, 64>);
-      else if (D == 128) run(decode_kernel_q8<scalar_t, 128>);
-      else run(decode_kernel_q8<scalar_t, 0>);
-    });
-    return out;
-  }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "paged_decode", [&] {
-    auto run = [&](auto kernel) {
-      kernel(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-             block_tables.data_ptr<int32_t>(), context_lens.data_ptr<int32_t>(), out.data_ptr<scalar_t>(),
-             B, H, Hkv, D, bs, width, static_cast<float>(scale));
+    auto run = [&](auto kernel, const auto* k, const auto* v) {
+      kernel(q.data_ptr<scalar_t>(), k, v, block_tables.data_ptr<int32_t>(), context_lens.data_ptr<int32_t>(),
+             out.data_ptr<scalar_t>(), B, H, Hkv, D, bs, width, static_cast<float>(scale));
     };
-    if (D == 64) run(decode_kernel<scalar_t, 64>);
-    else if (D == 128) run(decode_kernel<scalar_t, 128>);
-    else run(decode_kernel<scalar_t, 0>);
+    if (q8) {
+      const int8_t *k = k_cache.data_ptr<int8_t>(), *v = v_cache.data_ptr<int8_t>();
+      if (D == 64) run(decode_kernel<scalar_t, int8_t, true, 64>, k, v);
+      else if (D == 128) run(decode_kernel<scalar_t, int8_t, true, 128>, k, v);
+      else run(decode_kernel<scalar_t, int8_t, true, 0>, k, v);
+    } else {
+      const scalar_t *k = k_cache.data_ptr<scalar_t>(), *v = v_cache.data_ptr<scalar_t>();
+      if (D == 64) run(decode_kernel<scalar_t, scalar_t, false, 64>, k, v);
+      else if (D == 128) run(decode_kernel<scalar_t, scalar_t, false, 128>, k, v);
+      else run(decode_kernel<scalar_t, scalar_t, false, 0>, k, v);
+    }
   });
   return out;
 }
