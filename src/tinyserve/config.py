@@ -141,6 +141,7 @@ def knob(default: Any, help: str, **argparse_kwargs: Any) -> Any:
 
 
 COMPILE_MODES = ("background", "blocking", "off")
+KV_CACHE_DTYPES = ("auto", "int8")  # how the pool stores K/V: kv/quant.py
 
 
 @dataclass
@@ -157,7 +158,7 @@ class EngineConfig:
     block_size: int = knob(16, "tokens per KV-cache block")
     kv_cache_dtype: str = knob(  # vLLM's flag; the formats are in kv/quant.py
         "auto", "how the KV pool stores K and V: auto = the activations' dtype; int8 = int8 codes with a bf16 "
-        "scale per token and head (1.94x the tokens in the same bytes at head_dim 64)", choices=("auto", "int8"))
+        "scale per token and head (1.94x the tokens in the same bytes at head_dim 64)", choices=KV_CACHE_DTYPES)
     kv_cache_memory_gb: float = knob(1.0, "KV pool budget, allocated once at start")
     num_kv_blocks: int | None = knob(None, "exact KV pool size in blocks (overrides the budget; tests use tiny pools)")
     max_num_seqs: int = knob(64, "sequences in one batch")
@@ -225,8 +226,8 @@ class EngineConfig:
         for name in ("aging_tokens_per_s", "packed_max_rows"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.kv_cache_dtype not in ("auto", "int8"):
-            raise ValueError(f"kv_cache_dtype must be one of auto, int8; got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_cache_dtype!r}")
         if self.quant_group_size not in QUANT_GROUP_SIZES:
             raise ValueError(f"quant_group_size must be one of {QUANT_GROUP_SIZES}; got {self.quant_group_size}")
         if self.compile is not None and self.compile not in COMPILE_MODES:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 
-KV_CACHE_DTYPES = ("auto", "int8")
 SCALE_BYTES = 2  # a bf16 scale after the codes
 
 
@@ -25,8 +24,13 @@ def is_quantized(cache: torch.Tensor) -> bool:
 
 
 def row_width(head_dim: int, kv_cache_dtype: str) -> int:
-    """Elements in one stored row of one head (codes plus the scale's bytes when quantized)."""
-    return head_dim + SCALE_BYTES if kv_cache_dtype == "int8" else head_dim
+    """Elements in one stored row of one head (codes plus the scale's bytes when quantized). The engine
+    sizes its pool with this first, so a model the int8 format cannot hold is refused there."""
+    if kv_cache_dtype != "int8":
+        return head_dim
+    if head_dim & (head_dim - 1):  # `rotate`'s butterflies halve D down to 1
+        raise ValueError(f"kv_cache_dtype int8 needs a power-of-two head_dim; this model's is {head_dim}")
+    return head_dim + SCALE_BYTES
 
 
 def pool_dtype(kv_cache_dtype: str, activations: torch.dtype) -> torch.dtype:
@@ -56,10 +60,8 @@ def rotate(x: torch.Tensor) -> torch.Tensor:
     transform: log2(D) butterflies of adds and subtracts in fp32, which the compiled step fuses into
     one loop with the quantization (a small GEMM per call cost more than the whole rest of the int8
     path). S = sqrt(D) H with H orthonormal and symmetric: (qS).(kS) = D (q.k), so a reader divides its
-    attention scale by D, and rotating twice gives D x. head_dim must be a power of two."""
+    attention scale by D, and rotating twice gives D x. D is a power of two (`row_width` checked it)."""
     d = x.shape[-1]
-    if d & (d - 1):
-        raise ValueError(f"the int8 KV cache needs a power-of-two head_dim, got {d}")
     y, h = x.float(), 1
     while h < d:
         pairs = y.unflatten(-1, (d // (2 * h), 2, h))

@@ -60,7 +60,7 @@ class Grammars:
         self.compile_timeout_s = compile_timeout_s
         self._cache: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
         self._cache_size = cache_size
-        self._lock = threading.Lock()  # the cache and the lazy set-up
+        self._lock = threading.Lock()  # the cache (looked up from the event loop and the engine thread)
         self._compiler: Any = None
         # One thread: a schema that compiles for long delays the next one, never a step.
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tinyserve-grammar")
@@ -73,7 +73,10 @@ class Grammars:
         hit = self._cached(spec)
         if hit is not None:
             return hit
-        return self._wait(self._pool.submit(self._compile, spec), spec)
+        try:
+            return self._pool.submit(self._compile, spec).result(self.compile_timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise self._timeout(spec) from None
 
     async def compile_async(self, spec: StructuredOutputsParams) -> Any:
         """`compile` for the event loop: the loop keeps serving while the grammar thread works."""
@@ -98,12 +101,6 @@ class Grammars:
                 self._cache.move_to_end(spec.key)
             return hit
 
-    def _wait(self, fut: concurrent.futures.Future, spec: StructuredOutputsParams) -> Any:
-        try:
-            return fut.result(self.compile_timeout_s)
-        except concurrent.futures.TimeoutError:
-            raise self._timeout(spec) from None
-
     def _timeout(self, spec: StructuredOutputsParams) -> ValueError:
         return ValueError(f"structured_outputs.{spec.kind}: the grammar did not compile within "
                           f"{self.compile_timeout_s:g} s; simplify it")
@@ -124,14 +121,14 @@ class Grammars:
         return compiled
 
     def _get_compiler(self) -> Any:
-        with self._lock:
-            if self._compiler is None:
-                import xgrammar as xgr
+        """Built on the grammar thread, the only one that compiles, so without a lock: holding the cache's
+        would stall the event loop's cache lookups for the tokenizer's 0.1-0.6 s of set-up."""
+        if self._compiler is None:
+            import xgrammar as xgr
 
-                info = xgr.TokenizerInfo.from_huggingface(self._hf, vocab_size=self.vocab_size,
-                                                          stop_token_ids=self._stop)
-                self._compiler = xgr.GrammarCompiler(info, max_threads=1)
-            return self._compiler
+            info = xgr.TokenizerInfo.from_huggingface(self._hf, vocab_size=self.vocab_size, stop_token_ids=self._stop)
+            self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+        return self._compiler
 
     # -- masking (on the step loop) -----------------------------------------------------------------
     def apply(self, logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:

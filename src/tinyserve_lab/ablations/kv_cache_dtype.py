@@ -26,13 +26,12 @@ from typing import Any
 import torch
 
 from tinyserve import LLM, SamplingParams
+from tinyserve.config import KV_CACHE_DTYPES
 from tinyserve_lab.ablations import rotated
 from tinyserve_lab.datasets import CHAT
 from tinyserve_lab.offline_models import OFFLINE_GGUFS, offline_gguf
 from tinyserve_lab.profile import decode_ms
 from tinyserve_lab.quality import common_prefix, shakespeare_windows
-
-FORMATS = ("auto", "int8")
 
 
 def perplexity(llm: LLM, windows: list[list[int]]) -> float:
@@ -107,7 +106,7 @@ def main() -> None:
         return
     # chunked prefill and no prefix cache: every scored position past the first chunk reads the pool
     llms = {f: LLM(model, kv_cache_dtype=f, max_num_batched_tokens=args.chunk, max_num_seqs=32,
-                   enable_prefix_caching=False, kv_cache_memory_gb=args.kv_cache_memory_gb) for f in FORMATS}
+                   enable_prefix_caching=False, kv_cache_memory_gb=args.kv_cache_memory_gb) for f in KV_CACHE_DTYPES}
     windows, _ = shakespeare_windows(llms["auto"].tokenizer, args.windows, args.window_tokens)
     chats = [[{"role": "user", "content": CHAT[i % len(CHAT)]}] for i in range(args.chats)]
     greedy = SamplingParams(temperature=0, max_tokens=args.max_tokens)
@@ -123,7 +122,7 @@ def main() -> None:
             "greedy_identical": sum(a == b for a, b in zip(answers["auto"], answers[f])),
             "greedy_prefix_agreement": statistics.mean(agree), "decode_ms": {"1": [], "32": []}}
     for r in range(args.rounds):
-        for f in rotated(FORMATS, r):
+        for f in rotated(KV_CACHE_DTYPES, r):
             for batch in (1, 32):
                 result["formats"][f]["decode_ms"][str(batch)].append(decode_ms(llms[f].engine, batch, 256, 16))
     base = result["formats"]["auto"]
