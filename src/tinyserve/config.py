@@ -142,6 +142,7 @@ def knob(default: Any, help: str, **argparse_kwargs: Any) -> Any:
 
 COMPILE_MODES = ("background", "blocking", "off")
 KV_CACHE_DTYPES = ("auto", "int8")  # how the pool stores K/V: kv/quant.py
+PREEMPTION_MODES = ("swap", "recompute")  # what a preempted sequence's K/V becomes: engine/scheduler.py
 
 
 @dataclass
@@ -184,6 +185,16 @@ class EngineConfig:
     enable_prefix_caching: bool = knob(
         True, "reuse the KV blocks of prompt prefixes seen before (vLLM's automatic prefix caching; "
         "--no-enable-prefix-caching turns it off)")
+    preemption_mode: str = knob(
+        "swap", "a sequence preempted for lack of KV blocks: swap = its K/V is copied to host memory and back "
+        "when it resumes (cheaper than recomputing it on a CPU: docs/REPORT.md); recompute = it is "
+        "recomputed from its tokens (also what swap does when the swap space is full)", choices=PREEMPTION_MODES)
+    swap_space_gb: float = knob(4.0, "host memory that swapped-out K/V may take (vLLM's --swap-space)")
+    kv_offload_path: str | None = knob(
+        None, "a directory for the prefix cache's disk tier: every cached block is also written there, and "
+        "a prompt whose prefix is on disk (evicted from the pool, a restart, another replica sharing the "
+        "directory) loads it instead of prefilling. Default: off")
+    kv_offload_gb: float = knob(10.0, "size bound of the disk tier; the least recently used blocks go first")
     scheduling_policy: str = knob("fcfs", "who is served first")  # registered in engine/policy.py
     aging_tokens_per_s: float = knob(
         1000.0, "shortest policy: prompt tokens taken off a sequence's rank per second it has waited, "
@@ -220,7 +231,7 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("kv_cache_memory_gb", "num_kv_blocks"):
+        for name in ("kv_cache_memory_gb", "num_kv_blocks", "kv_offload_gb"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("aging_tokens_per_s", "packed_max_rows"):
@@ -228,6 +239,11 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_cache_dtype!r}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}; "
+                             f"got {self.preemption_mode!r}")
+        if self.swap_space_gb < 0:
+            raise ValueError(f"swap_space_gb must be >= 0, got {self.swap_space_gb}")
         if self.quant_group_size not in QUANT_GROUP_SIZES:
             raise ValueError(f"quant_group_size must be one of {QUANT_GROUP_SIZES}; got {self.quant_group_size}")
         if self.compile is not None and self.compile not in COMPILE_MODES:
@@ -236,6 +252,8 @@ class EngineConfig:
             self.compile = "off"
         if self.batch_invariant:
             self._check_batch_invariant()
+        if self.kv_offload_path and not self.enable_prefix_caching:
+            raise ValueError("kv_offload_path is the prefix cache's disk tier: it needs enable_prefix_caching")
         if self.num_threads is None:
             self.num_threads = physical_cores()
         if isinstance(self.speculative_config, dict):  # LLM(speculative_config={...}): kept as the flag's JSON
@@ -263,6 +281,9 @@ class EngineConfig:
             raise ValueError("batch_invariant cuts prefills into chunks of max_num_batched_tokens - max_num_seqs "
                              f"tokens; raise max_num_batched_tokens above max_num_seqs ({self.max_num_seqs})")
         # A cached prefix changes how the rest of a prompt is computed (chunk attention over it).
+        if self.kv_offload_path:
+            raise ValueError("batch_invariant runs without the prefix cache, so without its disk tier: "
+                             "leave kv_offload_path unset")
         self.enable_prefix_caching = False
         # Eager and compiled steps round differently: a switch mid-answer would change its tokens.
         if self.compile == "background":

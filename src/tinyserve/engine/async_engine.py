@@ -351,6 +351,7 @@ class AsyncEngine:
             self.engine.abort_request(rid)
             self._finish_request(rid, notify=True)
         self._publish_stats()
+        self.engine.close()
         log.info("engine loop stopped")
 
     def _publish_stats(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +26,12 @@ from tinyserve.engine.sampler import Sampler, prompt_logprobs
 from tinyserve.engine.scheduler import ScheduledBatch, Scheduler
 from tinyserve.engine.sequence import Sequence, TokenLogprobs
 from tinyserve.kv.block_manager import BlockManager
+from tinyserve.kv.disk_tier import DiskTier
+from tinyserve.kv.disk_tier import namespace as kv_namespace
+from tinyserve.kv.tiers import KVTiers
 from tinyserve.layers import QUANTIZATION
 from tinyserve.layers import prefetch as prefetch_quantization
-from tinyserve.models.loader import model_config, resolve_model
+from tinyserve.models.loader import ModelSource, model_config, resolve_model
 from tinyserve.outputs import RequestOutput
 from tinyserve.sampling import SamplingParams
 from tinyserve.speculative.decoder import SpecDecoder
@@ -57,6 +61,10 @@ class EngineStats:
     spec_decode_num_drafts: int = 0  # speculative verifications so far (one per sequence and step)
     spec_decode_num_draft_tokens: int = 0  # ... the tokens they drafted
     spec_decode_num_accepted_tokens: int = 0  # ... and of those, the ones accepted
+    # The KV tiers (kv/tiers.py): (tier, direction, blocks, bytes, seconds) per way blocks move, so far
+    kv_tier_traffic: tuple[tuple[str, str, int, int, float], ...] = ()
+    kv_swap_fallbacks: int = 0  # preemptions recomputed because the swap space was full
+    kv_offload_corrupt: int = 0  # disk-tier files found torn or corrupt (skipped and removed)
 
 
 class LLMEngine:
@@ -111,8 +119,13 @@ class LLMEngine:
         self.quantization, self.packed_max_rows = served.quantization, served.packed_max_rows
         self.compile_seconds = served.compile_seconds
         self.blocks = BlockManager(self.num_blocks, bs, config.enable_prefix_caching)
+        self.tiers = KVTiers(self.runner.kv_caches, int(config.swap_space_gb * 2**30), self._disk_tier(src))
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting,
-                                   policy, prefill_chunk=config.prefill_chunk)
+                                   policy, prefill_chunk=config.prefill_chunk, tiers=self.tiers,
+                                   swap=config.preemption_mode == "swap")
+        # The disk tier's queued writes finish at close(), or when the engine is collected or the
+        # interpreter exits (an offline LLM(...) is never closed explicitly).
+        self._close_tiers = weakref.finalize(self, self.tiers.close)
         # Structured outputs: nothing is imported or built until the first request asks for a grammar.
         self.grammars = Grammars(self.tokenizer.hf, mc.vocab_size, self.tokenizer.eos_token_ids)
         self.sampler = Sampler(self.tokenizer.eos_token_ids, config.seed, self.runner.device, self.grammars)
@@ -122,6 +135,24 @@ class LLMEngine:
                             self.sampler.probs)
             self.spec = SpecDecoder.build(self.speculative, target)
         self.requests: dict[str, list[Sequence]] = {}
+
+    def _disk_tier(self, src: ModelSource) -> DiskTier | None:
+        """The prefix cache's disk tier, if asked for: its namespace is everything a block's bytes
+        depend on besides its tokens, so blocks of another model, weight mode or KV format never alias."""
+        config = self.config
+        if not config.kv_offload_path:
+            return None
+        weights = sorted((p.name, p.stat().st_size) for p in
+                         ([src.gguf_file] if src.gguf_file else src.path.glob("*.safetensors")))
+        ns = kv_namespace(self.model_config.to_hf(), weights, self.quantization, str(config.torch_dtype),
+                          config.kv_cache_dtype, config.block_size)
+        k = self.runner.kv_caches[0][0]
+        block_nbytes = 2 * len(self.runner.kv_caches) * k[0].numel() * k.element_size()
+        return DiskTier(config.kv_offload_path, ns, int(config.kv_offload_gb * 2**30), block_nbytes)
+
+    def close(self) -> None:
+        """Finish what must outlive the engine (the disk tier's queued writes)."""
+        self._close_tiers()
 
     # -- requests ----------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -243,9 +274,15 @@ class LLMEngine:
         running = {s.request_id for s in self.scheduler.running}
         waiting = {s.request_id for s in self.scheduler.waiting} - running
         spec = self.spec.stats if self.spec is not None else None
-        return EngineStats(len(running), len(waiting), float(self.blocks.usage), self.blocks.stats.queries,
-                           self.blocks.stats.hits, *((spec.num_drafts, spec.num_draft_tokens,
-                                                      spec.num_accepted_tokens) if spec else ()))
+        tiers = self.tiers.stats
+        return EngineStats(
+            len(running), len(waiting), float(self.blocks.usage), self.blocks.stats.queries, self.blocks.stats.hits,
+            *((spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens) if spec else (0, 0, 0)),
+            kv_tier_traffic=tuple((tier, way, t.blocks, t.bytes, t.seconds)
+                                  for (tier, way), t in tiers.traffic.items()),
+            kv_swap_fallbacks=tiers.swap_fallbacks,
+            kv_offload_corrupt=self.tiers.disk.stats.corrupt if self.tiers.disk is not None else 0,
+        )
 
     # -- the step loop ------------------------------------------------------------------------
     def step(self) -> list[Sequence]:

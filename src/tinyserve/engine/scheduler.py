@@ -14,8 +14,13 @@ else runs: a chunk is that many tokens (or the prompt's rest) and waits for a st
 whole, so a prompt's computation never depends on its neighbours.
 When a running sequence needs a block and none is free, the running sequence the policy ranks last
 that is not already in this step's batch is preempted: its blocks are freed (they stay cached) and
-it waits again to be recomputed later. Never failing for lack of memory is the point; the engine
-guarantees one sequence of `max_len` always fits the pool, so progress is certain.
+it waits again. Under `preemption_mode="swap"` its K/V is first copied to the swap space and copied
+back into fresh blocks when it is admitted again, so it resumes where it stopped; otherwise (or when
+the swap space is full) it is recomputed from its tokens. Never failing for lack of memory is the
+point; the engine guarantees one sequence of `max_len` always fits the pool, so progress is certain.
+With a disk tier (kv/tiers.py), an admitted prompt's prefix continues past the pool's cached blocks
+with the blocks found on disk, loaded into fresh blocks instead of prefilled, and every block the
+prefix cache registers is offered to the disk.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from dataclasses import dataclass, field
 from tinyserve.engine.policy import SchedulingPolicy
 from tinyserve.engine.sequence import Sequence, Status
 from tinyserve.kv.block_manager import BlockManager
+from tinyserve.kv.tiers import KVTiers
 
 
 class QueueFullError(RuntimeError):
@@ -50,8 +56,10 @@ class ScheduledBatch:
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_waiting: int,
                  policy: SchedulingPolicy | None = None, clock: Callable[[], float] = time.monotonic,
-                 prefill_chunk: int | None = None) -> None:
+                 prefill_chunk: int | None = None, tiers: KVTiers | None = None, swap: bool = False) -> None:
         self.blocks = blocks
+        self.tiers = tiers
+        self.swap = swap and tiers is not None  # preempt by swapping out, not by recomputing
         self.prefill_chunk = prefill_chunk
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -116,27 +124,54 @@ class Scheduler:
         return budget - n
 
     def _admit(self, seq: Sequence, budget: int, batch: ScheduledBatch) -> bool:
-        """Start `seq` on its cached prefix plus a chunk of at most `budget` tokens, if the pool has room."""
+        """Start `seq` on what it can reuse (its swapped-out K/V, or its prompt's cached prefix: the
+        pool's blocks, then the disk's) plus a chunk of at most `budget` tokens, if the pool has room."""
+        if self.tiers is not None and self.tiers.is_swapped(seq):
+            return self._resume(seq, budget, batch)
         # The last token is always computed, for its logits; prompt logprobs need every position.
         bs = self.blocks.block_size
         cacheable = self.blocks.enable_caching and seq.params.prompt_logprobs is None
-        hits = self.blocks.match(seq.full_block_hashes(bs, seq.num_tokens - 1)) if cacheable else []
-        num_cached = len(hits) * bs
+        hashes = seq.full_block_hashes(bs, seq.num_tokens - 1) if cacheable else []
+        hits = self.blocks.match(hashes)
+        on_disk = self.tiers.on_disk(hashes[len(hits):]) if self.tiers is not None and hashes else 0
+        num_cached = (len(hits) + on_disk) * bs
         n = self._chunk(seq.num_tokens - num_cached, budget)
         if n == 0 or not self.blocks.can_take(hits, num_cached + n):
             return False
+        self._start(seq, batch, n)
+        self.blocks.take(seq.block_table, hits)
+        self.blocks.grow(seq.block_table, num_cached + n)
+        if on_disk:
+            assert self.tiers is not None
+            first = len(hits)
+            loaded = self.tiers.load(hashes[first:first + on_disk], seq.block_table[first:first + on_disk])
+            # A block that failed to load (evicted by a replica, corrupt) is computed instead: the chunk
+            # starts there and is as long as planned, within the blocks just grown.
+            self.blocks.register(seq.block_table, hashes, first, first + loaded)
+            num_cached = (first + loaded) * bs
+        seq.num_computed = num_cached
         if seq.num_cached_tokens is None:  # the first admission: what the request is told it reused
             seq.num_cached_tokens = num_cached
             if cacheable:
                 self.blocks.record_lookup(seq.num_tokens, num_cached)
+        return True
+
+    def _resume(self, seq: Sequence, budget: int, batch: ScheduledBatch) -> bool:
+        """Admit a swapped-out sequence again: fresh blocks, its K/V copied back, and its next tokens."""
+        assert self.tiers is not None
+        n = self._chunk(seq.num_uncomputed, budget)
+        if n == 0 or not self.blocks.can_grow([], seq.num_computed + n):
+            return False
+        self._start(seq, batch, n)
+        self.blocks.grow(seq.block_table, seq.num_computed + n)
+        self.tiers.swap_in(seq, seq.block_table[: self.tiers.swapped_blocks(seq)])
+        return True
+
+    def _start(self, seq: Sequence, batch: ScheduledBatch, n: int) -> None:
         self.waiting.remove(seq)
         seq.status = Status.RUNNING
         self.running.append(seq)
-        self.blocks.take(seq.block_table, hits)
-        seq.num_computed = num_cached
-        self.blocks.grow(seq.block_table, num_cached + n)
         batch.add(seq, n)
-        return True
 
     def _chunk(self, uncomputed: int, budget: int) -> int:
         """Tokens to feed now: what budget allows, or with a fixed prefill chunk the next whole chunk or
@@ -160,8 +195,14 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         seq.spec_token_ids = []
+        # Its table covers its computed tokens (a victim is not in this step's batch, so nothing was
+        # grown for it); swapped, it keeps num_computed, else it starts over.
+        assert self.tiers is None or not self.tiers.is_swapped(seq)
+        computed_blocks = seq.block_table[: -(-seq.num_computed // self.blocks.block_size)]
+        swap = self.tiers if self.swap else None
+        if not (swap is not None and computed_blocks and swap.swap_out(seq, computed_blocks)):
+            seq.num_computed = 0
         self.blocks.release(seq.block_table)
-        seq.num_computed = 0
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.waiting.insert(0, seq)
@@ -172,7 +213,10 @@ class Scheduler:
         first, seq.num_computed = seq.num_computed // bs, seq.num_computed + n
         end = seq.num_computed // bs
         if end > first and self.blocks.enable_caching:
-            self.blocks.register(seq.block_table, seq.full_block_hashes(bs, seq.num_computed), first, end)
+            hashes = seq.full_block_hashes(bs, seq.num_computed)
+            self.blocks.register(seq.block_table, hashes, first, end)
+            if self.tiers is not None and seq.params.prompt_logprobs is None:
+                self.tiers.offload(hashes[first:end], seq.block_table[first:end])
 
     def rolled_back(self, seq: Sequence) -> None:
         """After speculation: give back the blocks beyond the sequence's tokens (rejected drafts' slots)."""
@@ -185,4 +229,6 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        if self.tiers is not None:
+            self.tiers.drop(seq)
         self.blocks.release(seq.block_table, keep_cached=seq.finish_reason != "error")

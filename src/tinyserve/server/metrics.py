@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from tinyserve.engine.async_engine import EngineStats
 from tinyserve.engine.sequence import Sequence
+from tinyserve.kv.tiers import TIER_DIRECTIONS
 
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
@@ -53,6 +54,26 @@ class ServerMetrics:
         self._totals = {name: Counter(f"tinyserve_{name}", doc, labels, registry=r).labels(model_name)
                         for name, doc in totals.items()}
         self._seen = dict.fromkeys(totals, 0)
+        # The KV tiers below the pool (kv/tiers.py), by tier (swap, disk) and direction (out of the pool, in).
+        tier_labels = labels + ["tier", "direction"]
+        self._tier = {
+            "blocks": Counter("tinyserve_kv_tier_blocks", "KV blocks moved between the pool and a tier.",
+                              tier_labels, registry=r),
+            "bytes": Counter("tinyserve_kv_tier_bytes", "Bytes of KV moved between the pool and a tier.",
+                             tier_labels, registry=r),
+            "seconds": Counter("tinyserve_kv_tier_seconds", "Step-loop time spent moving KV between the pool "
+                               "and a tier (the disk's file writes run on their own thread, not counted).",
+                               tier_labels, registry=r),
+        }
+        self._tier_seen: dict[tuple[str, str, str], float] = {}
+        for tier, way in TIER_DIRECTIONS:  # visible at 0 from the start
+            for counter in self._tier.values():
+                counter.labels(model_name, tier, way)
+        self.swap_fallbacks = Gauge("tinyserve_kv_swap_fallbacks", "Preemptions recomputed because the swap "
+                                    "space was full, since start.", labels, registry=r).labels(model_name)
+        self.offload_corrupt = Gauge("tinyserve_kv_offload_corrupt_files", "Disk-tier files found torn or "
+                                     "corrupt (skipped and removed), since start.", labels,
+                                     registry=r).labels(model_name)
         self.spec_acceptance = Gauge("tinyserve_spec_decode_acceptance_rate", "Drafted tokens accepted / drafted, "
                                      "since start (0 until something is drafted).", labels,
                                      registry=r).labels(model_name)
@@ -88,6 +109,13 @@ class ServerMetrics:
             value = getattr(stats, name)
             counter.inc(value - self._seen[name])
             self._seen[name] = value
+        for tier, way, *values in stats.kv_tier_traffic:
+            for (kind, counter), value in zip(self._tier.items(), values):
+                key = (kind, tier, way)
+                counter.labels(self.model_name, tier, way).inc(value - self._tier_seen.get(key, 0))
+                self._tier_seen[key] = value
+        self.swap_fallbacks.set(stats.kv_swap_fallbacks)
+        self.offload_corrupt.set(stats.kv_offload_corrupt)
         if stats.spec_decode_num_drafts:
             self.spec_acceptance.set(stats.spec_decode_num_accepted_tokens / stats.spec_decode_num_draft_tokens)
             self.spec_mean_length.set(1 + stats.spec_decode_num_accepted_tokens / stats.spec_decode_num_drafts)
