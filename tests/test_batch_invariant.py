@@ -38,6 +38,39 @@ def test_dense_models_are_refused(tiny_llama_dir, restore_torch_threads):
             batch_invariant=True, enforce_eager=True)
 
 
+def test_a_mixed_step_runs_its_decode_rows_on_the_compiled_graph(tiny_llama_dir, restore_torch_threads):
+    """Eager and compiled steps round differently, so in the batch-invariant mode a step that mixes decode
+    rows with a prefill chunk runs as two forwards: the decodes on the compiled graph (here a recording
+    stand-in), the chunk eagerly; the tokens are those of one forward (fp32)."""
+    from tinyserve import LLM
+    from tinyserve.worker.compiled import decode_forward
+
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    tokens = {}
+    for split in (False, True):
+        llm = LLM(str(tiny_llama_dir), dtype="float32", num_kv_blocks=64, block_size=4, enforce_eager=True,
+                  max_num_batched_tokens=16)
+        runner, e = llm.engine.runner, llm.engine
+        rows: list[int] = []
+
+        def compiled(input_ids, positions, kv_caches, slot_mapping, block_tables, context_lens, runner=runner,
+                     rows=rows):
+            rows.append(input_ids.shape[0])
+            return decode_forward(runner.model, input_ids, positions, kv_caches, slot_mapping, block_tables,
+                                  context_lens, runner.block_size)
+
+        runner.compiled, runner.split_mixed_steps = compiled, split
+        e.add_request("a", "The quick brown fox", greedy)
+        e.step()  # a's prompt
+        e.add_request("b", "a much longer prompt that takes two chunks of the sixteen token budget " * 2, greedy)
+        e.step()  # a's decode beside b's first chunk
+        assert rows == ([1] if split else [])
+        while e.has_unfinished():
+            e.step()
+        tokens[split] = [e.pop_output(r).outputs[0].token_ids for r in "ab"]
+    assert tokens[True] == tokens[False]
+
+
 def _seq(i: int, n: int) -> Sequence:
     return Sequence(request_id=f"r{i}", prompt=None, prompt_token_ids=list(range(1, n + 1)),
                     params=SamplingParams(max_tokens=4), detokenizer=None,  # type: ignore[arg-type]

@@ -11,6 +11,8 @@ openai = pytest.importorskip("openai")
 
 from tinyserve_lab.launcher import ServerProcess  # noqa: E402  (after the openai importorskip)
 
+from conftest import server_metric  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 SYSTEM = ("You are a meticulous assistant for an inference-engine team. Answer in one short sentence, "
@@ -70,3 +72,29 @@ def test_bad_priority_is_a_400(server):
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2, "priority": "high"},
                    timeout=30)
     assert r.status_code == 400 and "priority" in r.text
+
+
+def test_the_disk_tier_serves_the_prefix_after_a_restart(tmp_path):
+    """A server computes a system prompt, exits on SIGTERM, and a new server over the same
+    --kv-offload-path loads that prefix from disk: cached_tokens says so, the answer is the same, and the
+    tier's counters moved."""
+    args = ["--served-model-name", "smol", "--dtype", "float32", "--enforce-eager", "--kv-cache-memory-gb", "0.25",
+            "--kv-offload-path", str(tmp_path)]
+    messages = [{"role": "system", "content": SYSTEM * 3}, {"role": "user", "content": "What is TTFT?"}]
+
+    def ask(srv: ServerProcess):
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        return client.chat.completions.create(model="smol", max_tokens=12, temperature=0, messages=messages)
+
+    with ServerProcess(args) as first:
+        cold = ask(first)
+        assert server_metric(first.url, "tinyserve_kv_tier_blocks_total", 'tier="disk",direction="out"') > 0
+        assert first.terminate() == 0  # a clean exit: the queued writes landed
+    with ServerProcess(args) as second:
+        warm = ask(second)
+        n = cold.usage.prompt_tokens
+        assert cold.usage.prompt_tokens_details.cached_tokens == 0
+        assert warm.usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16 > 0
+        assert warm.choices[0].message.content == cold.choices[0].message.content
+        assert server_metric(second.url, "tinyserve_kv_tier_blocks_total",
+                             'tier="disk",direction="in"') == (n - 1) // 16

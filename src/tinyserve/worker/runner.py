@@ -102,6 +102,9 @@ class ModelRunner:
         self.building: BackgroundCompile | None = None  # ... when this build is done (adopt_compiled)
         self.pending: tuple[CompiledDecode, Path] | None = None  # what it builds, and where
         self.compile_failed = False  # a blocking build raised: eager, and /health says so
+        # Batch-invariant mode: a step mixing decode rows and prefill chunks runs as two forwards, so a
+        # decode row takes the compiled graph whatever shares its step (eager rounds differently).
+        self.split_mixed_steps = False
         self.block_size = block_size
         self.device = torch.device(device)
         # One block past the engine's pool: the scratch block, which the block manager never hands out,
@@ -153,6 +156,17 @@ class ModelRunner:
         """Run `num_tokens[i]` tokens of each `seqs[i]` (from its `num_computed` on) in one forward; the
         logits of the sequences that sample now and of the prompt rows asked to be scored."""
         self.adopt_compiled()
+        if self.split_mixed_steps and self.compiled is not None:
+            rows = [self._as_rows(s, n) for s, n in zip(seqs, num_tokens)]
+            if any(rows) and not all(rows):
+                parts = [self._execute([s for s, r in zip(seqs, rows) if r == kind],
+                                       [n for n, r in zip(num_tokens, rows) if r == kind]) for kind in (True, False)]
+                # Decode rows first, as one forward would order them (prepare): the same rows in the same order.
+                return StepLogits(_cat([p.logits for p in parts]), parts[0].sampling + parts[1].sampling,
+                                  _cat([p.prompt_logits for p in parts]), parts[0].prompt_spans + parts[1].prompt_spans)
+        return self._execute(seqs, num_tokens)
+
+    def _execute(self, seqs: Seq[S], num_tokens: Seq[int]) -> StepLogits[S]:
         prepared = self.prepare(seqs, num_tokens)
         logits, prompt_logits = self.forward(prepared)
         return StepLogits(logits, prepared.sampling, prompt_logits, prepared.prompt_spans)
@@ -246,3 +260,9 @@ class ModelRunner:
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Row blocks stacked, skipping the empty ones (a part with no such rows is a 0-element tensor)."""
+    full = [p for p in parts if p.numel()]
+    return torch.cat(full) if full else parts[0]

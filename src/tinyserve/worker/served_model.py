@@ -61,6 +61,7 @@ def serve_model(config: EngineConfig, src: ModelSource, mc: ModelConfig, quantiz
     packed_max_rows = configure_packed_kernels(model, rows, config.max_num_batched_tokens, dtype,
                                                 cache=(cache_dir() / "kernel-choice.json", key))
     runner = ModelRunner(model, mc, num_blocks, config.block_size, dtype, device, config.kv_cache_dtype)
+    runner.split_mixed_steps = config.batch_invariant
     seconds = 0.0
     if compile != "off":
         step, cache = _compiled_step(model, runner, attention, packed_max_rows, max_decode_rows)
