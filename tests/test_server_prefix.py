@@ -11,7 +11,7 @@ openai = pytest.importorskip("openai")
 
 from tinyserve_lab.launcher import ServerProcess  # noqa: E402  (after the openai importorskip)
 
-from conftest import server_metric  # noqa: E402
+from conftest import server_metric, wait_server_idle  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -88,13 +88,16 @@ def test_the_disk_tier_serves_the_prefix_after_a_restart(tmp_path):
 
     with ServerProcess(args) as first:
         cold = ask(first)
-        assert server_metric(first.url, "tinyserve_kv_tier_blocks_total", 'tier="disk",direction="out"') > 0
+        wait_server_idle(first.url)  # the counters are published after the step that finished it
+        disk_out = 'direction="out",model_name="smol",tier="disk"'  # prometheus sorts the labels
+        assert server_metric(first.url, "tinyserve_kv_tier_blocks_total", disk_out) > 0
         assert first.terminate() == 0  # a clean exit: the queued writes landed
     with ServerProcess(args) as second:
         warm = ask(second)
+        wait_server_idle(second.url)
         n = cold.usage.prompt_tokens
         assert cold.usage.prompt_tokens_details.cached_tokens == 0
         assert warm.usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16 > 0
         assert warm.choices[0].message.content == cold.choices[0].message.content
         assert server_metric(second.url, "tinyserve_kv_tier_blocks_total",
-                             'tier="disk",direction="in"') == (n - 1) // 16
+                             'direction="in",model_name="smol",tier="disk"') == (n - 1) // 16
