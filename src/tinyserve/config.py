@@ -179,6 +179,10 @@ class EngineConfig:
         "dense copy above (0: always dense; >= max-num-batched-tokens: always packed, no dense copy kept). "
         "Default: measured at start-up on this machine",
     )
+    int8_compute: bool = knob(
+        False, "compiled decode steps above the packed crossover (batches) multiply int8 activations (per token, "
+        "quantized on the fly) by an int8 copy of each quantized weight (per output channel) on VNNI/AMX "
+        "instead of its 16-bit dense copy, which eager steps (prefills) keep; lossy (docs/REPORT.md)")
     attention_backend: str = knob(  # the back ends are registered in attention/__init__.py
         "auto", "how attention reads the paged KV pool; auto = paged on CPU (sdpa where its kernel cannot "
         "be built), sdpa elsewhere")
@@ -277,6 +281,9 @@ class EngineConfig:
                              "in other step shapes than decoding them one by one")
         if self.packed_max_rows is not None:
             raise ValueError("batch_invariant runs the packed kernel at every batch size; leave packed_max_rows unset")
+        if self.int8_compute:
+            raise ValueError("batch_invariant runs the packed kernel at every batch size: int8_compute has no "
+                             "large steps to run")
         if self.max_num_batched_tokens <= self.max_num_seqs:
             raise ValueError("batch_invariant cuts prefills into chunks of max_num_batched_tokens - max_num_seqs "
                              f"tokens; raise max_num_batched_tokens above max_num_seqs ({self.max_num_seqs})")

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tinyserve.layers.linear import DenseWeight, Linear
@@ -64,7 +63,7 @@ def configure_packed_kernels(model: nn.Module, packed_max_rows: int | None, max_
     for lin, w in weights:
         w.packed_max_rows = rows
         if rows >= max_step_rows:
-            w.dense = None
+            w.drop_copy()
         elif rows == 0 and w.dense is not None:  # never packed: keep only the dense copy
             lin.impl = DenseWeight(w.dense)
     return rows
@@ -102,7 +101,7 @@ class _CrossoverCache:
             log.warning("could not cache the kernel choice in %s: %s", self.path, e)
 
 
-def _time_kernels(with_dense: Sequence[tuple[Linear, PackedWeight, torch.Tensor]], xs: dict[int, torch.Tensor],
+def _time_kernels(with_copy: Sequence[tuple[Linear, PackedWeight]], xs: dict[int, torch.Tensor],
                   reps: int) -> tuple[float, float]:
     """Best-of-`reps` ms for every packed linear one way, then the other, the two interleaved rep by rep so
     that a burst of load from elsewhere hits both alike rather than one whole side."""
@@ -110,8 +109,8 @@ def _time_kernels(with_dense: Sequence[tuple[Linear, PackedWeight, torch.Tensor]
     for _ in range(reps):
         for side in (0, 1):
             start = time.perf_counter()
-            for lin, w, dense in with_dense:
-                w.packed_mm(xs[lin.in_features]) if side == 0 else F.linear(xs[lin.in_features], dense)
+            for lin, w in with_copy:
+                w.packed_mm(xs[lin.in_features]) if side == 0 else w.copy_mm(xs[lin.in_features])
             best[side] = min(best[side], time.perf_counter() - start)
     return best[0] * 1e3, best[1] * 1e3
 
@@ -126,8 +125,8 @@ def choose_packed_max_rows(model: nn.Module, dtype: torch.dtype, candidates: Seq
     Past `budget_s` (a large model, a slow machine) no larger count is tried: the answer is then a
     lower bound, which costs some speed at large batches but never a wrong result."""
     weights = packed_weights(model)
-    with_dense = [(lin, w, w.dense) for lin, w in weights if w.dense is not None]
-    if not weights or len(with_dense) < len(weights):
+    with_copy = [(lin, w) for lin, w in weights if w.has_copy]
+    if not weights or len(with_copy) < len(weights):
         return (1 << 30 if weights else 0), {}
     timings: dict[int, tuple[float, float]] = {}
     best = 0
@@ -136,12 +135,12 @@ def choose_packed_max_rows(model: nn.Module, dtype: torch.dtype, candidates: Seq
         if time.perf_counter() > deadline:
             log.info("kernel choice: out of time after %d rows; packed up to there", best)
             break
-        xs = {lin.in_features: torch.randn(m, lin.in_features, dtype=dtype, device=dense.device)
-              for lin, _, dense in with_dense}
-        _time_kernels(with_dense, xs, 1)  # warm-up
-        packed, dense = _time_kernels(with_dense, xs, reps)
+        xs = {lin.in_features: torch.randn(m, lin.in_features, dtype=dtype, device=next(w.buffers()).device)
+              for lin, w in with_copy}
+        _time_kernels(with_copy, xs, 1)  # warm-up
+        packed, dense = _time_kernels(with_copy, xs, reps)
         if packed > dense:  # confirm: the best of twice the samples
-            again = _time_kernels(with_dense, xs, reps)
+            again = _time_kernels(with_copy, xs, reps)
             packed, dense = min(packed, again[0]), min(dense, again[1])
         timings[m] = (packed, dense)
         if packed > dense:

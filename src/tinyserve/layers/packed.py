@@ -16,32 +16,88 @@ from torch import nn
 
 
 class PackedWeight(nn.Module):
-    """A packed weight plus an optional dense copy for steps with many rows."""
+    """A packed weight plus optional copies for steps with many rows: dense in the model dtype, and (int8
+    compute) int8 per output channel, multiplied by the step's activations quantized per token. Rows up
+    to `packed_max_rows` run packed, above on a copy: the int8 one inside the compiled decode step
+    (`int8_active`), where the activations' quantization fuses into the ops around it; the dense one in
+    eager steps, where it would be separate passes over memory (slower than the 16-bit GEMM, REPORT)."""
 
-    dense: torch.Tensor | None  # buffers: declared for the type checker (nn.Module.__getattr__ is untyped)
+    # buffers: declared for the type checker (nn.Module.__getattr__ is untyped)
+    dense: torch.Tensor | None
+    dense_q: torch.Tensor | None  # int8 [out, in]: the int8-compute copy
+    dense_scales: torch.Tensor | None  # fp32 [out]
 
     def __init__(self, dense: torch.Tensor | None) -> None:
         super().__init__()
         self.register_buffer("dense", dense)
+        self.register_buffer("dense_q", None)
+        self.register_buffer("dense_scales", None)
         self.packed_max_rows = 1 << 30  # packed kernel for every batch until a measurement says otherwise
+        self.int8_active = False  # products above packed_max_rows on the int8 copy (set in the compiled step)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense is not None and x.shape[0] > self.packed_max_rows:
-            return F.linear(x, self.dense)
+        if self.has_copy and x.shape[0] > self.packed_max_rows:
+            return self.copy_mm(x)
         return self.packed_mm(x)
+
+    @property
+    def has_copy(self) -> bool:
+        return self.dense is not None or self.dense_q is not None
+
+    def copy_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """The product on the large-step copy."""
+        if self._on_int8():
+            assert self.dense_q is not None and self.dense_scales is not None
+            return int8_linear(x, self.dense_q, self.dense_scales)
+        assert self.dense is not None
+        return F.linear(x, self.dense)
+
+    def _on_int8(self) -> bool:
+        return self.dense_q is not None and (self.int8_active or self.dense is None)
+
+    def int8_copy(self) -> None:
+        """Add an int8 copy beside the dense one: codes per output channel, from the dense copy."""
+        if self.dense is not None:
+            w = self.dense.float()
+            scales = (w.abs().amax(-1) / 127).clamp(min=1e-12)
+            self.dense_q = (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+            self.dense_scales = scales
+
+    def drop_copy(self) -> None:
+        self.dense = self.dense_q = self.dense_scales = None
 
     @property
     def dense_weight(self) -> torch.Tensor | None:
         return self.dense
 
     def bytes_read(self, rows: int) -> int:
-        """Weight bytes one product with `rows` rows streams: the dense copy's or the packed ones'."""
-        if self.dense is not None and rows > self.packed_max_rows:
-            return self.dense.numel() * self.dense.element_size()
-        return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if n != "dense")
+        """Weight bytes one product with `rows` rows streams: the copy's it runs on, or the packed ones'."""
+        names: tuple[str, ...]
+        if self.has_copy and rows > self.packed_max_rows:
+            names = ("dense_q", "dense_scales") if self._on_int8() else ("dense",)
+        else:
+            names = tuple(n for n, _ in self.named_buffers() if n not in ("dense", "dense_q", "dense_scales"))
+        return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if n in names)
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+def int8_in_graph(model: nn.Module) -> None:
+    """Make `model`'s int8 copies serve its large products (the compiled step's traced copy of the model)."""
+    for m in model.modules():
+        if isinstance(m, PackedWeight) and m.dense_q is not None:
+            m.int8_active = True
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, w_scales: torch.Tensor) -> torch.Tensor:
+    """x @ (q * w_scales).T with x quantized to int8 per row (dynamic, symmetric): an int8 x int8 -> int32
+    GEMM (oneDNN: VNNI, AMX where present), then both scales. `q.t()` is the column-major [in, out]
+    operand oneDNN multiplies fastest (1.3-1.8x the row-major one, docs/REPORT.md)."""
+    xf = x.float()
+    x_scales = xf.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
+    xq = (xf / x_scales).round().to(torch.int8)  # |x / scale| <= 127 by construction
+    return (torch._int_mm(xq, q.t()).float() * x_scales * w_scales).to(x.dtype)
 
 
 class Int8Weight(PackedWeight):

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from tinyserve.attention.base import AttentionMetadata
+from tinyserve.layers.packed import int8_in_graph
 from tinyserve.models.llama import LlamaForCausalLM
 from tinyserve.system import cpu_flags, cpu_model
 
@@ -222,6 +223,7 @@ class CompiledDecode:
 
         log.info("compiling the decode step for %d-%d rows (once: later starts load it)", lo, hi)
         shadow = _meta_copy(self.model)
+        int8_in_graph(shadow)  # int8 compute (--int8-compute): the copies it made serve this graph's products
         names = [n for n, _ in _weights(self.model)]
         block_size = self.block_size
 

@@ -56,6 +56,14 @@ def serve_model(config: EngineConfig, src: ModelSource, mc: ModelConfig, quantiz
     # The packed/dense crossover depends on the machine, the model and the mode: measured once, cached.
     machine = f"{cpu_model()}|{config.device}|{config.num_threads} threads|torch {torch.__version__}"
     key = f"{src.path}|{resolved}|g{config.quant_group_size}|{dtype}|{machine}"
+    if config.int8_compute:
+        weights = packed_weights(model)
+        if not weights:
+            raise ValueError(f"int8_compute runs the large steps of quantized weights; this model's weight mode "
+                             f"({resolved}) has none: choose a quantized mode (gguf, int8, int4, checkpoint)")
+        for _, w in weights:  # used by the compiled decode step (layers/packed.py)
+            w.int8_copy()
+        key += "|int8-compute"
     # batch-invariant: the packed kernel at every batch size (no dense copy kept)
     rows = config.max_num_batched_tokens if config.batch_invariant else config.packed_max_rows
     packed_max_rows = configure_packed_kernels(model, rows, config.max_num_batched_tokens, dtype,
@@ -88,7 +96,7 @@ def _compiled_step(model: LlamaForCausalLM, runner: ModelRunner, attention: Atte
                    top: int) -> tuple[CompiledDecode, Path]:
     """The compiled decode step (not loaded yet) and the directory of its packages. Its regimes split at
     the quantized linears' packed/dense crossover where dense copies exist (worker/compiled.py)."""
-    dense = any(w.dense is not None for _, w in packed_weights(model))
+    dense = any(w.has_copy for _, w in packed_weights(model))
     # A dense 16-bit linear in the compiled graph rounds one row differently from several; fp32's
     # dense GEMM has no row count that agrees with another, so it gains nothing from two rows.
     one_row_dense = runner.dtype != torch.float32 and any(
