@@ -128,6 +128,19 @@ def choose_packed_max_rows(model: nn.Module, dtype: torch.dtype, candidates: Seq
     with_copy = [(lin, w) for lin, w in weights if w.has_copy]
     if not weights or len(with_copy) < len(weights):
         return (1 << 30 if weights else 0), {}
+    # With int8 copies the compiled decode step multiplies on them above the crossover: time those.
+    int8 = [w for _, w in with_copy if w.dense_q is not None]
+    for w in int8:
+        w.int8_active = True
+    try:
+        return _crossover(with_copy, dtype, candidates, reps, budget_s)
+    finally:
+        for w in int8:
+            w.int8_active = False
+
+
+def _crossover(with_copy: Sequence[tuple[Linear, PackedWeight]], dtype: torch.dtype, candidates: Sequence[int],
+               reps: int, budget_s: float) -> tuple[int, dict[int, tuple[float, float]]]:
     timings: dict[int, tuple[float, float]] = {}
     best = 0
     deadline = time.perf_counter() + budget_s

@@ -1,0 +1,98 @@
+"""`--int8-compute` on and off, side by side (two engines, interleaved rounds):
+
+- speed: a pure decode step at each `--batches` size (`tinyserve profile`'s timing: the compiled step, as
+  served), the packed/copy crossover each engine measured, and one 512-token prefill (an eager step: the
+  dense copy either way);
+- quality: greedy answers to `--chats` chat prompts generated together (their decode steps are the int8
+  ones), compared with the default's; and perplexity of held-out text (Hamlet, the quality tool's windows)
+  with the int8 products forced into the eager prefill (`int8_in_graph` on the engine's own model: the
+  same arithmetic as the compiled step, rounded in another order), so every scored position pays the
+  int8 error of every layer.
+
+    .venv/bin/python -m tinyserve_lab.ablations.int8_compute                       # bundled
+    .venv/bin/python -m tinyserve_lab.ablations.int8_compute --model qwen2.5-coder-1.5b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from tinyserve import LLM, SamplingParams
+from tinyserve.layers.packed import int8_in_graph
+from tinyserve_lab.ablations import rotated
+from tinyserve_lab.ablations.kv_cache_dtype import perplexity
+from tinyserve_lab.datasets import CHAT
+from tinyserve_lab.env_info import machine_info
+from tinyserve_lab.offline_models import OFFLINE_GGUFS, offline_gguf
+from tinyserve_lab.profile import decode_ms
+from tinyserve_lab.quality import common_prefix, shakespeare_windows
+
+MODES = ("bf16 copy", "int8 compute")
+
+
+def prefill_ms(llm: LLM, tokens: int, seed: int) -> float:
+    ids = torch.randint(100, llm.engine.model_config.vocab_size - 100, (tokens,),
+                        generator=torch.Generator().manual_seed(seed)).tolist()
+    start = time.perf_counter()
+    llm.generate([ids], SamplingParams(max_tokens=1))
+    return (time.perf_counter() - start) * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help=f"a path, or one of {', '.join(OFFLINE_GGUFS)}")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16, 32, 64])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--chats", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--window-tokens", type=int, default=256)
+    p.add_argument("--json", default=None, help="write the results here too")
+    args = p.parse_args()
+    model = str(offline_gguf(args.model)) if args.model in OFFLINE_GGUFS else args.model
+    llms = {m: LLM(model, int8_compute=m == "int8 compute", max_num_seqs=max(max(args.batches), args.chats))
+            for m in MODES}
+    result: dict[str, Any] = {"machine": machine_info(), "model": llms[MODES[0]].engine.model_name,
+                              "args": vars(args), "modes": {}}
+    for m, llm in llms.items():
+        result["modes"][m] = {"packed_max_rows": llm.engine.packed_max_rows,
+                              "compile_seconds": llm.engine.compile_seconds,
+                              "decode_ms": {str(b): [] for b in args.batches}, "prefill_512_ms": []}
+    for r in range(args.rounds):
+        for m in rotated(MODES, r):
+            row = result["modes"][m]
+            for b in args.batches:
+                row["decode_ms"][str(b)].append(decode_ms(llms[m].engine, b, 256, 16))
+            row["prefill_512_ms"].append(prefill_ms(llms[m], 512, r))
+    chats = [[{"role": "user", "content": CHAT[i % len(CHAT)]}] for i in range(args.chats)]
+    greedy = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    answers = {m: [o.outputs[0].token_ids for o in llm.chat(chats, greedy)] for m, llm in llms.items()}
+    windows, _ = shakespeare_windows(llms[MODES[0]].tokenizer, args.windows, args.window_tokens)
+    int8_in_graph(llms["int8 compute"].engine.model)  # from here its eager steps multiply in int8 too
+    for m, llm in llms.items():
+        row = result["modes"][m]
+        ref, own = answers[MODES[0]], answers[m]
+        row["greedy_identical"] = sum(a == b for a, b in zip(ref, own))
+        row["greedy_prefix_agreement"] = statistics.mean(common_prefix(a, b) / max(len(a), 1) for a, b in zip(ref, own))
+        row["perplexity"] = perplexity(llm, windows)
+        row["prefill_512_ms_median"] = statistics.median(row["prefill_512_ms"])
+        row["decode_ms_median"] = {b: statistics.median(v) for b, v in row["decode_ms"].items()}
+    base = result["modes"][MODES[0]]
+    for row in result["modes"].values():
+        row["perplexity_vs_bf16"] = row["perplexity"] / base["perplexity"] - 1
+        row["decode_speedup"] = {b: base["decode_ms_median"][b] / v for b, v in row["decode_ms_median"].items()}
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
