@@ -23,6 +23,10 @@ def test_config_refuses_what_would_break_it_and_sets_what_it_needs():
         EngineConfig(batch_invariant=True, speculative_config='{"method": "ngram", "num_speculative_tokens": 2}')
     with pytest.raises(ValueError, match="packed_max_rows unset"):
         EngineConfig(batch_invariant=True, packed_max_rows=8)
+    with pytest.raises(ValueError, match="int8_compute has no large steps"):
+        EngineConfig(batch_invariant=True, int8_compute=True)
+    with pytest.raises(ValueError, match="without its disk tier"):
+        EngineConfig(batch_invariant=True, kv_offload_path="/tmp/unused")
     with pytest.raises(ValueError, match="raise max_num_batched_tokens above max_num_seqs"):
         EngineConfig(batch_invariant=True, max_num_batched_tokens=64, max_num_seqs=64)
     cfg = EngineConfig(batch_invariant=True, compile="background", max_num_batched_tokens=96, max_num_seqs=32)

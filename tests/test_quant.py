@@ -369,3 +369,29 @@ def test_nf4_checkpoint_serves_packed_with_the_dense_decodes_tokens(tiny_llama_d
     assert dense.engine.model.layers[0].self_attn.qkv_proj.impl.kind == "dense-float32"
     assert ([o.outputs[0].token_ids for o in packed.generate(prompts, params)]
             == [o.outputs[0].token_ids for o in dense.generate(prompts, params)])
+
+
+def test_int8_linear_is_the_product_of_the_rounded_operands():
+    """int8 compute: x rounded per row, w per output channel, multiplied exactly in int32 and scaled: equal
+    (to fp32 rounding) to the float product of the two dequantized operands, and within the rounding
+    bound of the true one."""
+    from tinyserve.layers.packed import int8_linear
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(24, 96, generator=g), torch.randn(40, 96, generator=g)
+    ws = w.abs().amax(-1) / 127
+    q = (w / ws[:, None]).round().to(torch.int8)
+    xs = x.abs().amax(-1, keepdim=True) / 127
+    wq = q.float() * ws[:, None]
+    expect = ((x / xs).round() * xs) @ wq.T
+    got = int8_linear(x, q, ws)
+    assert torch.allclose(got, expect, rtol=1e-5, atol=1e-4)
+    # x^ w^ - x w = (x^ - x) w^ + x (w^ - w), each rounding error at most half a step
+    bound = xs / 2 * wq.abs().sum(-1)[None, :] + x.abs().sum(-1, keepdim=True) * (ws / 2)[None, :]
+    assert bool(((got - x @ w.T).abs() <= bound * (1 + 1e-3) + 1e-5).all())
+    assert int8_linear(x.bfloat16(), q, ws).dtype == torch.bfloat16
+
+
+def test_int8_compute_needs_quantized_weights(tiny_llama_dir, restore_torch_threads):
+    with pytest.raises(ValueError, match="int8_compute runs the large steps of quantized weights"):
+        LLM(str(tiny_llama_dir), **TINY, num_kv_blocks=8, int8_compute=True)

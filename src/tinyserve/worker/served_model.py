@@ -18,6 +18,7 @@ from tinyserve.config import EngineConfig, ModelConfig
 from tinyserve.layers import batch_invariant_quantization, resolve_quantization
 from tinyserve.layers.kernel_choice import configure_packed_kernels, packed_weights
 from tinyserve.layers.linear import DenseWeight, Linear
+from tinyserve.layers.packed import INT8_COMPUTE_LINEARS, PackedWeight
 from tinyserve.models.llama import LlamaForCausalLM
 from tinyserve.models.loader import ModelSource, load_model
 from tinyserve.system import cache_dir, cpu_model
@@ -57,11 +58,12 @@ def serve_model(config: EngineConfig, src: ModelSource, mc: ModelConfig, quantiz
     machine = f"{cpu_model()}|{config.device}|{config.num_threads} threads|torch {torch.__version__}"
     key = f"{src.path}|{resolved}|g{config.quant_group_size}|{dtype}|{machine}"
     if config.int8_compute:
-        weights = packed_weights(model)
+        weights = [m.impl for name, m in model.named_modules() if isinstance(m, Linear)
+                   and isinstance(m.impl, PackedWeight) and name.rsplit(".", 1)[-1] in INT8_COMPUTE_LINEARS]
         if not weights:
             raise ValueError(f"int8_compute runs the large steps of quantized weights; this model's weight mode "
                              f"({resolved}) has none: choose a quantized mode (gguf, int8, int4, checkpoint)")
-        for _, w in weights:  # used by the compiled decode step (layers/packed.py)
+        for w in weights:  # used by the compiled decode step (layers/packed.py)
             w.int8_copy()
         key += "|int8-compute"
     # batch-invariant: the packed kernel at every batch size (no dense copy kept)
