@@ -225,11 +225,13 @@ def test_a_step_that_cannot_be_built_leaves_the_engine_eager(tiny_llama_dir, res
     assert got == want
 
 
-def test_int8_compute_runs_in_the_graph_above_the_crossover(tiny_llama_dir, restore_torch_threads, caplog):
-    """--int8-compute: the compiled step's products above the crossover are int8 x int8 (the eager engine
-    with the same products forced agrees as the int8 pool does: a value at a code's boundary may round
-    the other way), eager steps keep the dense copy, and the int8 answers are not the dense ones."""
-    from tinyserve.layers.packed import int8_in_graph
+def test_int8_compute_runs_in_the_graph_above_the_crossover(tiny_llama_dir, restore_torch_threads, caplog,
+                                                           monkeypatch):
+    """--int8-compute: the compiled step's products above the crossover are int8 x int8 (an eager engine
+    with the same products forced into its decode steps agrees as the int8 pool does: a value at a code's
+    boundary may round the other way), eager steps keep the dense copy, and the int8 answers are not the
+    dense ones."""
+    from tinyserve.layers.packed import PackedWeight
 
     kw = dict(quantization="int8", packed_max_rows=2, block_size=4, num_kv_blocks=128)
     compiled = LLM(str(tiny_llama_dir), **{**COMPILED, **kw, "int8_compute": True})
@@ -237,14 +239,24 @@ def test_int8_compute_runs_in_the_graph_above_the_crossover(tiny_llama_dir, rest
     dense = LLM(str(tiny_llama_dir), **{**EAGER, **kw})
     params = SamplingParams(temperature=0, max_tokens=8, logprobs=1, ignore_eos=True)
     prompts = _prompts(eager.engine.model_config.vocab_size)  # 4 decodes: above the crossover of 2
+    plain = dense.generate(prompts, params)
     assert [o.outputs[0].logprobs for o in eager.generate(prompts, params)] == \
-        [o.outputs[0].logprobs for o in dense.generate(prompts, params)]  # eager: the dense copy
+        [o.outputs[0].logprobs for o in plain]  # eager steps: the dense copy
     got = compiled.generate(prompts, params)
     _no_eager_fallback(caplog)
-    int8_in_graph(eager.engine.model)
-    ref = eager.generate(prompts, params)
-    _assert_agree(ref, got, kv_cache_dtype="int8")
+    int8 = [m for m in eager.engine.model.modules() if isinstance(m, PackedWeight) and m.dense_q is not None]
+    assert {n.split(".")[-2] for n, m in eager.engine.model.named_modules() if m in int8} == \
+        {"o_proj", "gate_up_proj"}  # "...o_proj.impl": the Linear's weight module
+    real = eager.engine.runner.execute
+
+    def execute(seqs, num_tokens):  # the decode steps on the int8 copies, as in the graph
+        for w in int8:
+            w.int8_active = all(n == 1 for n in num_tokens)
+        return real(seqs, num_tokens)
+
+    monkeypatch.setattr(eager.engine.runner, "execute", execute)
+    _assert_agree(eager.generate(prompts, params), got, kv_cache_dtype="int8")
     moved = [abs(a.outputs[0].logprobs[i][t].logprob - b.outputs[0].logprobs[i][t].logprob)
-             for a, b in zip(dense.generate(prompts, params), got)
-             for i, t in enumerate(a.outputs[0].token_ids[:4]) if t in b.outputs[0].logprobs[i]]
+             for a, b in zip(plain, got) for i, t in enumerate(a.outputs[0].token_ids[:4])
+             if t in b.outputs[0].logprobs[i]]
     assert max(moved) > 1e-4, "the graph's products were not the int8 ones"

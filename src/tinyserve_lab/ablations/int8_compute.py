@@ -4,10 +4,11 @@
   served), the packed/copy crossover each engine measured, and one 512-token prefill (an eager step: the
   dense copy either way);
 - quality: greedy answers to `--chats` chat prompts generated together (their decode steps are the int8
-  ones), compared with the default's; and perplexity of held-out text (Hamlet, the quality tool's windows)
-  with the int8 products forced into the eager prefill (`int8_in_graph` on the engine's own model: the
-  same arithmetic as the compiled step, rounded in another order), so every scored position pays the
-  int8 error of every layer.
+  ones), compared with the default's (and, as a yardstick, the default's own answers to each chat
+  alone: batch composition alone moves a 16-bit answer); and perplexity of held-out text (Hamlet, the
+  quality tool's windows) with the int8 products forced into the eager prefill (`int8_in_graph` on the
+  engine's own model: the same arithmetic as the compiled step, rounded in another order), so every
+  scored position pays the int8 error of every layer that has an int8 copy.
 
     .venv/bin/python -m tinyserve_lab.ablations.int8_compute                       # bundled
     .venv/bin/python -m tinyserve_lab.ablations.int8_compute --model qwen2.5-coder-1.5b
@@ -73,6 +74,12 @@ def main() -> None:
     chats = [[{"role": "user", "content": CHAT[i % len(CHAT)]}] for i in range(args.chats)]
     greedy = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     answers = {m: [o.outputs[0].token_ids for o in llm.chat(chats, greedy)] for m, llm in llms.items()}
+    # The yardstick: the default mode's own answers, each chat alone instead of all together
+    alone = [llms[MODES[0]].chat([c], greedy)[0].outputs[0].token_ids for c in chats]
+    result["bf16_alone_vs_together"] = {
+        "greedy_identical": sum(a == b for a, b in zip(answers[MODES[0]], alone)),
+        "greedy_prefix_agreement": statistics.mean(common_prefix(a, b) / max(len(a), 1)
+                                                   for a, b in zip(answers[MODES[0]], alone))}
     windows, _ = shakespeare_windows(llms[MODES[0]].tokenizer, args.windows, args.window_tokens)
     int8_in_graph(llms["int8 compute"].engine.model)  # from here its eager steps multiply in int8 too
     for m, llm in llms.items():
