@@ -10,7 +10,12 @@
   engine's own model: the same arithmetic as the compiled step, rounded in another order), so every
   scored position pays the int8 error of every layer that has an int8 copy.
 
+`--per-linear` instead measures which linears to run in int8: the perplexity above with the int8
+products forced on each kind of linear alone, on pairs, and on all (one eager engine, copies for every
+kind), the study behind `INT8_COMPUTE_LINEARS` (layers/packed.py).
+
     .venv/bin/python -m tinyserve_lab.ablations.int8_compute                       # bundled
+    .venv/bin/python -m tinyserve_lab.ablations.int8_compute --per-linear
     .venv/bin/python -m tinyserve_lab.ablations.int8_compute --model qwen2.5-coder-1.5b
 """
 
@@ -25,7 +30,7 @@ from typing import Any
 import torch
 
 from tinyserve import LLM, SamplingParams
-from tinyserve.layers.packed import int8_in_graph
+from tinyserve.layers.packed import PackedWeight, int8_in_graph
 from tinyserve_lab.ablations import rotated
 from tinyserve_lab.ablations.kv_cache_dtype import perplexity
 from tinyserve_lab.datasets import CHAT
@@ -45,6 +50,25 @@ def prefill_ms(llm: LLM, tokens: int, seed: int) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+SUBSETS = (("none",), ("qkv_proj",), ("o_proj",), ("gate_up_proj",), ("down_proj",), ("lm_head",),
+           ("o_proj", "gate_up_proj"), ("o_proj", "gate_up_proj", "lm_head"), ("qkv_proj", "o_proj", "gate_up_proj"),
+           ("o_proj", "gate_up_proj", "down_proj"), ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"))
+
+
+def per_linear(model: str | None, windows_n: int, window_tokens: int) -> dict[str, float]:
+    llm = LLM(model, enforce_eager=True, enable_prefix_caching=False)
+    kinds = [(n.split(".")[-2], m) for n, m in llm.engine.model.named_modules() if isinstance(m, PackedWeight)]
+    for _, w in kinds:
+        w.int8_copy()
+    windows, _ = shakespeare_windows(llm.tokenizer, windows_n, window_tokens)
+    out = {}
+    for subset in SUBSETS:
+        for kind, w in kinds:
+            w.int8_active = kind in subset
+        out["+".join(subset)] = perplexity(llm, windows)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help=f"a path, or one of {', '.join(OFFLINE_GGUFS)}")
@@ -55,8 +79,14 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--window-tokens", type=int, default=256)
     p.add_argument("--json", default=None, help="write the results here too")
+    p.add_argument("--per-linear", action="store_true", help="the per-linear perplexity study instead (see above)")
     args = p.parse_args()
     model = str(offline_gguf(args.model)) if args.model in OFFLINE_GGUFS else args.model
+    if args.per_linear:
+        ppl = per_linear(model, args.windows, args.window_tokens)
+        print(json.dumps({"machine": machine_info(), "model": model or "bundled", "perplexity": ppl,
+                          "vs_none": {k: v / ppl["none"] - 1 for k, v in ppl.items()}}, indent=1))
+        return
     llms = {m: LLM(model, int8_compute=m == "int8 compute", max_num_seqs=max(max(args.batches), args.chats))
             for m in MODES}
     result: dict[str, Any] = {"machine": machine_info(), "model": llms[MODES[0]].engine.model_name,
