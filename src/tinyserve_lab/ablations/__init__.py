@@ -17,11 +17,15 @@ follow the engine as it changes, or are dropped once their numbers stop matterin
 - `quant_layer_error` one layer's output error after RTN and GPTQ, calibration vs held-out text [quant_layer_error]
 - `kv_cache_dtype`    the KV pool's formats (auto, int8): perplexity through the pool, capacity, decode speed
 - `grammar_libraries` XGrammar vs llguidance on our tokenizers: set-up, compile, one mask (the choice of library)
+- `kv_tiers`          swap vs recompute under memory pressure, the disk tier across a restart, its write cost
+- `int8_compute`      `--int8-compute` on and off: decode steps by batch, prefill, perplexity, greedy agreement
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from typing import Any
 
 
 def rotated(names: Sequence[str], round_index: int) -> list[str]:
@@ -29,3 +33,12 @@ def rotated(names: Sequence[str], round_index: int) -> list[str]:
     drift of the machine within a round does not always fall on the same variant."""
     k = round_index % len(names)
     return [*names[k:], *names[:k]]
+
+
+def report(result: dict[str, Any], path: str | None) -> None:
+    """Print an ablation's results as JSON, and write them to `path` too when given."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    if path:
+        with open(path, "w") as f:
+            f.write(text + "\n")

@@ -22,7 +22,6 @@ kind), the study behind `INT8_COMPUTE_LINEARS` (layers/packed.py).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from typing import Any
@@ -31,7 +30,7 @@ import torch
 
 from tinyserve import LLM, SamplingParams
 from tinyserve.layers.packed import PackedWeight, int8_in_graph
-from tinyserve_lab.ablations import rotated
+from tinyserve_lab.ablations import report, rotated
 from tinyserve_lab.ablations.kv_cache_dtype import perplexity
 from tinyserve_lab.datasets import CHAT
 from tinyserve_lab.env_info import machine_info
@@ -84,8 +83,8 @@ def main() -> None:
     model = str(offline_gguf(args.model)) if args.model in OFFLINE_GGUFS else args.model
     if args.per_linear:
         ppl = per_linear(model, args.windows, args.window_tokens)
-        print(json.dumps({"machine": machine_info(), "model": model or "bundled", "perplexity": ppl,
-                          "vs_none": {k: v / ppl["none"] - 1 for k, v in ppl.items()}}, indent=1))
+        report({"machine": machine_info(), "model": model or "bundled", "perplexity": ppl,
+                "vs_none": {k: v / ppl["none"] - 1 for k, v in ppl.items()}}, args.json)
         return
     llms = {m: LLM(model, int8_compute=m == "int8 compute", max_num_seqs=max(max(args.batches), args.chats))
             for m in MODES}
@@ -124,11 +123,7 @@ def main() -> None:
     for row in result["modes"].values():
         row["perplexity_vs_bf16"] = row["perplexity"] / base["perplexity"] - 1
         row["decode_speedup"] = {b: base["decode_ms_median"][b] / v for b, v in row["decode_ms_median"].items()}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+    report(result, args.json)
 
 
 if __name__ == "__main__":

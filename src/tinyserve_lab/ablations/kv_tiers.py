@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -28,6 +27,7 @@ from tqdm import tqdm
 
 from tinyserve import LLM, SamplingParams
 from tinyserve.engine.llm_engine import LLMEngine
+from tinyserve_lab.ablations import report
 from tinyserve_lab.env_info import machine_info
 
 
@@ -150,11 +150,7 @@ def main() -> None:
               "pressure_batch_invariant": pressure(args.model, args, batch_invariant=True),
               "restart": restart(args.model, args),
               "write_through_output_tok_s": write_through(args.model, args)}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+    report(result, args.json)
 
 
 if __name__ == "__main__":
