@@ -84,9 +84,10 @@ class PackedWeight(nn.Module):
 
 
 # The linears int8 compute multiplies in int8: those whose inputs quantize per token with no measurable
-# loss. Forcing each kind alone into int8 on the bundled model's held-out perplexity (docs/REPORT.md I8):
-# o_proj -0.2%, gate_up_proj +0.4%, both +0.02%; qkv_proj +1.2%, down_proj +1.0% (its SiLU-gated input
-# is heavy-tailed), the LM head +0.6%; all of them +4.1%.
+# loss. Held-out perplexity of the bundled model with int8 products on each kind alone
+# (`python -m tinyserve_lab.ablations.int8_compute --per-linear`): o_proj -0.07%, gate_up_proj +0.29%,
+# both +0.02%; qkv_proj +1.1%, down_proj +1.8% (its SiLU-gated input is heavy-tailed), the LM head
+# +0.6%; all of them +4.1%.
 INT8_COMPUTE_LINEARS = ("o_proj", "gate_up_proj")
 
 
