@@ -4,8 +4,9 @@ WAITING -> RUNNING -> (PREEMPTED -> WAITING -> RUNNING ...) -> FINISHED(reason)
 
 The invariant the whole engine leans on: `token_ids[:num_computed]` have their K/V in the blocks of
 `block_table`; the rest still have to be fed through the model. A decode step feeds exactly one
-token (the last sampled one); a prefill chunk feeds several. Preemption just frees the blocks and
-sets num_computed = 0: the prompt *and* the tokens generated so far are recomputed on resume.
+token (the last sampled one); a prefill chunk feeds several. Preemption frees the blocks: swapped
+out first (the default), the sequence keeps num_computed and gets its K/V back on resume; recomputed,
+num_computed = 0 and the prompt *and* the tokens generated so far are fed again.
 """
 
 from __future__ import annotations
