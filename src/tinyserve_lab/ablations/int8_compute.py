@@ -10,6 +10,10 @@
   engine's own model: the same arithmetic as the compiled step, rounded in another order), so every
   scored position pays the int8 error of every layer that has an int8 copy.
 
+`--kernels` instead times one product per shape (the bundled model's and the 1.5B's) and row count, eager:
+the bf16 GEMM, `torch._int_mm` on row-major and column-major codes, and the whole `int8_linear` (with its
+quantization and rescale as separate ops): why int8 runs only inside the compiled step.
+
 `--per-linear` instead measures which linears to run in int8: the perplexity above with the int8
 products forced on each kind of linear alone, on pairs, and on all (one eager engine, copies for every
 kind), the study behind `INT8_COMPUTE_LINEARS` (layers/packed.py).
@@ -27,9 +31,10 @@ import time
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from tinyserve import LLM, SamplingParams
-from tinyserve.layers.packed import PackedWeight, int8_in_graph
+from tinyserve.layers.packed import PackedWeight, int8_in_graph, int8_linear
 from tinyserve_lab.ablations import report, rotated
 from tinyserve_lab.ablations.kv_cache_dtype import perplexity
 from tinyserve_lab.datasets import CHAT
@@ -52,6 +57,36 @@ def prefill_ms(llm: LLM, tokens: int, seed: int) -> float:
 SUBSETS = (("none",), ("qkv_proj",), ("o_proj",), ("gate_up_proj",), ("down_proj",), ("lm_head",),
            ("o_proj", "gate_up_proj"), ("o_proj", "gate_up_proj", "lm_head"), ("qkv_proj", "o_proj", "gate_up_proj"),
            ("o_proj", "gate_up_proj", "down_proj"), ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"))
+
+
+KERNEL_SHAPES = ((576, 1536), (576, 49152), (1536, 8960), (8960, 1536))  # (in, out)
+
+
+def kernels(rows: list[int], reps: int = 20) -> list[dict[str, Any]]:
+    def ms(f: Any) -> float:
+        for _ in range(3):
+            f()
+        samples = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            f()
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples) * 1e3
+
+    out = []
+    for k, n in KERNEL_SHAPES:
+        for m in rows:
+            g = torch.Generator().manual_seed(m)
+            x, w = torch.randn(m, k, generator=g).bfloat16(), torch.randn(n, k, generator=g).bfloat16()
+            xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+            q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+            scales = torch.rand(n, generator=g) / 100
+            row_major = q.t().contiguous()
+            out.append({"in": k, "out": n, "rows": m, "bf16_ms": ms(lambda: F.linear(x, w)),  # noqa: B023
+                        "int_mm_row_major_ms": ms(lambda: torch._int_mm(xq, row_major)),  # noqa: B023
+                        "int_mm_col_major_ms": ms(lambda: torch._int_mm(xq, q.t())),  # noqa: B023
+                        "int8_linear_eager_ms": ms(lambda: int8_linear(x, q, scales))})  # noqa: B023
+    return out
 
 
 def per_linear(model: str | None, windows_n: int, window_tokens: int) -> dict[str, float]:
@@ -79,8 +114,13 @@ def main() -> None:
     p.add_argument("--window-tokens", type=int, default=256)
     p.add_argument("--json", default=None, help="write the results here too")
     p.add_argument("--per-linear", action="store_true", help="the per-linear perplexity study instead (see above)")
+    p.add_argument("--kernels", action="store_true", help="the product's kernels timed alone instead (see above)")
     args = p.parse_args()
     model = str(offline_gguf(args.model)) if args.model in OFFLINE_GGUFS else args.model
+    if args.kernels:
+        report({"machine": machine_info(), "threads": torch.get_num_threads(),
+                "kernels": kernels([8, 32, 128, 512])}, args.json)
+        return
     if args.per_linear:
         ppl = per_linear(model, args.windows, args.window_tokens)
         report({"machine": machine_info(), "model": model or "bundled", "perplexity": ppl,
