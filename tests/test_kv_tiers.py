@@ -5,6 +5,8 @@ and in another namespace."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from tinyserve import LLM, SamplingParams
@@ -173,3 +175,17 @@ def test_another_kv_format_does_not_read_the_blocks(tiny_llama_dir, tmp_path):
 def test_the_disk_tier_needs_the_prefix_cache(tiny_llama_dir, tmp_path):
     with pytest.raises(ValueError, match="enable_prefix_caching"):
         _offloading(tiny_llama_dir, tmp_path, enable_prefix_caching=False)
+
+
+def test_a_path_that_cannot_hold_the_tier_fails_the_start_and_one_lost_later_is_a_miss(tiny_llama_dir, tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    with pytest.raises(ValueError, match="kv_offload_path .* cannot hold the disk tier"):
+        _offloading(tiny_llama_dir, a_file)
+    root = tmp_path / "tier"
+    llm = _offloading(tiny_llama_dir, root)
+    llm.engine.close()
+    shutil.rmtree(root)
+    root.write_text("replaced by a file")  # the directory is gone while serving: misses, not errors
+    out = llm.generate(LONG, SamplingParams(max_tokens=4, **GREEDY))[0]
+    assert out.outputs[0].finish_reason == "length" and out.num_cached_tokens == 0

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -142,6 +144,13 @@ class LLMEngine:
         config = self.config
         if not config.kv_offload_path:
             return None
+        root = Path(config.kv_offload_path)
+        try:  # a path that cannot hold the tier fails the start, not the first request
+            root.mkdir(parents=True, exist_ok=True)
+            if not os.access(root, os.W_OK | os.X_OK):
+                raise PermissionError("not writable")
+        except OSError as e:
+            raise ValueError(f"kv_offload_path {str(root)!r} cannot hold the disk tier: {e}") from None
         weights = sorted((p.name, p.stat().st_size) for p in
                          ([src.gguf_file] if src.gguf_file else src.path.glob("*.safetensors")))
         ns = kv_namespace(self.model_config.to_hf(), weights, self.quantization, str(config.torch_dtype),

@@ -174,7 +174,7 @@ class DiskTier:
                 return True
         try:
             size = os.stat(self._path(h)).st_size
-        except FileNotFoundError:
+        except OSError:  # missing, or the directory unusable now (removed, replaced by a file): a miss
             return False
         self._adopt(h, size)
         return True
