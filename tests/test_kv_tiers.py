@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 
 from tinyserve import LLM, SamplingParams
 from tinyserve.kv.block_hash import extend_block_hashes
@@ -189,3 +190,21 @@ def test_a_path_that_cannot_hold_the_tier_fails_the_start_and_one_lost_later_is_
     root.write_text("replaced by a file")  # the directory is gone while serving: misses, not errors
     out = llm.generate(LONG, SamplingParams(max_tokens=4, **GREEDY))[0]
     assert out.outputs[0].finish_reason == "length" and out.num_cached_tokens == 0
+
+
+def test_a_sequence_with_non_finite_logits_leaves_nothing_findable(tiny_llama_dir, tmp_path, monkeypatch):
+    """Its K/V may be what went wrong: no block of it is registered in the pool or written to disk."""
+    llm = _offloading(tiny_llama_dir, tmp_path)
+    real = llm.engine.runner.execute
+
+    def execute(seqs, num_tokens):
+        out = real(seqs, num_tokens)
+        out.logits = torch.full_like(out.logits, float("nan"))
+        return out
+
+    monkeypatch.setattr(llm.engine.runner, "execute", execute)
+    out = llm.generate(LONG, SamplingParams(max_tokens=4, **GREEDY))[0]
+    llm.engine.close()
+    assert out.outputs[0].finish_reason == "error"
+    assert llm.engine.blocks.num_cached == 0 and _traffic(llm, "disk", "out") == 0
+    assert not list(tmp_path.rglob("*.kv"))

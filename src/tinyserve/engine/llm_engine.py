@@ -353,7 +353,9 @@ class LLMEngine:
                                                [s.spec_draft_probs for s in sampling]) if sampling else ([], [])
         scored = prompt_logprobs(out.prompt_logits, out.prompt_spans)
         for seq, n in zip(batch.seqs, batch.num_tokens):
-            if not seq.spec_token_ids:  # a speculating sequence commits with its tokens, below
+            # A speculating sequence commits with its tokens, below; a sequence with non-finite logits
+            # fails, and its K/V must not become findable (nor reach the disk tier).
+            if not seq.spec_token_ids and seq not in bad:
                 self.scheduler.computed(seq, n)
         for (seq, _), scored_lps in zip(out.prompt_spans, scored):
             seq.prompt_logprobs += scored_lps
