@@ -121,7 +121,8 @@ class LLMEngine:
         self.quantization, self.packed_max_rows = served.quantization, served.packed_max_rows
         self.compile_seconds = served.compile_seconds
         self.blocks = BlockManager(self.num_blocks, bs, config.enable_prefix_caching)
-        self.tiers = KVTiers(self.runner.kv_caches, int(config.swap_space_gb * 2**30), self._disk_tier(src))
+        self.tiers = KVTiers(self.runner.kv_caches, int(config.swap_space_gb * 2**30))
+        self.tiers.disk = self._disk_tier(src, self.tiers.block_nbytes)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting,
                                    policy, prefill_chunk=config.prefill_chunk, tiers=self.tiers,
                                    swap=config.preemption_mode == "swap")
@@ -138,7 +139,7 @@ class LLMEngine:
             self.spec = SpecDecoder.build(self.speculative, target)
         self.requests: dict[str, list[Sequence]] = {}
 
-    def _disk_tier(self, src: ModelSource) -> DiskTier | None:
+    def _disk_tier(self, src: ModelSource, block_nbytes: int) -> DiskTier | None:
         """The prefix cache's disk tier, if asked for: its namespace is everything a block's bytes
         depend on besides its tokens, so blocks of another model, weight mode or KV format never alias."""
         config = self.config
@@ -155,8 +156,6 @@ class LLMEngine:
                          ([src.gguf_file] if src.gguf_file else src.path.glob("*.safetensors")))
         ns = kv_namespace(self.model_config.to_hf(), weights, self.quantization, str(config.torch_dtype),
                           config.kv_cache_dtype, config.block_size)
-        k = self.runner.kv_caches[0][0]
-        block_nbytes = 2 * len(self.runner.kv_caches) * k[0].numel() * k.element_size()
         return DiskTier(config.kv_offload_path, ns, int(config.kv_offload_gb * 2**30), block_nbytes)
 
     def close(self) -> None:

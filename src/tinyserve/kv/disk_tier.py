@@ -1,6 +1,6 @@
 """The prefix cache's second tier: full KV blocks kept as files, found by their content hash.
 
-The GPU pool forgets a block as soon as its slot is handed out again, and everything when the process
+The KV pool forgets a block as soon as its slot is handed out again, and everything when the process
 ends. A block's bytes depend only on its identity (kv/block_hash.py) and on what `namespace` names
 (model, dtype, KV format, block size), so they can be kept anywhere and reused by anyone who computes
 the same identity: here, one file per block under `root/<namespace>/<2 hex>/<hash hex>.kv`. Files
@@ -10,7 +10,7 @@ the directory, with no coordination beyond what the filesystem gives:
   onto its final name, so a reader sees either no file or a whole one, never a half-written one.
 - Checksum: a header (magic, version, hash, length, crc32) is checked on every load, so a file torn
   by a crash, truncated, or corrupted on disk is detected, removed and reported as a miss; it never
-  reaches the GPU as KV.
+  reaches the pool as KV.
 - LRU: the tier keeps its files under `capacity_bytes` by removing the least recently used ones.
 - Replicas: each replica's index is its own view of the directory (built by a scan at start-up).
   A block another replica wrote since is found by `contains` on an index miss (one `exists` call)

@@ -150,19 +150,15 @@ class KVTiers:
         return len(parts)
 
     def offload(self, hashes: list[BlockHash], blocks: list[int]) -> None:
-        """Queue newly computed full blocks for the disk tier (those it lacks); the files are written on
-        its own thread, so the step pays only for the copy out of the pool."""
-        if self.disk is None:
-            return
-        new = [(h, b) for h, b in zip(hashes, blocks) if not self.disk.contains(h)]
-        if not new:
+        """Queue newly computed full blocks for the disk tier (`save` skips those it holds); the files are
+        written on its own thread, so the step pays only for the copy out of the pool."""
+        if self.disk is None or not blocks:
             return
         started = time.perf_counter()
-        data = self.read([b for _, b in new])
-        raw = data.view(len(new), -1).view(torch.uint8).numpy()
-        for i, (h, _) in enumerate(new):
-            self.disk.save(h, memoryview(raw[i]))
-        self._count("disk", "out", len(new), started)
+        raw = self.read(blocks).view(len(blocks), -1).view(torch.uint8).numpy()
+        for h, row in zip(hashes, raw):
+            self.disk.save(h, memoryview(row))
+        self._count("disk", "out", len(blocks), started)
 
     def close(self) -> None:
         """Finish the queued writes (a clean shutdown keeps every block computed so far)."""

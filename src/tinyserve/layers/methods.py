@@ -21,7 +21,7 @@ from tinyserve.layers import gguf_native
 from tinyserve.layers.formats import GGUFTensor, QuantizedTensor, WeightSource, as_dense, dense_copy
 from tinyserve.layers.gguf_blocks import GGUF_INT4, int4_blocks
 from tinyserve.layers.linear import Unquantized
-from tinyserve.layers.packed import Int4Weight, Int8Weight, pack_int4
+from tinyserve.layers.packed import Int4Weight, Int8Weight, pack_int4, quantize_int8
 
 
 def quantize_int4(w: torch.Tensor, group: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -36,13 +36,6 @@ def quantize_int4(w: torch.Tensor, group: int, dtype: torch.dtype) -> tuple[torc
     zeros = (lo + 8 * scales).to(dtype).float()
     q = ((wg - zeros[..., None]) / scales[..., None] + 8).round().clamp(0, 15)
     return q.view(n, k), scales, zeros
-
-
-def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per output channel; the scale is rounded to `dtype` before q is chosen."""
-    scales = (w.float().abs().amax(-1) / 127).clamp(min=1e-8).to(dtype).float()
-    q = (w.float() / scales[:, None]).round().clamp(-128, 127).to(torch.int8)
-    return q, scales
 
 
 class Int8Method:

@@ -58,10 +58,7 @@ class PackedWeight(nn.Module):
     def int8_copy(self) -> None:
         """Add an int8 copy beside the dense one: codes per output channel, from the dense copy."""
         if self.dense is not None:
-            w = self.dense.float()
-            scales = (w.abs().amax(-1) / 127).clamp(min=1e-12)
-            self.dense_q = (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
-            self.dense_scales = scales
+            self.dense_q, self.dense_scales = quantize_int8(self.dense, torch.float32)
 
     def drop_copy(self) -> None:
         self.dense = self.dense_q = self.dense_scales = None
@@ -72,12 +69,11 @@ class PackedWeight(nn.Module):
 
     def bytes_read(self, rows: int) -> int:
         """Weight bytes one product with `rows` rows streams: the copy's it runs on, or the packed ones'."""
-        names: tuple[str, ...]
-        if self.has_copy and rows > self.packed_max_rows:
-            names = ("dense_q", "dense_scales") if self._on_int8() else ("dense",)
-        else:
-            names = tuple(n for n, _ in self.named_buffers() if n not in ("dense", "dense_q", "dense_scales"))
-        return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if n in names)
+        copies = ("dense", "dense_q", "dense_scales")
+        if not (self.has_copy and rows > self.packed_max_rows):
+            return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if n not in copies)
+        used = copies[1:] if self._on_int8() else copies[:1]
+        return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if n in used)
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -89,6 +85,13 @@ class PackedWeight(nn.Module):
 # both +0.02%; qkv_proj +1.1%, down_proj +1.8% (its SiLU-gated input is heavy-tailed), the LM head
 # +0.6%; all of them +4.1%.
 INT8_COMPUTE_LINEARS = ("o_proj", "gate_up_proj")
+
+
+def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per output channel; the scale is rounded to `dtype` before q is chosen."""
+    scales = (w.float().abs().amax(-1) / 127).clamp(min=1e-8).to(dtype).float()
+    q = (w.float() / scales[:, None]).round().clamp(-128, 127).to(torch.int8)
+    return q, scales
 
 
 def int8_in_graph(model: nn.Module) -> None:
