@@ -1,0 +1,195 @@
+"""The `triton` attention back end equals a plain softmax over each context, read from the pool, on mixed
+batches: decodes (batch 1..64) and chunks over cached context, contexts crossing block boundaries,
+GQA ratios 1/3/7, block sizes 1..32, fp32/fp16/bf16, the int8 pool. Its kernel runs under Triton's
+interpreter in a child process (tests/triton_interp.py); on a GPU, run this file's reference check
+with TRITON_INTERPRET unset and the cases on cuda (the kernel is device-agnostic).
+
+Tolerances are on the largest absolute error (outputs are averages of N(0, 1) rows): fp32 1e-5; fp16
+4e-3; bf16 4e-2, loose because the interpreter rounds to bf16 by truncation (a GPU rounds to nearest).
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from tinyserve.attention import select_backend
+
+from triton_interp import assert_within, interpreted, report
+
+TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 4e-2}
+
+
+@dataclass(frozen=True)
+class Case:
+    """A step: decodes of `decodes` cached tokens each, chunks of (new, cached) tokens (cached 0: a fresh
+    prompt, which goes through SDPA), over a pool of `block_size` blocks handed out in shuffled order."""
+
+    dtype: torch.dtype
+    heads: tuple[int, int]  # query heads, KV heads
+    head_dim: int
+    block_size: int
+    decodes: tuple[int, ...]
+    chunks: tuple[tuple[int, int], ...] = ()
+    kv_cache_dtype: str = "auto"
+    seed: int = 0
+    id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        h, h_kv = self.heads
+        name = (f"{str(self.dtype)[6:]}-g{h // h_kv}-h{h_kv}-d{self.head_dim}-bs{self.block_size}"
+                f"-b{len(self.decodes)}-c{len(self.chunks)}-{self.kv_cache_dtype}-s{self.seed}")
+        object.__setattr__(self, "id", name)
+
+    def error(self) -> float:
+        """Largest |back end - reference| over every query of the step (run in the interpreter's child)."""
+        from tinyserve.attention.base import BatchLayout, SeqSpan
+        from tinyserve.attention.triton_backend import TritonBackend
+        from tinyserve.kv.quant import quantize
+
+        rng = random.Random(self.seed)
+        g = torch.Generator().manual_seed(self.seed)
+        h, h_kv = self.heads
+        d, bs = self.head_dim, self.block_size
+        shapes = [(1, n) for n in self.decodes] + list(self.chunks)
+        num_blocks = sum(-(-(n + c) // bs) for n, c in shapes) + 4
+        k_cache, v_cache = (torch.randn(num_blocks, bs, h_kv, d, generator=g) for _ in "kv")
+        if self.kv_cache_dtype == "int8":  # rows of codes and their scale (rotated or not: the kernel reads any)
+            k_cache, v_cache = quantize(k_cache), quantize(v_cache)
+        else:
+            k_cache, v_cache = k_cache.to(self.dtype), v_cache.to(self.dtype)
+        free = list(range(1, num_blocks))  # block 0 stays unused: tables are padded with it
+        rng.shuffle(free)
+        spans, start = [], 0
+        for n, cached in shapes:
+            spans.append(SeqSpan(start, n, cached, [free.pop() for _ in range(-(-(n + cached) // bs))]))
+            start += n
+        q = torch.randn(start, h, d, generator=g).to(self.dtype)
+        k = torch.randn(start, h_kv, d, generator=g).to(self.dtype)
+        v = torch.randn(start, h_kv, d, generator=g).to(self.dtype)
+        slots = [s.block_table[p // bs] * bs + p % bs for s in spans for p in range(s.num_cached, s.context_len)]
+        layout = BatchLayout(spans[: len(self.decodes)], spans[len(self.decodes) :], torch.tensor(slots), bs,
+                             torch.device("cpu"))
+        backend = TritonBackend()
+        scale = d**-0.5
+        out = backend.forward(q, k, v, k_cache, v_cache, backend.build(layout), scale)
+        assert out.shape == q.shape and out.dtype == self.dtype
+        ref = torch.cat([reference(q, k_cache, v_cache, s, bs, scale) for s in spans])
+        return (out.double() - ref).abs().max().item()
+
+
+def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, span, block_size: int,
+              scale: float) -> torch.Tensor:
+    """fp64 softmax over the span's context as the pool holds it (after the step wrote into it): query i
+    sees positions [0, num_cached + i]. The int8 pool's K rows are rotated: so are the queries, and the
+    scale divided by D (kv/quant.py)."""
+    from tinyserve.kv.quant import dequantize, is_quantized, rotate
+
+    h, d = q.shape[1:]
+    h_kv = k_cache.shape[2]
+    rows = [span.block_table[p // block_size] * block_size + p % block_size for p in range(span.context_len)]
+    k, v = (c.flatten(0, 1)[rows] for c in (k_cache, v_cache))
+    qs = q[span.start : span.start + span.num_tokens].float()
+    if is_quantized(k_cache):
+        k, v, qs, scale = dequantize(k, torch.float32), dequantize(v, torch.float32), rotate(qs), scale / d
+    k, v = (t.double().repeat_interleave(h // h_kv, dim=1) for t in (k, v))  # [ctx, H, D]
+    scores = torch.einsum("qhd,thd->hqt", qs.double(), k) * scale
+    visible = torch.arange(span.context_len)[None, :] <= torch.arange(span.num_cached, span.context_len)[:, None]
+    p = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    return torch.einsum("hqt,thd->qhd", p, v)
+
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+_rng = random.Random(7)
+CASES = [
+    # decodes alone: batch 1..64, GQA 1/3/7, block sizes 1..32, contexts on and across block boundaries
+    Case(F32, (2, 2), 16, 16, (0,)),
+    Case(F32, (2, 2), 16, 16, (15, 16, 17)),
+    Case(F32, (6, 2), 32, 4, (3, 4, 5, 31, 32, 33)),
+    Case(F32, (7, 1), 64, 5, (0, 9, 70)),
+    Case(F32, (4, 4), 32, 1, (0, 1, 2, 20)),
+    Case(F32, (3, 1), 48, 16, (10, 65)),  # a head_dim that is not a power of two
+    Case(F16, (6, 2), 32, 16, tuple(_rng.randrange(0, 80) for _ in range(64))),
+    Case(BF16, (7, 1), 32, 32, tuple(_rng.randrange(0, 100) for _ in range(32))),
+    Case(BF16, (3, 1), 64, 8, (127, 128, 129)),
+    Case(F16, (14, 2), 16, 16, (5, 40)),
+    # chunks over cached context (and fresh prompts) next to decodes
+    Case(F32, (2, 2), 16, 4, (), ((5, 3),)),
+    Case(F32, (6, 2), 32, 16, (), ((1, 16), (16, 16), (17, 15))),
+    Case(F32, (7, 1), 32, 5, (6,), ((40, 23),)),
+    Case(F32, (3, 1), 16, 3, (2, 2), ((9, 0), (70, 1))),
+    Case(F32, (4, 4), 64, 32, (40,), ((33, 64),)),
+    Case(F16, (6, 2), 32, 8, (1, 17), ((12, 30), (7, 0))),
+    Case(BF16, (7, 1), 64, 16, (50,), ((24, 40),)),
+    Case(BF16, (2, 2), 32, 7, (), ((65, 3),)),
+    # the int8 pool: rotated K rows, codes and a bf16 scale per row
+    Case(F32, (2, 2), 16, 16, (0, 15, 16, 17), (), "int8"),
+    Case(F32, (6, 2), 32, 4, (9, 30), ((11, 13),), "int8"),
+    Case(F32, (7, 1), 64, 5, (3,), ((6, 0),), "int8"),
+    Case(BF16, (3, 1), 32, 16, (20, 47), ((8, 20),), "int8"),
+    Case(F16, (4, 4), 16, 1, (4,), (), "int8", seed=1),
+]
+
+
+def check_lazy_import() -> float:
+    """The server and the other back ends import nothing of Triton, though it is importable (the child)."""
+    import tinyserve.layers.methods  # noqa: F401
+    import tinyserve.server.app  # noqa: F401
+
+    select_backend("auto", "cpu")
+    loaded = [n for n in sys.modules if n.split(".")[0] == "triton" or (n.startswith("tinyserve") and "triton" in n)]
+    assert not loaded, f"imported {loaded}"
+    return 0.0
+
+
+@pytest.fixture(scope="module")
+def results():
+    return interpreted(__file__)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_matches_softmax_reference(results, case: Case):
+    assert_within(results, case.id, TOL[case.dtype])
+
+
+def test_other_back_ends_import_no_triton(results):
+    assert_within(results, "lazy_import", 0)
+
+
+def test_refuses_cpu_and_a_missing_triton(monkeypatch):
+    with pytest.raises(ValueError, match="runs on CUDA"):
+        select_backend("triton", "cpu")
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    with pytest.raises(ValueError, match="needs the triton package"):
+        select_backend("triton", "cuda")
+    assert select_backend("auto", "cuda").name == "sdpa"
+
+
+def test_auto_picks_triton_on_cuda_where_it_imports(monkeypatch):
+    """`auto` on cuda chooses `triton` when the package is there (its module stubbed: no GPU here)."""
+    import importlib.util
+    import types
+
+    stub = types.ModuleType("tinyserve.attention.triton_backend")
+    stub.TritonBackend = type("TritonBackend", (), {"name": "triton"})  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tinyserve.attention.triton_backend", stub)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    assert select_backend("auto", "cuda").name == "triton"
+    assert select_backend("auto", "cpu").name != "triton"
+
+
+def test_cpu_venv_keeps_triton_out_of_sight():
+    """On torch's CPU build triton must not be importable: torch would find it and import it at every start."""
+    import importlib.util
+
+    if torch.version.cuda is not None:
+        pytest.skip("a CUDA build of torch ships triton")
+    assert importlib.util.find_spec("triton") is None
+
+
+if __name__ == "__main__":
+    report([("lazy_import", check_lazy_import)] + [(c.id, c.error) for c in CASES])
