@@ -49,8 +49,10 @@ def _triton(device: str) -> AttentionBackend:
     if importlib.util.find_spec("triton") is None:  # looked up, not imported: no start-up cost when absent
         raise ValueError("the triton attention back end needs the triton package (CUDA builds of torch ship "
                          "it); use sdpa")
-    from tinyserve.attention.triton_backend import TritonBackend
-
+    try:
+        from tinyserve.attention.triton_backend import TritonBackend
+    except ImportError as e:  # torch before 2.6 has no torch.library.triton_op
+        raise ValueError(f"the triton attention back end cannot load ({e}); use sdpa") from None
     return TritonBackend()
 
 

@@ -26,6 +26,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from tinyserve.kv.quant import is_quantized
 from tinyserve.triton_dot import dot_operands
@@ -104,6 +105,9 @@ def _paged_attention_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
 
+# A custom op (triton_op) rather than a bare launch: torch.compile and torch.export (the compiled decode
+# step, worker/compiled.py) then trace into the kernel instead of failing on its raw pointers.
+@torch.library.triton_op("tinyserve::triton_paged_attention", mutates_args=())
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     context_lens: torch.Tensor, scale: float, num_q: int = 1) -> torch.Tensor:
     """q [B * num_q, H, D]: B sequences' queries, each sequence's `num_q` in a row, the last positions of
@@ -120,7 +124,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     b = block_tables.shape[0]
     dot_dtype, precision = dot_operands(q.dtype, q.device)
     grid = (b, h_kv, triton.cdiv(num_q, rows // group_pad))
-    _paged_attention_kernel[grid](
+    wrap_triton(_paged_attention_kernel)[grid](
         q, k_cache, v_cache, out, block_tables, context_lens,
         scale * math.log2(math.e), num_q,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),

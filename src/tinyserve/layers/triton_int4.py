@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from tinyserve.layers.packed import PackedWeight
 from tinyserve.triton_dot import dot_operands
@@ -50,6 +51,7 @@ def _int4_matmul_kernel(
              mask=m_ok[:, None] & n_ok[None, :])
 
 
+@torch.library.triton_op("tinyserve::triton_int4_matmul", mutates_args=())  # traceable: see attention/triton_kernel.py
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                 group: int) -> torch.Tensor:
     """x [M, K] @ W.T, W [N, K] given as `pack_nibbles` codes and [N, K / group] scales and zeros -> [M, N]
@@ -61,7 +63,7 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
     block_m = 16 if m <= 16 else 64  # 16: tl.dot's smallest M; a decode step's few rows waste little
     dot_dtype, precision = dot_operands(x.dtype, x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, BLOCK_N))
-    _int4_matmul_kernel[grid](
+    wrap_triton(_int4_matmul_kernel)[grid](
         x, packed, scales, zeros, out, m, n, k,
         x.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
         GROUP=group, BLOCK_M=block_m, BLOCK_N=BLOCK_N, DOT_DTYPE=dot_dtype, PRECISION=precision,
