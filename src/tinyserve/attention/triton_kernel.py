@@ -6,17 +6,22 @@ tokens), each query seeing the positions up to its own. A chunk is the same prob
 more queries, so one kernel, not two, and nothing gathered: every K/V row is read once per KV head
 from the block the table names (the `sdpa` back end copies the context first).
 
-Why a Triton kernel for chunks too, not FlexAttention with a paged block mask: FlexAttention needs
-the pool laid out as one virtual sequence per request (its block mask is a logical -> physical page
-map built per step) and compiles a kernel per mask and score-mod shape on first use; its paged
-support is a prototype in torch (attention-gym), and it cannot read the int8 row format (codes + a
-scale in the row's last bytes). This kernel already walks block tables for decodes; a chunk is the
-same loop with more query rows, and Triton's interpreter tests both without a GPU.
+Why a Triton kernel for chunks too, not FlexAttention with a paged block mask: torch's paged
+FlexAttention (torch.nn.attention.experimental.PagedAttention, marked experimental) wants the pool as
+one [1, heads, pages x page size, D] tensor, heads outermost, where ours is [blocks, block_size, Hkv,
+row] (a layout the CPU kernel, the block manager and the tiers share); its block mask's KV tile must
+equal the page size (our 16-token blocks would be its tiles); it is compiled per mask and score
+function; and it cannot read the int8 row format (codes and a scale in the row's last bytes). This
+kernel already walks the block tables for decodes; a chunk is the same loop with more query rows, and
+Triton's interpreter tests both without a GPU.
 
 Each program owns (sequence, KV head, tile of queries): its rows are the G query heads that share
 the KV head times the tile's queries (GQA folded into the rows, so a K/V tile is loaded once for all
 G heads), and it runs an online softmax over tiles of TILE_N context positions. A tile's positions
-may span several blocks of any size: each position's block is looked up in the table.
+may span several blocks of any size: each position's block is looked up in the table. A decode step
+runs B x Hkv programs, each one pass over its whole context: long contexts are not yet split over
+several programs (flash-decoding), which small batches on a large GPU would want. Tile sizes are plain
+choices, not tuned on a GPU.
 """
 
 from __future__ import annotations
@@ -113,9 +118,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """q [B * num_q, H, D]: B sequences' queries, each sequence's `num_q` in a row, the last positions of
     its context; k_cache, v_cache [blocks, block_size, Hkv, row] (row = D, or D + 2 in the int8 format);
     block_tables [B, max_blocks]; context_lens [B] -> [B * num_q, H, D] in q's dtype."""
-    tokens, h, d = q.shape
+    _, h, d = q.shape
     _, block_size, h_kv, _ = k_cache.shape
-    if q.stride(-1) != 1:
+    if q.stride(-1) != 1:  # any token and head strides are read as they are: q is a view of the QKV projection
         q = q.contiguous()
     group = h // h_kv
     group_pad = triton.next_power_of_2(group)
