@@ -68,9 +68,8 @@ class Case:
         for n, cached in shapes:
             spans.append(SeqSpan(start, n, cached, [free.pop() for _ in range(-(-(n + cached) // bs))]))
             start += n
-        q = torch.randn(start, h, d, generator=g).to(self.dtype)
-        k = torch.randn(start, h_kv, d, generator=g).to(self.dtype)
-        v = torch.randn(start, h_kv, d, generator=g).to(self.dtype)
+        # views of one fused projection, as the model hands them over: q's rows are strided
+        q, k, v = torch.randn(start, h + 2 * h_kv, d, generator=g).to(self.dtype).split([h, h_kv, h_kv], dim=1)
         slots = [s.block_table[p // bs] * bs + p % bs for s in spans for p in range(s.num_cached, s.context_len)]
         layout = BatchLayout(spans[: len(self.decodes)], spans[len(self.decodes) :], torch.tensor(slots), bs,
                              torch.device("cpu"))
