@@ -145,6 +145,44 @@ def check_lazy_import() -> float:
     return 0.0
 
 
+def check_engine(kv_cache_dtype: str) -> float:
+    """The whole engine on a tiny random model, served with the back end (registered for the CPU here, in
+    the child only) and with sdpa: chunked prefills, a prefix served from the cache (chunks over cached
+    context), decodes, the KV pool in `kv_cache_dtype`. Same greedy tokens; returns the largest gap
+    between their logprobs."""
+    import tempfile
+    from pathlib import Path
+
+    from tinyserve import LLM, SamplingParams
+    from tinyserve.attention import ATTENTION_BACKENDS
+    from tinyserve.attention.triton_backend import TritonBackend
+
+    from conftest import TINY, make_tiny_checkpoint
+
+    if "triton-interpreted" not in ATTENTION_BACKENDS:
+        ATTENTION_BACKENDS.register("triton-interpreted")(lambda device: TritonBackend())
+    shared = list(range(100, 130))
+    prompts = [shared + [5, 6], list(range(7, 12)), [5], shared + list(range(40, 61))]
+    params = SamplingParams(temperature=0, max_tokens=8, logprobs=0, ignore_eos=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_tiny_checkpoint(Path(tmp), "llama", hidden_size=96, num_attention_heads=6,
+                                    num_key_value_heads=2)  # GQA 3, head_dim 16
+        runs = []
+        for name in ("triton-interpreted", "sdpa"):
+            llm = LLM(str(path), attention_backend=name, block_size=4, max_num_batched_tokens=24,
+                      kv_cache_memory_gb=0.01, kv_cache_dtype=kv_cache_dtype, **TINY)
+            llm.generate(prompts[:1], params)  # its blocks serve the others' shared prefix
+            outs = llm.generate(prompts, params)
+            assert outs[3].num_cached_tokens > 0  # so its prefill is a chunk over cached context
+            runs.append([o.outputs[0] for o in outs])
+    gap = 0.0
+    for a, b in zip(*runs):
+        assert a.token_ids == b.token_ids, (a.token_ids, b.token_ids)
+        gap = max([gap] + [abs(la[t].logprob - lb[t].logprob) for t, la, lb in zip(a.token_ids, a.logprobs,
+                                                                                    b.logprobs)])
+    return gap
+
+
 @pytest.fixture(scope="module")
 def results():
     return interpreted(__file__)
@@ -157,6 +195,11 @@ def test_matches_softmax_reference(results, case: Case):
 
 def test_other_back_ends_import_no_triton(results):
     assert_within(results, "lazy_import", 0)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_engine_gives_sdpa_answers(results, kv_cache_dtype):
+    assert_within(results, f"engine-{kv_cache_dtype}", 1e-4)
 
 
 def test_refuses_cpu_and_a_missing_triton(monkeypatch):
@@ -191,4 +234,5 @@ def test_cpu_venv_keeps_triton_out_of_sight():
 
 
 if __name__ == "__main__":
-    report([("lazy_import", check_lazy_import)] + [(c.id, c.error) for c in CASES])
+    report([("lazy_import", check_lazy_import)] + [(c.id, c.error) for c in CASES]
+           + [(f"engine-{kv}", lambda kv=kv: check_engine(kv)) for kv in ("auto", "int8")])
