@@ -1,8 +1,9 @@
 """The `triton` attention back end equals a plain softmax over each context, read from the pool, on mixed
 batches: decodes (batch 1..64) and chunks over cached context, contexts crossing block boundaries,
-GQA ratios 1/3/7, block sizes 1..32, fp32/fp16/bf16, the int8 pool. Its kernel runs under Triton's
-interpreter in a child process (tests/triton_interp.py); on a GPU, run this file's reference check
-with TRITON_INTERPRET unset and the cases on cuda (the kernel is device-agnostic).
+GQA ratios 1/3/7/32, block sizes 1..128, fp32/fp16/bf16, the int8 pool. Its kernel runs under Triton's
+interpreter in a child process (tests/triton_interp.py); on a machine with a GPU,
+TINYSERVE_TRITON_DEVICE=cuda runs the same cases compiled for it (the engine check then serves the
+`triton` back end itself on cuda).
 
 Tolerances are on the largest absolute error (outputs are averages of N(0, 1) rows): fp32 1e-5; fp16
 4e-3; bf16 4e-2, loose because the interpreter rounds to bf16 by truncation (a GPU rounds to nearest).
@@ -19,7 +20,7 @@ import torch
 
 from tinyserve.attention import select_backend
 
-from triton_interp import assert_within, interpreted, report
+from triton_interp import DEVICE, assert_within, kernel_results, report
 
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 4e-2}
 
@@ -46,7 +47,7 @@ class Case:
         object.__setattr__(self, "id", name)
 
     def error(self) -> float:
-        """Largest |back end - reference| over every query of the step (run in the interpreter's child)."""
+        """Largest |back end - reference| over every query of the step (run in the child, on DEVICE)."""
         from tinyserve.attention.base import BatchLayout, SeqSpan
         from tinyserve.attention.triton_backend import TritonBackend
         from tinyserve.kv.quant import quantize
@@ -69,15 +70,18 @@ class Case:
             spans.append(SeqSpan(start, n, cached, [free.pop() for _ in range(-(-(n + cached) // bs))]))
             start += n
         # views of one fused projection, as the model hands them over: q's rows are strided
-        q, k, v = torch.randn(start, h + 2 * h_kv, d, generator=g).to(self.dtype).split([h, h_kv, h_kv], dim=1)
+        qkv = torch.randn(start, h + 2 * h_kv, d, generator=g).to(self.dtype)
         slots = [s.block_table[p // bs] * bs + p % bs for s in spans for p in range(s.num_cached, s.context_len)]
-        layout = BatchLayout(spans[: len(self.decodes)], spans[len(self.decodes) :], torch.tensor(slots), bs,
-                             torch.device("cpu"))
+        dev = torch.device(DEVICE)
+        layout = BatchLayout(spans[: len(self.decodes)], spans[len(self.decodes) :], torch.tensor(slots, device=dev),
+                             bs, dev)
         backend = TritonBackend()
         scale = d**-0.5
-        out = backend.forward(q, k, v, k_cache, v_cache, backend.build(layout), scale)
-        assert out.shape == q.shape and out.dtype == self.dtype
-        ref = torch.cat([reference(q, k_cache, v_cache, s, bs, scale) for s in spans])
+        k_cache, v_cache = k_cache.to(dev), v_cache.to(dev)
+        out = backend.forward(*qkv.to(dev).split([h, h_kv, h_kv], dim=1), k_cache, v_cache, backend.build(layout),
+                              scale).cpu()
+        assert out.shape == (start, h, d) and out.dtype == self.dtype
+        ref = torch.cat([reference(qkv[:, :h], k_cache.cpu(), v_cache.cpu(), s, bs, scale) for s in spans])
         return (out.double() - ref).abs().max().item()
 
 
@@ -125,6 +129,8 @@ CASES = [
     Case(F16, (6, 2), 32, 8, (1, 17), ((12, 30), (7, 0))),
     Case(BF16, (7, 1), 64, 16, (50,), ((24, 40),)),
     Case(BF16, (2, 2), 32, 7, (), ((65, 3),)),
+    Case(F32, (32, 1), 16, 16, (5, 40), ((9, 20),)),  # more query heads per KV head than a decode's 16 rows
+    Case(F16, (6, 2), 32, 128, (100, 130), ((20, 120),)),  # blocks longer than a tile
     # the int8 pool: rotated K rows, codes and a bf16 scale per row
     Case(F32, (2, 2), 16, 16, (0, 15, 16, 17), (), "int8"),
     Case(F32, (6, 2), 32, 4, (9, 30), ((11, 13),), "int8"),
@@ -146,7 +152,7 @@ def check_lazy_import() -> float:
 
 
 def check_engine(kv_cache_dtype: str) -> float:
-    """The whole engine on a tiny random model, served with the back end (registered for the CPU here, in
+    """The whole engine on a tiny random model, served with the back end (on the CPU registered anew, in
     the child only) and with sdpa: chunked prefills, a prefix served from the cache (chunks over cached
     context), decodes, the KV pool in `kv_cache_dtype`. Same greedy tokens; returns the largest gap
     between their logprobs."""
@@ -159,8 +165,11 @@ def check_engine(kv_cache_dtype: str) -> float:
 
     from conftest import TINY, make_tiny_checkpoint
 
-    if "triton-interpreted" not in ATTENTION_BACKENDS:
-        ATTENTION_BACKENDS.register("triton-interpreted")(lambda device: TritonBackend())
+    name = "triton"
+    if DEVICE == "cpu":
+        name = "triton-interpreted"
+        if name not in ATTENTION_BACKENDS:
+            ATTENTION_BACKENDS.register(name)(lambda device: TritonBackend())
     shared = list(range(100, 130))
     prompts = [shared + [5, 6], list(range(7, 12)), [5], shared + list(range(40, 61))]
     params = SamplingParams(temperature=0, max_tokens=8, logprobs=0, ignore_eos=True)
@@ -168,9 +177,9 @@ def check_engine(kv_cache_dtype: str) -> float:
         path = make_tiny_checkpoint(Path(tmp), "llama", hidden_size=96, num_attention_heads=6,
                                     num_key_value_heads=2)  # GQA 3, head_dim 16
         runs = []
-        for name in ("triton-interpreted", "sdpa"):
-            llm = LLM(str(path), attention_backend=name, block_size=4, max_num_batched_tokens=24,
-                      kv_cache_memory_gb=0.01, kv_cache_dtype=kv_cache_dtype, **TINY)
+        for backend in (name, "sdpa"):
+            llm = LLM(str(path), attention_backend=backend, block_size=4, max_num_batched_tokens=24,
+                      kv_cache_memory_gb=0.01, kv_cache_dtype=kv_cache_dtype, device=DEVICE, **TINY)
             llm.generate(prompts[:1], params)  # its blocks serve the others' shared prefix
             outs = llm.generate(prompts, params)
             assert outs[3].num_cached_tokens > 0  # so its prefill is a chunk over cached context
@@ -185,7 +194,7 @@ def check_engine(kv_cache_dtype: str) -> float:
 
 @pytest.fixture(scope="module")
 def results():
-    return interpreted(__file__)
+    return kernel_results(__file__)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

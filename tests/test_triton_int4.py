@@ -1,7 +1,7 @@
 """The Triton int4 weight (layers/triton_int4.py) equals x @ W.T, W the codes' `(q - 8) * s + z` per group
 (formats.dequant_groups, scales and zeros in the activation dtype as the module holds them), for batch
 1..64, ragged N, groups 16..128, fp32/fp16/bf16. Its kernel runs under Triton's interpreter in a child
-process (tests/triton_interp.py); on a GPU, run the same checks with TRITON_INTERPRET unset on cuda.
+process (tests/triton_interp.py); TINYSERVE_TRITON_DEVICE=cuda runs them compiled for a GPU.
 
 The error is the largest |got - reference| over the largest |reference|: fp32 1e-5; fp16 3e-3; bf16 2e-2
 (the interpreter rounds to bf16 by truncation, twice per product: the weight and the output).
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from triton_interp import assert_within, interpreted, report
+from triton_interp import DEVICE, assert_within, kernel_results, report
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
@@ -47,11 +47,11 @@ class Case:
             q = torch.randint(0, 16, (self.n, self.k), generator=g)
             scales = torch.rand(self.n, self.k // self.group, generator=g) * 0.1
             zeros = torch.randn(self.n, self.k // self.group, generator=g) * 0.2
-        weight = TritonInt4Weight(q, scales, zeros, self.group, self.dtype, torch.device("cpu"))
+        weight = TritonInt4Weight(q, scales, zeros, self.group, self.dtype, torch.device(DEVICE))
         x = torch.randn(self.m, self.k, generator=g).to(self.dtype)
-        got = weight(x)
+        got = weight(x.to(DEVICE)).cpu()
         assert got.shape == (self.m, self.n) and got.dtype == self.dtype
-        w = dequant_groups(q, weight.scales.double(), weight.zeros.double(), self.group)
+        w = dequant_groups(q, weight.scales.cpu().double(), weight.zeros.cpu().double(), self.group)
         ref = x.double() @ w.T
         return ((got.double() - ref).abs().max() / ref.abs().max()).item()
 
@@ -99,7 +99,7 @@ def check_refuses_odd_groups() -> float:
 
 @pytest.fixture(scope="module")
 def results():
-    return interpreted(__file__)
+    return kernel_results(__file__)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

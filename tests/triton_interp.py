@@ -1,4 +1,4 @@
-"""Runs a test module's Triton kernels under Triton's interpreter, in a child process.
+"""Runs a test module's Triton kernels in a child process: under Triton's interpreter, or on a GPU.
 
 The project's venv keeps triton out of sight: torch's CPU build would find it and import it on every
 start (the Makefile installs it with --target into .venv/triton-interp instead, a folder no one
@@ -6,6 +6,8 @@ imports from). So a test module that needs it is also a script: the child runs i
 on PYTHONPATH and TRITON_INTERPRET=1 (kernels on CPU tensors, no GPU or compiler needed); it
 evaluates every case and prints one JSON line, {case id: a number, or the error's text}; the tests
 in this process assert each case's number. Without the folder they skip.
+TINYSERVE_TRITON_DEVICE=cuda runs the same cases compiled for the GPU instead (CUDA builds of torch
+ship triton): what a machine with one should check.
 """
 
 from __future__ import annotations
@@ -21,18 +23,21 @@ from pathlib import Path
 import pytest
 
 TRITON_DIR = Path(os.environ.get("TINYSERVE_TRITON_DIR", Path(sys.prefix) / "triton-interp"))
+DEVICE = os.environ.get("TINYSERVE_TRITON_DEVICE", "cpu")  # where the child's cases put their tensors
 
 
-def interpreted(script: str) -> dict[str, float | str]:
-    """The results `script` prints when run as the interpreter's child (skips when triton is absent)."""
-    if not (TRITON_DIR / "triton").is_dir():
-        pytest.skip(f"triton is not installed in {TRITON_DIR} (`make install` puts it there; "
-                    "TINYSERVE_TRITON_DIR names another folder)")
-    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(TRITON_DIR)) if p)
-    env = {**os.environ, "PYTHONPATH": path, "TRITON_INTERPRET": "1"}
+def kernel_results(script: str) -> dict[str, float | str]:
+    """The results `script` prints when run as the child (skips when triton is absent)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if DEVICE == "cpu":
+        if not (TRITON_DIR / "triton").is_dir():
+            pytest.skip(f"triton is not installed in {TRITON_DIR} (`make install` puts it there; "
+                        "TINYSERVE_TRITON_DIR names another folder)")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(TRITON_DIR)) if p)
+        env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode:
-        pytest.fail(f"the interpreter's child failed:\n{proc.stderr[-4000:]}")
+        pytest.fail(f"the kernels' child process failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
