@@ -71,10 +71,8 @@ def select_backend(name: str, device: str) -> AttentionBackend:
     where triton is installed, `sdpa` elsewhere. A ValueError when the named one cannot run here."""
     if name != "auto":
         return ATTENTION_BACKENDS[name](device)
-    first = "paged" if device == "cpu" else "triton" if device.startswith("cuda") else None
-    if first is not None:
-        try:
-            return ATTENTION_BACKENDS[first](device)
-        except ValueError as e:
-            log.warning("%s; falling back to the sdpa attention back end", e)
+    try:
+        return ATTENTION_BACKENDS["paged" if device == "cpu" else "triton"](device)
+    except ValueError as e:
+        log.warning("%s; falling back to the sdpa attention back end", e)
     return ATTENTION_BACKENDS["sdpa"](device)

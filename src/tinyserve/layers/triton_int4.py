@@ -1,8 +1,8 @@
 """Weight-only int4 products in Triton: the GPU's counterpart of PyTorch's CPU int4 kernel (layers/packed.py).
 
 The same math as every int4 weight here, `(q - 8) * s + z` per group of `group` weights along K
-(formats.dequant_groups), so every source the CPU kernel serves exactly (RTN int4, Q4_0/Q4_1 blocks,
-checkpoint groups) is served exactly here too. The codes are repacked at load into the simplest layout
+(formats.dequant_groups), so whatever the CPU kernel serves (RTN int4, Q4_0/Q4_1 blocks, checkpoint
+groups) this one serves from the same codes, scales and zeros. The codes are repacked at load into the simplest layout
 a GPU reads in whole rows: uint8 [N, K / 2], weight 2j of a row in byte j's low nibble and 2j + 1 in
 its high one; scales and zeros stay [N, K / group] in the activation dtype. One program computes a
 [BLOCK_M, BLOCK_N] tile of the output, one group of K per step: it unpacks the group's codes,
