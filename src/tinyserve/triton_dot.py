@@ -14,8 +14,8 @@ import triton.language as tl
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
-def dot_operands(dtype: torch.dtype, device: torch.device) -> tuple[tl.dtype, str]:
+def dot_operands(dtype: torch.dtype, device: torch.device) -> tuple[tl.dtype, str | None]:
     """(the dtype dot operands are cast to, tl.dot's input_precision) for data of `dtype` on `device`."""
     if dtype == torch.float32 or (dtype == torch.bfloat16 and device.type == "cpu"):
         return tl.float32, "ieee"
-    return _TL_DTYPES[dtype], "tf32"  # input_precision only matters for fp32 operands
+    return _TL_DTYPES[dtype], None  # the target's default: input_precision only matters for fp32 operands
