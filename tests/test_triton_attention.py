@@ -1,6 +1,6 @@
 """The `triton` attention back end equals a plain softmax over each context, read from the pool, on mixed
 batches: decodes (batch 1..64) and chunks over cached context, contexts crossing block boundaries,
-GQA ratios 1/3/7/32, block sizes 1..128, fp32/fp16/bf16, the int8 pool. Its kernel runs under Triton's
+GQA ratios 1/3/7/32, block sizes 1..128, fp32/fp16/bf16, the int8 pool, a float8 pool. Its kernel runs under Triton's
 interpreter in a child process (tests/triton_interp.py); on a machine with a GPU,
 TINYSERVE_TRITON_DEVICE=cuda runs the same cases compiled for it (the engine check then serves the
 `triton` back end itself on cuda).
@@ -140,6 +140,34 @@ CASES = [
 ]
 
 
+def check_float8_pool() -> float:
+    """A float8_e4m3fn pool (unit scale) read as it stands: decodes and a chunk over cached context, bf16
+    queries, against the reference over the pool's values. The kernel is called directly: writing fp8
+    rows is the KV format's business (kv/quant.py), not the kernel's."""
+    from tinyserve.attention.base import SeqSpan
+    from tinyserve.attention.triton_kernel import paged_attention
+
+    g = torch.Generator().manual_seed(3)
+    h, h_kv, d, bs = 6, 2, 32, 4
+    k_cache, v_cache = (torch.randn(40, bs, h_kv, d, generator=g).to(torch.float8_e4m3fn) for _ in "kv")
+    blocks = torch.randperm(39, generator=g).add(1).tolist()
+    shapes, spans, start = [(1, 4), (1, 16), (1, 29), (9, 14)], [], 0
+    for n, cached in shapes:
+        spans.append(SeqSpan(start, n, cached, [blocks.pop() for _ in range(-(-(n + cached) // bs))]))
+        start += n
+    q = torch.randn(start, h, d, generator=g).to(torch.bfloat16)
+    dev, scale = torch.device(DEVICE), d**-0.5
+    k_dev, v_dev, q_dev = k_cache.to(dev), v_cache.to(dev), q.to(dev)
+    decodes, chunk = spans[:3], spans[3]
+    tables = torch.tensor([s.block_table + [0] * (8 - len(s.block_table)) for s in decodes], dtype=torch.int32)
+    lens = torch.tensor([s.context_len for s in decodes], dtype=torch.int32)
+    out = [paged_attention(q_dev[:3], k_dev, v_dev, tables.to(dev), lens.to(dev), scale),
+           paged_attention(q_dev[3:], k_dev, v_dev, torch.tensor([chunk.block_table], device=dev),
+                           torch.tensor([chunk.context_len], dtype=torch.int32, device=dev), scale, chunk.num_tokens)]
+    ref = torch.cat([reference(q, k_cache.float(), v_cache.float(), s, bs, scale) for s in spans])
+    return (torch.cat(out).cpu().double() - ref).abs().max().item()
+
+
 def check_lazy_import() -> float:
     """The server and the other back ends import nothing of Triton, though it is importable (the child)."""
     import tinyserve.layers.methods  # noqa: F401
@@ -202,6 +230,10 @@ def test_matches_softmax_reference(results, case: Case):
     assert_within(results, case.id, TOL[case.dtype])
 
 
+def test_reads_a_float8_pool(results):
+    assert_within(results, "float8_pool", TOL[torch.bfloat16])
+
+
 def test_other_back_ends_import_no_triton(results):
     assert_within(results, "lazy_import", 0)
 
@@ -243,5 +275,5 @@ def test_cpu_venv_keeps_triton_out_of_sight():
 
 
 if __name__ == "__main__":
-    report([("lazy_import", check_lazy_import)] + [(c.id, c.error) for c in CASES]
+    report([("lazy_import", check_lazy_import), ("float8_pool", check_float8_pool)] + [(c.id, c.error) for c in CASES]
            + [(f"engine-{kv}", lambda kv=kv: check_engine(kv)) for kv in ("auto", "int8")])

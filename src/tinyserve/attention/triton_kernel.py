@@ -46,12 +46,14 @@ def _load_rows(ptr, offsets, dims, mask, HEAD_DIM: tl.constexpr, QUANT: tl.const
     """[TILE_N, DIM_PAD] K or V rows at `offsets` (element offsets of the rows) in `dtype`. A quantized
     row is D int8 codes then a bf16 scale's two bytes (kv/quant.py), widened to fp32 by its bits. Masked
     positions point into block 0 (the tables' padding), so their scale loads need no mask."""
-    rows = tl.load(ptr + offsets[:, None] + dims[None, :], mask=mask, other=0)
+    rows = tl.load(ptr + offsets[:, None] + dims[None, :], mask=mask, other=0.0)
     if QUANT:
         lo = tl.load(ptr + offsets + HEAD_DIM).to(tl.uint8, bitcast=True).to(tl.int32)
         hi = tl.load(ptr + offsets + HEAD_DIM + 1).to(tl.uint8, bitcast=True).to(tl.int32)
         scale = ((hi << 24) | (lo << 16)).to(tl.float32, bitcast=True)  # a bf16 is an fp32's top half
         return (rows.to(tl.float32) * scale[:, None]).to(dtype)
+    if rows.dtype.is_fp8():  # a float8 pool with a unit scale: widened through fp32, a cast every target has
+        rows = rows.to(tl.float32)
     return rows.to(dtype)
 
 
@@ -116,8 +118,9 @@ def _paged_attention_kernel(
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     context_lens: torch.Tensor, scale: float, num_q: int = 1) -> torch.Tensor:
     """q [B * num_q, H, D]: B sequences' queries, each sequence's `num_q` in a row, the last positions of
-    its context; k_cache, v_cache [blocks, block_size, Hkv, row] (row = D, or D + 2 in the int8 format);
-    block_tables [B, max_blocks]; context_lens [B] -> [B * num_q, H, D] in q's dtype."""
+    its context; k_cache, v_cache [blocks, block_size, Hkv, row] (row = D, or D + 2 in the int8 format;
+    any float dtype, float8 ones included); block_tables [B, max_blocks]; context_lens [B] -> [B * num_q,
+    H, D] in q's dtype."""
     _, h, d = q.shape
     _, block_size, h_kv, _ = k_cache.shape
     if q.stride(-1) != 1:  # any token and head strides are read as they are: q is a view of the QKV projection
