@@ -168,6 +168,17 @@ def check_float8_pool() -> float:
     return (torch.cat(out).cpu().double() - ref).abs().max().item()
 
 
+def check_padding_rows() -> float:
+    """Rows of no context (a padded batch's) come out as zeros, not NaN; returns the largest |value|."""
+    from tinyserve.attention.triton_kernel import paged_attention
+
+    dev = torch.device(DEVICE)
+    cache = torch.randn(4, 16, 2, 32, device=dev)
+    q = torch.randn(3, 6, 32, device=dev)
+    tables, lens = torch.zeros(3, 1, dtype=torch.int32, device=dev), torch.zeros(3, dtype=torch.int32, device=dev)
+    return paged_attention(q, cache, cache, tables, lens, 0.1).abs().max().item()
+
+
 def check_lazy_import() -> float:
     """The server and the other back ends import nothing of Triton, though it is importable (the child)."""
     import tinyserve.layers.methods  # noqa: F401
@@ -234,6 +245,10 @@ def test_reads_a_float8_pool(results):
     assert_within(results, "float8_pool", TOL[torch.bfloat16])
 
 
+def test_padding_rows_are_zeros(results):
+    assert_within(results, "padding_rows", 0)
+
+
 def test_other_back_ends_import_no_triton(results):
     assert_within(results, "lazy_import", 0)
 
@@ -275,5 +290,6 @@ def test_cpu_venv_keeps_triton_out_of_sight():
 
 
 if __name__ == "__main__":
-    report([("lazy_import", check_lazy_import), ("float8_pool", check_float8_pool)] + [(c.id, c.error) for c in CASES]
+    checks = {"lazy_import": check_lazy_import, "float8_pool": check_float8_pool, "padding_rows": check_padding_rows}
+    report(list(checks.items()) + [(c.id, c.error) for c in CASES]
            + [(f"engine-{kv}", lambda kv=kv: check_engine(kv)) for kv in ("auto", "int8")])

@@ -107,7 +107,7 @@ def _paged_attention_kernel(
         denom = denom * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(dtype).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
         m = m_new
-    out = acc / denom[:, None]
+    out = acc / tl.where(denom == 0, 1.0, denom)[:, None]  # a padding row of no context: zeros, not NaN
     tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
