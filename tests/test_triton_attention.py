@@ -1,9 +1,9 @@
 """The `triton` attention back end equals a plain softmax over each context, read from the pool, on mixed
-batches: decodes (batch 1..64) and chunks over cached context, contexts crossing block boundaries,
-GQA ratios 1/3/7/32, block sizes 1..128, fp32/fp16/bf16, the int8 pool, a float8 pool. Its kernel runs under Triton's
-interpreter in a child process (tests/triton_interp.py); on a machine with a GPU,
-TINYSERVE_TRITON_DEVICE=cuda runs the same cases compiled for it (the engine check then serves the
-`triton` back end itself on cuda).
+batches: decodes (batch 1..64) and chunks over cached context, contexts crossing block boundaries, GQA
+ratios 1/3/7/32, block sizes 1..128, fp32/fp16/bf16, the int8 pool, a float8 pool; and the whole engine
+served with it gives sdpa's answers. Its kernel runs under Triton's interpreter in a child process
+(tests/triton_interp.py); on a machine with a GPU, TINYSERVE_TRITON_DEVICE=cuda runs the same checks
+compiled for it (the engine check then serves the `triton` back end itself on cuda).
 
 Tolerances are on the largest absolute error (outputs are averages of N(0, 1) rows): fp32 1e-5; fp16
 4e-3; bf16 4e-2, loose because the interpreter rounds to bf16 by truncation (a GPU rounds to nearest).
