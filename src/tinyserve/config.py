@@ -191,7 +191,7 @@ class EngineConfig:
         "instead of its 16-bit dense copy, which eager steps (prefills) keep; lossy (docs/REPORT.md)")
     attention_backend: str = knob(  # the back ends are registered in attention/__init__.py
         "auto", "how attention reads the paged KV pool; auto = paged on CPU (sdpa where its kernel cannot "
-        "be built), sdpa elsewhere")
+        "be built), triton on CUDA (sdpa where triton is not installed)")
     enable_prefix_caching: bool = knob(
         True, "reuse the KV blocks of prompt prefixes seen before (vLLM's automatic prefix caching; "
         "--no-enable-prefix-caching turns it off)")
