@@ -26,7 +26,8 @@ from tinyserve_lab.env_info import machine_info
 from tinyserve_lab.offline_models import OFFLINE_GGUFS, offline_gguf
 from tinyserve_lab.profile import drain, finish_prefill, make_prompts, start_greedy
 
-CONFIGS: dict[str, dict[str, Any]] = {"tp1 compiled": dict(), "tp1 eager": dict(enforce_eager=True), "tp2": dict(tensor_parallel_size=2)}
+CONFIGS: dict[str, dict[str, Any]] = {"tp1 compiled": dict(), "tp1 eager": dict(enforce_eager=True),
+                                      "tp2": dict(tensor_parallel_size=2)}
 
 
 def greedy(model: str | None, tp: int, prompts: list[str], tokens: int) -> list[list[int]]:
