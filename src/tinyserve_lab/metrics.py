@@ -34,6 +34,7 @@ class RequestRecord:
     success: bool = False
     error: str = ""
     prompt_len: int = 0
+    cached_tokens: int | None = None  # of the prompt, found in the server's prefix cache (when its usage says)
     output_len: int = 0
     expected_output_len: int = 0
     ttft: float = 0.0

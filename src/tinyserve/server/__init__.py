@@ -35,21 +35,40 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         "what a client that stops reading can leave unread before it is noticed (default: %(default)s)")
     g.add_argument("--tool-call-parser", default="hermes", choices=list(TOOL_FORMATS),
                    help="how the model writes tool calls: " + TOOL_FORMATS.help())
+    r = parser.add_argument_group("replicas (Ray Serve)")
+    r.add_argument("--data-parallel-size", type=int, default=1, metavar="N",
+                   help="serve N engine replicas behind one endpoint on a local Ray cluster (Ray Serve: "
+                        "placement, health checks, restarts); each gets its share of the cores (default: %(default)s)")
+    r.add_argument("--router", default="prefix", choices=("prefix", "pow2", "round_robin"),
+                   help="which replica a request goes to: prefix = the one whose past prompts share the longest "
+                        "prefix with it, unless the replicas' loads differ too much (SGLang's and Ray's policy); "
+                        "pow2 = the less loaded of two at random; round_robin = in turn (default: %(default)s)")
     add_limit_args(parser)
     add_engine_args(parser)
 
 
 def run_server(args: argparse.Namespace) -> int:
+    if args.data_parallel_size < 1:
+        raise ValueError(f"data_parallel_size must be >= 1, got {args.data_parallel_size}")
+    if args.data_parallel_size > 1:  # Ray is imported only here
+        from tinyserve.server.replicas.service import run_replicas
+
+        return run_replicas(args)
     from tinyserve.server.app import run_server as _run
 
     return _run(args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m tinyserve.server ...`: the same as `tinyserve serve ...`."""
+def serve_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinyserve serve", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
     add_serve_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tinyserve.server ...`: the same as `tinyserve serve ...`."""
+    parser = serve_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
