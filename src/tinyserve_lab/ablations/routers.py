@@ -1,11 +1,12 @@
 """Two replicas on Ray Serve under a multi-turn chat workload, per `--router`: prefix hit rate and TTFT.
 
-Each router gets a fresh service per round (routers rotated between rounds) (`tinyserve serve --data-parallel-size 2 --router R`: a local Ray
-cluster, cold prefix caches) and the same ShareGPT conversations, replayed with their reference replies
-so every router sees byte-identical prompts; `--concurrency` chats at a time, each turn sent when the
-previous one is answered. Prefix hit rate = the prompt tokens the replicas found cached (the usage's
-`cached_tokens`) over all prompt tokens. `--vllm-bench` also runs vLLM's own benchmark client
-(`vllm.benchmarks.serve`, from the peers' venv) against the prefix-routed service: its failures count.
+Each router gets a fresh service per round (routers rotated between rounds: `tinyserve serve
+--data-parallel-size 2 --router R`, a local Ray cluster, cold prefix caches) and the same ShareGPT
+conversations, replayed with their reference replies so every router sees byte-identical prompts;
+`--concurrency` chats at a time, each turn sent when the previous one is answered. Prefix hit rate =
+the prompt tokens the replicas found cached (the usage's `cached_tokens`) over all prompt tokens.
+`--vllm-bench` also runs vLLM's own benchmark client (`vllm.benchmarks.serve`, from the peers' venv)
+against the prefix-routed service: its failures count.
 
     .venv/bin/python -m tinyserve_lab.ablations.routers --json docs/results/replicas/routers.json --vllm-bench
 """
