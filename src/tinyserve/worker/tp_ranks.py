@@ -93,7 +93,8 @@ class Ranks:
 
     def __init__(self, config: EngineConfig, mc: ModelConfig, max_len: int, num_blocks: int,
                  max_decode_rows: int) -> None:
-        """Start ranks 1..N-1 loading their slices (in parallel with rank 0's own), and join the group."""
+        """Start ranks 1..N-1 loading their slices (in parallel with rank 0's own: the group is joined in
+        `wait_ready`, once every rank has loaded, so no rank waits for another's imports)."""
         world = config.tensor_parallel_size
         if dist.is_initialized():
             raise ValueError("tensor_parallel_size > 1 starts its own process group; this process already "
@@ -101,8 +102,8 @@ class Ranks:
         for rank in range(world):  # every rank's partition fails here, before a process starts
             Partition.of(mc, rank, world)
         self._dir = tempfile.mkdtemp(prefix="tinyserve-tp-")
-        store = str(Path(self._dir) / "store")
-        spec = WorkerSpec(dataclasses.asdict(config), world, store, max_len, num_blocks, max_decode_rows)
+        self._device, self._store = config.device, str(Path(self._dir) / "store")
+        spec = WorkerSpec(dataclasses.asdict(config), world, self._store, max_len, num_blocks, max_decode_rows)
         ctx = mp.get_context("spawn")
         self._conns: list[Connection] = []
         self._procs: list[Any] = []
@@ -116,15 +117,12 @@ class Ranks:
             theirs.close()
             self._conns.append(ours)
             self._procs.append(proc)
-        try:
-            init_process_group(config.device, store, 0, world)
-        except Exception:
-            self.close()
-            raise
+            log.info("tensor-parallel rank %d: process %d", rank, proc.pid)
         self.tp = TensorParallel(Partition.of(mc, 0, world))
 
     def wait_ready(self) -> None:
-        """Block until every worker has loaded its slice; a ValueError naming the first that failed."""
+        """Block until every worker has loaded its slice (a ValueError naming the first that failed), then
+        join the process group with them."""
         for rank, (conn, proc) in enumerate(zip(self._conns, self._procs), start=1):
             if not conn.poll(START_TIMEOUT):
                 self.close()
@@ -133,9 +131,14 @@ class Ranks:
                 status, detail = conn.recv()
             except EOFError:
                 status, detail = "error", f"it exited with status {proc.exitcode}"
-            if status != "ready":
+            if status != "loaded":
                 self.close()
                 raise ValueError(f"tensor-parallel rank {rank} could not start: {detail}")
+        try:
+            init_process_group(self._device, self._store, 0, len(self._procs) + 1)
+        except Exception:
+            self.close()
+            raise
         threading.Thread(target=self._watch, name="tinyserve-tp-watch", daemon=True).start()
 
     def step(self, batch: PreparedBatch) -> None:
@@ -195,7 +198,6 @@ def _worker_main(spec: WorkerSpec, rank: int, conn: Connection) -> None:
         config = EngineConfig(**spec.config)
         assert config.num_threads is not None
         torch.set_num_threads(config.num_threads)
-        init_process_group(config.device, spec.store, rank, spec.world)
         src = resolve_model(config.model)
         mc = model_config(src)
         tp = TensorParallel(Partition.of(mc, rank, spec.world))
@@ -205,7 +207,8 @@ def _worker_main(spec: WorkerSpec, rank: int, conn: Connection) -> None:
     except BaseException as e:  # rank 0 raises it as the reason the engine did not start
         conn.send(("error", f"{type(e).__name__}: {e}"))
         sys.exit(1)
-    conn.send(("ready", None))
+    conn.send(("loaded", None))
+    init_process_group(config.device, spec.store, rank, spec.world)  # rank 0 joins once every rank has loaded
     runner = served.runner
     with torch.inference_mode():
         while True:
