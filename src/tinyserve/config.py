@@ -141,7 +141,7 @@ def knob(default: Any, help: str, **argparse_kwargs: Any) -> Any:
 
 
 COMPILE_MODES = ("background", "blocking", "off")
-KV_CACHE_DTYPES = ("auto", "int8")  # how the pool stores K/V: kv/quant.py
+KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3")  # how the pool stores K/V: kv/quant.py
 PREEMPTION_MODES = ("swap", "recompute")  # what a preempted sequence's K/V becomes: engine/scheduler.py
 
 
@@ -159,7 +159,8 @@ class EngineConfig:
     block_size: int = knob(16, "tokens per KV-cache block")
     kv_cache_dtype: str = knob(  # vLLM's flag; the formats are in kv/quant.py
         "auto", "how the KV pool stores K and V: auto = the activations' dtype; int8 = int8 codes with a bf16 "
-        "scale per token and head (1.94x the tokens in the same bytes at head_dim 64)", choices=KV_CACHE_DTYPES)
+        "scale per token and head (1.94x the tokens in the same bytes at head_dim 64); fp8_e4m3 = float8 E4M3 with "
+        "a unit per-tensor scale (2x the tokens; sdpa attention back end)", choices=KV_CACHE_DTYPES)
     kv_cache_memory_gb: float = knob(1.0, "KV pool budget, allocated once at start")
     num_kv_blocks: int | None = knob(None, "exact KV pool size in blocks (overrides the budget; tests use tiny pools)")
     max_num_seqs: int = knob(64, "sequences in one batch")

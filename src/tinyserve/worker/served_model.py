@@ -52,7 +52,7 @@ def serve_model(config: EngineConfig, src: ModelSource, mc: ModelConfig, quantiz
     rows a pure decode step can have (the compiled regimes cover them)."""
     dtype, device = config.torch_dtype, config.device
     resolved = served_quantization(config, quantization, src.stored_form)
-    attention = select_backend(config.attention_backend, device)
+    attention = select_backend(config.attention_backend, device, config.kv_cache_dtype)
     model = load_model(src, mc, max_len, dtype, device, resolved, config.quant_group_size, attention)
     # The packed/dense crossover depends on the machine, the model and the mode: measured once, cached.
     machine = f"{cpu_model()}|{config.device}|{config.num_threads} threads|torch {torch.__version__}"
