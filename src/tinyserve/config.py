@@ -217,7 +217,11 @@ class EngineConfig:
         "eager. Default: background for `tinyserve serve`, blocking for LLM(...) and the lab's benchmarks "
         "(a measured run at full speed throughout)", choices=COMPILE_MODES)
     enforce_eager: bool = knob(
-        False, "run every step eagerly: no compiled decode step (vLLM's flag; the same as --compile off)")
+        False, "run every step eagerly: no compiled decode step, no CUDA graphs (vLLM's flag)")
+    cuda_graphs: bool | None = knob(
+        None, "on a GPU, decode steps the compiled step does not serve (--compile off, a failed or pending "
+        "build) replay CUDA graphs captured per batch-size bucket (worker/cuda_graphs.py). Default: on with "
+        "a CUDA device unless --enforce-eager; a CPU has none (asking for them there is an error)")
     batch_invariant: bool = knob(
         False, "a request's tokens do not depend on what else shares its steps (greedy answers are the "
         "same alone and under load): GGUF models only, every linear on our row-independent kernel at every "
@@ -253,6 +257,10 @@ class EngineConfig:
             raise ValueError(f"quant_group_size must be one of {QUANT_GROUP_SIZES}; got {self.quant_group_size}")
         if self.compile is not None and self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}; got {self.compile!r}")
+        if self.cuda_graphs and (self.device == "cpu" or self.enforce_eager):
+            raise ValueError("cuda_graphs needs a CUDA device and no enforce_eager")
+        if self.cuda_graphs is None:
+            self.cuda_graphs = self.device != "cpu" and not self.enforce_eager
         if self.enforce_eager:
             self.compile = "off"
         if self.batch_invariant:
