@@ -9,7 +9,7 @@ import torch
 
 from tinyserve import LLM, SamplingParams
 from tinyserve.config import EngineConfig
-from tinyserve.worker.cuda_graphs import GraphPool, pick, row_buckets, width_buckets
+from tinyserve.worker.cuda_graphs import GraphPool, cuda_capture, pick, row_buckets, width_buckets
 
 from conftest import TINY
 
@@ -77,6 +77,18 @@ def test_a_step_is_padded_to_its_bucket_and_replayed_from_shared_static_buffers(
     assert pool(*_inputs(17, 2)) is None  # more rows than any bucket: the caller runs it eager
     assert pool(*_inputs(2, 17)) is None  # a wider table than any bucket
     assert capture.captures == 2
+
+
+def test_a_real_capture_replays_new_inputs(device):
+    """On a GPU (--device cuda): torch.cuda.CUDAGraph captures, and replays read the static buffers."""
+    if device == "cpu":
+        pytest.skip("CUDA graphs need a GPU (scripts/gpu_check.sh runs this with --device cuda)")
+    pool = GraphPool(_step, cuda_capture(), max_rows=8, max_width=8, pad_block=99, block_size=4,
+                     index_dtype=torch.long, device=torch.device(device))
+    for base in (0, 5):
+        args = [t.to(device) for t in _inputs(3, 4, base)]
+        torch.testing.assert_close(pool(*args), _step(*args))
+    assert list(pool.graphs) == [(4, 4)]
 
 
 def test_cuda_graphs_are_off_on_a_cpu_and_refused_there():

@@ -38,11 +38,14 @@ def test_fp8_weights_round_trip_within_half_a_step():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_the_fp8_module_multiplies_by_its_dequantized_weight(dtype, tol):
+def test_the_fp8_module_multiplies_by_its_dequantized_weight(dtype, tol, device):
     w = _rows(64, 128, seed=1)
-    module = Fp8Method().pack([w], dtype, torch.device("cpu"))
-    assert isinstance(module, Fp8Weight) and not module.scaled_mm  # a CPU dequantizes on read
-    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(2)).to(dtype)
+    module = Fp8Method().pack([w], dtype, torch.device(device))
+    assert isinstance(module, Fp8Weight)
+    # a CPU dequantizes on read; a Hopper GPU runs bf16 on _scaled_mm, whose E4M3 activations cost more
+    assert module.scaled_mm == scaled_mm_fits(64, 128, dtype, torch.device(device))
+    tol = 0.05 if module.scaled_mm else tol
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(2)).to(device=device, dtype=dtype)
     ref = x.float() @ module.dequantized(torch.float32).T
     got = module(x)
     assert got.dtype == dtype
@@ -50,14 +53,16 @@ def test_the_fp8_module_multiplies_by_its_dequantized_weight(dtype, tol):
     assert module.bytes_read(1) == 64 * 128 + 64 * 4  # one byte a weight, a fp32 scale a row
 
 
-def test_the_scaled_mm_product_quantizes_activations_per_token():
-    """The GPU path's arithmetic, run through torch's CPU _scaled_mm: the exact product of x rounded to
-    E4M3 per token (within bf16's output rounding), rows of very different magnitude alike, and a few
+def test_the_scaled_mm_product_quantizes_activations_per_token(device):
+    """The GPU path's arithmetic (on a CPU through torch's CPU _scaled_mm): the exact product of x rounded
+    to E4M3 per token (within bf16's output rounding), rows of very different magnitude alike, and a few
     percent of the product with x itself."""
-    w = _rows(64, 128, seed=3)
+    if device != "cpu" and not scaled_mm_fits(64, 128, torch.bfloat16, torch.device(device)):
+        pytest.skip("no row-wise FP8 GEMM on this GPU")
+    w = _rows(64, 128, seed=3).to(device)
     q, scales = quantize_fp8(w)
     x = torch.randn(6, 128, generator=torch.Generator().manual_seed(4)) * torch.logspace(-3, 3, 6)[:, None]
-    x = x.bfloat16()
+    x = x.to(device=device, dtype=torch.bfloat16)
     got = fp8_linear(x, q, scales)
     assert got.dtype == torch.bfloat16 and got.shape == (6, 64)
     w_deq = q.float() * scales[:, None]
@@ -120,35 +125,35 @@ def test_the_engine_with_fp8_weights_is_the_model_with_its_weights_rounded(tiny_
 
 
 # -- the fp8 KV pool -----------------------------------------------------------------------------------------
-def test_fp8_kv_rows_round_trip_within_half_a_step_and_clamp():
+def test_fp8_kv_rows_round_trip_within_half_a_step_and_clamp(device):
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(40, 3, 64, generator=g) * torch.logspace(-1, 2, 40)[:, None, None]
+    x = (torch.randn(40, 3, 64, generator=g) * torch.logspace(-1, 2, 40)[:, None, None]).to(device)
     rows = to_fp8(x)
     assert rows.dtype == FP8 and rows.shape == x.shape
     back = read_rows(rows, torch.float32)
     assert bool(((back - x).abs() <= HALF_STEP * x.abs() + 0.5 * SUBNORMAL_STEP).all())
     assert read_rows(rows, torch.bfloat16).dtype == torch.bfloat16
-    big = read_rows(to_fp8(torch.tensor([1e4, -1e4, float("inf")])), torch.float32)
+    big = read_rows(to_fp8(torch.tensor([1e4, -1e4, float("inf")], device=device)), torch.float32)
     assert big.tolist() == [448.0, -448.0, 448.0]  # clamped, never NaN
 
 
-def test_attention_over_an_fp8_pool_stays_close_to_fp32():
+def test_attention_over_an_fp8_pool_stays_close_to_fp32(device):
     """A fresh prompt written to the pool, then a decode reading it back through sdpa's gather."""
     from tinyserve.attention import ATTENTION_BACKENDS
     from tinyserve.attention.base import AttentionMetadata
 
     g = torch.Generator().manual_seed(6)
-    att = ATTENTION_BACKENDS["sdpa"]("cpu")
+    att = ATTENTION_BACKENDS["sdpa"](device)
     blocks, bs, h_kv, h, d, n = 8, 4, 2, 4, 32, 30
-    k, v, q = (torch.randn(n, heads, d, generator=g) for heads in (h_kv, h_kv, h))
+    k, v, q = (torch.randn(n, heads, d, generator=g).to(device) for heads in (h_kv, h_kv, h))
     outs = {}
     for pool in (torch.float32, FP8):
-        caches = [torch.zeros(blocks, bs, h_kv, d, dtype=pool) for _ in range(2)]
-        att.forward(q, k, v, *caches, AttentionMetadata.fresh_prompt(n, "cpu"), 0.125)
-        table = torch.arange(blocks, dtype=att.index_dtype)[None, :]
-        meta = att.decode_meta(table, torch.tensor([n], dtype=att.index_dtype), bs)
-        outs[pool] = att.forward(q[-1:], k[-1:], v[-1:], *caches, AttentionMetadata(torch.tensor([n - 1]), 1, meta, []),
-                                 0.125)
+        caches = [torch.zeros(blocks, bs, h_kv, d, dtype=pool, device=device) for _ in range(2)]
+        att.forward(q, k, v, *caches, AttentionMetadata.fresh_prompt(n, device), 0.125)
+        table = torch.arange(blocks, dtype=att.index_dtype, device=device)[None, :]
+        meta = att.decode_meta(table, torch.tensor([n], dtype=att.index_dtype, device=device), bs)
+        last = AttentionMetadata(torch.tensor([n - 1], device=device), 1, meta, [])
+        outs[pool] = att.forward(q[-1:], k[-1:], v[-1:], *caches, last, 0.125)
     err = (outs[FP8] - outs[torch.float32]).norm() / outs[torch.float32].norm()
     assert 0 < err < 0.05, err
 
