@@ -25,6 +25,17 @@ def pytest_addoption(parser):
                      help="where the tests that take the `device` fixture run (scripts/gpu_check.sh: cuda)")
 
 
+def pytest_collection_modifyitems(config, items):
+    """With --device other than cpu, only the tests that take it run (the rest ran on the CPU already, and
+    need what a bare GPU image may lack: the bundled model's tokenizer)."""
+    if config.getoption("--device") == "cpu":
+        return
+    skip = pytest.mark.skip(reason="not a device test (runs in the CPU suite)")
+    for item in items:
+        if "device" not in getattr(item, "fixturenames", ()):
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def device(request) -> str:
     """The device of the run (--device): tests taking it check on a GPU what they check here on a CPU."""
