@@ -7,6 +7,7 @@ STAMP   := $(VENV)/.installed
 # This CPU machine ships a local torch 2.13.0 CPU wheel; a looser spec would pull CUDA builds.
 TORCH   ?= torch==2.13.0
 XGRAMMAR := xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
+TRITON_VERSION := 3.9.0
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 
@@ -23,6 +24,10 @@ $(STAMP): pyproject.toml Makefile
 	# Structured outputs' grammar engine. --no-deps: its other requirements are ours already, but for triton
 	# (a 286 MB wheel its CUDA kernels use, and that torch's CPU build would then find on every start).
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps $(XGRAMMAR)
+	# Triton for its interpreter only, which runs the GPU kernels' tests on CPU tensors (tests/triton_interp.py):
+	# in a folder of its own, out of torch's sight (torch's CPU build would import it at every start).
+	test -d $(VENV)/triton-interp/triton-$(TRITON_VERSION).dist-info || $(BIN)/pip install -q \
+		--disable-pip-version-check --no-deps --upgrade --target $(VENV)/triton-interp triton==$(TRITON_VERSION)
 	touch $(STAMP)
 
 serve: install

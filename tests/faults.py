@@ -21,9 +21,10 @@ from collections.abc import Iterable
 
 import torch
 
-from tinyserve.engine.llm_engine import EngineFatalError, LLMEngine
+from tinyserve.engine.llm_engine import LLMEngine
 from tinyserve.engine.sampler import Sampler
 from tinyserve.engine.sequence import Sequence
+from tinyserve.errors import EngineFatalError
 from tinyserve.worker.runner import ModelRunner
 
 ENV = "TINYSERVE_FAULTS"

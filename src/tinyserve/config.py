@@ -167,7 +167,13 @@ class EngineConfig:
     max_num_batched_tokens: int = knob(1024, "token budget of one step (decodes + prefill chunks)")
     max_model_len: int | None = knob(None, "context length (default: the model's, capped by the KV pool)")
     max_waiting: int = knob(1024, "bounded waiting queue; beyond it new requests are refused")
-    num_threads: int | None = knob(None, "torch threads (default: physical cores; oversubscribed threads are slower)")
+    num_threads: int | None = knob(
+        None, "torch threads per process (default: the physical cores, shared out among the tensor-parallel "
+        "ranks; oversubscribed threads are slower)")
+    tensor_parallel_size: int = knob(
+        1, "split the model over this many processes (Megatron-style: heads, MLP columns and vocabulary; "
+        "gloo on a CPU, NCCL on CUDA), rank 0 in this one; at most the model's KV heads. Steps run eagerly; "
+        "no speculation, swap or disk tier (docs/REPORT.md)")
     seed: int = knob(0, "engine seed for sampling")
     tokenizer: str | None = knob(None, "tokenizer directory or hub id (default: the model's)")
     quantization: str = knob(  # vLLM's flag name; the modes are registered in layers/__init__.py
@@ -186,14 +192,15 @@ class EngineConfig:
         "instead of its 16-bit dense copy, which eager steps (prefills) keep; lossy (docs/REPORT.md)")
     attention_backend: str = knob(  # the back ends are registered in attention/__init__.py
         "auto", "how attention reads the paged KV pool; auto = paged on CPU (sdpa where its kernel cannot "
-        "be built), sdpa elsewhere")
+        "be built), triton on CUDA (sdpa where triton is not installed)")
     enable_prefix_caching: bool = knob(
         True, "reuse the KV blocks of prompt prefixes seen before (vLLM's automatic prefix caching; "
         "--no-enable-prefix-caching turns it off)")
-    preemption_mode: str = knob(
-        "swap", "a sequence preempted for lack of KV blocks: swap = its K/V is copied to host memory and back "
+    preemption_mode: str | None = knob(
+        None, "a sequence preempted for lack of KV blocks: swap = its K/V is copied to host memory and back "
         "when it resumes (cheaper than recomputing it on a CPU: docs/REPORT.md); recompute = it is "
-        "recomputed from its tokens (also what swap does when the swap space is full)", choices=PREEMPTION_MODES)
+        "recomputed from its tokens (also what swap does when the swap space is full). Default: swap; "
+        "recompute under tensor parallelism (each rank holds a slice of every block)", choices=PREEMPTION_MODES)
     swap_space_gb: float = knob(4.0, "host memory that swapped-out K/V may take (vLLM's --swap-space)")
     kv_offload_path: str | None = knob(
         None, "a directory for the prefix cache's disk tier: every cached block is also written there, and "
@@ -248,6 +255,12 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_cache_dtype!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1:
+            self._check_tensor_parallel()
+        if self.preemption_mode is None:
+            self.preemption_mode = "swap"
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}; "
                              f"got {self.preemption_mode!r}")
@@ -268,7 +281,7 @@ class EngineConfig:
         if self.kv_offload_path and not self.enable_prefix_caching:
             raise ValueError("kv_offload_path is the prefix cache's disk tier: it needs enable_prefix_caching")
         if self.num_threads is None:
-            self.num_threads = physical_cores()
+            self.num_threads = max(1, physical_cores() // self.tensor_parallel_size)
         if isinstance(self.speculative_config, dict):  # LLM(speculative_config={...}): kept as the flag's JSON
             self.speculative_config = json.dumps(self.speculative_config)
         SpeculativeConfig.parse(self.speculative_config)  # a bad config fails here, naming its field
@@ -282,6 +295,23 @@ class EngineConfig:
         """Batch-invariant mode: the fixed size prefills are cut into, whatever else is scheduled (the
         budget left after the most decodes a step can hold, so the first prefill in line always fits)."""
         return self.max_num_batched_tokens - self.max_num_seqs if self.batch_invariant else None
+
+    def _check_tensor_parallel(self) -> None:
+        """What tensor parallelism cannot combine with (yet), each named; what it implies, set."""
+        refused = {"speculative_config": "speculative decoding", "batch_invariant": "batch_invariant",
+                   "kv_offload_path": "the disk tier (kv_offload_path)", "int8_compute": "int8_compute"}
+        for name, what in refused.items():
+            if getattr(self, name):
+                raise ValueError(f"tensor_parallel_size > 1 does not run {what} yet: each rank would need its share")
+        if self.preemption_mode == "swap":
+            raise ValueError("tensor_parallel_size > 1 preempts by recompute (each rank holds a slice of every "
+                             "block): leave preemption_mode unset or set it to recompute")
+        self.preemption_mode = "recompute"
+        # The compiled decode step has no collectives in it: every rank runs its steps eagerly.
+        self.compile = "off"
+        if self.cuda_graphs:  # nor were collectives captured in graphs: rank 0 alone would replay them
+            raise ValueError("tensor_parallel_size > 1 runs every step eagerly: leave cuda_graphs unset")
+        self.cuda_graphs = False
 
     def _check_batch_invariant(self) -> None:
         """What the mode cannot combine with, each named; what it implies, set."""

@@ -24,6 +24,11 @@ class LLM:
         self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, **kwargs))
         self._ids = itertools.count()
 
+    def close(self) -> None:
+        """Stop what the engine started beside this process (tensor-parallel ranks) and flush its disk
+        tier; also done when the LLM is collected or the interpreter exits."""
+        self.engine.close()
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

@@ -6,8 +6,9 @@ vLLM-shaped logprobs; bf16 greedy against fp32), then offline decode speed on ra
 shapes (SmolLM2-135M, Qwen2.5-0.5B) in bf16 per serving mode (eager, CUDA graphs, compiled, FP8
 weights, FP8 KV): c=1 and c=32 throughput, batch-1 decode tok/s and the weight bytes it streams per
 second against the card's memory bandwidth. Before that, the test files that take a `device` fixture,
-run with `--device cuda` (when pytest is importable). One JSON line per result, written as it goes, so a
-time-out keeps what was done; at the end one JSON document and a markdown summary beside it.
+run with `--device cuda`, and the Triton kernels' tests on the GPU (when pytest is importable). One JSON
+line per result, written as it goes, so a time-out keeps what was done; at the end one JSON document and
+a markdown summary beside it.
 
 Needs only torch and transformers beside the engine, from a checkout (`PYTHONPATH=src`): the weights are
 random and the tokenizer is a word-level one built here unless `--tokenizer` names an HF tokenizer
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -126,15 +128,21 @@ class Check:
         try:
             import pytest  # noqa: F401  # only whether it is there
         except ImportError:
-            self.emit(check="device tests", skipped="pytest is not importable here", files=files)
+            self.emit(check="device tests", skipped="pytest is not importable here")
             return
+        self.pytest(root, "device tests", ["--device", self.device, *files], {})
+        # The Triton kernels' tests pick their device from the environment (tests/triton_interp.py).
+        triton = sorted(str(f) for f in (root / "tests").glob("test_triton_*.py"))
+        if self.on_gpu and triton:
+            self.pytest(root, "triton tests", triton, {"TINYSERVE_TRITON_DEVICE": "cuda"})
+
+    def pytest(self, root: Path, name: str, args: list[str], env: dict[str, str]) -> None:
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--device", self.device,
-                               *files], capture_output=True, text=True, cwd=root)
-        (self.out_dir / "device-tests.txt").write_text(proc.stdout + proc.stderr)
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+                              capture_output=True, text=True, cwd=root, env={**os.environ, **env})
+        (self.out_dir / f"{name.replace(' ', '-')}.txt").write_text(proc.stdout + proc.stderr)
         tail = [ln for ln in proc.stdout.splitlines() if ln.strip()][-1:] or [""]
-        self.emit(check="device tests", ok=proc.returncode == 0, files=files, summary=tail[0],
-                  seconds=round(time.perf_counter() - start, 1))
+        self.emit(check=name, ok=proc.returncode == 0, summary=tail[0], seconds=round(time.perf_counter() - start, 1))
 
     def checkpoint(self, arch: str, widen: bool = True, **cfg: Any) -> str:
         """A random-weight transformers checkpoint with the tokenizer's files, in a temporary directory."""

@@ -7,6 +7,7 @@ resolved by `select_backend`.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,21 @@ def _paged(device: str) -> AttentionBackend:
         raise ValueError(str(e)) from None
 
 
+@ATTENTION_BACKENDS.register("triton")
+def _triton(device: str) -> AttentionBackend:
+    """reads the pool in place through Triton kernels (decodes and chunks over cached context); CUDA"""
+    if not device.startswith("cuda"):
+        raise ValueError(f"the triton attention back end runs on CUDA (device {device!r}); use paged or sdpa")
+    if importlib.util.find_spec("triton") is None:  # looked up, not imported: no start-up cost when absent
+        raise ValueError("the triton attention back end needs the triton package (CUDA builds of torch ship "
+                         "it); use sdpa")
+    try:
+        from tinyserve.attention.triton_backend import TritonBackend
+    except ImportError as e:  # torch before 2.6 has no torch.library.triton_op
+        raise ValueError(f"the triton attention back end cannot load ({e}); use sdpa") from None
+    return TritonBackend()
+
+
 def prefetch(name: str, device: str) -> None:
     """Start what `select_backend(name, device)` will need, so it overlaps loading the model: the paged
     back end's native kernel, built on a thread (seconds on a cold machine, once)."""
@@ -51,18 +67,19 @@ def prefetch(name: str, device: str) -> None:
 
 
 def select_backend(name: str, device: str, kv_cache_dtype: str = "auto") -> AttentionBackend:
-    """The back end called `name`; `auto` is `paged` on a CPU where its kernel builds, `sdpa` elsewhere
-    and for an fp8 pool. A ValueError when the named one cannot run here."""
-    # The paged kernel is a CPU one for bf16/fp32/int8 pools; fp8 KV is a GPU format, read by sdpa's
-    # gather (dequantized there), so the CPU kernel was not taught it.
+    """The back end called `name`; `auto` is `paged` on a CPU where its kernel builds (but for an fp8 pool),
+    `triton` on CUDA where triton is installed, `sdpa` elsewhere. A ValueError when the named one cannot
+    run here."""
+    # The paged kernel is a CPU one for bf16/fp32/int8 pools; fp8 KV is a GPU format (the triton back end
+    # reads it; sdpa's gather dequantizes it anywhere), so the CPU kernel was not taught it.
     fp8 = kv_cache_dtype == "fp8_e4m3"
     if name == "paged" and fp8:
         raise ValueError("the paged attention back end does not read an fp8_e4m3 KV pool; use sdpa (or auto)")
     if name != "auto":
         return ATTENTION_BACKENDS[name](device)
-    if device == "cpu" and not fp8:
+    if not (device == "cpu" and fp8):
         try:
-            return ATTENTION_BACKENDS["paged"](device)
+            return ATTENTION_BACKENDS["paged" if device == "cpu" else "triton"](device)
         except ValueError as e:
             log.warning("%s; falling back to the sdpa attention back end", e)
     return ATTENTION_BACKENDS["sdpa"](device)

@@ -5,9 +5,9 @@ tokens arrive as one flat batch: first the decode tokens (one query each), then 
 Every layer first writes its new K/V into the pool at `slot_mapping`, then attends each query to its
 context. The runner describes the step once (`BatchLayout`: plain Python, no tensors but the slots);
 the back end turns that into its own `AttentionMetadata` (`build`), which every layer then shares.
-Back ends differ in how decodes read the pool (`decode`); prefill chunks are shared by all of them:
-a fresh prompt goes through SDPA (causal), a chunk over a cached context (a later chunk, or a prompt
-whose prefix came from the prefix cache) through `chunk_attention`.
+Back ends differ in how decodes read the pool (`decode`); prefill chunks are shared by all of them
+unless a back end overrides `prefill`: a fresh prompt goes through SDPA (causal), a chunk over a cached
+context (a later chunk, or a prompt whose prefix came from the prefix cache) through `chunk_attention`.
 """
 
 from __future__ import annotations
@@ -191,8 +191,13 @@ class AttentionBackend(ABC):
             assert meta.decode is not None
             out[:nd] = self.decode(q[:nd], k_cache, v_cache, meta.decode, scale)
         for c in meta.prefills:
-            out[c.start : c.start + c.num_tokens] = prefill_attention(q, k, v, k_cache, v_cache, c, scale)
+            out[c.start : c.start + c.num_tokens] = self.prefill(q, k, v, k_cache, v_cache, c, scale)
         return out
+
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, c: PrefillChunk, scale: float) -> torch.Tensor:
+        """One prefill chunk's attention, [L, H, D]: the shared path unless a back end reads the pool its way."""
+        return prefill_attention(q, k, v, k_cache, v_cache, c, scale)
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,

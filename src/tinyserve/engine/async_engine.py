@@ -30,10 +30,11 @@ from typing import Any
 
 import torch
 
-from tinyserve.engine.llm_engine import EngineFatalError, EngineStats, LLMEngine
+from tinyserve.engine.llm_engine import EngineStats, LLMEngine
 from tinyserve.engine.output import DeltaTracker, SeqDelta
 from tinyserve.engine.scheduler import QueueFullError
 from tinyserve.engine.sequence import Sequence
+from tinyserve.errors import EngineFatalError
 from tinyserve.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,13 @@ class _Stop:
     pass
 
 
+@dataclass
+class _Fatal:
+    """Reported from another thread (a lost tensor-parallel rank): the loop cannot go on."""
+
+    reason: str
+
+
 class AsyncEngine:
     """Owns an `LLMEngine` and its step-loop thread; every public method is safe to call from asyncio."""
 
@@ -108,13 +116,15 @@ class AsyncEngine:
         self._on_finish: Callable[[str, list[Sequence], float], None] | None = None
         self._on_step: Callable[[int], None] | None = None
         self._on_stats: Callable[[EngineStats], None] | None = None
-        self._commands: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Abort | _Stop | _Fatal] = queue.SimpleQueue()
         self._trackers: dict[str, _Tracker] = {}
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.fatal_error: BaseException | None = None  # what ended the step loop, if it died
         self.on_fatal: Callable[[BaseException], None] | None = None  # called on the engine thread as it dies
         self.stats = EngineStats()
+        if engine.ranks is not None:  # a rank lost while idle ends the loop now, not at the next request
+            engine.ranks.on_lost = lambda reason: self._commands.put(_Fatal(reason))
 
     def set_callbacks(
         self,
@@ -241,7 +251,10 @@ class AsyncEngine:
                     self._shutdown(commands)
                     return
                 for cmd in commands:
-                    assert not isinstance(cmd, _Stop)  # a stop returned above
+                    if isinstance(cmd, _Fatal):
+                        raise EngineFatalError(cmd.reason)
+                for cmd in commands:
+                    assert not isinstance(cmd, (_Stop, _Fatal))  # handled above
                     self._handle(cmd)
                 if self.engine.has_unfinished():
                     seqs = self.engine.step()

@@ -16,6 +16,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +28,7 @@ from tinyserve.engine.policy import SchedulingPolicy
 from tinyserve.engine.sampler import Sampler, prompt_logprobs
 from tinyserve.engine.scheduler import ScheduledBatch, Scheduler
 from tinyserve.engine.sequence import Sequence, TokenLogprobs
+from tinyserve.errors import EngineFatalError
 from tinyserve.kv.block_manager import BlockManager
 from tinyserve.kv.disk_tier import DiskTier
 from tinyserve.kv.disk_tier import namespace as kv_namespace
@@ -43,12 +45,10 @@ from tinyserve.tokenizer import IncrementalDetokenizer, TokenText, load_tokenize
 from tinyserve.worker.runner import DECODE_ROWS
 from tinyserve.worker.served_model import serve_model, served_quantization
 
+if TYPE_CHECKING:
+    from tinyserve.worker.tp_ranks import Ranks
+
 log = logging.getLogger(__name__)
-
-
-class EngineFatalError(RuntimeError):
-    """The engine cannot go on (a lost device, a corrupted pool): raised from a step, it stops the step
-    loop instead of failing requests one by one forever, so that a supervisor restarts the process."""
 
 
 @dataclass(frozen=True)
@@ -116,8 +116,23 @@ class LLMEngine:
         if compile == "background" and self.speculative:  # its costs are measured on the step that will serve
             log.info("speculative decoding weighs drafts by the compiled step's cost: compiling before serving")
             compile = "blocking"
-        served = serve_model(config, src, mc, config.quantization, self.max_len, self.num_blocks, rows, compile)
+        # Tensor parallelism: the other ranks start loading their slices now, alongside this one's.
+        self.ranks: Ranks | None = None
+        if config.tensor_parallel_size > 1:
+            from tinyserve.worker.tp_ranks import Ranks  # torch.distributed: only for tensor parallelism
+
+            self.ranks = Ranks(config, mc, self.max_len, self.num_blocks, rows)
+        try:
+            served = serve_model(config, src, mc, config.quantization, self.max_len, self.num_blocks, rows, compile,
+                                 tp=self.ranks.tp if self.ranks else None)
+            if self.ranks:
+                self.ranks.wait_ready()
+        except BaseException:
+            if self.ranks:
+                self.ranks.close()
+            raise
         self.model, self.runner, self.attention = served.model, served.runner, served.attention
+        self.runner.ranks = self.ranks
         self.quantization, self.packed_max_rows = served.quantization, served.packed_max_rows
         self.compile_seconds = served.compile_seconds
         self.blocks = BlockManager(self.num_blocks, bs, config.enable_prefix_caching)
@@ -129,6 +144,7 @@ class LLMEngine:
         # The disk tier's queued writes finish at close(), or when the engine is collected or the
         # interpreter exits (an offline LLM(...) is never closed explicitly).
         self._close_tiers = weakref.finalize(self, self.tiers.close)
+        self._close_ranks = weakref.finalize(self, self.ranks.close) if self.ranks else None
         # Structured outputs: nothing is imported or built until the first request asks for a grammar.
         self.grammars = Grammars(self.tokenizer.hf, mc.vocab_size, self.tokenizer.eos_token_ids)
         self.sampler = Sampler(self.tokenizer.eos_token_ids, config.seed, self.runner.device, self.grammars)
@@ -159,8 +175,10 @@ class LLMEngine:
         return DiskTier(config.kv_offload_path, ns, int(config.kv_offload_gb * 2**30), block_nbytes)
 
     def close(self) -> None:
-        """Finish what must outlive the engine (the disk tier's queued writes)."""
+        """Finish what must outlive the engine (the disk tier's queued writes); stop the other ranks."""
         self._close_tiers()
+        if self._close_ranks is not None:
+            self._close_ranks()
 
     # -- requests ----------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:

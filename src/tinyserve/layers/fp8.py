@@ -85,6 +85,7 @@ class Fp8Method:
     """`--quantization fp8`: E4M3 per output channel from any checkpoint (round to nearest)."""
 
     name = "fp8"
+    keeps_stored = False  # quantizes from dense weights (a stored quantized form is dequantized first)
 
     def pack(self, shards: Sequence[WeightSource], dtype: torch.dtype, device: torch.device) -> nn.Module:
         w = torch.cat([as_dense(s).float() for s in shards])

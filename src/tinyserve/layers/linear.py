@@ -24,6 +24,7 @@ class QuantMethod(Protocol):
     """Turns a linear's fp32 shards into the module that multiplies by them."""
 
     name: str
+    keeps_stored: bool  # packs a file's quantized form as stored (GGUF blocks, codes), not from dense
 
     def pack(self, shards: Sequence[WeightSource], dtype: torch.dtype, device: torch.device) -> nn.Module: ...
 
@@ -54,6 +55,7 @@ class Unquantized:
     """`--quantization none`: every weight dequantized into the model dtype."""
 
     name = "none"
+    keeps_stored = False
 
     def pack(self, shards: Sequence[WeightSource], dtype: torch.dtype, device: torch.device) -> nn.Module:
         return DenseWeight(torch.cat([as_dense(s) for s in shards]).to(device=device, dtype=dtype))

@@ -42,6 +42,7 @@ class Int8Method:
     """`--quantization int8`: per-channel weight-only int8 from any checkpoint."""
 
     name = "int8"
+    keeps_stored = False
 
     def __init__(self, keep_dense: bool = True) -> None:
         self.keep_dense = keep_dense
@@ -57,6 +58,7 @@ class Int4Method:
     """`--quantization int4`: group-wise asymmetric int4 (RTN) from any checkpoint."""
 
     name = "int4"
+    keeps_stored = False
 
     def __init__(self, group: int, keep_dense: bool = True) -> None:
         self.group = group
@@ -92,6 +94,7 @@ class GGUFMethod:
         batch-invariant mode's, whose rows never depend on each other), int4 (PyTorch's where it can)."""
         self.kernel = kernel
         self.name = {"best": "gguf", "native": "gguf-native", "int4": "gguf-int4"}[kernel]
+        self.keeps_stored = True
         self.keep_dense = keep_dense
 
     def pack(self, shards: Sequence[WeightSource], dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -124,6 +127,7 @@ class CheckpointMethod:
     are dequantized."""
 
     name = "checkpoint"
+    keeps_stored = True
 
     def __init__(self, keep_dense: bool = True) -> None:
         self.keep_dense = keep_dense

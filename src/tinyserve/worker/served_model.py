@@ -9,6 +9,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,6 +26,9 @@ from tinyserve.system import cache_dir, cpu_model
 from tinyserve.worker.compiled import BackgroundCompile, CompiledDecode, artifact_dir, artifact_key, decode_forward
 from tinyserve.worker.cuda_graphs import Capture, GraphPool, cuda_capture
 from tinyserve.worker.runner import ModelRunner
+
+if TYPE_CHECKING:  # torch.distributed is imported only where ranks start (worker/tp_ranks.py)
+    from tinyserve.parallel.tp import TensorParallel
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +51,21 @@ def served_quantization(config: EngineConfig, quantization: str, stored: str | N
 
 
 def serve_model(config: EngineConfig, src: ModelSource, mc: ModelConfig, quantization: str, max_len: int,
-                num_blocks: int, max_decode_rows: int, compile: str = "blocking") -> ServedModel:
+                num_blocks: int, max_decode_rows: int, compile: str = "blocking",
+                tp: TensorParallel | None = None) -> ServedModel:
     """Load `src` for serving under `config` (dtype, device, attention, packed kernels); `compile`: when
     its decode step is compiled (off | blocking | background: config.py); `max_decode_rows`: the most
-    rows a pure decode step can have (the compiled regimes cover them)."""
+    rows a pure decode step can have (the compiled regimes cover them); `tp`: the slice of one
+    tensor-parallel rank (which runs eagerly: config.py)."""
     dtype, device = config.torch_dtype, config.device
     resolved = served_quantization(config, quantization, src.stored_form)
     attention = select_backend(config.attention_backend, device, config.kv_cache_dtype)
-    model = load_model(src, mc, max_len, dtype, device, resolved, config.quant_group_size, attention)
+    model = load_model(src, mc, max_len, dtype, device, resolved, config.quant_group_size, attention, tp)
     # The packed/dense crossover depends on the machine, the model and the mode: measured once, cached.
     machine = f"{cpu_model()}|{config.device}|{config.num_threads} threads|torch {torch.__version__}"
     key = f"{src.path}|{resolved}|g{config.quant_group_size}|{dtype}|{machine}"
+    if tp is not None:
+        key += f"|tp rank {tp.rank} of {tp.part.world}"
     if config.int8_compute:
         weights = [m.impl for name, m in model.named_modules() if isinstance(m, Linear)
                    and isinstance(m.impl, PackedWeight) and name.rsplit(".", 1)[-1] in INT8_COMPUTE_LINEARS]

@@ -1,0 +1,224 @@
+"""Tensor-parallel ranks as processes: rank 0 is the engine's own process; ranks 1..N-1 are workers.
+
+The scheduler, the sampler and everything else stay in rank 0. Each step, rank 0 packs the batch as
+usual (worker/runner.py) and sends every worker the packed tensors and the step's layout over a pipe
+(`StepBatch`: token ids, positions, KV slots and block tables: kilobytes); every rank then runs the
+same forward over its slice of the model (parallel/tp.py), meeting the others in the collectives
+(gloo on a CPU, NCCL on CUDA, via `torch.distributed`), and rank 0 alone receives the gathered logits.
+
+Workers are started with `torch.multiprocessing` (spawn) and join the process group through a file
+store in a private directory, on the loopback. Failure is never a hang: a worker that fails to load
+reports why and the engine does not start; a worker that dies is seen by a watcher thread (its process
+sentinel) and by the next step, which raises `EngineFatalError` (the server's /health turns 503 and it
+exits non-zero); a collective that loses its peer mid-step raises, and one that waits longer than
+`COLLECTIVE_TIMEOUT` times out. A worker whose rank 0 vanishes sees its pipe close and exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tinyserve.attention.base import BatchLayout
+from tinyserve.config import EngineConfig, ModelConfig
+from tinyserve.errors import EngineFatalError
+from tinyserve.parallel.tp import Partition, TensorParallel
+from tinyserve.worker.runner import PreparedBatch, SeqView
+
+log = logging.getLogger(__name__)
+COLLECTIVE_TIMEOUT = timedelta(seconds=60)  # a step's collectives are per layer: milliseconds apart
+START_TIMEOUT = 600.0  # seconds for a worker to load its slice (a large model on a cold disk)
+
+
+@dataclass
+class StepBatch:
+    """What a worker needs of a step: the packed tensors and the layout its back end builds metadata from."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    layout: BatchLayout
+    sample_idx: torch.Tensor
+    num_sampling: int  # sequences that sample (only whether there are any matters to a worker)
+    prompt_idx: torch.Tensor | None
+
+    @classmethod
+    def of(cls, b: PreparedBatch) -> StepBatch:
+        return cls(b.input_ids, b.positions, b.layout, b.sample_idx, len(b.sampling), b.prompt_idx)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to build its slice as rank 0 builds its own."""
+
+    config: dict[str, Any]  # the EngineConfig, as a dict (it crosses a process boundary)
+    world: int
+    store: str  # the file store's path
+    max_len: int
+    num_blocks: int
+    max_decode_rows: int
+
+
+def init_process_group(device: str, store: str, rank: int, world: int) -> None:
+    """Join the group: gloo on a CPU, NCCL on CUDA; the rendezvous is a file, the traffic the loopback."""
+    if sys.platform == "linux" and Path("/sys/class/net/lo").exists():
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    backend = "gloo" if device == "cpu" else "nccl"
+    dist.init_process_group(backend, store=dist.FileStore(store, world), rank=rank, world_size=world,
+                            timeout=COLLECTIVE_TIMEOUT)
+
+
+def rank_device(device: str, rank: int) -> str:
+    """One GPU per rank on CUDA (cuda:rank); every rank on the CPU shares it."""
+    return device if device == "cpu" else f"cuda:{rank}"
+
+
+class Ranks:
+    """Rank 0's handle on the workers: starts them, sends each step, notices when one is gone."""
+
+    def __init__(self, config: EngineConfig, mc: ModelConfig, max_len: int, num_blocks: int,
+                 max_decode_rows: int) -> None:
+        """Start ranks 1..N-1 loading their slices (in parallel with rank 0's own), and join the group."""
+        world = config.tensor_parallel_size
+        if dist.is_initialized():
+            raise ValueError("tensor_parallel_size > 1 starts its own process group; this process already "
+                             "has one (torchrun?): run the engine in a process of its own")
+        for rank in range(world):  # every rank's partition fails here, before a process starts
+            Partition.of(mc, rank, world)
+        self._dir = tempfile.mkdtemp(prefix="tinyserve-tp-")
+        store = str(Path(self._dir) / "store")
+        spec = WorkerSpec(dataclasses.asdict(config), world, store, max_len, num_blocks, max_decode_rows)
+        ctx = mp.get_context("spawn")
+        self._conns: list[Connection] = []
+        self._procs: list[Any] = []
+        self._closing = False
+        self.lost: str | None = None  # why a worker is gone, once one is
+        self.on_lost: Callable[[str], None] | None = None  # called on the watcher thread
+        for rank in range(1, world):
+            ours, theirs = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main, args=(spec, rank, theirs), name=f"tinyserve-tp{rank}", daemon=True)
+            proc.start()
+            theirs.close()
+            self._conns.append(ours)
+            self._procs.append(proc)
+        try:
+            init_process_group(config.device, store, 0, world)
+        except Exception:
+            self.close()
+            raise
+        self.tp = TensorParallel(Partition.of(mc, 0, world))
+
+    def wait_ready(self) -> None:
+        """Block until every worker has loaded its slice; a ValueError naming the first that failed."""
+        for rank, (conn, proc) in enumerate(zip(self._conns, self._procs), start=1):
+            if not conn.poll(START_TIMEOUT):
+                self.close()
+                raise ValueError(f"tensor-parallel rank {rank} did not load its slice within {START_TIMEOUT:.0f}s")
+            try:
+                status, detail = conn.recv()
+            except EOFError:
+                status, detail = "error", f"it exited with status {proc.exitcode}"
+            if status != "ready":
+                self.close()
+                raise ValueError(f"tensor-parallel rank {rank} could not start: {detail}")
+        threading.Thread(target=self._watch, name="tinyserve-tp-watch", daemon=True).start()
+
+    def step(self, batch: PreparedBatch) -> None:
+        """Send every worker this step (they run its forward with rank 0)."""
+        self.check()
+        msg = StepBatch.of(batch)
+        try:
+            for conn in self._conns:
+                conn.send(msg)
+        except OSError as e:
+            raise EngineFatalError(f"a tensor-parallel rank is gone: {e}") from e
+
+    def check(self) -> None:
+        """EngineFatalError if a worker is gone."""
+        for rank, proc in enumerate(self._procs, start=1):
+            if not proc.is_alive() and self.lost is None:
+                self.lost = f"tensor-parallel rank {rank} exited with status {proc.exitcode}"
+        if self.lost is not None:
+            raise EngineFatalError(self.lost)
+
+    def _watch(self) -> None:
+        """Wait on the workers' sentinels; the first to end while the engine runs is reported."""
+        ended = wait([p.sentinel for p in self._procs])
+        if self._closing:
+            return
+        rank, proc = next((r, p) for r, p in enumerate(self._procs, start=1) if p.sentinel in ended)
+        proc.join(5)  # reaped: its exit status is known
+        self.lost = f"tensor-parallel rank {rank} exited with status {proc.exitcode}"
+        log.critical("%s: the engine cannot go on", self.lost)
+        if self.on_lost is not None:
+            self.on_lost(self.lost)
+
+    def close(self) -> None:
+        """Stop the workers (a clean exit, then a kill after 10 s) and leave the group."""
+        if self._closing:
+            return
+        self._closing = True
+        for conn in self._conns:
+            with contextlib.suppress(OSError):  # already gone
+                conn.send(None)
+        for proc in self._procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _worker_main(spec: WorkerSpec, rank: int, conn: Connection) -> None:
+    """A worker rank: build the slice, say so, then run every step rank 0 sends until told to stop."""
+    from tinyserve.models.loader import model_config, resolve_model
+    from tinyserve.worker.served_model import serve_model
+
+    try:
+        config = EngineConfig(**spec.config)
+        assert config.num_threads is not None
+        torch.set_num_threads(config.num_threads)
+        init_process_group(config.device, spec.store, rank, spec.world)
+        src = resolve_model(config.model)
+        mc = model_config(src)
+        tp = TensorParallel(Partition.of(mc, rank, spec.world))
+        config = dataclasses.replace(config, device=rank_device(config.device, rank))
+        served = serve_model(config, src, mc, config.quantization, spec.max_len, spec.num_blocks,
+                             spec.max_decode_rows, compile="off", tp=tp)
+    except BaseException as e:  # rank 0 raises it as the reason the engine did not start
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        sys.exit(1)
+    conn.send(("ready", None))
+    runner = served.runner
+    with torch.inference_mode():
+        while True:
+            try:
+                msg = conn.recv()
+            except EOFError:  # rank 0 is gone
+                break
+            if msg is None:
+                break
+            b: StepBatch = msg
+            meta = runner.model.attention.build(b.layout)
+            # Placeholders for the sampling sequences: a worker computes their logits' share, never samples.
+            runner.forward(PreparedBatch(b.input_ids, b.positions, b.layout, meta, b.sample_idx,
+                                         [SeqView([], [])] * b.num_sampling, b.prompt_idx, []))
+    if dist.is_initialized():
+        dist.destroy_process_group()
