@@ -37,8 +37,8 @@ def _int8(group: int) -> QuantMethod:
 
 @QUANTIZATION.register("fp8")
 def _fp8(group: int) -> QuantMethod:
-    """FP8 E4M3 per output channel from any checkpoint; FP8 tensor-core GEMMs (torch._scaled_mm) on
-    Hopper GPUs, dequantized on read elsewhere"""
+    """FP8 E4M3 per output channel from any checkpoint (the LM head dense); FP8 tensor-core GEMMs
+    (torch._scaled_mm) on Hopper GPUs, dequantized on read elsewhere"""
     from tinyserve.layers.fp8 import Fp8Method
 
     return Fp8Method()

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinyserve.layers.formats import WeightSource, as_dense
+from tinyserve.layers.linear import Unquantized
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -82,10 +83,14 @@ class Fp8Weight(nn.Module):
 
 
 class Fp8Method:
-    """`--quantization fp8`: E4M3 per output channel from any checkpoint (round to nearest)."""
+    """`--quantization fp8`: E4M3 per output channel from any checkpoint (round to nearest), every linear
+    but the LM head, which stays in the model dtype as vLLM keeps it: on the bundled model the head in
+    E4M3 doubled fp8's perplexity cost (docs/REPORT.md F8), and a tied head's dense table also serves the
+    embedding, so the model is no larger for it."""
 
     name = "fp8"
     keeps_stored = False  # quantizes from dense weights (a stored quantized form is dequantized first)
+    head_method = Unquantized()
 
     def pack(self, shards: Sequence[WeightSource], dtype: torch.dtype, device: torch.device) -> nn.Module:
         w = torch.cat([as_dense(s).float() for s in shards])

@@ -1,5 +1,5 @@
-"""Where FP8 weights' quality cost sits on the bundled model: every linear in E4M3 vs the LM head kept in
-bf16 (what vLLM's fp8 method does: its head stays unquantized). Perplexity and KLD against fp32 on the
+"""Where FP8 weights' quality cost sits on the bundled model: `--quantization fp8` as served (the LM head
+kept in bf16, as vLLM keeps it) vs every linear in E4M3, the head too. Perplexity and KLD against fp32 on the
 quality tool's Hamlet windows, the logits of one fresh prefill each (`tinyserve bench quality`'s).
 
     PYTHONPATH=src python -m tinyserve_lab.ablations.fp8_head [--windows 4 --tokens 512]
@@ -13,6 +13,8 @@ import json
 import torch
 
 from tinyserve import LLM
+from tinyserve.layers.fp8 import Fp8Method
+from tinyserve.layers.linear import DenseWeight
 from tinyserve_lab.quality import kl_divergence, perplexity, shakespeare_windows, token_nll, window_logits
 
 
@@ -31,11 +33,13 @@ def main() -> None:
 
     ref_logits, ref_ppl = score(ref)
     del ref
-    dense, fp8 = (LLM(dtype="bfloat16", quantization=q, **kw) for q in ("none", "fp8"))
+    fp8 = LLM(dtype="bfloat16", quantization="fp8", **kw)
+    head = fp8.engine.model.lm_head
     rows = {"fp32": {"ppl": ref_ppl}}
-    for name in ("fp8, every linear", "fp8, LM head bf16"):
-        if name == "fp8, LM head bf16":
-            fp8.engine.model.lm_head.impl = dense.engine.model.lm_head.impl
+    for name in ("fp8, LM head bf16 (as served)", "fp8, every linear"):
+        if name == "fp8, every linear":
+            assert isinstance(head.impl, DenseWeight)
+            head.impl = Fp8Method().pack([head.impl.weight.float()], torch.bfloat16, torch.device("cpu"))
         logits, ppl = score(fp8)
         kld = torch.cat([kl_divergence(r, lg) for r, lg in zip(ref_logits, logits)]).mean().item()
         rows[name] = {"ppl": ppl, "ppl_vs_fp32": ppl / ref_ppl - 1, "kld_mean": kld}
