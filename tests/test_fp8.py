@@ -130,6 +130,14 @@ def test_the_engine_with_fp8_weights_is_the_model_with_its_weights_rounded(tiny_
     _assert_close(_first_logprobs(rounded), _first_logprobs(llm), 1e-4)
 
 
+def test_a_tied_fp8_model_shares_its_dense_head_with_the_embedding(tmp_path):
+    from conftest import make_tiny_checkpoint
+
+    llm = LLM(str(make_tiny_checkpoint(tmp_path, tie=True)), **TINY, quantization="fp8")
+    model = llm.engine.model
+    assert model.embed_tokens.weight.data_ptr() == model.lm_head.impl.weight.data_ptr()  # type: ignore[union-attr]
+
+
 # -- the fp8 KV pool -----------------------------------------------------------------------------------------
 def test_fp8_kv_rows_round_trip_within_half_a_step_and_clamp(device):
     g = torch.Generator().manual_seed(5)
