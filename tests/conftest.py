@@ -20,6 +20,28 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 TINY = dict(num_threads=1, dtype="float32", enforce_eager=True)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="where the tests that take the `device` fixture run (scripts/gpu_check.sh: cuda)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """With --device other than cpu, only the tests that take it run (the rest ran on the CPU already, and
+    need what a bare GPU image may lack: the bundled model's tokenizer)."""
+    if config.getoption("--device") == "cpu":
+        return
+    skip = pytest.mark.skip(reason="not a device test (runs in the CPU suite)")
+    for item in items:
+        if "device" not in getattr(item, "fixturenames", ()):
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device(request) -> str:
+    """The device of the run (--device): tests taking it check on a GPU what they check here on a CPU."""
+    return request.config.getoption("--device")
+
+
 @pytest.fixture(scope="module")
 def restore_torch_threads():
     n = torch.get_num_threads()

@@ -141,7 +141,7 @@ def knob(default: Any, help: str, **argparse_kwargs: Any) -> Any:
 
 
 COMPILE_MODES = ("background", "blocking", "off")
-KV_CACHE_DTYPES = ("auto", "int8")  # how the pool stores K/V: kv/quant.py
+KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3")  # how the pool stores K/V: kv/quant.py
 PREEMPTION_MODES = ("swap", "recompute")  # what a preempted sequence's K/V becomes: engine/scheduler.py
 
 
@@ -159,7 +159,8 @@ class EngineConfig:
     block_size: int = knob(16, "tokens per KV-cache block")
     kv_cache_dtype: str = knob(  # vLLM's flag; the formats are in kv/quant.py
         "auto", "how the KV pool stores K and V: auto = the activations' dtype; int8 = int8 codes with a bf16 "
-        "scale per token and head (1.94x the tokens in the same bytes at head_dim 64)", choices=KV_CACHE_DTYPES)
+        "scale per token and head (1.94x the tokens in the same bytes at head_dim 64); fp8_e4m3 = float8 E4M3 with "
+        "a unit per-tensor scale (2x the tokens; sdpa attention back end)", choices=KV_CACHE_DTYPES)
     kv_cache_memory_gb: float = knob(1.0, "KV pool budget, allocated once at start")
     num_kv_blocks: int | None = knob(None, "exact KV pool size in blocks (overrides the budget; tests use tiny pools)")
     max_num_seqs: int = knob(64, "sequences in one batch")
@@ -223,7 +224,11 @@ class EngineConfig:
         "eager. Default: background for `tinyserve serve`, blocking for LLM(...) and the lab's benchmarks "
         "(a measured run at full speed throughout)", choices=COMPILE_MODES)
     enforce_eager: bool = knob(
-        False, "run every step eagerly: no compiled decode step (vLLM's flag; the same as --compile off)")
+        False, "run every step eagerly: no compiled decode step, no CUDA graphs (vLLM's flag)")
+    cuda_graphs: bool | None = knob(
+        None, "on a GPU, decode steps the compiled step does not serve (--compile off, a failed or pending "
+        "build) replay CUDA graphs captured per batch-size bucket (worker/cuda_graphs.py). Default: on with "
+        "a CUDA device unless --enforce-eager; a CPU has none (asking for them there is an error)")
     batch_invariant: bool = knob(
         False, "a request's tokens do not depend on what else shares its steps (greedy answers are the "
         "same alone and under load): GGUF models only, every linear on our row-independent kernel at every "
@@ -265,6 +270,10 @@ class EngineConfig:
             raise ValueError(f"quant_group_size must be one of {QUANT_GROUP_SIZES}; got {self.quant_group_size}")
         if self.compile is not None and self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}; got {self.compile!r}")
+        if self.cuda_graphs and (self.device == "cpu" or self.enforce_eager):
+            raise ValueError("cuda_graphs needs a CUDA device and no enforce_eager")
+        if self.cuda_graphs is None:
+            self.cuda_graphs = self.device != "cpu" and not self.enforce_eager
         if self.enforce_eager:
             self.compile = "off"
         if self.batch_invariant:
@@ -300,6 +309,9 @@ class EngineConfig:
         self.preemption_mode = "recompute"
         # The compiled decode step has no collectives in it: every rank runs its steps eagerly.
         self.compile = "off"
+        if self.cuda_graphs:  # nor were collectives captured in graphs: rank 0 alone would replay them
+            raise ValueError("tensor_parallel_size > 1 runs every step eagerly: leave cuda_graphs unset")
+        self.cuda_graphs = False
 
     def _check_batch_invariant(self) -> None:
         """What the mode cannot combine with, each named; what it implies, set."""

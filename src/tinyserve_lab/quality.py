@@ -60,6 +60,7 @@ MODES = {m.name: m for m in (
     Mode("fp32", "float32", "none"),  # the reference
     Mode("bf16", "bfloat16", "none"),
     Mode("int8", "bfloat16", "int8"),
+    Mode("fp8", "bfloat16", "fp8"),  # E4M3 per output channel, dequantized on read on a CPU
     Mode("int4-g32", "bfloat16", "int4", 32),
     Mode("int4-g64", "bfloat16", "int4", 64),
     Mode("gguf", "bfloat16", "gguf"),

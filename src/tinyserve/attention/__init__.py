@@ -66,13 +66,20 @@ def prefetch(name: str, device: str) -> None:
         build_in_background(SOURCE)
 
 
-def select_backend(name: str, device: str) -> AttentionBackend:
-    """The back end called `name`; `auto` is `paged` on a CPU where its kernel builds, `triton` on CUDA
-    where triton is installed, `sdpa` elsewhere. A ValueError when the named one cannot run here."""
+def select_backend(name: str, device: str, kv_cache_dtype: str = "auto") -> AttentionBackend:
+    """The back end called `name`; `auto` is `paged` on a CPU where its kernel builds (but for an fp8 pool),
+    `triton` on CUDA where triton is installed, `sdpa` elsewhere. A ValueError when the named one cannot
+    run here."""
+    # The paged kernel is a CPU one for bf16/fp32/int8 pools; fp8 KV is a GPU format (the triton back end
+    # reads it; sdpa's gather dequantizes it anywhere), so the CPU kernel was not taught it.
+    fp8 = kv_cache_dtype == "fp8_e4m3"
+    if name == "paged" and fp8:
+        raise ValueError("the paged attention back end does not read an fp8_e4m3 KV pool; use sdpa (or auto)")
     if name != "auto":
         return ATTENTION_BACKENDS[name](device)
-    try:
-        return ATTENTION_BACKENDS["paged" if device == "cpu" else "triton"](device)
-    except ValueError as e:
-        log.warning("%s; falling back to the sdpa attention back end", e)
+    if not (device == "cpu" and fp8):
+        try:
+            return ATTENTION_BACKENDS["paged" if device == "cpu" else "triton"](device)
+        except ValueError as e:
+            log.warning("%s; falling back to the sdpa attention back end", e)
     return ATTENTION_BACKENDS["sdpa"](device)

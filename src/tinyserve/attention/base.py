@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from tinyserve.kv.quant import dequantize, is_quantized, quantize, rotate
+from tinyserve.kv.quant import copy_rows, dequantize, is_fp8, is_quantized, quantize, read_rows, rotate, to_fp8
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor, dtype: torch.
     b, nb = block_tables.shape
     _, bs, h, row = cache.shape
     rows = cache.index_select(0, block_tables.flatten()).view(b, nb * bs, h, row)
-    return (dequantize(rows, dtype) if is_quantized(cache) else rows).transpose(1, 2)
+    return read_rows(rows, dtype).transpose(1, 2)
 
 
 def padded_tables(spans: list[SeqSpan], block_size: int) -> list[list[int]]:
@@ -159,6 +159,11 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:
         """Write this step's K/V into the pool, attend every query to its context; returns [T, H, D]."""
         _, _, h_kv, row = k_cache.shape
+        if is_fp8(k_cache):  # kv/quant.py; every attention reads the rounded values, as int8's does below
+            k, v = to_fp8(k), to_fp8(v)
+            copy_rows(k_cache.view(-1, h_kv, row), meta.slot_mapping, k)
+            copy_rows(v_cache.view(-1, h_kv, row), meta.slot_mapping, v)
+            return self._attend(q, k.to(q.dtype), v.to(q.dtype), k_cache, v_cache, meta, scale)
         if not is_quantized(k_cache):
             k_cache.view(-1, h_kv, row).index_copy_(0, meta.slot_mapping, k)
             v_cache.view(-1, h_kv, row).index_copy_(0, meta.slot_mapping, v)

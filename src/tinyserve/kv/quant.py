@@ -10,12 +10,23 @@ by RoPE) would still set a K row's scale and leave the other channels a handful 
 stored rotated by a Hadamard matrix (QuaRot's trick), which spreads any channel's energy over all D;
 a reader rotates its queries the same way and attends exactly as before (`rotate`). V has no such
 channels and is stored as it is. The pool's dtype says its format: int8 means this layout.
+
+`fp8_e4m3` (vLLM's name) stores each value as one float8_e4m3fn, with a per-tensor scale of 1 (vLLM's
+default when no scales are calibrated): a row is D bytes, 2x the tokens of bf16. No per-row scale, no
+rotation: E4M3 is a float, every value keeps its own exponent, so a scale would buy range alone, and an
+outlier channel costs the others nothing (int8's shared grid is what made those necessary); the outlier
+itself is rounded to 2^-4 of its size, which a dot product it dominates feels (the rotated int8 rows
+hold such K better; a per-channel K scale would be the next step where that matters). K and V of
+the models served here sit far inside E4M3's +-448; values beyond it clamp, and values below its normal
+range (2^-6) lose relative precision (subnormals step by 2^-9). A row's precision is 2^-4 of its value.
 """
 
 from __future__ import annotations
 
 import torch
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
 SCALE_BYTES = 2  # a bf16 scale after the codes
 
 
@@ -34,7 +45,28 @@ def row_width(head_dim: int, kv_cache_dtype: str) -> int:
 
 
 def pool_dtype(kv_cache_dtype: str, activations: torch.dtype) -> torch.dtype:
-    return torch.int8 if kv_cache_dtype == "int8" else activations
+    return {"int8": torch.int8, "fp8_e4m3": FP8}.get(kv_cache_dtype, activations)
+
+
+def is_fp8(cache: torch.Tensor) -> bool:
+    return cache.dtype == FP8
+
+
+def to_fp8(x: torch.Tensor) -> torch.Tensor:
+    """K or V rows as the fp8 pool stores them: clamped first (an out-of-range cast may not saturate)."""
+    return x.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def copy_rows(pool: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+    """pool.index_copy_(0, index, rows), for fp8 pools too: byte views, as CPU torch has no fp8 index_copy_."""
+    if is_fp8(pool):
+        pool, rows = pool.view(torch.uint8), rows.view(torch.uint8)
+    pool.index_copy_(0, index, rows)
+
+
+def read_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Pool rows of any format -> values in `dtype` (a no-op for a pool in the activations' dtype)."""
+    return dequantize(rows, dtype) if is_quantized(rows) else rows.to(dtype)
 
 
 def quantize(x: torch.Tensor) -> torch.Tensor:

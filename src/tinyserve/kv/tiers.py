@@ -30,6 +30,7 @@ import torch
 
 from tinyserve.kv.block_hash import BlockHash
 from tinyserve.kv.disk_tier import DiskTier
+from tinyserve.kv.quant import copy_rows
 
 
 @dataclass
@@ -80,8 +81,8 @@ class KVTiers:
         idx = torch.tensor(blocks, device=device)
         data = data.to(device)
         for layer, (k, v) in enumerate(self.kv_caches):
-            k.index_copy_(0, idx, data[:, layer, 0])
-            v.index_copy_(0, idx, data[:, layer, 1])
+            copy_rows(k, idx, data[:, layer, 0])
+            copy_rows(v, idx, data[:, layer, 1])
 
     def _count(self, tier: str, direction: str, blocks: int, started: float) -> None:
         t = self.stats.traffic[tier, direction]

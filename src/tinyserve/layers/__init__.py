@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from tinyserve.layers.linear import QuantMethod
 
 QUANTIZATION: Registry = Registry("quantization")
+GPU_QUANTIZATION = ("none", "fp8")  # the methods that run off a CPU (the others are CPU kernels)
 
 
 @QUANTIZATION.register("none")
@@ -32,6 +33,15 @@ def _int8(group: int) -> QuantMethod:
     from tinyserve.layers.methods import Int8Method
 
     return Int8Method()
+
+
+@QUANTIZATION.register("fp8")
+def _fp8(group: int) -> QuantMethod:
+    """FP8 E4M3 per output channel from any checkpoint (the LM head dense); FP8 tensor-core GEMMs
+    (torch._scaled_mm) on Hopper GPUs, dequantized on read elsewhere"""
+    from tinyserve.layers.fp8 import Fp8Method
+
+    return Fp8Method()
 
 
 @QUANTIZATION.register("int4")
@@ -80,7 +90,8 @@ def resolve_quantization(mode: str, stored: str | None, dtype: torch.dtype, devi
     "checkpoint" or None). `auto`: a quantized directory keeps its weights as stored on a CPU, whatever
     the dtype (in fp32 the start-up measurement picks their exact dense copies where the packed kernel is
     slower); a GGUF keeps its blocks with 16-bit activations on a CPU, and fp32 dequantizes it (the exact
-    reference path); anything else, and any other device, is dense. The packed kernels are CPU ones."""
+    reference path); anything else, and any other device, is dense. The packed kernels are CPU ones;
+    `fp8` (layers/fp8.py) runs on any device, so it alone passes on a GPU."""
     import torch
 
     if mode == "auto":
@@ -88,12 +99,13 @@ def resolve_quantization(mode: str, stored: str | None, dtype: torch.dtype, devi
             return "none"
         return stored if stored == "checkpoint" or dtype in (torch.bfloat16, torch.float16) else "none"
     QUANTIZATION.check(mode)
-    if mode != "none" and device != "cpu":
-        raise ValueError(f"quantization={mode!r} runs on PyTorch's CPU kernels; use quantization='none' on {device}")
+    if mode not in GPU_QUANTIZATION and device != "cpu":
+        raise ValueError(f"quantization={mode!r} runs on PyTorch's CPU kernels; on {device} use one of "
+                         f"{', '.join(GPU_QUANTIZATION)}")
     if (mode.startswith("gguf") and stored != "gguf") or (mode == "checkpoint" and stored != mode):
         needs = "a directory of quantized weights" if mode == "checkpoint" else "a GGUF model"
         raise ValueError(f"quantization={mode!r} needs {needs}; this model is not one")
-    if mode in ("int8", "int4") and stored == "checkpoint":
+    if mode in ("int8", "int4", "fp8") and stored == "checkpoint":
         raise ValueError("the model is already quantized; serve it with quantization='checkpoint' "
                          "(or 'none' to dequantize it)")
     return mode

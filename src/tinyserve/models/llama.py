@@ -165,8 +165,9 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(vocab, cfg.hidden_size, _weight=torch.empty(vocab, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg, method, self.attention, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        # Tied or not, the head is a Linear of its own, so it can be quantized like any projection.
-        self.lm_head = Linear(cfg.hidden_size, [vocab], bias=False, method=method)
+        # Tied or not, the head is a Linear of its own, so it can be quantized like any projection; a
+        # method may name another for it (`head_method`: fp8 keeps the head dense, layers/fp8.py).
+        self.lm_head = Linear(cfg.hidden_size, [vocab], bias=False, method=getattr(method, "head_method", method))
         self.rotary = RotaryEmbedding(cfg, max_len)
 
     @property

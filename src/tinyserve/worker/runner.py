@@ -31,6 +31,7 @@ from tinyserve.errors import EngineFatalError
 from tinyserve.kv.quant import pool_dtype, row_width
 from tinyserve.models.llama import LlamaForCausalLM
 from tinyserve.worker.compiled import BackgroundCompile, CompiledDecode, decode_forward, dummy_decode_inputs
+from tinyserve.worker.cuda_graphs import GraphPool
 
 if TYPE_CHECKING:
     from tinyserve.worker.tp_ranks import Ranks
@@ -107,6 +108,7 @@ class ModelRunner:
         self.building: BackgroundCompile | None = None  # ... when this build is done (adopt_compiled)
         self.pending: tuple[CompiledDecode, Path] | None = None  # what it builds, and where
         self.compile_failed = False  # a blocking build raised: eager, and /health says so
+        self.graphs: GraphPool | None = None  # CUDA graphs: the decode steps the compiled step does not run
         # Batch-invariant mode: a step mixing decode rows and prefill chunks runs as two forwards, so a
         # decode row takes the compiled graph whatever shares its step (eager rounds differently).
         self.split_mixed_steps = False
@@ -190,7 +192,8 @@ class ModelRunner:
         """Logits of the sampling rows and of the prompt rows, in separate LM-head calls: the sampled
         rows' numerics never depend on whether a neighbour asked for prompt logprobs."""
         d = b.meta.decode
-        if self.compiled is not None and d is not None and not b.meta.prefills and b.prompt_idx is None:
+        graphed = self.compiled is not None or self.graphs is not None
+        if graphed and d is not None and not b.meta.prefills and b.prompt_idx is None:
             # A step of decode rows alone: the graph gives every row's logits (catch-up rows too).
             logits = self.decode(b.input_ids, b.positions, b.meta.slot_mapping, d.block_tables, d.context_lens)
             if b.sample_idx.shape[0] != logits.shape[0]:
@@ -204,9 +207,14 @@ class ModelRunner:
 
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
-        """The fp32 logits of a pure decode step from its tensors: the compiled graph if there is one."""
+        """The fp32 logits of a pure decode step from its tensors: the compiled graph if there is one, else
+        a CUDA graph where one fits."""
         if self.compiled is not None:
             return self.compiled(input_ids, positions, self.kv_caches, slot_mapping, block_tables, context_lens)
+        if self.graphs is not None:
+            logits = self.graphs(input_ids, positions, slot_mapping, block_tables, context_lens)
+            if logits is not None:
+                return logits
         return decode_forward(self.model, input_ids, positions, self.kv_caches, slot_mapping, block_tables,
                               context_lens, self.block_size)
 

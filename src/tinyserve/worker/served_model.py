@@ -23,7 +23,8 @@ from tinyserve.layers.packed import INT8_COMPUTE_LINEARS, PackedWeight
 from tinyserve.models.llama import LlamaForCausalLM
 from tinyserve.models.loader import ModelSource, load_model
 from tinyserve.system import cache_dir, cpu_model
-from tinyserve.worker.compiled import BackgroundCompile, CompiledDecode, artifact_dir, artifact_key
+from tinyserve.worker.compiled import BackgroundCompile, CompiledDecode, artifact_dir, artifact_key, decode_forward
+from tinyserve.worker.cuda_graphs import Capture, GraphPool, cuda_capture
 from tinyserve.worker.runner import ModelRunner
 
 if TYPE_CHECKING:  # torch.distributed is imported only where ranks start (worker/tp_ranks.py)
@@ -58,7 +59,7 @@ def serve_model(config: EngineConfig, src: ModelSource, mc: ModelConfig, quantiz
     tensor-parallel rank (which runs eagerly: config.py)."""
     dtype, device = config.torch_dtype, config.device
     resolved = served_quantization(config, quantization, src.stored_form)
-    attention = select_backend(config.attention_backend, device)
+    attention = select_backend(config.attention_backend, device, config.kv_cache_dtype)
     model = load_model(src, mc, max_len, dtype, device, resolved, config.quant_group_size, attention, tp)
     # The packed/dense crossover depends on the machine, the model and the mode: measured once, cached.
     machine = f"{cpu_model()}|{config.device}|{config.num_threads} threads|torch {torch.__version__}"
@@ -80,6 +81,8 @@ def serve_model(config: EngineConfig, src: ModelSource, mc: ModelConfig, quantiz
                                                 cache=(cache_dir() / "kernel-choice.json", key))
     runner = ModelRunner(model, mc, num_blocks, config.block_size, dtype, device, config.kv_cache_dtype)
     runner.split_mixed_steps = config.batch_invariant
+    if config.cuda_graphs:
+        runner.graphs = graph_pool(runner, attention, max_decode_rows, max_len, cuda_capture())
     seconds = 0.0
     if compile != "off":
         step, cache = _compiled_step(model, runner, attention, packed_max_rows, max_decode_rows)
@@ -100,6 +103,20 @@ def serve_model(config: EngineConfig, src: ModelSource, mc: ModelConfig, quantiz
             runner.building = BackgroundCompile(request)
             runner.pending = (step, cache)
     return ServedModel(model, runner, attention, resolved, packed_max_rows, seconds)
+
+
+def graph_pool(runner: ModelRunner, attention: AttentionBackend, max_rows: int, max_len: int,
+               capture: Capture) -> GraphPool:
+    """Graphs of the eager decode forward for steps of up to `max_rows` rows over `max_len`-token contexts
+    (worker/cuda_graphs.py); `capture`: cuda_capture(), or a test's stand-in."""
+    model, kv, bs = runner.model, runner.kv_caches, runner.block_size
+
+    def step(ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
+             lens: torch.Tensor) -> torch.Tensor:
+        return decode_forward(model, ids, pos, kv, slots, tables, lens, bs)
+
+    return GraphPool(step, capture, max_rows, -(-max_len // bs),
+                     runner.scratch_block, bs, attention.index_dtype, runner.device)
 
 
 def _compiled_step(model: LlamaForCausalLM, runner: ModelRunner, attention: AttentionBackend, packed_max_rows: int,

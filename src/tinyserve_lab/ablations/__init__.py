@@ -15,10 +15,11 @@ follow the engine as it changes, or are dropped once their numbers stop matterin
 - `gguf_kernel`       every GGUF weight of a decode step per block type: our kernel, PyTorch's int4, dense bf16
 - `batch_invariance`  greedy answers alone vs 32 together, per configuration (`--batch-invariant`'s check and cost)
 - `quant_layer_error` one layer's output error after RTN and GPTQ, calibration vs held-out text [quant_layer_error]
-- `kv_cache_dtype`    the KV pool's formats (auto, int8): perplexity through the pool, capacity, decode speed
+- `kv_cache_dtype`    the KV pool's formats (auto, int8, fp8_e4m3): perplexity through the pool, capacity, decode speed
 - `grammar_libraries` XGrammar vs llguidance on our tokenizers: set-up, compile, one mask (the choice of library)
 - `kv_tiers`          swap vs recompute under memory pressure, the disk tier across a restart, its write cost
 - `int8_compute`      `--int8-compute` on and off: decode steps by batch, prefill, perplexity, greedy agreement
+- `fp8_head`          FP8 weights' perplexity with the LM head in E4M3 vs kept in bf16
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The KV pool's format, side by side (`--kv-cache-dtype auto` vs `int8`), one engine per format:
+"""The KV pool's format, side by side (`--kv-cache-dtype auto` vs `int8` vs `fp8_e4m3`), one engine per format:
 
 - quality: perplexity of held-out text (Hamlet, the quality tool's windows) scored through the pool:
   prompts prefilled in chunks of `--chunk` tokens, so every chunk after the first attends to K/V read
@@ -8,6 +8,7 @@
 
     .venv/bin/python -m tinyserve_lab.ablations.kv_cache_dtype                              # bundled
     .venv/bin/python -m tinyserve_lab.ablations.kv_cache_dtype --model qwen2.5-coder-0.5b
+    .venv/bin/python -m tinyserve_lab.ablations.kv_cache_dtype --formats auto fp8_e4m3 --rounds 0  # quality only
 
 `--error-study` instead measures, on one window's K/V as a bf16 pool holds them (every third layer), the
 relative error of attention outputs when only K, or only V, is rounded to int8 per row: plain, rotated
@@ -97,7 +98,9 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--kv-cache-memory-gb", type=float, default=0.25)
     p.add_argument("--capacity-len", type=int, default=2048)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="decode timing rounds (0: quality and capacity only, eager)")
+    p.add_argument("--formats", nargs="+", default=list(KV_CACHE_DTYPES), choices=KV_CACHE_DTYPES,
+                   help="formats to compare (auto, the baseline, is always run)")
     p.add_argument("--error-study", action="store_true", help="the K/V rounding study instead (see above)")
     args = p.parse_args()
     model = str(offline_gguf(args.model)) if args.model in OFFLINE_GGUFS else args.model
@@ -105,8 +108,10 @@ def main() -> None:
         print(json.dumps(error_study(model, args.window_tokens), indent=1))
         return
     # chunked prefill and no prefix cache: every scored position past the first chunk reads the pool
+    formats = ["auto"] + [f for f in args.formats if f != "auto"]
     llms = {f: LLM(model, kv_cache_dtype=f, max_num_batched_tokens=args.chunk, max_num_seqs=32,
-                   enable_prefix_caching=False, kv_cache_memory_gb=args.kv_cache_memory_gb) for f in KV_CACHE_DTYPES}
+                   enable_prefix_caching=False, kv_cache_memory_gb=args.kv_cache_memory_gb,
+                   compile="blocking" if args.rounds else "off") for f in formats}
     windows, _ = shakespeare_windows(llms["auto"].tokenizer, args.windows, args.window_tokens)
     chats = [[{"role": "user", "content": CHAT[i % len(CHAT)]}] for i in range(args.chats)]
     greedy = SamplingParams(temperature=0, max_tokens=args.max_tokens)
@@ -122,14 +127,14 @@ def main() -> None:
             "greedy_identical": sum(a == b for a, b in zip(answers["auto"], answers[f])),
             "greedy_prefix_agreement": statistics.mean(agree), "decode_ms": {"1": [], "32": []}}
     for r in range(args.rounds):
-        for f in rotated(KV_CACHE_DTYPES, r):
+        for f in rotated(formats, r):
             for batch in (1, 32):
                 result["formats"][f]["decode_ms"][str(batch)].append(decode_ms(llms[f].engine, batch, 256, 16))
     base = result["formats"]["auto"]
     for row in result["formats"].values():
         row["perplexity_vs_auto"] = row["perplexity"] / base["perplexity"] - 1
         row["capacity_vs_auto"] = row["max_seqs_of_len"] / max(base["max_seqs_of_len"], 1)
-        for b in ("1", "32"):
+        for b in ("1", "32") if args.rounds else ():
             row[f"decode_ms_{b}_median"] = statistics.median(row["decode_ms"][b])
     print(json.dumps(result, indent=1))
 
