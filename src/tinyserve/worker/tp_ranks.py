@@ -5,13 +5,16 @@ usual (worker/runner.py) and sends every worker the packed tensors and the step'
 (`StepBatch`: token ids, positions, KV slots and block tables: kilobytes); every rank then runs the
 same forward over its slice of the model (parallel/tp.py), meeting the others in the collectives
 (gloo on a CPU, NCCL on CUDA, via `torch.distributed`), and rank 0 alone receives the gathered logits.
+CPU ranks on x86-64 Linux make the collectives that fit in shared memory there instead (parallel/shm.py:
+~10x cheaper than gloo's loopback at decode sizes); $TINYSERVE_TP_ALLREDUCE=gloo keeps them on gloo.
 
 Workers are started with `torch.multiprocessing` (spawn) and join the process group through a file
 store in a private directory, on the loopback. Failure is never a hang: a worker that fails to load
 reports why and the engine does not start; a worker that dies is seen by a watcher thread (its process
 sentinel) and by the next step, which raises `EngineFatalError` (the server's /health turns 503 and it
 exits non-zero); a collective that loses its peer mid-step raises, and one that waits longer than
-`COLLECTIVE_TIMEOUT` times out. A worker whose rank 0 vanishes sees its pipe close and exits.
+`COLLECTIVE_TIMEOUT` times out (the shared-memory ones check both while they spin). A worker whose
+rank 0 vanishes sees its pipe close and exits.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import torch.multiprocessing as mp
 from tinyserve.attention.base import BatchLayout
 from tinyserve.config import EngineConfig, ModelConfig
 from tinyserve.errors import EngineFatalError
+from tinyserve.parallel import shm
 from tinyserve.parallel.tp import Partition, TensorParallel
 from tinyserve.worker.runner import PreparedBatch, SeqView
 
@@ -72,6 +76,8 @@ class WorkerSpec:
     max_len: int
     num_blocks: int
     max_decode_rows: int
+    shm: str | None  # the shared-memory file's path (None: gloo alone)
+    shm_slot_bytes: int
 
 
 def init_process_group(device: str, store: str, rank: int, world: int) -> None:
@@ -81,6 +87,19 @@ def init_process_group(device: str, store: str, rank: int, world: int) -> None:
     backend = "gloo" if device == "cpu" else "nccl"
     dist.init_process_group(backend, store=dist.FileStore(store, world), rank=rank, world_size=world,
                             timeout=COLLECTIVE_TIMEOUT)
+
+
+def join_shm(path: str | None, rank: int, world: int, slot_bytes: int,
+             alive: Callable[[], bool]) -> shm.ShmComm | None:
+    """Map the shared-memory file once every rank is in the group, then (a barrier: every rank has it
+    mapped) rank 0 unlinks it: the mappings keep it, and nothing is left in /dev/shm whatever happens next."""
+    if path is None:
+        return None
+    comm = shm.ShmComm(path, rank, world, slot_bytes, COLLECTIVE_TIMEOUT.total_seconds(), alive)
+    dist.barrier()
+    if rank == 0:
+        os.unlink(path)
+    return comm
 
 
 def rank_device(device: str, rank: int) -> str:
@@ -102,7 +121,12 @@ class Ranks:
             Partition.of(mc, rank, world)
         self._dir = tempfile.mkdtemp(prefix="tinyserve-tp-")
         store = str(Path(self._dir) / "store")
-        spec = WorkerSpec(dataclasses.asdict(config), world, store, max_len, num_blocks, max_decode_rows)
+        # The largest all-reduce: a step's every token's hidden state, in the activations' dtype.
+        slot = config.max_num_batched_tokens * mc.hidden_size * config.torch_dtype.itemsize
+        self._shm_path = shm.create(world, slot, self._dir) if shm.supported(config.device) else None
+        self._shm: shm.ShmComm | None = None
+        spec = WorkerSpec(dataclasses.asdict(config), world, store, max_len, num_blocks, max_decode_rows,
+                          self._shm_path, slot)
         ctx = mp.get_context("spawn")
         self._conns: list[Connection] = []
         self._procs: list[Any] = []
@@ -116,12 +140,14 @@ class Ranks:
             theirs.close()
             self._conns.append(ours)
             self._procs.append(proc)
+        sentinels = [p.sentinel for p in self._procs]
         try:
             init_process_group(config.device, store, 0, world)
+            self._shm = join_shm(self._shm_path, 0, world, slot, lambda: not wait(sentinels, 0))
         except Exception:
             self.close()
             raise
-        self.tp = TensorParallel(Partition.of(mc, 0, world))
+        self.tp = TensorParallel(Partition.of(mc, 0, world), shm=self._shm)
 
     def wait_ready(self) -> None:
         """Block until every worker has loaded its slice; a ValueError naming the first that failed."""
@@ -181,6 +207,10 @@ class Ranks:
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
+        if self._shm is not None:
+            self._shm.close()
+        if self._shm_path is not None:  # unlinked at set-up unless it failed first
+            Path(self._shm_path).unlink(missing_ok=True)
         if dist.is_initialized():
             dist.destroy_process_group()
         shutil.rmtree(self._dir, ignore_errors=True)
@@ -191,14 +221,16 @@ def _worker_main(spec: WorkerSpec, rank: int, conn: Connection) -> None:
     from tinyserve.models.loader import model_config, resolve_model
     from tinyserve.worker.served_model import serve_model
 
+    parent = os.getppid()  # rank 0: once it is gone, this process has another parent
     try:
         config = EngineConfig(**spec.config)
         assert config.num_threads is not None
         torch.set_num_threads(config.num_threads)
         init_process_group(config.device, spec.store, rank, spec.world)
+        comm = join_shm(spec.shm, rank, spec.world, spec.shm_slot_bytes, lambda: os.getppid() == parent)
         src = resolve_model(config.model)
         mc = model_config(src)
-        tp = TensorParallel(Partition.of(mc, rank, spec.world))
+        tp = TensorParallel(Partition.of(mc, rank, spec.world), shm=comm)
         config = dataclasses.replace(config, device=rank_device(config.device, rank))
         served = serve_model(config, src, mc, config.quantization, spec.max_len, spec.num_blocks,
                              spec.max_decode_rows, compile="off", tp=tp)
@@ -220,5 +252,7 @@ def _worker_main(spec: WorkerSpec, rank: int, conn: Connection) -> None:
             # Placeholders for the sampling sequences: a worker computes their logits' share, never samples.
             runner.forward(PreparedBatch(b.input_ids, b.positions, b.layout, meta, b.sample_idx,
                                          [SeqView([], [])] * b.num_sampling, b.prompt_idx, []))
+    if comm is not None:
+        comm.close()
     if dist.is_initialized():
         dist.destroy_process_group()
