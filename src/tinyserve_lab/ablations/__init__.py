@@ -19,6 +19,8 @@ follow the engine as it changes, or are dropped once their numbers stop matterin
 - `grammar_libraries` XGrammar vs llguidance on our tokenizers: set-up, compile, one mask (the choice of library)
 - `kv_tiers`          swap vs recompute under memory pressure, the disk tier across a restart, its write cost
 - `int8_compute`      `--int8-compute` on and off: decode steps by batch, prefill, perplexity, greedy agreement
+- `tensor_parallel`   TP=2 vs TP=1: fp32 greedy exactness, decode step time, rank 0's collectives per step
+- `tp_allreduce`      one all-reduce between two CPU ranks: gloo over the loopback vs shared memory
 """
 
 from __future__ import annotations
