@@ -113,6 +113,16 @@ def test_a_dead_peer_makes_the_survivor_raise_not_hang(tmp_path):
     comm.close()
 
 
+def test_the_environment_keeps_gloo_or_refuses_a_typo(monkeypatch):
+    monkeypatch.setenv(shm.ENV, "gloo")
+    assert not shm.supported("cpu")
+    monkeypatch.setenv(shm.ENV, "shm")
+    assert shm.supported("cpu") and not shm.supported("cuda")
+    monkeypatch.setenv(shm.ENV, "nccl")
+    with pytest.raises(ValueError, match="must be shm or gloo"):
+        shm.supported("cpu")
+
+
 def test_a_peer_that_never_comes_times_out(tmp_path):
     path = shm.create(2, SLOT, str(tmp_path))
     assert path is not None

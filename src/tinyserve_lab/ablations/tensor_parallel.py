@@ -5,8 +5,9 @@
   own steps, so the workers run them too) for TP=1 as served (compiled step), TP=1 eager and TP=2 (eager:
   the compiled step has no collectives), in interleaved rounds, in `--dtype`;
 - communication: for TP=2, rank 0's collectives per step (calls, bytes, seconds inside them) over the
-  timed steps, through shared memory (`tp2`, the default on x86-64 Linux) and through gloo (`tp2 gloo`).
-  Rank 0's seconds include waiting for the slower rank (the uneven head split makes one).
+  timed steps. Rank 0's seconds include waiting for the slower rank (the uneven head split makes one).
+  They go through shared memory where the ranks can (parallel/shm.py); `TINYSERVE_TP_ALLREDUCE=gloo` in
+  the environment keeps them on gloo (one process holds one TP engine: the two paths are two runs).
 
     .venv/bin/python -m tinyserve_lab.ablations.tensor_parallel --json docs/results/tp/bundled.json
     .venv/bin/python -m tinyserve_lab.ablations.tensor_parallel --model qwen2.5-coder-0.5b --json ...
@@ -15,15 +16,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from typing import Any
-from unittest import mock
 
 from tinyserve import LLM, SamplingParams
 from tinyserve.engine.llm_engine import LLMEngine
-from tinyserve.parallel import shm
 from tinyserve_lab.ablations import report, rotated
 from tinyserve_lab.datasets import CHAT
 from tinyserve_lab.env_info import machine_info
@@ -31,14 +29,7 @@ from tinyserve_lab.offline_models import OFFLINE_GGUFS, offline_gguf
 from tinyserve_lab.profile import drain, finish_prefill, make_prompts, start_greedy
 
 CONFIGS: dict[str, dict[str, Any]] = {"tp1 compiled": dict(), "tp1 eager": dict(enforce_eager=True),
-                                      "tp2": dict(tensor_parallel_size=2), "tp2 gloo": dict(tensor_parallel_size=2)}
-GLOO = "tp2 gloo"  # TP=2 with every collective on gloo ($TINYSERVE_TP_ALLREDUCE=gloo while it starts)
-
-
-def start(name: str, model: str | None, dtype: str) -> LLMEngine:
-    env = {shm.ENV: "gloo"} if name == GLOO else {}
-    with mock.patch.dict(os.environ, env):
-        return LLM(model=model, dtype=dtype, **CONFIGS[name]).engine
+                                      "tp2": dict(tensor_parallel_size=2)}
 
 
 def greedy(model: str | None, tp: int, prompts: list[str], tokens: int) -> list[list[int]]:
@@ -91,25 +82,25 @@ def main() -> None:
         one, two = greedy(model, 1, prompts, args.tokens), greedy(model, 2, prompts, args.tokens)
         out["fp32_greedy_identical"] = f"{sum(a == b for a, b in zip(one, two))}/{len(prompts)}"
         print("fp32 greedy identical:", out["fp32_greedy_identical"], flush=True)
-    engines = {name: start(name, model, args.dtype) for name in CONFIGS}
+    engines = {name: LLM(model=model, dtype=args.dtype, **kw).engine for name, kw in CONFIGS.items()}
+    ranks = engines["tp2"].ranks
+    out["tp2_collectives_through"] = "shared memory" if ranks and ranks.tp.shm else "gloo"
     batches = [int(b) for b in args.batches.split(",")]
     times: dict[str, dict[int, list[float]]] = {n: {b: [] for b in batches} for n in engines}
-    comm: dict[str, dict[int, list[dict[str, float]]]] = {n: {b: [] for b in batches} for n in ("tp2", GLOO)}
+    comm: dict[int, list[dict[str, float]]] = {b: [] for b in batches}
     for r in range(args.rounds):
         for b in batches:
             for name in rotated(list(engines), r):
                 ms, c = timed_decode(engines[name], b, args.context, args.steps)
                 times[name][b].append(ms)
                 if c is not None:
-                    comm[name][b].append(c)
+                    comm[b].append(c)
             print(f"round {r} b{b}: " + ", ".join(f"{n} {times[n][b][-1]:.1f} ms" for n in engines), flush=True)
     out["decode_step_ms"] = {n: {b: statistics.median(v) for b, v in per.items()} for n, per in times.items()}
     # per step: an all-reduce after each o_proj and down_proj, one for the embedding, the logits' gather
-    for name, per_batch in comm.items():
-        summary = out[f"{name.replace(' ', '_')}_collectives"] = {
-            b: {k: statistics.median(c[k] for c in cs) for k in cs[0]} for b, cs in per_batch.items()}
-        for b, c in summary.items():
-            c["share_of_step"] = c["calls_per_step"] * c["us_per_call"] / 1e3 / out["decode_step_ms"][name][b]
+    out["tp2_collectives"] = {b: {k: statistics.median(c[k] for c in cs) for k in cs[0]} for b, cs in comm.items()}
+    for b, c in out["tp2_collectives"].items():
+        c["share_of_step"] = c["calls_per_step"] * c["us_per_call"] / 1e3 / out["decode_step_ms"]["tp2"][b]
     for engine in engines.values():
         engine.close()
     report(out, args.json)
