@@ -18,6 +18,7 @@ import torch
 from tinyserve import LLM, SamplingParams
 from tinyserve.config import EngineConfig, ModelConfig
 from tinyserve.layers.formats import GGUFTensor, QuantizedTensor
+from tinyserve.parallel import shm
 from tinyserve.parallel.tp import Partition, shard, split
 
 from conftest import make_tiny_checkpoint
@@ -84,6 +85,9 @@ def test_config_refuses_what_tensor_parallelism_does_not_run():
 # -- real ranks -------------------------------------------------------------------------------------
 def _greedy(model: str | None, dtype: str, tp: int, **kw) -> list[list[int]]:
     llm = LLM(model=model, dtype=dtype, enforce_eager=True, tensor_parallel_size=tp, **kw)
+    if tp > 1:  # the collectives that fit go through shared memory where it is supported (parallel/shm.py)
+        assert llm.engine.ranks is not None
+        assert (llm.engine.ranks.tp.shm is not None) == shm.supported("cpu")
     try:
         return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
     finally:

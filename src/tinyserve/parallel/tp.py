@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from tinyserve.config import ModelConfig
 from tinyserve.layers.formats import GGUFTensor, QuantizedTensor, WeightSource, as_dense
+from tinyserve.parallel.shm import ShmComm
 
 Range = tuple[int, int]  # [lo, hi)
 
@@ -136,11 +137,14 @@ class CommStats:
 
 @dataclass
 class TensorParallel:
-    """A rank's partition and its process group; the model calls the collectives through it."""
+    """A rank's partition and its process group; the model calls the collectives through it. With
+    `shm` (CPU ranks on one x86-64 host, parallel/shm.py) the collectives that fit its slots go through
+    shared memory instead of gloo; every rank decides the same way (by size), so they stay in step."""
 
     part: Partition
     group: dist.ProcessGroup | None = None  # None: the default group
     stats: CommStats = field(default_factory=CommStats)
+    shm: ShmComm | None = None
 
     @property
     def rank(self) -> int:
@@ -149,7 +153,10 @@ class TensorParallel:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the ranks, in place."""
         start = time.perf_counter()
-        dist.all_reduce(x, group=self.group)
+        if self.shm is not None and self.shm.fits(x):
+            self.shm.all_reduce(x)
+        else:
+            dist.all_reduce(x, group=self.group)
         self._count(x, start)
         return x
 
@@ -168,8 +175,12 @@ class TensorParallel:
         ranges = self.part.vocab_ranges
         pad = max(hi - lo for lo, hi in ranges) - logits.shape[-1]  # gathers need equal sizes
         local = F.pad(logits, (0, pad)) if pad else logits.contiguous()
-        parts = [torch.empty_like(local) for _ in range(self.part.world)] if self.rank == 0 else None
-        dist.gather(local, parts, dst=0, group=self.group)
+        parts: list[torch.Tensor] | None
+        if self.shm is not None and self.shm.fits(local):
+            parts = self.shm.gather(local)  # views of the shared slots: joined below, before the next collective
+        else:
+            parts = [torch.empty_like(local) for _ in range(self.part.world)] if self.rank == 0 else None
+            dist.gather(local, parts, dst=0, group=self.group)
         self._count(local, start)
         if parts is None:
             return logits.new_empty(0)

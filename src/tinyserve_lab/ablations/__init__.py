@@ -20,6 +20,9 @@ follow the engine as it changes, or are dropped once their numbers stop matterin
 - `kv_tiers`          swap vs recompute under memory pressure, the disk tier across a restart, its write cost
 - `int8_compute`      `--int8-compute` on and off: decode steps by batch, prefill, perplexity, greedy agreement
 - `fp8_head`          FP8 weights' perplexity with the LM head in E4M3 vs kept in bf16
+- `tensor_parallel`   TP=2 vs TP=1: fp32 greedy exactness, decode step time, rank 0's collectives per step
+- `tp_allreduce`      one all-reduce between two CPU ranks: gloo over the loopback vs shared memory
+- `routers`           2 Ray Serve replicas under multi-turn chats, per router: prefix hit rate, TTFT
 """
 
 from __future__ import annotations

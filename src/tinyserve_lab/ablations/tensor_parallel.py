@@ -6,6 +6,8 @@
   the compiled step has no collectives), in interleaved rounds, in `--dtype`;
 - communication: for TP=2, rank 0's collectives per step (calls, bytes, seconds inside them) over the
   timed steps. Rank 0's seconds include waiting for the slower rank (the uneven head split makes one).
+  They go through shared memory where the ranks can (parallel/shm.py); `TINYSERVE_TP_ALLREDUCE=gloo` in
+  the environment keeps them on gloo (one process holds one TP engine: the two paths are two runs).
 
     .venv/bin/python -m tinyserve_lab.ablations.tensor_parallel --json docs/results/tp/bundled.json
     .venv/bin/python -m tinyserve_lab.ablations.tensor_parallel --model qwen2.5-coder-0.5b --json ...
@@ -81,6 +83,8 @@ def main() -> None:
         out["fp32_greedy_identical"] = f"{sum(a == b for a, b in zip(one, two))}/{len(prompts)}"
         print("fp32 greedy identical:", out["fp32_greedy_identical"], flush=True)
     engines = {name: LLM(model=model, dtype=args.dtype, **kw).engine for name, kw in CONFIGS.items()}
+    ranks = engines["tp2"].ranks
+    out["tp2_collectives_through"] = "shared memory" if ranks and ranks.tp.shm else "gloo"
     batches = [int(b) for b in args.batches.split(",")]
     times: dict[str, dict[int, list[float]]] = {n: {b: [] for b in batches} for n in engines}
     comm: dict[int, list[dict[str, float]]] = {b: [] for b in batches}
