@@ -1,6 +1,7 @@
 """Tensor parallelism on this machine: exactness, step time, and what the collectives cost.
 
-- exactness: greedy answers at TP=2 vs TP=1 (both eager) in fp32, token for token;
+- exactness: greedy answers at TP=2 vs TP=1 (both eager) in fp32, token for token; with `--bf16-prompts`,
+  how far bf16 drifts (greedy continuations, and log-probabilities teacher-forced on TP=1's text);
 - speed: a pure decode step at each `--batches` size (`tinyserve profile`'s timing, through the engine's
   own steps, so the workers run them too) for TP=1 as served (compiled step), TP=1 eager and TP=2 (eager:
   the compiled step has no collectives), in interleaved rounds, in `--dtype`;
@@ -19,6 +20,8 @@ import argparse
 import statistics
 import time
 from typing import Any
+
+import torch
 
 from tinyserve import LLM, SamplingParams
 from tinyserve.engine.llm_engine import LLMEngine
@@ -42,9 +45,42 @@ def greedy(model: str | None, tp: int, prompts: list[str], tokens: int) -> list[
         llm.close()
 
 
+def teacher_forced(llm: LLM, ids: list[list[int]]) -> list[tuple[float, int]]:
+    """(logprob of the actual token, top-1 token) at every position after the first."""
+    outs = llm.generate(ids, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1))
+    rows = []
+    for o, seq in zip(outs, ids):
+        assert o.prompt_logprobs is not None  # asked for
+        for pos, d in enumerate(o.prompt_logprobs[1:], start=1):
+            assert d is not None  # only the first position has none
+            rows.append((d[seq[pos]].logprob, max(d.items(), key=lambda kv: kv[1].logprob)[0]))
+    return rows
+
+
+def bf16_drift(model: str | None, prompts: list[str], tokens: int) -> dict[str, Any]:
+    """TP=2 against TP=1 in bf16: greedy continuations, then both teacher-forced on TP=1's greedy text."""
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    one = LLM(model=model, dtype="bfloat16", enforce_eager=True)
+    outs = one.generate(prompts, params)
+    ids = [o.prompt_token_ids + o.outputs[0].token_ids for o in outs]
+    a = teacher_forced(one, ids)
+    one.close()
+    two = LLM(model=model, dtype="bfloat16", tensor_parallel_size=2)
+    same = sum(x.outputs[0].token_ids == y.outputs[0].token_ids for x, y in zip(outs, two.generate(prompts, params)))
+    b = teacher_forced(two, ids)
+    two.close()
+    diffs = [abs(x[0] - y[0]) for x, y in zip(a, b)]
+    return {"greedy_identical": f"{same}/{len(prompts)}", "positions": len(diffs),
+            "mean_abs_dlogprob": sum(diffs) / len(diffs), "max_abs_dlogprob": max(diffs),
+            "top1_agreement": sum(x[1] == y[1] for x, y in zip(a, b)) / len(a)}
+
+
 def timed_decode(engine: LLMEngine, batch: int, context: int, steps: int) -> tuple[float, dict[str, float] | None]:
     """ms per pure decode step (as `tinyserve profile` times it), and rank 0's collectives over those
     steps alone (None without tensor parallelism)."""
+    # Threads are per process, and each engine set its own count when built (a TP rank: a share of the cores).
+    assert engine.config.num_threads is not None
+    torch.set_num_threads(engine.config.num_threads)
     start_greedy(engine, make_prompts(engine.model_config.vocab_size, batch, context, 0), steps + 2)
     finish_prefill(engine)
     engine.step()
@@ -73,6 +109,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--chats", type=int, default=8, help="prompts of the fp32 exactness check (0: skip it)")
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--bf16-prompts", type=int, default=0, help="bf16 drift of TP=2 from TP=1 on this many prompts")
+    ap.add_argument("--only-drift", action="store_true", help="stop after the exactness and drift checks")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     model = str(offline_gguf(args.model)) if args.model in OFFLINE_GGUFS else args.model
@@ -82,6 +120,12 @@ def main() -> None:
         one, two = greedy(model, 1, prompts, args.tokens), greedy(model, 2, prompts, args.tokens)
         out["fp32_greedy_identical"] = f"{sum(a == b for a, b in zip(one, two))}/{len(prompts)}"
         print("fp32 greedy identical:", out["fp32_greedy_identical"], flush=True)
+    if args.bf16_prompts:
+        out["bf16_drift"] = bf16_drift(model, list(CHAT[: args.bf16_prompts]), 64)
+        print("bf16 drift:", out["bf16_drift"], flush=True)
+        if args.only_drift:
+            report(out, args.json)
+            return
     engines = {name: LLM(model=model, dtype=args.dtype, **kw).engine for name, kw in CONFIGS.items()}
     ranks = engines["tp2"].ranks
     out["tp2_collectives_through"] = "shared memory" if ranks and ranks.tp.shm else "gloo"
