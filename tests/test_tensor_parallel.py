@@ -23,6 +23,11 @@ from tinyserve.parallel.tp import Partition, shard, split
 
 from conftest import make_tiny_checkpoint
 
+@pytest.fixture(autouse=True, scope="module")
+def _threads(restore_torch_threads):
+    """A TP engine sets this process's torch threads to its rank's share: put them back after the module."""
+
+
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "Paged attention works by"]
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 SMOL = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
