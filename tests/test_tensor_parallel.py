@@ -23,6 +23,7 @@ from tinyserve.parallel.tp import Partition, shard, split
 
 from conftest import make_tiny_checkpoint
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _threads(restore_torch_threads):
     """A TP engine sets this process's torch threads to its rank's share: put them back after the module."""
