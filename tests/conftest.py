@@ -130,3 +130,14 @@ def wait_server_idle(url: str, timeout: float = 30) -> None:
             return
         assert time.monotonic() < deadline, vals
         time.sleep(0.2)
+
+
+def assert_same_under_preemption(engine, prompts: list[str], params, want: list[list[int]]) -> list:
+    """Run `prompts` and two of them again on `engine` (a pool too small for them all): the greedy
+    tokens must equal `want` (theirs alone) although sequences were preempted. Returns the sequences."""
+    seqs = [s for i, p in enumerate(prompts + prompts[:2]) for s in engine.add_request(f"r{i}", p, params)]
+    while engine.has_unfinished():
+        engine.step()
+    assert [s.output_token_ids for s in seqs] == want + want[:2]
+    assert sum(s.num_preemptions for s in seqs) > 0, "the pool was meant to force preemption"
+    return seqs

@@ -13,7 +13,7 @@ from tinyserve.layers import resolve_quantization
 from tinyserve.layers.fp8 import FP8, Fp8Method, Fp8Weight, fp8_linear, quantize_fp8, scaled_mm_fits
 from tinyserve.layers.linear import DenseWeight, Linear
 
-from conftest import TINY
+from conftest import TINY, assert_same_under_preemption
 
 pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 HALF_STEP = 2.0**-4  # E4M3's 3 mantissa bits: a normal value rounds within 2^-4 of itself
@@ -196,9 +196,5 @@ def test_the_engine_on_an_fp8_pool(tiny_llama_dir):
     tight = LLM(str(tiny_llama_dir), **TINY, kv_cache_dtype="fp8_e4m3", num_kv_blocks=12, block_size=4,
                 max_num_batched_tokens=8)
     e = tight.engine
-    seqs = [s for i, p in enumerate(PROMPTS + PROMPTS[:2]) for s in e.add_request(f"r{i}", p, params)]
-    while e.has_unfinished():
-        e.step()
-    assert [s.output_token_ids for s in seqs] == want + want[:2]
-    assert sum(s.num_preemptions for s in seqs) > 0, "the pool was meant to force preemption"
+    assert_same_under_preemption(e, PROMPTS, params, want)
     assert e.tiers.stats.traffic["swap", "in"].blocks > 0, "preempted K/V was meant to come back from swap"

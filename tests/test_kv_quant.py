@@ -10,7 +10,7 @@ import torch
 from tinyserve import LLM, SamplingParams
 from tinyserve.kv.quant import dequantize, quantize
 
-from conftest import TINY
+from conftest import TINY, assert_same_under_preemption
 
 pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
@@ -70,11 +70,7 @@ def test_the_engine_on_an_int8_pool(tiny_llama_dir, backend):
     tight = LLM(str(tiny_llama_dir), **TINY, kv_cache_dtype="int8", attention_backend=backend, num_kv_blocks=12,
                 block_size=4, max_num_batched_tokens=8)
     e = tight.engine
-    seqs = [s for i, p in enumerate(PROMPTS + PROMPTS[:2]) for s in e.add_request(f"r{i}", p, params)]
-    while e.has_unfinished():
-        e.step()
-    assert [s.output_token_ids for s in seqs] == want + want[:2]
-    assert sum(s.num_preemptions for s in seqs) > 0, "the pool was meant to force preemption"
+    assert_same_under_preemption(e, PROMPTS, params, want)
 
 
 def test_an_unknown_kv_cache_dtype_is_refused():
