@@ -122,7 +122,7 @@ def shard(src: WeightSource, dim: int, rng: Range, keep_stored: bool, name: str)
 def _check_aligned(name: str, lo: int, hi: int, unit: int, what: str) -> None:
     if lo % unit or hi % unit:
         raise ValueError(f"tensor parallelism splits {name} at columns [{lo}, {hi}), inside a {unit}-weight {what}: "
-                         "serve it with a weight mode that repacks (quantization none, int8 or int4) or another "
+                         "serve it with a weight mode that repacks (quantization none, int8, int4 or fp8) or another "
                          "tensor_parallel_size")
 
 

@@ -122,14 +122,12 @@ class Ranks:
         for rank in range(world):  # every rank's partition fails here, before a process starts
             Partition.of(mc, rank, world)
         self._dir = tempfile.mkdtemp(prefix="tinyserve-tp-")
-        self._device, self._store = config.device, str(Path(self._dir) / "store")
+        self._device = config.device
         # The largest all-reduce: a step's every token's hidden state, in the activations' dtype.
         slot = config.max_num_batched_tokens * mc.hidden_size * config.torch_dtype.itemsize
-        self._shm_path = shm.create(world, slot, self._dir) if shm.supported(config.device) else None
-        self._shm: shm.ShmComm | None = None
-        self._slot = slot
-        spec = WorkerSpec(dataclasses.asdict(config), world, self._store, max_len, num_blocks, max_decode_rows,
-                          self._shm_path, slot)
+        shm_path = shm.create(world, slot, self._dir) if shm.supported(config.device) else None
+        self._spec = spec = WorkerSpec(dataclasses.asdict(config), world, str(Path(self._dir) / "store"), max_len,
+                                       num_blocks, max_decode_rows, shm_path, slot)
         ctx = mp.get_context("spawn")
         self._conns: list[Connection] = []
         self._procs: list[Any] = []
@@ -162,9 +160,9 @@ class Ranks:
                 raise ValueError(f"tensor-parallel rank {rank} could not start: {detail}")
         sentinels = [p.sentinel for p in self._procs]
         try:
-            init_process_group(self._device, self._store, 0, len(self._procs) + 1)
-            self._shm = self.tp.shm = join_shm(self._shm_path, 0, len(self._procs) + 1, self._slot,
-                                               lambda: not wait(sentinels, 0))
+            spec = self._spec
+            init_process_group(self._device, spec.store, 0, spec.world)
+            self.tp.shm = join_shm(spec.shm, 0, spec.world, spec.shm_slot_bytes, lambda: not wait(sentinels, 0))
         except Exception:
             self.close()
             raise
@@ -213,10 +211,10 @@ class Ranks:
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
-        if self._shm is not None:
-            self._shm.close()
-        if self._shm_path is not None:  # unlinked at set-up unless it failed first
-            Path(self._shm_path).unlink(missing_ok=True)
+        if self.tp.shm is not None:
+            self.tp.shm.close()
+        if self._spec.shm is not None:  # unlinked at set-up unless it failed first
+            Path(self._spec.shm).unlink(missing_ok=True)
         if dist.is_initialized():
             dist.destroy_process_group()
         shutil.rmtree(self._dir, ignore_errors=True)

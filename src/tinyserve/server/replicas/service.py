@@ -36,6 +36,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from tinyserve.server import openai_format as fmt
 from tinyserve.server.replicas.asgi import Head, call_app
 from tinyserve.system import physical_cores
 
@@ -112,11 +113,6 @@ class Replica:
         if not self.engine.is_running:
             raise RuntimeError(f"the engine is not running: {self.engine.fatal_error!r}")
 
-    def record_routing_stats(self) -> dict[str, Any]:
-        """What the replica reports to request routers beside Ray's own queue counts."""
-        s = self.engine.stats
-        return {"running": s.running, "waiting": s.waiting, "kv_usage": s.kv_usage}
-
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)
         if engine is not None:
@@ -147,8 +143,8 @@ class Ingress:
                 log.warning("a replica failed before answering %s (%s); retrying (%d/%d)", req.path,
                             type(e).__name__, attempt + 1, RETRIES)
         else:
-            return JSONResponse({"error": {"message": "no replica could serve the request", "type":
-                                           "service_unavailable", "code": 503}}, status_code=503)
+            return JSONResponse(fmt.error_body("no replica could serve the request", "service_unavailable", code=503),
+                                status_code=503)
         headers = {k.decode(): v.decode() for k, v in head.headers if k.lower() != b"content-length"}
         stream = headers.get("content-type", "").startswith("text/event-stream")
 
@@ -160,9 +156,8 @@ class Ingress:
             except Exception as e:  # cut off mid-answer: a stream says so, as any failed stream does
                 log.error("a replica failed mid-answer on %s: %s", req.path, type(e).__name__)
                 if stream:
-                    error = {"error": {"message": "the replica serving this stream failed", "type": "internal_error",
-                                       "code": 500}}
-                    yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
+                    error = fmt.error_body("the replica serving this stream failed", "internal_error", code=500)
+                    yield (fmt.sse(error) + fmt.SSE_DONE).encode()
 
         return StreamingResponse(rest(), status_code=head.status, headers=headers)
 
