@@ -113,7 +113,7 @@ def results_dir(tmp_path: Path) -> Path:
 
 
 def test_report_writes_plots_and_summary(results_dir: Path, tmp_path: Path) -> None:
-    out = report.build_report([results_dir], tmp_path / "docs")
+    out = report.build_report([results_dir])
     assert set(out["figures"]) == set(report.FIGURES)
     for name in report.FIGURES.values():
         data = (results_dir / name).read_bytes()
@@ -161,7 +161,7 @@ def test_report_writes_plots_and_summary(results_dir: Path, tmp_path: Path) -> N
 def test_report_skips_missing_kinds(tmp_path: Path) -> None:
     d = tmp_path / "docs" / "results"
     write_offline(d, [_point("tinyserve", 1, 32, decode=50.0)])  # tinyserve only, no hf, nothing else
-    out = report.build_report([d], tmp_path / "docs")
+    out = report.build_report([d])
     assert set(out["figures"]) == {"offline_decode", "offline_prefill"}
     text = (d / "SUMMARY.md").read_text()
     assert "Skipped: no `tinyserve_lab.serve/1` results" in text

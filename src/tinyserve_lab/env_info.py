@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,21 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def command_line() -> str:
+    """The command that started this process, as a person would retype it: `python -m MOD ARGS` for a module
+    run, else the script's name and its arguments (a console script's absolute venv path dropped)."""
+    orig = list(getattr(sys, "orig_argv", []))
+    if "-m" in orig[1:-1]:
+        module = orig[orig.index("-m", 1) + 1]
+        return shlex.join(["python", "-m", module, *sys.argv[1:]])
+    return shlex.join([Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", *sys.argv[1:]])
+
+
 def machine_info() -> dict[str, Any]:
-    """CPU model, cores, this (client) process's torch threads, GPU name when one is visible."""
+    """CPU model, cores, this (client) process's torch threads, GPU name when one is visible, and the command
+    line, so a result file says how it was made (docs/results/MANIFEST.md reads it back)."""
     info: dict[str, Any] = {
+        "command": command_line(),
         "hostname": platform.node(),
         "platform": platform.platform(),
         "python": platform.python_version(),

@@ -368,8 +368,8 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=512, help="tokens per window")
     p.add_argument("--prompts", type=int, default=16, help="chat prompts for greedy agreement")
     p.add_argument("--num-threads", type=int, default=None)
-    p.add_argument("--result-dir", default="docs/results", help="result JSONs (read back by --stage table)")
-    p.add_argument("--plot-dir", default="docs/quant", help="where the plots go")
+    p.add_argument("--result-dir", default="docs/results/quant", help="result JSONs (read back by --stage table)")
+    p.add_argument("--plot-dir", default="docs/results/quant", help="where the plots go (beside the JSONs)")
 
 
 def run_quant(args: argparse.Namespace) -> dict[str, Any] | None:

@@ -13,7 +13,6 @@ import argparse
 import importlib
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from rich.console import Console
 
@@ -78,7 +77,7 @@ def run_suite(args: argparse.Namespace) -> None:
         steps.append(("offline", _step("offline", "add_offline_args", "run_offline",
                                        plan["offline"] + out + ["--label", label])))
     if "report" not in args.skip:
-        report_argv = ["--results", args.result_dir, "--out", str(Path(args.result_dir).parent)]
+        report_argv = ["--results", args.result_dir]
         steps.append(("report", _step("report", "add_report_args", "run_report", report_argv)))
     console = Console()
     start = time.perf_counter()
