@@ -11,9 +11,8 @@ Reads the JSON files the benchmarks write (by their "schema" field):
 
 and writes beside them, into the results directory it read (or --out): one PNG per idea (batch scaling,
 prefill, serving throughput, serving latency, latency CDFs, peers side by side, decode step split, quality
-vs weight memory) and SUMMARY.md
-with the tables, each stating the machine, the thread count and the dates of the data it shows. When
-several runs measured the same point, the newest one counts. A kind of result that is missing skips its
+vs weight memory) and SUMMARY.md with the tables, each stating the machine, the thread count and the
+dates of the data it shows. When several runs measured the same point, the newest one counts. A kind of result that is missing skips its
 section, with a note. A directory named `archive` below a scanned directory holds older runs and is
 skipped, so they are not mixed into current plots; name an archived directory itself to plot it.
 """
@@ -843,9 +842,19 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
                         "(default: each server at the highest load all of them reached)")
     p.add_argument("--reference-label", default="baseline",
                    help="server the serving table's throughput ratio column is relative to (if present)")
+    p.add_argument("--manifest", action="store_true",
+                   help="instead of plots: write MANIFEST.md and manifest.json for the results tree given by "
+                        "--results (one entry per directory, merged with its index.toml)")
 
 
 def run_report(args: argparse.Namespace) -> dict[str, Any]:
+    if args.manifest:
+        from tinyserve_lab.manifest import write_manifest
+
+        paths = write_manifest(args.results[0])
+        for path in paths:
+            print(f"wrote {path}")
+        return {"manifest": [str(p) for p in paths]}
     out = build_report(args.results, args.out, args.cdf_runs, args.reference_label)
     for path in out["figures"].values():
         print(f"wrote {path}")
