@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tinyserve_lab.report import ARCHIVE_DIR
-
+ARCHIVE_DIR = "archive"  # older runs, kept for the record; `tinyserve report` skips it when scanning the tree
 INDEX_NAME = "index.toml"
 MANIFEST_MD = "MANIFEST.md"
 MANIFEST_JSON = "manifest.json"
@@ -90,7 +89,8 @@ def load_index(root: Path) -> dict[str, IndexEntry]:
 # -- reading the files -----------------------------------------------------------------------------
 def read_records(path: Path) -> list[Any]:
     """Every JSON value in a .json or .jsonl file (also several values written one after another)."""
-    text, dec, i, out = path.read_text(), json.JSONDecoder(), 0, []
+    text, dec, i = path.read_text(), json.JSONDecoder(), 0
+    out: list[Any] = []
     while True:
         while i < len(text) and text[i].isspace():
             i += 1
@@ -119,7 +119,7 @@ def _add_record(facts: DirFacts, rec: dict[str, Any]) -> bool:
         if isinstance(m.get("command"), str):
             facts.commands.add(m["command"])
     facts.run_threads.update(rec[k] for k in _RUN_THREAD_KEYS if isinstance(rec.get(k), int))
-    git = rec.get("git") if isinstance(rec.get("git"), dict) else {"commit": rec.get("commit")}
+    git: dict[str, Any] = rec["git"] if isinstance(rec.get("git"), dict) else {"commit": rec.get("commit")}
     commit = git.get("commit")
     if isinstance(commit, str) and _HEX.match(commit):
         facts.commits.add(commit[:10] + ("+dirty" if git.get("dirty") else ""))

@@ -12,9 +12,10 @@ Reads the JSON files the benchmarks write (by their "schema" field):
 and writes beside them, into the results directory it read (or --out): one PNG per idea (batch scaling,
 prefill, serving throughput, serving latency, latency CDFs, peers side by side, decode step split, quality
 vs weight memory) and SUMMARY.md with the tables, each stating the machine, the thread count and the
-dates of the data it shows. When several runs measured the same point, the newest one counts. A kind of result that is missing skips its
-section, with a note. A directory named `archive` below a scanned directory holds older runs and is
-skipped, so they are not mixed into current plots; name an archived directory itself to plot it.
+dates of the data it shows. When several runs measured the same point, the newest one counts. A kind of
+result that is missing skips its section, with a note. A directory named `archive` below a scanned
+directory holds older runs and is skipped, so they are not mixed into current plots; name an archived
+directory itself to plot it.
 """
 
 from __future__ import annotations
@@ -29,14 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tinyserve_lab.manifest import ARCHIVE_DIR
+
 OFFLINE_SCHEMA = "tinyserve_lab.offline/1"
 SERVE_SCHEMA = "tinyserve_lab.serve/1"
 PEERS_SCHEMA = "tinyserve_lab.peers/1"
 PROFILE_SCHEMA = "tinyserve.profile/1"
 KV_SCHEMA = "tinyserve.kv_math/1"
 QUALITY_SCHEMA = "tinyserve_lab.quality/1"
-
-ARCHIVE_DIR = "archive"  # older runs, kept for the record, never read when scanning the tree above them
 
 FIGURES = {
     "offline_decode": "offline_decode_scaling.png",
