@@ -25,6 +25,12 @@ def test_every_results_directory_is_indexed_and_every_entry_exists() -> None:
     assert any(e.status == "archived" for e in index.values())
 
 
+def test_top_level_holds_only_topic_directories_and_the_manifest() -> None:
+    allowed = {manifest.INDEX_NAME, manifest.MANIFEST_MD, manifest.MANIFEST_JSON}
+    loose = sorted(p.name for p in RESULTS.iterdir() if p.is_file() and p.name not in allowed)
+    assert loose == [], "file these under a topic directory of docs/results (and index.toml)"
+
+
 def test_index_sections_name_report_headings() -> None:
     sections = manifest.report_sections(ROOT / "docs" / "REPORT.md")
     missing = {name: e.section for name, e in manifest.load_index(RESULTS).items() if e.section not in sections}
