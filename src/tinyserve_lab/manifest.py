@@ -133,9 +133,11 @@ def _add_record(facts: DirFacts, rec: dict[str, Any]) -> bool:
 
 
 def scan_dir(path: Path) -> DirFacts:
-    """The facts of every file below path; a file whose records carry no date is dated by its name's stamp."""
+    """The facts of every file below path; a file whose records carry no date is dated by its name's stamp.
+    Servers' logs/ folders are skipped: git ignores them, so a clean clone has none and the manifest
+    must not count them."""
     facts = DirFacts()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and "logs" not in p.relative_to(path).parts):
         facts.files[f.suffix or "(none)"] += 1
         stamp = _STAMP.search(f.name)
         dated = False
