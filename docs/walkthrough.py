@@ -148,7 +148,8 @@ def describe(batch: ScheduledBatch) -> ScheduledBatch:
         span = f"tokens {seq.num_computed}..{seq.num_computed + n - 1}"
         print(f"    {seq.request_id:6s} {kind:7s} {n:3d} token(s) ({span} of {seq.num_tokens})")
     waiting = [s.request_id for s in engine.scheduler.waiting]
-    print(f"    = {sum(batch.num_tokens)} of {engine.scheduler.max_num_batched_tokens} budget tokens; waiting: {waiting}")
+    budget_used = f"{sum(batch.num_tokens)} of {engine.scheduler.max_num_batched_tokens} budget tokens"
+    print(f"    = {budget_used}; waiting: {waiting}")
     steps.append(chosen)
     return batch
 
