@@ -23,8 +23,8 @@
 # 4. **a quantized linear**: the file's 4-bit blocks against their dense form: bytes, error, one product;
 # 5. **a speculative step**: prompt-lookup drafts, how many the model accepts, and the same greedy text.
 #
-# Run it as a script (`make walkthrough`, or `python docs/walkthrough.py` with `src` on the path) or open it
-# as a notebook (`jupytext --to notebook docs/walkthrough.py`). The model is SmolLM2-135M-Instruct, the
+# Run it as a script (`make walkthrough`, or `python docs/walkthrough.py` from the repository root) or open
+# it as a notebook (`jupytext --to notebook docs/walkthrough.py`). The model is SmolLM2-135M-Instruct, the
 # GGUF the project bundles; everything runs eagerly (no compiled step) in fp32, the engine's exact path,
 # on 2 threads.
 
@@ -44,6 +44,7 @@ sys.path.insert(0, str(next(p / "src" for p in (HERE, HERE.parent) if (p / "src"
 from tinyserve import LLM, SamplingParams  # noqa: E402
 from tinyserve.engine.scheduler import ScheduledBatch  # noqa: E402
 from tinyserve.kv import quant  # noqa: E402
+from tinyserve.layers.linear import weight_bytes  # noqa: E402
 from tinyserve.layers.methods import GGUFMethod, Int4Method, Int8Method  # noqa: E402
 from tinyserve.models.gguf import gguf_weights  # noqa: E402
 from tinyserve.speculative.ngram import propose_ngram  # noqa: E402
@@ -87,6 +88,12 @@ print(f"a {engine.config.kv_cache_memory_gb} GiB budget holds {engine.num_blocks
       f"{tokens:,} tokens; the pool is {engine.runner.kv_cache_bytes / 2**20:.1f} MiB with the scratch block")
 assert tokens == int(budget // (by_hand * block_size)) * block_size
 
+# Why it matters at decode time: a step reads every weight once and every context token's K/V once per
+# sequence, so batch x context tokens of KV cost what the weights cost at this many tokens.
+weights = weight_bytes(engine.model)
+print(f"weights: {weights / 2**20:.0f} MiB in fp32; a decode step reads as much KV as weights once "
+      f"batch x context reaches {weights // by_hand:,} tokens (e.g. 16 sequences of {weights // by_hand // 16:,})")
+
 # %% [markdown]
 # Narrower formats hold more tokens in the same bytes. bf16 halves fp32; `--kv-cache-dtype int8` stores
 # each (token, head) row as `head_dim` int8 codes plus its bf16 scale in the row's last two bytes, so a row
@@ -117,6 +124,8 @@ engine.step()  # its whole prompt fits one step's budget: one prefill, one sampl
 slots = [probe.block_table[i // block_size] * block_size + i % block_size for i in range(probe.num_computed)]
 k_rows = k0.view(-1, kv_heads, row)[slots].float()  # [tokens, kv_heads, head_dim], layer 0, after RoPE
 assert k_rows.abs().sum(-1).min() > 0, "every computed token has its K in the pool"
+unwritten = [probe.block_table[-1] * block_size + i for i in range(probe.num_computed % block_size, block_size)]
+assert not k0.view(-1, kv_heads, row)[unwritten].any(), "and the rest of its last block is still empty"
 stored = quant.quantize(quant.rotate(k_rows))  # what an int8 pool would hold: rotated codes + scale
 read = quant.rotate(quant.dequantize(stored, torch.float32)) / mc.head_dim  # S S = D I: rotate back
 int8_err = ((read - k_rows).norm() / k_rows.norm()).item()
@@ -249,7 +258,8 @@ assert torch.equal(stored_w.dequantize(), dense), "fp32 serves the file's values
 
 seen: list[torch.Tensor] = []
 hook = linear.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().clone()))
-llm.generate("Quantized weights trade a little accuracy for a lot of bandwidth.", SamplingParams(max_tokens=1))
+llm.generate("Quantized weights trade a little accuracy for a lot of bandwidth.",
+             SamplingParams(temperature=0, max_tokens=1))
 hook.remove()
 x = seen[0]  # [prompt tokens, intermediate_size]
 reference = x @ dense.T
@@ -290,7 +300,10 @@ assert nbytes(forms["file Q4_1 on the int4 kernel"]) < dense.numel() * 4 / 4
 # if the last few tokens occurred earlier in the prompt or output, it proposes what followed them. The
 # step feeds the drafts after the last token; the target's greedy choice at each position accepts the
 # longest agreeing run and adds one token of its own (speculative/verify.py). Greedy output is therefore
-# exactly the non-speculative output; we check that against the engine above, on a prompt that repeats.
+# exactly the non-speculative output; we check that against the engine above, on a prompt that repeats
+# itself. Each row below is one step: the drafts prompt lookup proposed (recomputed here with
+# `propose_ngram` and checked against the engine's counters), how many the model accepted, and how many
+# tokens the step emitted. A draft that copies the wrong animal is cut at the first disagreement.
 
 # %%
 K = 4
@@ -301,10 +314,10 @@ spec_llm = LLM(dtype="float32", enforce_eager=True, num_threads=2, kv_cache_memo
 spec = spec_llm.engine
 cfg = spec.speculative
 assert spec.spec is not None and cfg is not None
-prompt = "Repeat the list three times. red, green, blue, yellow, red, green, blue, yellow, red,"
+prompt = "The cat sat on the mat. The dog sat on the log. The bird sat on the"
 seq = spec.add_request("spec", prompt, SPEC_GREEDY)[0]
 tok = spec.tokenizer
-print(f"{'step':>4s}  {'drafted':38s} accepted  emitted")
+print(f"{'step':>4s}  {'drafted':22s} accepted  emitted")
 rounds = []
 while not seq.finished:
     room = seq.max_output_tokens() - len(seq.output_token_ids) - 1
@@ -321,7 +334,8 @@ while not seq.finished:
     if drafted:
         assert emitted == accepted + 1 or seq.finished, "accepted drafts plus the target's own token"
     rounds.append((drafted, accepted, emitted))
-    print(f"{len(rounds):4d}  {tok.decode(expect)!r:38s} {accepted:>4d}/{drafted:<4d} {emitted:>4d}")
+    new_text = tok.decode(seq.output_token_ids[emitted_before:])
+    print(f"{len(rounds):4d}  {tok.decode(expect)!r:22s} {accepted:>4d}/{drafted:<4d} {emitted:>4d} {new_text!r}")
 spec_text = spec.pop_output("spec").outputs[0]
 plain = llm.generate(prompt, SPEC_GREEDY)[0].outputs[0]
 print(f"speculative: {spec_text.text!r}\nplain:       {plain.text!r}")
