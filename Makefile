@@ -11,7 +11,7 @@ TRITON_VERSION := 3.9.0
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 
-.PHONY: install serve generate lint test test-fast bench bench-full peers clean
+.PHONY: install serve generate walkthrough lint test test-fast bench bench-full peers clean
 
 install: $(STAMP)
 
@@ -35,6 +35,11 @@ serve: install
 
 generate: install
 	$(BIN)/tinyserve generate "Write a haiku about paged attention." --max-tokens 64 --chat
+
+# The engine walked through on the bundled model (KV math, a scheduled step, the paged pool, a quantized
+# linear, a speculative step), each part asserting what it shows; docs/walkthrough.py opens as a notebook too.
+walkthrough: install
+	$(BIN)/python docs/walkthrough.py
 
 lint: install
 	$(BIN)/ruff check src tests scripts
