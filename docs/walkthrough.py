@@ -99,7 +99,9 @@ print(f"weights: {weights / 2**20:.0f} MiB in fp32; a decode step reads as much 
 # each (token, head) row as `head_dim` int8 codes plus its bf16 scale in the row's last two bytes, so a row
 # is 66 bytes where bf16 takes 128: 1.94x the tokens of bf16. We build a second (tiny) pool in that format
 # through the runner itself and quantize real K rows the prefill below writes, to see the error it costs.
-# K rows are stored Hadamard-rotated (`quant.rotate`), which spreads outlier channels over the whole row.
+# K rows are stored smoothed: each channel divided by its expected size s (from the layer's weights:
+# `Attention.smooth_k_channels`), the queries multiplied by it, so q.k is unchanged and an outlier channel
+# no longer sets the whole row's scale.
 
 # %%
 for fmt, dtype in (("auto", torch.bfloat16), ("int8", torch.bfloat16), ("fp8_e4m3", torch.bfloat16)):
@@ -126,10 +128,16 @@ k_rows = k0.view(-1, kv_heads, row)[slots].float()  # [tokens, kv_heads, head_di
 assert k_rows.abs().sum(-1).min() > 0, "every computed token has its K in the pool"
 unwritten = [probe.block_table[-1] * block_size + i for i in range(probe.num_computed % block_size, block_size)]
 assert not k0.view(-1, kv_heads, row)[unwritten].any(), "and the rest of its last block is still empty"
-stored = quant.quantize(quant.rotate(k_rows))  # what an int8 pool would hold: rotated codes + scale
-read = quant.rotate(quant.dequantize(stored, torch.float32)) / mc.head_dim  # S S = D I: rotate back
+attn0 = engine.model.layers[0].self_attn
+attn0.smooth_k_channels(engine.model.layers[0].input_layernorm.weight)  # what an int8 engine sets at load
+s_k = 1 / attn0.qk_scale[-kv_heads:].float()  # its K heads are multiplied by 1 / s
+attn0.qk_scale = None  # this engine's pool is fp32: it stores K as is
+plain = quant.dequantize(quant.quantize(k_rows), torch.float32)  # codes + scale, and back
+read = quant.dequantize(quant.quantize(k_rows / s_k), torch.float32) * s_k  # smoothed, as an int8 pool holds it
 int8_err = ((read - k_rows).norm() / k_rows.norm()).item()
-print(f"layer-0 K of {len(slots)} prompt tokens through int8 and back: relative error {int8_err:.2%}")
+plain_err = ((plain - k_rows).norm() / k_rows.norm()).item()
+print(f"layer-0 K of {len(slots)} prompt tokens through int8 and back: relative error {int8_err:.2%} "
+      f"(unsmoothed: {plain_err:.2%}); s per channel from {s_k.min():.2f} to {s_k.max():.2f}")
 assert int8_err < 0.02
 engine.abort_request("probe")
 engine.pop_output("probe")

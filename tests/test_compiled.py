@@ -34,7 +34,7 @@ def _assert_agree(ref: list, got: list, kv_cache_dtype: str = "auto") -> None:
     int8 pool the graph's K/V equal eager's to fp32 rounding, but rounded to codes a value that close to
     a code's boundary lands one code off (a few codes per decode-written row, measured): logprobs move
     by a few 1e-2 and a later near-tie can flip. There, the same tokens through the first decode steps,
-    each within 0.15 (a wrong graph, such as unrotated queries, is off by far more). The fp8 pool rounds
+    each within 0.15 (a wrong graph, such as unsmoothed queries, is off by far more). The fp8 pool rounds
     alike (to E4M3 values instead of codes)."""
     for a, b in zip(ref, got):
         ta, tb = a.outputs[0].token_ids, b.outputs[0].token_ids

@@ -81,22 +81,31 @@ def test_an_unknown_kv_cache_dtype_is_refused():
 
 
 @pytest.mark.parametrize("backend", ["paged", "sdpa"])
-def test_attention_over_the_int8_pool_stays_close_with_an_outlier_channel(backend):
-    """K with one channel far larger than the rest (as Qwen2's K bias makes it): rows rotated before
-    quantizing keep every channel's precision, so a decode over the int8 pool stays within a few
-    percent of the same decode over an fp32 pool."""
+def test_smoothed_k_keeps_attention_close_with_an_outlier_channel(backend):
+    """K with one RoPE pair of channels far larger than the rest (as Qwen2's K bias makes it): unsmoothed,
+    that pair sets every row's scale and the others keep a handful of codes; with `k_smoothing`'s factors
+    (q times s, K over s: q.k unchanged) a decode over the int8 pool stays within 5% of the same decode
+    over an fp32 pool, about half the error without. Random queries are the hard case (s multiplies
+    their outlier channels' share of K's rounding); the real models' perplexity is the measure that
+    chose this scheme (REPORT K2)."""
     from tinyserve.attention import ATTENTION_BACKENDS
-    from tinyserve.attention.base import AttentionMetadata, DecodeMeta
+    from tinyserve.attention.base import AttentionMetadata
+    from tinyserve.kv.quant import k_smoothing
 
     g = torch.Generator().manual_seed(2)
     att = ATTENTION_BACKENDS[backend]("cpu")
     blocks, bs, h_kv, h, d, n = 8, 4, 2, 4, 64, 30
     k = torch.randn(n, h_kv, d, generator=g)
-    k[:, :, 5] += 40.0  # the outlier channel
+    k[:, :, 5] += 40.0  # the outlier pair (5, 5 + D/2)
+    k[:, :, 5 + d // 2] -= 30.0
     v = torch.randn(n, h_kv, d, generator=g)
     q = torch.randn(n, h, d, generator=g)
-    outs = {}
-    for pool in (torch.float32, torch.int8):
+    qk = k_smoothing(k.pow(2).mean(0).sqrt(), h // h_kv)
+    q_s, k_s = q * qk[:h], k * qk[h:]
+    assert torch.allclose(torch.einsum("nhd,nhd->nh", q_s[:, ::2], k_s), torch.einsum("nhd,nhd->nh", q[:, ::2], k),
+                          rtol=1e-4, atol=1e-3)  # q.k unchanged (query heads 0 and 2 read KV heads 0 and 1)
+
+    def decode(pool: torch.dtype, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         row = d + 2 if pool == torch.int8 else d
         caches = [torch.zeros(blocks, bs, h_kv, row, dtype=pool) for _ in range(2)]
         # write all n tokens as one fresh prompt, then decode the last query against the pool
@@ -104,8 +113,10 @@ def test_attention_over_the_int8_pool_stays_close_with_an_outlier_channel(backen
         table = torch.arange(blocks, dtype=att.index_dtype)[None, :]
         meta = att.decode_meta(table, torch.tensor([n], dtype=att.index_dtype), bs)
         slot = torch.tensor([n - 1])  # rewrite the last token's own slot (same values)
-        outs[pool] = att.forward(q[-1:], k[-1:], v[-1:], *caches,
-                                 AttentionMetadata(slot, 1, meta, []), 0.125)
-        assert isinstance(meta, DecodeMeta)
-    err = (outs[torch.int8] - outs[torch.float32]).norm() / outs[torch.float32].norm()
-    assert err < 0.02, err
+        return att.forward(q[-1:], k[-1:], v[-1:], *caches, AttentionMetadata(slot, 1, meta, []), 0.125)
+
+    ref = decode(torch.float32, q, k)
+    err = float((decode(torch.int8, q_s, k_s) - ref).norm() / ref.norm())
+    raw = float((decode(torch.int8, q, k) - ref).norm() / ref.norm())
+    assert err < 0.05, err  # measured 0.044 (paged and sdpa alike)
+    assert raw > 1.8 * err, (raw, err)  # measured 0.083

@@ -59,7 +59,7 @@ class Case:
         shapes = [(1, n) for n in self.decodes] + list(self.chunks)
         num_blocks = sum(-(-(n + c) // bs) for n, c in shapes) + 4
         k_cache, v_cache = (torch.randn(num_blocks, bs, h_kv, d, generator=g) for _ in "kv")
-        if self.kv_cache_dtype == "int8":  # rows of codes and their scale (rotated or not: the kernel reads any)
+        if self.kv_cache_dtype == "int8":  # rows of codes and their scale
             k_cache, v_cache = quantize(k_cache), quantize(v_cache)
         else:
             k_cache, v_cache = k_cache.to(self.dtype), v_cache.to(self.dtype)
@@ -88,9 +88,8 @@ class Case:
 def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, span, block_size: int,
               scale: float) -> torch.Tensor:
     """fp64 softmax over the span's context as the pool holds it (after the step wrote into it): query i
-    sees positions [0, num_cached + i]. The int8 pool's K rows are rotated: so are the queries, and the
-    scale divided by D (kv/quant.py)."""
-    from tinyserve.kv.quant import dequantize, is_quantized, rotate
+    sees positions [0, num_cached + i]; an int8 pool's rows dequantized (kv/quant.py)."""
+    from tinyserve.kv.quant import dequantize, is_quantized
 
     h, d = q.shape[1:]
     h_kv = k_cache.shape[2]
@@ -98,7 +97,7 @@ def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, spa
     k, v = (c.flatten(0, 1)[rows] for c in (k_cache, v_cache))
     qs = q[span.start : span.start + span.num_tokens].float()
     if is_quantized(k_cache):
-        k, v, qs, scale = dequantize(k, torch.float32), dequantize(v, torch.float32), rotate(qs), scale / d
+        k, v = dequantize(k, torch.float32), dequantize(v, torch.float32)
     k, v = (t.double().repeat_interleave(h // h_kv, dim=1) for t in (k, v))  # [ctx, H, D]
     scores = torch.einsum("qhd,thd->hqt", qs.double(), k) * scale
     visible = torch.arange(span.context_len)[None, :] <= torch.arange(span.num_cached, span.context_len)[:, None]
@@ -131,7 +130,7 @@ CASES = [
     Case(BF16, (2, 2), 32, 7, (), ((65, 3),)),
     Case(F32, (32, 1), 16, 16, (5, 40), ((9, 20),)),  # more query heads per KV head than a decode's 16 rows
     Case(F16, (6, 2), 32, 128, (100, 130), ((20, 120),)),  # blocks longer than a tile
-    # the int8 pool: rotated K rows, codes and a bf16 scale per row
+    # the int8 pool: codes and a bf16 scale per row
     Case(F32, (2, 2), 16, 16, (0, 15, 16, 17), (), "int8"),
     Case(F32, (6, 2), 32, 4, (9, 30), ((11, 13),), "int8"),
     Case(F32, (7, 1), 64, 5, (3,), ((6, 0),), "int8"),

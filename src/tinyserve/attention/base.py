@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from tinyserve.kv.quant import copy_rows, dequantize, is_fp8, is_quantized, quantize, read_rows, rotate, to_fp8
+from tinyserve.kv.quant import copy_rows, dequantize, is_fp8, is_quantized, quantize, read_rows, to_fp8
 
 
 @dataclass(frozen=True)
@@ -168,17 +168,16 @@ class AttentionBackend(ABC):
             k_cache.view(-1, h_kv, row).index_copy_(0, meta.slot_mapping, k)
             v_cache.view(-1, h_kv, row).index_copy_(0, meta.slot_mapping, v)
             return self._attend(q, k, v, k_cache, v_cache, meta, scale)
-        # The int8 pool (kv/quant.py): K rows rotated, then codes and their scale; V rows as they are
-        # (no outlier channels to spread: rotating V too cost more step time than it gained, REPORT K).
-        # Queries are rotated to match, and every attention reads K/V as the pool holds them, a fresh
-        # prompt's own too, so a prefix recomputed after preemption gives back the same codes.
-        k_rows, v_rows = quantize(rotate(k)), quantize(v)
+        # The int8 pool (kv/quant.py): codes and their scale per row (K arrives smoothed by the model,
+        # its queries to match). Every attention reads K/V as the pool holds them, a fresh prompt's own
+        # too, so a prefix recomputed after preemption gives back the same codes.
+        k_rows, v_rows = quantize(k), quantize(v)
         k_cache.view(-1, h_kv, row).index_copy_(0, meta.slot_mapping, k_rows)
         v_cache.view(-1, h_kv, row).index_copy_(0, meta.slot_mapping, v_rows)
         fresh = any(c.block_table is None for c in meta.prefills)  # attends to this step's own K/V
         if fresh:
             k, v = dequantize(k_rows, q.dtype), dequantize(v_rows, q.dtype)
-        return self._attend(rotate(q), k, v, k_cache, v_cache, meta, scale / q.shape[-1])  # (qS).(kS) = D q.k
+        return self._attend(q, k, v, k_cache, v_cache, meta, scale)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:

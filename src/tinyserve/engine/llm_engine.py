@@ -32,6 +32,7 @@ from tinyserve.errors import EngineFatalError
 from tinyserve.kv.block_manager import BlockManager
 from tinyserve.kv.disk_tier import DiskTier
 from tinyserve.kv.disk_tier import namespace as kv_namespace
+from tinyserve.kv.quant import INT8_LAYOUT
 from tinyserve.kv.tiers import KVTiers
 from tinyserve.layers import QUANTIZATION
 from tinyserve.layers import prefetch as prefetch_quantization
@@ -170,8 +171,9 @@ class LLMEngine:
             raise ValueError(f"kv_offload_path {str(root)!r} cannot hold the disk tier: {e}") from None
         weights = sorted((p.name, p.stat().st_size) for p in
                          ([src.gguf_file] if src.gguf_file else src.path.glob("*.safetensors")))
+        kv_format = INT8_LAYOUT if config.kv_cache_dtype == "int8" else config.kv_cache_dtype
         ns = kv_namespace(self.model_config.to_hf(), weights, self.quantization, str(config.torch_dtype),
-                          config.kv_cache_dtype, config.block_size)
+                          kv_format, config.block_size)
         return DiskTier(config.kv_offload_path, ns, int(config.kv_offload_gb * 2**30), block_nbytes)
 
     def close(self) -> None:

@@ -6,17 +6,20 @@ is still one tensor per layer for K and one for V, and nothing but the code that
 knows the difference (the block manager, the prefix cache and the compiled step's inputs are the same).
 A token then costs D + 2 bytes per head and tensor instead of 2D in bf16: 1.94x the tokens at D = 64.
 Per (token, head) scales follow each row's own range. A few outlier channels (Qwen2's K bias, rotated
-by RoPE) would still set a K row's scale and leave the other channels a handful of codes, so K rows are
-stored rotated by a Hadamard matrix (QuaRot's trick), which spreads any channel's energy over all D;
-a reader rotates its queries the same way and attends exactly as before (`rotate`). V has no such
-channels and is stored as it is. The pool's dtype says its format: int8 means this layout.
+by RoPE) would still set a K row's scale and leave the other channels a handful of codes, so the model
+stores K smoothed (SmoothQuant's trick, applied to the q.k product): each K channel divided by its
+expected magnitude s and each query channel multiplied by it, which leaves q.k unchanged and gives every
+K channel the same share of the row's grid (`k_smoothing`; the model applies it with RoPE, one multiply
+per layer, models/llama.py). s comes from the weights alone (no calibration data): the channel's RMS
+under random probes of the layer's input, its bias included. V has no such channels and is stored as
+it is. The pool's dtype says its format: int8 means this layout.
 
 `fp8_e4m3` (vLLM's name) stores each value as one float8_e4m3fn, with a per-tensor scale of 1 (vLLM's
 default when no scales are calibrated): a row is D bytes, 2x the tokens of bf16. No per-row scale, no
-rotation: E4M3 is a float, every value keeps its own exponent, so a scale would buy range alone, and an
+smoothing: E4M3 is a float, every value keeps its own exponent, so a scale would buy range alone, and an
 outlier channel costs the others nothing (int8's shared grid is what made those necessary); the outlier
-itself is rounded to 2^-4 of its size, which a dot product it dominates feels (the rotated int8 rows
-hold such K better; a per-channel K scale would be the next step where that matters). K and V of
+itself is rounded to 2^-4 of its size, which a dot product it dominates feels (the smoothed int8 rows
+hold such K better; smoothing fp8's K too would be the next step where that matters). K and V of
 the models served here sit far inside E4M3's +-448; values beyond it clamp, and values below its normal
 range (2^-6) lose relative precision (subnormals step by 2^-9). A row's precision is 2^-4 of its value.
 """
@@ -28,6 +31,9 @@ import torch
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 SCALE_BYTES = 2  # a bf16 scale after the codes
+# What the int8 pool's codes mean, for whatever keeps them beyond the process (the disk tier's
+# namespace): another smoothing (or the earlier Hadamard rotation) must never read these bytes.
+INT8_LAYOUT = "int8-rows-k-smoothed-v1"
 
 
 def is_quantized(cache: torch.Tensor) -> bool:
@@ -35,13 +41,8 @@ def is_quantized(cache: torch.Tensor) -> bool:
 
 
 def row_width(head_dim: int, kv_cache_dtype: str) -> int:
-    """Elements in one stored row of one head (codes plus the scale's bytes when quantized). The engine
-    sizes its pool with this first, so a model the int8 format cannot hold is refused there."""
-    if kv_cache_dtype != "int8":
-        return head_dim
-    if head_dim & (head_dim - 1):  # `rotate`'s butterflies halve D down to 1
-        raise ValueError(f"kv_cache_dtype int8 needs a power-of-two head_dim; this model's is {head_dim}")
-    return head_dim + SCALE_BYTES
+    """Elements in one stored row of one head (codes plus the scale's bytes when quantized)."""
+    return head_dim + SCALE_BYTES if kv_cache_dtype == "int8" else head_dim
 
 
 def pool_dtype(kv_cache_dtype: str, activations: torch.dtype) -> torch.dtype:
@@ -70,7 +71,7 @@ def read_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def quantize(x: torch.Tensor) -> torch.Tensor:
-    """[..., D] floats (already rotated) -> [..., D + 2] int8: codes round(x / scale), then the bf16
+    """[..., D] floats (K already smoothed) -> [..., D + 2] int8: codes round(x / scale), then the bf16
     scale's two bytes. The scale is rounded to bf16 before dividing, so codes times the stored scale is
     what a read gives."""
     absmax = x.abs().amax(-1, keepdim=True).float()
@@ -87,17 +88,16 @@ def dequantize(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (rows[..., :d].float() * scale).to(dtype)
 
 
-def rotate(x: torch.Tensor) -> torch.Tensor:
-    """x S over the last dim, S the Sylvester-Hadamard matrix of +-1, as the fast Walsh-Hadamard
-    transform: log2(D) butterflies of adds and subtracts in fp32, which the compiled step fuses into
-    one loop with the quantization (a small GEMM per call cost more than the whole rest of the int8
-    path). S = sqrt(D) H with H orthonormal and symmetric: (qS).(kS) = D (q.k), so a reader divides its
-    attention scale by D, and rotating twice gives D x. D is a power of two (`row_width` checked it)."""
-    d = x.shape[-1]
-    y, h = x.float(), 1
-    while h < d:
-        pairs = y.unflatten(-1, (d // (2 * h), 2, h))
-        a, b = pairs.select(-2, 0), pairs.select(-2, 1)
-        y = torch.stack((a + b, a - b), dim=-2).flatten(-3)
-        h *= 2
-    return y.to(x.dtype)
+def k_smoothing(k_rms: torch.Tensor, queries_per_kv: int) -> torch.Tensor:
+    """One layer's factors for its q and k heads, [H + H_kv, D], from each K channel's expected magnitude
+    [H_kv, D]: query heads are multiplied by s (each by its KV head's), K heads by 1 / s, so q.k is
+    unchanged. RoPE rotates channel i with channel i + D/2 by an angle that moves with the position, so
+    after it both carry their pair's magnitude: s is the pair's, the same for both (which also makes it
+    commute with RoPE). Normalized to a geometric mean of 1 per head (only ratios matter to a row's grid);
+    a dead channel is held at 1e-3 of its head's largest, so 1 / s stays finite."""
+    a, b = k_rms.float().chunk(2, -1)
+    pair = (a * a + b * b).sqrt()
+    s = torch.cat([pair, pair], -1)
+    s = s.clamp_min(float(s.amax()) * 1e-3 + 1e-30)
+    s = s / s.log().mean(-1, keepdim=True).exp()
+    return torch.cat([s.repeat_interleave(queries_per_kv, 0), 1 / s])

@@ -19,6 +19,7 @@ from torch import nn
 from tinyserve.attention.base import AttentionBackend, AttentionMetadata
 from tinyserve.attention.sdpa import SdpaBackend
 from tinyserve.config import ModelConfig
+from tinyserve.kv.quant import k_smoothing
 from tinyserve.layers.formats import WeightSource, as_dense
 from tinyserve.layers.linear import Linear, QuantMethod, Unquantized
 
@@ -103,13 +104,31 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(cfg.hidden_size, qkv, bias=cfg.attention_bias, method=method)
         self.o_proj = Linear(self.h * self.d, [cfg.hidden_size], bias=False, method=method)  # no bias: summed per rank
         self.scale = self.d**-0.5
+        self.qk_scale: torch.Tensor | None  # [H + H_kv, D]: an int8 KV pool's K smoothing (kv/quant.py)
+        self.register_buffer("qk_scale", None)
+
+    def smooth_k_channels(self, norm_weight: torch.Tensor, probes: int = 128) -> None:
+        """Set `qk_scale` from this layer's weights: each K channel's RMS over `probes` rows of random
+        normalized input (unit Gaussians times the norm's weight, as RMSNorm leaves them), bias included.
+        Through the layer's own qkv_proj, so any weight format and a tensor-parallel rank's heads alike;
+        a fixed seed makes it the same at every start (the compiled step and the disk tier rely on it)."""
+        gen = torch.Generator().manual_seed(0)
+        z = torch.randn(probes, norm_weight.shape[0], generator=gen)
+        x = (z * norm_weight.detach().float().cpu()).to(device=norm_weight.device, dtype=norm_weight.dtype)
+        with torch.no_grad():
+            k = self.qkv_proj(x)[:, self.h * self.d : (self.h + self.h_kv) * self.d].float()
+        rms = k.pow(2).mean(0).sqrt().view(self.h_kv, self.d)
+        self.qk_scale = k_smoothing(rms, self.h // self.h_kv).to(norm_weight.dtype)
 
     def forward(self, x, cos, sin, kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         qk, v = self.qkv_proj(x).split([(self.h + self.h_kv) * self.d, self.h_kv * self.d], dim=-1)
         # q and k heads rotate together: one set of RoPE ops per layer instead of two (op overhead
         # is a first-order cost of a batch-1 step on a CPU).
-        q, k = apply_rope(qk.view(t, self.h + self.h_kv, self.d), cos, sin).split([self.h, self.h_kv], dim=1)
+        qk = apply_rope(qk.view(t, self.h + self.h_kv, self.d), cos, sin)
+        if self.qk_scale is not None:
+            qk = qk * self.qk_scale
+        q, k = qk.split([self.h, self.h_kv], dim=1)
         o = self.backend.forward(q, k, v.view(t, self.h_kv, self.d), kv[0], kv[1], meta, self.scale)
         y = self.o_proj(o.view(t, self.h * self.d))
         return y if self.tp is None else self.tp.all_reduce(y)
@@ -190,6 +209,12 @@ class LlamaForCausalLM(nn.Module):
         for layer, kv in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, kv, meta)
         return self.norm(x)
+
+    def smooth_k_channels(self) -> None:
+        """For an int8 KV pool: every layer stores K smoothed, its queries to match (kv/quant.py)."""
+        for layer in self.layers:
+            assert isinstance(layer, DecoderLayer)
+            layer.self_attn.smooth_k_channels(layer.input_layernorm.weight)
 
     def set_attention(self, backend: AttentionBackend) -> None:
         """Swap the attention back end of every layer (ablations compare them on one loaded model)."""

@@ -11,9 +11,9 @@
     .venv/bin/python -m tinyserve_lab.ablations.kv_cache_dtype --formats auto fp8_e4m3 --rounds 0  # quality only
 
 `--error-study` instead measures, on one window's K/V as a bf16 pool holds them (every third layer), the
-relative error of attention outputs when only K, or only V, is rounded to int8 per row: plain, rotated
-(the Hadamard of kv/quant.py), in groups of 32, and asymmetric (min/max); queries are the pool's own K
-rows, shuffled (a proxy: real queries are not stored).
+relative error of attention outputs when only K, or only V, is rounded to int8 per row: plain, smoothed
+(the engine's K channel factors, kv/quant.py), in groups of 32, and asymmetric (min/max); queries are the
+pool's own K rows, shuffled (a proxy: real queries are not stored).
 """
 
 from __future__ import annotations
@@ -60,19 +60,20 @@ def _asym(x: torch.Tensor) -> torch.Tensor:
 
 
 def error_study(model: str | None, window_tokens: int) -> dict[str, dict[str, float]]:
-    from tinyserve.kv.quant import rotate
-
     llm = LLM(model, enforce_eager=True, enable_prefix_caching=False, max_num_batched_tokens=window_tokens)
     (window,), _ = shakespeare_windows(llm.tokenizer, 1, window_tokens)
     llm.generate([window], SamplingParams(max_tokens=1))  # a fresh engine: the window's K/V fill blocks 0..
-    def rotated_by(f: Any) -> Any:  # S S = D I: rotating twice is D times the original
-        return lambda x: rotate(f(rotate(x))) / x.shape[-1]
-
-    schemes = {"per-row": _sym, "per-row, rotated": rotated_by(_sym), "groups of 32": _groups32,
-               "asymmetric": _asym, "asymmetric, rotated": rotated_by(_asym)}
+    net = llm.engine.runner.model
+    net.smooth_k_channels()  # the factors an int8 engine would use (after the window: its K is unsmoothed)
+    layers = list(zip(llm.engine.runner.kv_caches, net.layers))[::3]
+    schemes = {"per-row": lambda x, s: _sym(x), "per-row, smoothed": lambda x, s: _sym(x / s) * s,
+               "groups of 32": lambda x, s: _groups32(x), "asymmetric": lambda x, s: _asym(x)}
     errors: dict[str, dict[str, list[float]]] = {n: {"K": [], "V": []} for n in schemes}
     g = torch.Generator().manual_seed(0)
-    for k_pool, v_pool in llm.engine.runner.kv_caches[::3]:
+    for (k_pool, v_pool), layer in layers:
+        qk_scale = layer.get_submodule("self_attn").qk_scale
+        assert isinstance(qk_scale, torch.Tensor)
+        s_k = 1 / qk_scale[-k_pool.shape[2]:].float()  # K heads are divided by s
         k = k_pool.flatten(0, 1)[:window_tokens].float()
         v = v_pool.flatten(0, 1)[:window_tokens].float()
         q = k[torch.randperm(window_tokens, generator=g)[:64]]
@@ -83,8 +84,8 @@ def error_study(model: str | None, window_tokens: int) -> dict[str, dict[str, fl
 
         ref = attend(k, v)
         for name, f in schemes.items():
-            errors[name]["K"].append(float((attend(f(k), v) - ref).norm() / ref.norm()))
-            errors[name]["V"].append(float((attend(k, f(v)) - ref).norm() / ref.norm()))
+            errors[name]["K"].append(float((attend(f(k, s_k), v) - ref).norm() / ref.norm()))
+            errors[name]["V"].append(float((attend(k, f(v, torch.ones_like(s_k))) - ref).norm() / ref.norm()))
     return {n: {t: statistics.mean(e) for t, e in d.items()} for n, d in errors.items()}
 
 
