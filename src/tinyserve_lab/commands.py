@@ -41,5 +41,5 @@ QUANTIZE = Command("RTN / GPTQ / AWQ / NF4 weights -> a model directory the engi
                    "tinyserve_lab.quantize.pipeline", "add_quantize_args", "run_quantize")
 PROFILE = Command("op tables, step split and roofline for prefill/decode", "tinyserve_lab.profile",
                   "add_profile_args", "run_profile")
-REPORT = Command("plots + SUMMARY.md from every result JSON under --results", "tinyserve_lab.report",
-                 "add_report_args", "run_report")
+REPORT = Command("plots + SUMMARY.md from every result JSON under --results; --slides: the talk (docs/slides.html)",
+                 "tinyserve_lab.deck_command", "add_report_args", "run_report")

@@ -5,8 +5,9 @@ from those files with matplotlib, so the deck cannot drift from the measurements
 its machine (one per slide: mixing machines is refused), cites its result files with the command
 that made them, and carries speaker notes (`<aside class="notes">`, hidden in the view).
 
-The slide content lives in `deck_slides.py`; this module holds the model (Slide, Source), the file
-finder, the figure encoder and the HTML writer (inline CSS and JS: nothing is fetched).
+The slide content lives in `deck_slides.py` (its `build_deck` is the entry point); this module holds the
+model (Slide, Source), the file finder, the figure encoder and the HTML writer (inline CSS and JS:
+nothing is fetched).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class DeckError(RuntimeError):
 
 @dataclass(frozen=True)
 class Source:
-    """A result file (relative to the repository root) and the command that produced it."""
+    """Result files (a path or a glob, relative to the repository root) and the command that produced them."""
 
     path: str
     command: str
@@ -48,6 +49,7 @@ class Slide:
     machine: str = ""
     figure: str | None = None  # data:image/png;base64,...
     figure_alt: str = ""
+    wide: bool = False  # the figure under the text, not beside it
 
 
 def machine_name(cpu_model: str) -> str:
@@ -163,16 +165,17 @@ section {{ position: relative; width: {SLIDE_W}px; height: {SLIDE_H}px; overflow
   color: #1b1b1b; padding: 28px 44px 0 44px; display: none; flex-direction: column; margin: 0 auto; }}
 section.active, body.all section {{ display: flex; }}
 body.all section {{ margin-bottom: 16px; }}
-h1 {{ font-size: 44px; margin: 120px 0 20px 0; color: #0b4f8a; }}
+h1 {{ font-size: 44px; margin: 60px 0 12px 0; color: #0b4f8a; }}
 h2 {{ font-size: 30px; margin: 0 0 6px 0; color: #0b4f8a; }}
 .machine {{ font-size: 14px; color: #555; margin-bottom: 12px; }}
 .content {{ display: flex; gap: 24px; flex: 1; min-height: 0; }}
 .text {{ flex: 1; font-size: 19px; line-height: 1.35; min-width: 0; }}
 .text ul {{ margin: 0; padding-left: 22px; }} .text li {{ margin-bottom: 8px; }}
-.fig {{ flex: 0 0 auto; }} .fig img {{ width: 720px; height: 460px; display: block; }}
+.content.wide {{ flex-direction: column; gap: 8px; }}
+.fig {{ flex: 0 0 auto; }} .fig img {{ max-width: 720px; max-height: 470px; display: block; }}
 table {{ border-collapse: collapse; font-size: 16px; margin-top: 8px; }}
 th, td {{ border-bottom: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
-th:first-child, td:first-child {{ text-align: left; }} th {{ background: #eef3f8; }}
+th:first-child, td:first-child, table.left td, table.left th {{ text-align: left; }} th {{ background: #eef3f8; }}
 .sources {{ font-size: 11px; color: #555; border-top: 1px solid #ddd; padding: 6px 0 8px 0; margin-top: 6px;
   font-family: "DejaVu Sans Mono", monospace; word-break: break-all; }}
 .num {{ position: absolute; right: 16px; bottom: 6px; font-size: 12px; color: #999; }}
@@ -242,7 +245,7 @@ def section_html(slide: Slide, number: int, total: int) -> str:
     heading = f"<h1>{html.escape(slide.title)}</h1>" if number == 1 else f"<h2>{html.escape(slide.title)}</h2>"
     machine = f'<div class="machine">{html.escape(slide.machine)}</div>' if slide.machine else ""
     return (f'<section id="s{number}">{heading}{machine}'
-            f'<div class="content"><div class="text">{slide.body}</div>{fig}</div>'
+            f'<div class="content{" wide" if slide.wide else ""}"><div class="text">{slide.body}</div>{fig}</div>'
             f'<div class="sources">{srcs}</div><div class="num">{number} / {total}</div>'
             f'<aside class="notes">{html.escape(slide.notes)}</aside></section>')
 
@@ -265,7 +268,7 @@ def build_slides(results: Results, builders: Sequence[SlideBuilder]) -> list[Sli
         if not slide.machine and results.machines:
             slide.machine = next(iter(results.machines))
         for src in slide.sources:
-            if not (results.repo_root / src.path).exists():
+            if not any(results.repo_root.glob(src.path)):
                 raise DeckError(f"slide {slide.title!r} cites a missing file: {src.path}")
         slides.append(slide)
     if not MIN_SLIDES <= len(slides) <= MAX_SLIDES:
@@ -273,13 +276,9 @@ def build_slides(results: Results, builders: Sequence[SlideBuilder]) -> list[Sli
     return slides
 
 
-def build_deck(results_dir: Path | str = "docs/results", out: Path | str = "docs/slides.html",
-               repo_root: Path | str | None = None) -> Path:
-    """Write the deck; returns its path. Raises DeckError when a result file is missing."""
-    from tinyserve_lab.deck_slides import SLIDES
-
-    results = Results(results_dir, repo_root)
-    slides = build_slides(results, SLIDES)
+def write_deck(results: Results, builders: Sequence[SlideBuilder], out: Path | str) -> Path:
+    """Build the slides and write the HTML page; returns its path. DeckError when a result file is missing."""
+    slides = build_slides(results, builders)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render_html(slides, "tinyserve: what we built, what it bought, what failed"))

