@@ -16,6 +16,7 @@ import base64
 import html
 import io
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,16 +147,20 @@ def bar_labels(ax: Any, bars: Any, fmt: str = "{:.1f}") -> None:
 
 
 # -- html --------------------------------------------------------------------------------------------
-def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A small HTML table (cells are escaped; pass numbers already formatted)."""
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]], left: bool = False) -> str:
+    """A small HTML table (cells are escaped; pass numbers already formatted); `left`: text columns."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    cls = " class='left'" if left else ""
+    return f"<table{cls}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+CODE = re.compile(r"`([^`]+)`")
 
 
 def bullets(items: Sequence[str]) -> str:
-    """A bullet list; items are HTML (write numbers through f-strings, escape user text yourself)."""
-    return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
+    """A bullet list; items are HTML (escape user text yourself), `code` in backticks becomes <code>."""
+    return "<ul>" + "".join("<li>" + CODE.sub(r"<code>\1</code>", i) + "</li>" for i in items) + "</ul>"
 
 
 CSS = f"""
@@ -178,6 +183,7 @@ th, td {{ border-bottom: 1px solid #ccc; padding: 4px 10px; text-align: right; }
 th:first-child, td:first-child, table.left td, table.left th {{ text-align: left; }} th {{ background: #eef3f8; }}
 .sources {{ font-size: 11px; color: #555; border-top: 1px solid #ddd; padding: 6px 0 8px 0; margin-top: 6px;
   font-family: "DejaVu Sans Mono", monospace; word-break: break-all; }}
+.text code {{ font-size: 0.85em; background: #f3f3f3; padding: 0 3px; }}
 .num {{ position: absolute; right: 16px; bottom: 6px; font-size: 12px; color: #999; }}
 aside.notes {{ display: none; }}
 @page {{ size: {SLIDE_W}px {SLIDE_H}px; margin: 0; }}

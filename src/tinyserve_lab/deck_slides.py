@@ -100,9 +100,11 @@ def question(r: Results) -> Slide:
     fp32 = next(m for m in fp["modes"] if m["mode"] == "fp32")
     kern = r.json("speed3/gguf-kernel-*.json")
     q4k, q6k = kern["file_bytes"]["Q4_K"], kern["file_bytes"]["Q6_K"]
+    kv05 = r.json("kv/kv-cache-dtype-qwen2.5-coder-0.5b.json")["formats"]["auto"]
     rows = [("SmolLM2-135M-Instruct (bundled)", "Q4_1 GGUF; fp32 " + _mb(fp32["weight_bytes"]),
              f"{fp32['kv_bytes_per_token'] / 1024:.0f} KiB (fp32)", "every test, the CI path"),
-            ("Qwen2.5-Coder-0.5B-Instruct", "Q4_K_M GGUF", "", "structured outputs, int8 KV, draft model"),
+            ("Qwen2.5-Coder-0.5B-Instruct", "Q4_K_M GGUF", f"{kv05['bytes_per_token'] / 1024:.0f} KiB (16-bit)",
+             "structured outputs, int8 KV, draft model"),
             ("Qwen2.5-Coder-1.5B-Instruct", f"Q4_K_M: Q4_K {_mb(q4k)} + Q6_K {_mb(q6k)}", "",
              "the TinyLlama-class target")]
     body = (bullets([
@@ -111,14 +113,16 @@ def question(r: Results) -> Slide:
         "Scenarios: batch 1-64, short and long prompts, offline and online load (TTFT, TPOT, ITL, goodput).",
         "Two sizes: a 135M model small enough to test everything in CI, and a 1.5B model where memory "
         "bandwidth, not Python, is the wall."])
-        + table(["model", "weights", "KV / token", "role"], rows))
+        + table(["model", "weights", "KV / token", "role"], rows, left=True))
     notes = ("Why these models: the bundled 135M ships in a pip package, so tests and the walkthrough run from a "
              "fresh clone; the Qwen2.5-Coder 0.5B/1.5B GGUFs are the TinyLlama-class size where a CPU's "
              "bandwidth decides decode speed. Weight bytes come from the quality run and the kernel run's file sizes.")
     return Slide("The question and the models", body, notes, [
         _src(r, "fp8/quality-*.json", "tinyserve bench quality --modes fp32 fp8 (bundled model)"),
         _src(r, "speed3/gguf-kernel-*.json",
-             "python -m tinyserve_lab.ablations.gguf_kernel --model qwen2.5-coder-1.5b.gguf --rows 1 4 8 --rounds 2")])
+             "python -m tinyserve_lab.ablations.gguf_kernel --model qwen2.5-coder-1.5b.gguf --rows 1 4 8 --rounds 2"),
+        _src(r, "kv/kv-cache-dtype-qwen2.5-coder-0.5b.json",
+             "python -m tinyserve_lab.ablations.kv_cache_dtype --model qwen2.5-coder-0.5b")])
 
 
 # -- 3. machine and method ---------------------------------------------------------------------------
@@ -387,18 +391,26 @@ def gguf(r: Results) -> Slide:
 # -- 9. quantization four ways -----------------------------------------------------------------------
 def quant(r: Results) -> Slide:
     d = r.json("quant/quant-quality-20261202T020228.json")
-    modes = {m["mode"]: m for m in d["modes"]}
-    methods = ("rtn", "gptq", "awq", "nf4", "torchao", "bnb")
+    extra = r.json("quant/quant-quality-20261202T021353.json")  # the 3-bit g64 rows, run after
+    modes = {m["mode"]: m for doc in (d, extra) for m in doc["modes"]}
+    methods = ("rtn", "gptq", "awq", "nf4")
+    cells = [(4, 32), (4, 64), (3, 32), (3, 64)]
     fig, ax = figure(6.4, 4.4)
-    for meth in methods:
-        pts = [m for name, m in modes.items() if name.startswith(meth + "-")]
-        ax.scatter([m["weight_bytes_packed"] / 1e6 for m in pts], [max(m["ppl_delta_pct"], 0.05) for m in pts],
-                   label=meth, s=30)
+    w = 0.8 / len(methods)
+    for j, meth in enumerate(methods):
+        xs, ys = [], []
+        for i, (bits, group) in enumerate(cells):
+            m = modes.get(f"{meth}-{bits}b-g{group}")
+            if m:
+                xs.append(i + (j - 1.5) * w)
+                ys.append(max(m["ppl_delta_pct"], 0.01))
+        bars = ax.bar(xs, ys, w, label=meth.upper())
+        bar_labels(ax, bars, "{:.1f}")
     ax.set_yscale("log")
-    ax.set_xlabel("weight MB (packed)")
+    ax.set_xticks(range(len(cells)), [f"{b}-bit, group {g}" for b, g in cells])
     ax.set_ylabel("perplexity increase vs fp32, % (log)")
-    ax.set_title("Bundled 135M: method x bits x group")
-    ax.legend(fontsize=8, ncol=3)
+    ax.set_title("Bundled 135M, held-out text")
+    ax.legend(fontsize=8)
 
     def q(name: str) -> str:
         return f"+{modes[name]['ppl_delta_pct']:.1f}%"
@@ -410,14 +422,14 @@ def quant(r: Results) -> Slide:
         f"{q('gptq-4b-g64')}, AWQ <b>{q('awq-4b-g64')}</b>, NF4 {q('nf4-4b-g64')}.",
         f"3-bit: RTN g32 {q('rtn-3b-g32')}, AWQ g32 {q('awq-3b-g32')}: a 135M model does not survive 3 bits.",
         f"Bytes: fp32 {_mb(modes['fp32']['weight_bytes'])} &rarr; 4-bit g32 "
-        f"{_mb(modes['rtn-4b-g32']['weight_bytes_packed'])} (embedding and head included).",
+        f"{_mb(modes['rtn-4b-g32']['weight_bytes_packed'])} of packed weights.",
     ])
     notes = ("Small models are the hard case for quantization: error per weight matters more. Group size is the "
              "lever: g32 RTN is near lossless, g64 needs GPTQ or AWQ. The table on the EPYC machine also has "
              "speed per config (quant-speed files).")
     return Slide("Quantization four ways: RTN, GPTQ, AWQ, NF4", body, notes,
-                 [_src(r, "quant/quant-quality-20261202T020228.json", "tinyserve bench quant --stage quality")],
-                 figure=png_uri(fig), figure_alt="perplexity delta vs weight bytes")
+                 [_src(r, "quant/quant-quality-20261202T02*.json", "tinyserve bench quant --stage quality")],
+                 figure=png_uri(fig), figure_alt="perplexity increase by method, bits and group")
 
 
 # -- 10. prefix caching ------------------------------------------------------------------------------
@@ -821,24 +833,35 @@ def dead_ends(r: Results) -> Slide:
 # -- 20. next ----------------------------------------------------------------------------------------
 def next_steps(r: Results) -> Slide:
     fp = r.json("fp8/quality-*.json")
+    kv = r.json("kv/kv-cache-dtype-fp8-SmolLM2-135M-Instruct.json")["formats"]
     modes = {m["mode"]: m for m in fp["modes"]}
-    f8 = modes["fp8"]
+    f8, f32 = modes["fp8"], modes["fp32"]
+    bars_data = [("FP8 weights", f8["ppl_delta_pct"]), ("int8 KV", 100 * kv["int8"]["perplexity_vs_auto"]),
+                 ("FP8 KV", 100 * kv["fp8_e4m3"]["perplexity_vs_auto"])]
+    fig, ax = figure(5.2, 4.0)
+    bars = ax.bar([b[0] for b in bars_data], [b[1] for b in bars_data], color=["tab:red", "tab:blue", "tab:orange"])
+    bar_labels(ax, bars, "+{:.2f}%")
+    ax.set_ylabel("perplexity increase, %")
+    ax.set_title("The GPU formats' quality cost, measured on CPU (135M)", fontsize=10)
     body = bullets([
-        f"<b>A GPU</b>: the FP8 E4M3 path and CUDA graphs are built and tested without one. Measured here: FP8 "
-        f"weights cost +{f8['ppl_delta_pct']:.1f}% perplexity (KLD {f8['kld_mean']:.3f}) and halve the KV "
-        f"({f8['kv_bytes_per_token']:,} vs {modes['fp32']['kv_bytes_per_token']:,} bytes a token); "
-        "speed is unverified until `scripts/gpu_check.sh` runs on one.",
-        "On a GPU the bottleneck moves: per-step launch overhead (CUDA graphs), attention kernels "
-        "(FlashAttention / FlashInfer instead of our CPU kernel), and KV swap over PCIe becomes worth it.",
-        "<b>More machines</b>: replicas behind the prefix-aware router scale out today; TP needs cores or "
-        "sockets we do not have; disaggregated prefill/decode is the natural next step for the TTFT wave.",
-        "<b>Here</b>: chunked prefill mixed with decodes to cut TTFT under load; the 1.5B's batch-8 step on AMX int8.",
-        "Questions to open: is a CPU a serving target for 1-2B models? where would you spend the next month?",
+        f"<b>A GPU</b>: FP8 E4M3 weights and KV and CUDA graphs are built and tested without one. FP8 weights: "
+        f"{_mb(f32['weight_bytes'])} &rarr; {_mb(f8['weight_bytes_packed'])}, perplexity +{f8['ppl_delta_pct']:.1f}%; "
+        f"FP8 KV {kv['auto']['bytes_per_token']:,} &rarr; {kv['fp8_e4m3']['bytes_per_token']:,} bytes a token. "
+        "Speed stays unmeasured until `scripts/gpu_check.sh` runs on one.",
+        "There the bottleneck moves: launch overhead (CUDA graphs), attention kernels (FlashAttention-class), "
+        "and KV swap over PCIe starts to pay.",
+        "<b>More machines</b>: replicas behind the prefix-aware router scale out today; TP wants more cores; "
+        "disaggregated prefill/decode would attack the TTFT wave.",
+        "<b>For discussion</b>: is a CPU a serving target for 1-2B models? Scheduler or kernels next?",
     ])
-    notes = ("Close on what is not measured: GPU speed. The FP8 quality cost is measured; its speed is not. Invite "
-             "the discussion on where the next gain is: scheduler (TTFT under waves) or kernels.")
-    return Slide("What next: a GPU, more machines", body, notes,
-                 [_src(r, "fp8/quality-*.json", "tinyserve bench quality --modes fp32 fp8 (bundled model)")])
+    notes = ("Close on what is not measured: GPU speed. The FP8 quality cost is measured here; its speed is not. "
+             f"FP8 KV keeps only {kv['fp8_e4m3']['greedy_identical']} of 16 greedy answers identical, int8 KV "
+             f"{kv['int8']['greedy_identical']}: both are opt-in. Invite the discussion on where the next gain is.")
+    return Slide("What next: a GPU, more machines", body, notes, [
+        _src(r, "fp8/quality-*.json", "tinyserve bench quality --modes fp32 fp8 (bundled model)"),
+        _src(r, "kv/kv-cache-dtype-fp8-SmolLM2-135M-Instruct.json",
+             "python -m tinyserve_lab.ablations.kv_cache_dtype --formats auto int8 fp8_e4m3 --rounds 0")],
+        figure=png_uri(fig), figure_alt="quality cost of FP8 and int8 formats")
 
 
 def build_deck(results_dir: Path | str = "docs/results", out: Path | str = "docs/slides.html",
