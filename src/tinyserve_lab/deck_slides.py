@@ -95,34 +95,64 @@ def title(r: Results) -> Slide:
 
 
 # -- 2. question and models --------------------------------------------------------------------------
+def _grid_points(r: Results, pattern: str) -> list[dict[str, Any]]:
+    """The offline sweep's points (report.offline_points: newest per batch x input x output)."""
+    from tinyserve_lab.report import _parse_date, offline_points
+
+    docs = []
+    for path in r.find_all(pattern):
+        doc = r.json(path)
+        doc["_date"] = _parse_date(doc.get("date"), path)
+        docs.append(doc)
+    return offline_points(docs)
+
+
 def question(r: Results) -> Slide:
     fp = r.json("fp8/quality-*.json")
     fp32 = next(m for m in fp["modes"] if m["mode"] == "fp32")
     kern = r.json("speed3/gguf-kernel-*.json")
     q4k, q6k = kern["file_bytes"]["Q4_K"], kern["file_bytes"]["Q6_K"]
-    kv05 = r.json("kv/kv-cache-dtype-qwen2.5-coder-0.5b.json")["formats"]["auto"]
-    rows = [("SmolLM2-135M-Instruct (bundled)", "Q4_1 GGUF; fp32 " + _mb(fp32["weight_bytes"]),
-             f"{fp32['kv_bytes_per_token'] / 1024:.0f} KiB (fp32)", "every test, the CI path"),
-            ("Qwen2.5-Coder-0.5B-Instruct", "Q4_K_M GGUF", f"{kv05['bytes_per_token'] / 1024:.0f} KiB (16-bit)",
-             "structured outputs, int8 KV, draft model"),
-            ("Qwen2.5-Coder-1.5B-Instruct", f"Q4_K_M: Q4_K {_mb(q4k)} + Q6_K {_mb(q6k)}", "",
-             "the TinyLlama-class target")]
+    rows = [("SmolLM2-135M (bundled)", f"Q4_1 GGUF; fp32 {_mb(fp32['weight_bytes'])}"),
+            ("Qwen2.5-Coder-0.5B", "Q4_K_M GGUF"),
+            ("Qwen2.5-Coder-1.5B", f"Q4_K {_mb(q4k)} + Q6_K {_mb(q6k)}")]
+    pts = _grid_points(r, "speed3/grid/*.json")
+    fig, ax = figure(6.0, 4.4)
+    inputs = sorted({p["input_len"] for p in pts})
+    for k, inp in enumerate(inputs):
+        for out, style in ((64, "o--"), (256, "o-")):
+            line = sorted((p["batch"], p["decode_tok_s"]) for p in pts
+                          if p["input_len"] == inp and p["output_len"] == out)
+            if line:
+                ax.plot([x[0] for x in line], [x[1] for x in line], style, color=f"C{k}",
+                        label=f"in {inp} / out {out}")
+    _log2_ticks(ax, [p["batch"] for p in pts])
+    ax.set_xlabel("batch (requests decoded together)")
+    ax.set_ylabel("decode tok/s")
+    ax.set_title("The scenario grid: Qwen2.5-Coder-1.5B Q4_K_M, offline", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+
+    def at(b: int, inp: int, out: int) -> float:
+        return next(p["decode_tok_s"] for p in pts if (p["batch"], p["input_len"], p["output_len"]) == (b, inp, out))
+
     body = (bullets([
-        "How fast can one small model be served on a commodity CPU, and what does each optimization buy "
-        "in speed, memory, scalability and quality?",
-        "Scenarios: batch 1-64, short and long prompts, offline and online load (TTFT, TPOT, ITL, goodput).",
-        "Two sizes: a 135M model small enough to test everything in CI, and a 1.5B model where memory "
-        "bandwidth, not Python, is the wall."])
-        + table(["model", "weights", "KV / token", "role"], rows, left=True))
+        "How fast can a small model be served on 2 CPU cores, and what does each optimization buy in speed, "
+        "memory, scalability and quality?",
+        "A 135M model to test everything in CI; 0.5B/1.5B GGUFs where bandwidth, not Python, is the wall.",
+        f"Scenarios: batch 1-64 (1-16 on the 1.5B), prompts 128-2048, online load. The 1.5B decodes "
+        f"{at(1, 128, 64):.1f} tok/s alone, {at(16, 128, 64):.1f} at batch 16, {at(16, 2048, 64):.1f} at batch 16 "
+        "with 2048-token prompts.",
+    ]) + table(["model", "weights"], rows, left=True))
     notes = ("Why these models: the bundled 135M ships in a pip package, so tests and the walkthrough run from a "
              "fresh clone; the Qwen2.5-Coder 0.5B/1.5B GGUFs are the TinyLlama-class size where a CPU's "
-             "bandwidth decides decode speed. Weight bytes come from the quality run and the kernel run's file sizes.")
-    return Slide("The question and the models", body, notes, [
+             "bandwidth decides decode speed. The grid is the offline sweep of the 1.5B (three runs); the online "
+             "scenarios (TTFT, TPOT, ITL under load) come with the peers.")
+    return Slide("The question, the models, the scenarios", body, notes, [
+        _src(r, "speed3/grid/*.json", "tinyserve bench offline --engines tinyserve --model qwen2.5-coder-1.5b.gguf "
+             "--batch-sizes 1 4 8 16 --input-lens 128 512 2048 --output-lens 64 256"),
         _src(r, "fp8/quality-*.json", "tinyserve bench quality --modes fp32 fp8 (bundled model)"),
         _src(r, "speed3/gguf-kernel-*.json",
-             "python -m tinyserve_lab.ablations.gguf_kernel --model qwen2.5-coder-1.5b.gguf --rows 1 4 8 --rounds 2"),
-        _src(r, "kv/kv-cache-dtype-qwen2.5-coder-0.5b.json",
-             "python -m tinyserve_lab.ablations.kv_cache_dtype --model qwen2.5-coder-0.5b")])
+             "python -m tinyserve_lab.ablations.gguf_kernel --model qwen2.5-coder-1.5b.gguf --rows 1 4 8 --rounds 2")],
+        figure=png_uri(fig), figure_alt="decode tok/s vs batch on the 1.5B grid")
 
 
 # -- 3. machine and method ---------------------------------------------------------------------------
@@ -331,7 +361,8 @@ def paged(r: Results) -> Slide:
         f"({ms['eager_sdpa']['batch1'] / ms['eager_paged']['batch1']:.2f}x); batch 32: "
         f"{ms['eager_sdpa']['batch32']:.1f} &rarr; {ms['eager_paged']['batch32']:.1f} ms "
         f"({ms['eager_sdpa']['batch32'] / ms['eager_paged']['batch32']:.2f}x).",
-        f"Compiled on top: {ms['compiled_paged']['batch1']:.2f} ms at batch 1.",
+        f"Compiled on top: {ms['compiled_paged']['batch1']:.2f} ms at batch 1 (at 32 rows this run's step "
+        "still ran eager: the third graph came later).",
         f"Cost: start-up {d['startup_s']['eager_paged']:.1f} s eager vs {d['startup_s']['compiled_paged']:.0f} s "
         "compiled (then; slide 15 shows how start-up got back to seconds).",
     ])
@@ -615,12 +646,15 @@ def structured(r: Results) -> Slide:
     ax.set_title("Held-out schema prompts, greedy")
     ax.legend(fontsize=8)
     q = next(d for d in docs if "0.5b" in d["model"])
+    small = next(d for d in docs if "135M" in d["model"])
     body = bullets([
         "JSON schemas, regexes, choices and grammars enforced token by token (XGrammar); OpenAI-style tool calls.",
         f"Qwen2.5-Coder-0.5B: {q['off']['valid_strict']} &rarr; <b>{q['on']['valid_strict']}</b> of "
-        f"{q['prompts']} valid, and shorter answers ({q['off']['mean_output_tokens']:.0f} &rarr; "
+        f"{q['prompts']} valid ({q['off']['valid_lenient']} unconstrained, fences and prose around the JSON stripped), "
+        "and shorter answers ({q['off']['mean_output_tokens']:.0f} &rarr; "
         f"{q['on']['mean_output_tokens']:.0f} tokens): the run took {q['off']['seconds']:.0f} &rarr; "
         f"{q['on']['seconds']:.0f} s.",
+        f"Bundled 135M: {small['off']['valid_strict']} &rarr; {small['on']['valid_strict']} of {small['prompts']}.",
         f"The mask's cost on the bundled model: {th['c1_ratio']:.3f}x throughput at 1 in flight, "
         f"{th['c16_ratio']:.3f}x at 16.",
     ])
