@@ -90,6 +90,15 @@ def test_a_missing_result_file_is_a_clear_error(tmp_path: Path) -> None:
         deck_slides.build_deck(tmp_path / "nowhere", tmp_path / "out.html")
 
 
+def test_a_file_moved_into_an_archive_folder_is_still_found(tmp_path: Path) -> None:
+    moved = tmp_path / "archive" / "2026-11-22" / "baseline-random-rateinf-conc1-20261122T072119.json"
+    moved.parent.mkdir(parents=True)
+    moved.write_text("{}")
+    results = deck.Results(tmp_path, repo_root=tmp_path)
+    assert results.find_all("*-random-rateinf-conc*-20261122T*.json") == [moved]
+    assert results.find("baseline-random-*.json") == moved
+
+
 def test_a_slide_mixing_machines_is_refused(tmp_path: Path) -> None:
     for name, cpu in (("a.json", "Intel(R) Xeon(R) Processor"), ("b.json", "AMD EPYC")):
         (tmp_path / name).write_text(json.dumps({"machine": {"cpu_model": cpu}}))

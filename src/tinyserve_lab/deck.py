@@ -84,7 +84,9 @@ class Results:
         return hits[-1]
 
     def find_all(self, pattern: str) -> list[Path]:
+        """Every file matching `pattern` under the root; by name anywhere below it when none matches there."""
         hits = sorted(h for h in self.root.glob(pattern) if h.is_file())
+        hits = hits or sorted(h for h in self.root.rglob(Path(pattern).name) if h.is_file())
         if not hits:
             raise DeckError(f"missing result files: no {pattern!r} under {self.root}")
         return hits

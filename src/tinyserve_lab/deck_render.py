@@ -5,7 +5,8 @@
    verdict into the DOM; the verdict is read with `--dump-dom`. An overflowing slide (content wider or
    taller than 1280x720), a plot that did not decode (naturalWidth 0) or a slide without notes fails;
 2. screenshots each slide (`?slide=N`) into docs/slides/NN.png;
-3. prints the deck to docs/slides.pdf, one slide per page (the page's print CSS).
+3. prints the deck to docs/slides.pdf, one slide per page (the page's print CSS; a slide that spills
+   onto a second page fails the check).
 Exit status 1 when the check fails (the screenshots are still taken, to look at what is wrong).
 """
 
@@ -85,6 +86,11 @@ def pdf(browser: str, url: str, out: Path) -> Path:
     return out
 
 
+def pdf_pages(path: Path) -> int:
+    """Pages in a PDF Chromium printed (its page objects are not compressed)."""
+    return len(re.findall(rb"/Type\s*/Page[^s]", path.read_bytes()))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--html", default="docs/slides.html")
@@ -98,7 +104,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     verdict = check(browser, url)
     shots = screenshots(browser, url, int(verdict.get("slides") or 0), Path(args.shots))
     print(f"wrote {len(shots)} screenshots into {args.shots}/")
-    print(f"wrote {pdf(browser, url, Path(args.pdf))}")
+    printed = pdf(browser, url, Path(args.pdf))
+    pages = pdf_pages(printed)
+    print(f"wrote {printed} ({pages} pages)")
+    if pages != verdict.get("slides"):
+        verdict["ok"] = False
+        verdict.setdefault("problems", []).append({"problem": f"the PDF has {pages} pages, not one per slide"})
     for prob in verdict.get("problems", []):
         print(f"slide {prob.get('slide', '?')}: {prob['problem']}", file=sys.stderr)
     print(f"check: {verdict.get('slides')} slides, {'ok' if verdict.get('ok') else 'FAILED'}")

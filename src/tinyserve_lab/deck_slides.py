@@ -212,7 +212,8 @@ def baseline(r: Results) -> Slide:
     b1, t1 = m[("baseline", 1)], m[("tinyserve", 1)]
     b16, t16 = m[("baseline", 16)], m[("tinyserve", 16)]
     body = bullets([
-        "Baseline: transformers `generate` behind a server, one request at a time, fp32.",
+        "Baseline: transformers `generate` behind a server, one request at a time, fp32; 16 random requests, "
+        "128 tokens in, 32 out.",
         f"1 in flight: baseline {b1['output_throughput']:.1f} tok/s, tinyserve {t1['output_throughput']:.1f} "
         f"(TPOT {b1['tpot_median_ms']:.0f} vs {t1['tpot_median_ms']:.0f} ms): the same fp32 weights and "
         "matmuls; the gain is the loop around them.",
@@ -226,7 +227,9 @@ def baseline(r: Results) -> Slide:
              "peer comparison is slide 17.")
     return Slide("The baseline: transformers, served naively", body, notes,
                  [_src(r, "*-random-rateinf-conc*-20261122T*.json",
-                       "tinyserve bench peers --peers baseline tinyserve llamacpp vllm --max-concurrency 1 4 16")],
+                       "tinyserve bench peers --peers baseline tinyserve llamacpp vllm --dataset random "
+                       "--random-input-len 128 --random-output-len 32 --num-prompts 16 --ignore-eos "
+                       "--max-concurrency 1 4 16")],
                  figure=png_uri(fig), figure_alt="output tok/s vs concurrency, baseline and peers")
 
 
