@@ -13,6 +13,7 @@ nothing is fetched).
 from __future__ import annotations
 
 import base64
+import glob
 import html
 import io
 import json
@@ -276,7 +277,7 @@ def build_slides(results: Results, builders: Sequence[SlideBuilder]) -> list[Sli
         if not slide.machine and results.machines:
             slide.machine = next(iter(results.machines))
         for src in slide.sources:
-            if not any(results.repo_root.glob(src.path)):
+            if not glob.glob(str(results.repo_root / src.path)):  # absolute paths too (results outside the repo)
                 raise DeckError(f"slide {slide.title!r} cites a missing file: {src.path}")
         slides.append(slide)
     if not MIN_SLIDES <= len(slides) <= MAX_SLIDES:

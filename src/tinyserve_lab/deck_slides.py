@@ -222,9 +222,11 @@ def baseline(r: Results) -> Slide:
         "and largest gain.",
         "Everything after this is about the step itself: bytes per token and per-op overhead.",
     ])
+    weights = {run["_label"]: (run.get("peer") or {}).get("weights", "?") for run in runs}
     notes = ("These are the project's first runs (2026-11-22), kept as the baseline: an fp32 engine with continuous "
              "batching against transformers served naively. Peers of that day are drawn for scale; the current "
-             "peer comparison is slide 17.")
+             "peer comparison is slide 17. Weights as recorded: "
+             + "; ".join(f"{PEER_NAMES.get(k, k)}: {v}" for k, v in sorted(weights.items())) + ".")
     return Slide("The baseline: transformers, served naively", body, notes,
                  [_src(r, "*-random-rateinf-conc*-20261122T*.json",
                        "tinyserve bench peers --peers baseline tinyserve llamacpp vllm --dataset random "
