@@ -189,13 +189,17 @@ th:first-child, td:first-child, table.left td, table.left th {{ text-align: left
 .text code {{ font-size: 0.85em; background: #f3f3f3; padding: 0 3px; }}
 .num {{ position: absolute; right: 16px; bottom: 6px; font-size: 12px; color: #999; }}
 aside.notes {{ display: none; }}
+body.shownotes section.active aside.notes {{ display: block; position: fixed; left: 0; right: 0;
+  top: {SLIDE_H + 8}px; margin: 0 auto; width: {SLIDE_W}px; padding: 10px 16px; background: #fffbe6; color: #222;
+  font-size: 18px; line-height: 1.4; }}
 @page {{ size: {SLIDE_W}px {SLIDE_H}px; margin: 0; }}
 @media print {{ html, body {{ background: #fff; }} section {{ display: flex !important; margin: 0;
   page-break-after: always; break-after: page; }} }}
 """
 
 # ?slide=N: that slide alone (screenshots); ?check=1: every slide shown and measured, the verdict as
-# JSON in <pre id="verdict">; otherwise arrows / space / PageUp/Down / Home / End and #N in the URL.
+# JSON in <pre id="verdict">; otherwise arrows / space / PageUp/Down / Home / End and #N in the URL,
+# and `n` shows the speaker notes under the slide (?notes=1 at load).
 JS = """
 (function () {
   var s = Array.prototype.slice.call(document.querySelectorAll('section'));
@@ -236,11 +240,13 @@ JS = """
   }
   var start = q.has('slide') ? parseInt(q.get('slide'), 10) - 1 : (parseInt(location.hash.slice(1), 10) || 1) - 1;
   show(start);
+  if (q.has('notes')) document.body.classList.add('shownotes');
   document.addEventListener('keydown', function (ev) {
     if (['ArrowRight', 'ArrowDown', 'PageDown', ' '].indexOf(ev.key) >= 0) show(cur + 1);
     else if (['ArrowLeft', 'ArrowUp', 'PageUp'].indexOf(ev.key) >= 0) show(cur - 1);
     else if (ev.key === 'Home') show(0);
     else if (ev.key === 'End') show(s.length - 1);
+    else if (ev.key === 'n') document.body.classList.toggle('shownotes');
   });
   window.addEventListener('hashchange', function () { show((parseInt(location.hash.slice(1), 10) || 1) - 1); });
 })();

@@ -275,8 +275,8 @@ def roofline(r: Results) -> Slide:
         f"run. Ceiling: {ceil / gb_per_token:.0f} tok/s.",
         f"1.5B, batch 8: {big['split']['8']['ms_per_step']:.0f} ms, {big['split']['8']['gflops']:.0f} GFLOP/s: "
         "compute-bound on the quantized kernel.",
-        f"135M, batch 1: {s1['ms_per_step']:.1f} ms a step, {overhead:.1f}% outside the forward pass "
-        "(schedule, pack, sample, postprocess): the per-op overhead a compiled step removes.",
+        f"135M, batch 1: {s1['ms_per_step']:.1f} ms a step, {overhead:.1f}% of it outside the forward pass "
+        "(schedule, pack, sample, postprocess): on a small model the Python around the step is not free.",
         f"Prefill of 512 tokens on the 1.5B: {big['tables']['prefill_512']['ms_per_step']:.0f} ms on the "
         "dense bf16 copies (AMX).",
     ])
