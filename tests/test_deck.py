@@ -73,6 +73,13 @@ def test_every_slide_has_notes_a_machine_and_sources_that_exist(page: str) -> No
         assert all("<code>" in line for line in srcs.group(1).split("<br>")), f"slide {i}: a source without command"
 
 
+def test_no_unformatted_placeholders(page: str) -> None:
+    """A string that lost its f prefix shows up as {name[...]:.1f} on the slide."""
+    for i, sec in enumerate(_sections(page), 1):
+        text = re.sub(r'src="[^"]*"', "", sec)
+        assert not re.search(r"\{[A-Za-z_][A-Za-z_0-9]*[\[(:.!}]", text), f"slide {i}: {text[:200]}"
+
+
 def test_numbers_come_from_the_files(page: str) -> None:
     """The headline table carries the served run's throughput, read from the newest S4 files."""
     runs = [json.loads(p.read_text()) for p in (RESULTS / "speed3" / "serve").glob("tinyserve-*conc1-*.json")]
