@@ -11,7 +11,7 @@ TRITON_VERSION := 3.9.0
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 
-.PHONY: install serve generate walkthrough lint test test-fast bench bench-full peers clean
+.PHONY: install serve generate walkthrough lint test test-fast bench bench-full peers clean slides
 
 install: $(STAMP)
 
@@ -67,3 +67,12 @@ bench-full: install
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
+
+# The talk: docs/slides.html from the result files, every slide rendered in headless Chromium (Debian's
+# package, installed if missing) into docs/slides/NN.png and docs/slides.pdf; fails on an overflowing
+# slide or a plot that does not decode.
+slides: install
+	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get install -y -qq chromium)
+	$(BIN)/tinyserve report --slides docs/slides.html
+	$(BIN)/python -m tinyserve_lab.deck_render --html docs/slides.html --shots docs/slides --pdf docs/slides.pdf

@@ -42,5 +42,5 @@ QUANTIZE = Command("RTN / GPTQ / AWQ / NF4 weights -> a model directory the engi
 PROFILE = Command("op tables, step split and roofline for prefill/decode", "tinyserve_lab.profile",
                   "add_profile_args", "run_profile")
 REPORT = Command("plots + SUMMARY.md beside the result JSONs under --results (archive/ skipped); --manifest: "
-                 "docs/results/MANIFEST.md", "tinyserve_lab.report",
+                 "docs/results/MANIFEST.md; --slides: the talk (docs/slides.html)", "tinyserve_lab.deck_command",
                  "add_report_args", "run_report")
