@@ -48,11 +48,11 @@ lint: install
 
 # The whole suite: what CI runs.
 test: lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not chromium" tests
 
 # The edit-run loop: everything but the tier marked slow (real servers, the real model, compiles).
 test-fast: lint
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow and not chromium" tests
 
 # Peers for side-by-side serving runs (llama.cpp built from source, vLLM for CPU), into .peers/.
 peers: install
@@ -76,3 +76,4 @@ slides: install
 		(apt-get update -qq && apt-get install -y -qq chromium)
 	$(BIN)/tinyserve report --slides docs/slides.html
 	$(BIN)/python -m tinyserve_lab.deck_render --html docs/slides.html --shots docs/slides --pdf docs/slides.pdf
+	$(BIN)/python -m pytest -q -m chromium tests/test_deck.py

@@ -1,7 +1,8 @@
 """The deck (`tinyserve report --slides`): built from the repository's result files, 15-20 slides, every
 plot an embedded PNG, every slide with notes, a machine and sources that exist; a missing file fails by
-name. No browser here, but for the last test (slow tier, skipped without Chromium), which checks that
-the page's own check mode catches an overflowing slide and a broken plot."""
+name. No browser here, but for the last test (marked `chromium`: `make slides` runs it after installing
+Chromium, `make test` leaves it out), which checks that the page's own check mode catches an
+overflowing slide and a broken plot."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import base64
 import html
 import json
 import re
-import shutil
 import struct
 from pathlib import Path
 
@@ -141,8 +141,7 @@ def test_verdict_parsing() -> None:
     assert deck_render.parse_verdict("<body></body>")["ok"] is False
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not any(shutil.which(b) for b in deck_render.BROWSERS), reason="no Chromium")
+@pytest.mark.chromium
 def test_chromium_check_catches_overflow_and_broken_plots(tmp_path: Path) -> None:
     ok = deck.Slide("fits", "<p>short</p>", "notes", machine="m")
     tall = deck.Slide("too tall", "<p>line</p>" * 80, "notes", machine="m")
