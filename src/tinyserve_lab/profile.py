@@ -83,9 +83,15 @@ def start_greedy(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, s
 
 def decode_ms(engine: LLMEngine, batch: int, context: int, steps: int) -> float:
     """ms per pure decode step: `batch` fresh prompts of `context` tokens, prefilled, one warm-up
-    decode, then `steps` timed; the requests are drained afterwards."""
-    start_greedy(engine, make_prompts(engine.model_config.vocab_size, batch, context, 0), steps + 2)
+    decode, then `steps` timed; the requests are drained afterwards. Prompts that finish their prefill
+    early decode while the others prefill (small step budgets): max_tokens leaves room for that, so
+    every one of the `batch` rows is still running in the timed steps (checked)."""
+    prefill_steps = -(-batch * context // engine.config.max_num_batched_tokens) + 1
+    start_greedy(engine, make_prompts(engine.model_config.vocab_size, batch, context, 0), steps + 2 + prefill_steps)
     finish_prefill(engine)
+    running = sum(not s.finished for seqs in engine.requests.values() for s in seqs)
+    if running != batch:
+        raise RuntimeError(f"decode_ms: {running} of {batch} rows left to time (the KV pool too small?)")
     engine.step()
     t = time.perf_counter()
     for _ in range(steps):
