@@ -48,9 +48,14 @@ def reference(tiny_llama_dir):
     return _tokens(roomy.generate(PROMPTS, SamplingParams(max_tokens=24, **GREEDY)))
 
 
-def _pressured(tiny_llama_dir, **kw) -> LLM:
-    # 10 blocks of 4 = 40 tokens for four requests of ~30 tokens each: preemption is certain
-    return LLM(str(tiny_llama_dir), **TINY, num_kv_blocks=10, block_size=4, **kw)
+def _pressured(tiny_llama_dir, prefill_seconds_per_token: float | None = None, **kw) -> LLM:
+    """10 blocks of 4 = 40 tokens for four requests of ~30 tokens each: preemption is certain. The
+    prefill's cost, which decides swap or recompute once a swap was measured, is pinned (None: never
+    measured, so always swap) rather than left to this machine's timings."""
+    llm = LLM(str(tiny_llama_dir), **TINY, num_kv_blocks=10, block_size=4, **kw)
+    llm.engine._measure_prefill = lambda batch, seconds: None
+    llm.engine.scheduler.prefill_seconds_per_token = prefill_seconds_per_token
+    return llm
 
 
 def test_swap_resumes_without_recompute_and_matches_an_unpressured_run(tiny_llama_dir, reference, monkeypatch):
@@ -69,6 +74,28 @@ def test_swap_resumes_without_recompute_and_matches_an_unpressured_run(tiny_llam
     # Every token is fed exactly once when nothing is recomputed: prompts plus all but the last output.
     assert runs["swap"][1] == sum(len(swap.engine.encode_prompt(p)) + 23 for p in PROMPTS)
     assert runs["recompute"][1] > runs["swap"][1]
+
+
+@pytest.mark.parametrize("prefill_cost", [0.0, 1.0])
+def test_swap_or_recompute_by_measured_cost(tiny_llama_dir, reference, prefill_cost):
+    """Recompute free (0 s a token): once a swap's copies were measured, later preemptions recompute
+    (counted as declined); recompute dear (1 s a token): every preemption swaps. Same tokens either way."""
+    llm = _pressured(tiny_llama_dir, prefill_seconds_per_token=prefill_cost, preemption_mode="swap")
+    assert _tokens(llm.generate(PROMPTS, SamplingParams(max_tokens=24, **GREEDY))) == reference
+    stats = llm.engine.tiers.stats
+    assert _traffic(llm, "swap", "out") > 0  # the first is swapped: nothing was measured yet
+    if prefill_cost:
+        assert stats.swap_declined == 0
+    else:
+        assert stats.swap_declined > 0 and llm.engine.stats().kv_swap_declined == stats.swap_declined
+    assert llm.engine.tiers.swap_used == 0 and llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
+
+
+def test_the_prefill_cost_is_measured_on_prefill_steps(tiny_llama_dir):
+    llm = LLM(str(tiny_llama_dir), **TINY, num_kv_blocks=64, block_size=4)
+    assert llm.engine.scheduler.prefill_seconds_per_token is None
+    llm.generate(["x " * 40], SamplingParams(max_tokens=2, **GREEDY))  # one 40-token prefill step
+    assert 0 < llm.engine.scheduler.prefill_seconds_per_token < 1
 
 
 def test_a_full_swap_space_falls_back_to_recompute(tiny_llama_dir, reference):

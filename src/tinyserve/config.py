@@ -199,7 +199,8 @@ class EngineConfig:
     preemption_mode: str | None = knob(
         None, "a sequence preempted for lack of KV blocks: swap = its K/V is copied to host memory and back "
         "when it resumes (cheaper than recomputing it on a CPU: docs/REPORT.md); recompute = it is "
-        "recomputed from its tokens (also what swap does when the swap space is full). Default: swap; "
+        "recomputed from its tokens (also what swap does when the swap space is full, or for a sequence whose "
+        "recompute measures cheaper than its copies). Default: swap; "
         "recompute under tensor parallelism (each rank holds a slice of every block)", choices=PREEMPTION_MODES)
     swap_space_gb: float = knob(4.0, "host memory that swapped-out K/V may take (vLLM's --swap-space)")
     kv_offload_path: str | None = knob(

@@ -67,6 +67,7 @@ class EngineStats:
     # The KV tiers (kv/tiers.py): (tier, direction, blocks, bytes, seconds) per way blocks move, so far
     kv_tier_traffic: tuple[tuple[str, str, int, int, float], ...] = ()
     kv_swap_fallbacks: int = 0  # preemptions recomputed because the swap space was full
+    kv_swap_declined: int = 0  # preemptions recomputed because that measured cheaper than swapping
     kv_offload_corrupt: int = 0  # disk-tier files found torn or corrupt (skipped and removed)
 
 
@@ -142,6 +143,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting,
                                    policy, prefill_chunk=config.prefill_chunk, tiers=self.tiers,
                                    swap=config.preemption_mode == "swap")
+        self.scheduler.always_swap = config.batch_invariant
         # The disk tier's queued writes finish at close(), or when the engine is collected or the
         # interpreter exits (an offline LLM(...) is never closed explicitly).
         self._close_tiers = weakref.finalize(self, self.tiers.close)
@@ -309,6 +311,7 @@ class LLMEngine:
             kv_tier_traffic=tuple((tier, way, t.blocks, t.bytes, t.seconds)
                                   for (tier, way), t in tiers.traffic.items()),
             kv_swap_fallbacks=tiers.swap_fallbacks,
+            kv_swap_declined=tiers.swap_declined,
             kv_offload_corrupt=self.tiers.disk.stats.corrupt if self.tiers.disk is not None else 0,
         )
 
@@ -355,7 +358,9 @@ class LLMEngine:
     def _run(self, batch: ScheduledBatch) -> list[Sequence]:
         """Forward, sample, then commit. Everything that can raise comes before the commit, so a raise
         leaves the sequences as they were."""
+        started = time.perf_counter()
         out = self.runner.execute(batch.seqs, batch.num_tokens)
+        self._measure_prefill(batch, time.perf_counter() - started)
         sampling, logits = out.sampling, out.logits
         rows = [1 + len(s.spec_token_ids) for s in sampling]  # a speculating sequence verifies k + 1 rows
         bad: list[Sequence] = []
@@ -389,6 +394,15 @@ class LLMEngine:
             except Exception as e:
                 self._fail(seq, e)
         return out.sampling
+
+    def _measure_prefill(self, batch: ScheduledBatch, seconds: float) -> None:
+        """The prefill's seconds per token, for the scheduler's swap-or-recompute choice: a moving
+        average over steps that are mostly prefill (at least 32 tokens, at least twice the rows)."""
+        tokens = sum(batch.num_tokens)
+        if tokens < max(32, 2 * len(batch)) or any(s.spec_token_ids for s in batch.seqs):  # not verifications
+            return
+        now, last = seconds / tokens, self.scheduler.prefill_seconds_per_token
+        self.scheduler.prefill_seconds_per_token = now if last is None else 0.8 * last + 0.2 * now
 
     def _commit_speculation(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprobs | None]) -> None:
         """Emit a verified run: the accepted drafts then the target's own token, each through the stop

@@ -16,7 +16,8 @@ When a running sequence needs a block and none is free, the running sequence the
 that is not already in this step's batch is preempted: its blocks are freed (they stay cached) and
 it waits again. Under `preemption_mode="swap"` its K/V is first copied to the swap space and copied
 back into fresh blocks when it is admitted again, so it resumes where it stopped; otherwise (or when
-the swap space is full) it is recomputed from its tokens. Never failing for lack of memory is the
+the swap space is full, or when recomputing its tokens measures cheaper than the copies: `_swap_pays`)
+it is recomputed from its tokens. Never failing for lack of memory is the
 point; the engine guarantees one sequence of `max_len` always fits the pool, so progress is certain.
 With a disk tier (kv/tiers.py), an admitted prompt's prefix continues past the pool's cached blocks
 with the blocks found on disk, loaded into fresh blocks instead of prefilled, and every block the
@@ -60,6 +61,8 @@ class Scheduler:
         self.blocks = blocks
         self.tiers = tiers
         self.swap = swap and tiers is not None  # preempt by swapping out, not by recomputing
+        self.always_swap = False  # swap whatever the costs (batch invariance: a recomputed prefix rounds differently)
+        self.prefill_seconds_per_token: float | None = None  # measured by the engine on its prefill steps
         self.prefill_chunk = prefill_chunk
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -199,13 +202,27 @@ class Scheduler:
         # grown for it); swapped, it keeps num_computed, else it starts over.
         assert self.tiers is None or not self.tiers.is_swapped(seq)
         computed_blocks = seq.block_table[: -(-seq.num_computed // self.blocks.block_size)]
-        swap = self.tiers if self.swap else None
-        if not (swap is not None and computed_blocks and swap.swap_out(seq, computed_blocks)):
+        swap = self.tiers if self.swap and computed_blocks and self._swap_pays(seq, len(computed_blocks)) else None
+        if not (swap is not None and swap.swap_out(seq, computed_blocks)):
             seq.num_computed = 0
         self.blocks.release(seq.block_table)
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.waiting.insert(0, seq)
+
+    def _swap_pays(self, seq: Sequence, blocks: int) -> bool:
+        """Swap unless recomputing measures cheaper: the copies' seconds per block (out and back in)
+        against the prefill's seconds per token, both measured on this engine's own steps, for this
+        sequence's blocks and tokens. Until both are measured, swap (on a CPU the copy is a memcpy, far
+        cheaper: REPORT T; over a GPU's PCIe link a short prefix can be cheaper to recompute)."""
+        assert self.tiers is not None
+        per_block = self.tiers.swap_seconds_per_block()
+        if self.always_swap or per_block is None or self.prefill_seconds_per_token is None:
+            return True
+        if blocks * per_block <= seq.num_computed * self.prefill_seconds_per_token:
+            return True
+        self.tiers.stats.swap_declined += 1
+        return False
 
     def computed(self, seq: Sequence, n: int) -> None:
         """`seq`'s last `n` fed tokens now have their K/V: blocks they filled become findable."""

@@ -49,6 +49,7 @@ TIER_DIRECTIONS = (("swap", "out"), ("swap", "in"), ("disk", "out"), ("disk", "i
 class TierStats:
     traffic: dict[tuple[str, str], Traffic] = field(default_factory=lambda: {k: Traffic() for k in TIER_DIRECTIONS})
     swap_fallbacks: int = 0  # preemptions recomputed because the swap space was full
+    swap_declined: int = 0  # preemptions recomputed because recomputing measured cheaper than the copies
 
 
 class KVTiers:
@@ -103,6 +104,13 @@ class KVTiers:
         self.swap_used += len(blocks)
         self._count("swap", "out", len(blocks), started)
         return True
+
+    def swap_seconds_per_block(self) -> float | None:
+        """What a swapped block has cost, out and back in (measured means); None until both were seen."""
+        out, back = self.stats.traffic["swap", "out"], self.stats.traffic["swap", "in"]
+        if not (out.blocks and back.blocks):
+            return None
+        return out.seconds / out.blocks + back.seconds / back.blocks
 
     def is_swapped(self, key: object) -> bool:
         return key in self.swapped

@@ -71,6 +71,9 @@ class ServerMetrics:
                 counter.labels(model_name, tier, way)
         self.swap_fallbacks = Gauge("tinyserve_kv_swap_fallbacks", "Preemptions recomputed because the swap "
                                     "space was full, since start.", labels, registry=r).labels(model_name)
+        self.swap_declined = Gauge("tinyserve_kv_swap_declined", "Preemptions recomputed because recomputing "
+                                   "measured cheaper than the swap copies, since start.", labels,
+                                   registry=r).labels(model_name)
         self.offload_corrupt = Gauge("tinyserve_kv_offload_corrupt_files", "Disk-tier files found torn or "
                                      "corrupt (skipped and removed), since start.", labels,
                                      registry=r).labels(model_name)
@@ -115,6 +118,7 @@ class ServerMetrics:
                 counter.labels(self.model_name, tier, way).inc(value - self._tier_seen.get(key, 0))
                 self._tier_seen[key] = value
         self.swap_fallbacks.set(stats.kv_swap_fallbacks)
+        self.swap_declined.set(stats.kv_swap_declined)
         self.offload_corrupt.set(stats.kv_offload_corrupt)
         if stats.spec_decode_num_drafts:
             self.spec_acceptance.set(stats.spec_decode_num_accepted_tokens / stats.spec_decode_num_draft_tokens)
