@@ -86,7 +86,11 @@ def decode_ms(engine: LLMEngine, batch: int, context: int, steps: int) -> float:
     decode, then `steps` timed; the requests are drained afterwards. Prompts that finish their prefill
     early decode while the others prefill (small step budgets): max_tokens leaves room for that, so
     every one of the `batch` rows is still running in the timed steps (checked)."""
-    prefill_steps = -(-batch * context // engine.config.max_num_batched_tokens) + 1
+    room = engine.config.max_num_batched_tokens - batch  # what a step leaves prefills when all others decode
+    if room < 1:
+        raise ValueError(f"decode_ms: a step budget of {engine.config.max_num_batched_tokens} tokens cannot "
+                         f"prefill beside {batch} decodes")
+    prefill_steps = -(-batch * context // room) + 1
     start_greedy(engine, make_prompts(engine.model_config.vocab_size, batch, context, 0), steps + 2 + prefill_steps)
     finish_prefill(engine)
     running = sum(not s.finished for seqs in engine.requests.values() for s in seqs)
