@@ -4,7 +4,8 @@
   prompts prefilled in chunks of `--chunk` tokens, so every chunk after the first attends to K/V read
   back from the pool (a fresh one-chunk prefill never reads it), and greedy agreement of chat answers;
 - capacity: blocks in the same `--kv-cache-memory-gb`, and how many `--capacity-len`-token sequences fit;
-- speed: a decode step at batch 1 and 32 (`tinyserve profile`'s timing), the formats interleaved.
+- speed: a decode step at batch 1 and 32 over 256-token contexts (`tinyserve profile`'s timing), the
+  formats interleaved, on engines of their own with the default step budget.
 
     .venv/bin/python -m tinyserve_lab.ablations.kv_cache_dtype                              # bundled
     .venv/bin/python -m tinyserve_lab.ablations.kv_cache_dtype --model qwen2.5-coder-0.5b
@@ -127,10 +128,15 @@ def main() -> None:
             "max_seqs_of_len": e.num_blocks * e.config.block_size // args.capacity_len,
             "greedy_identical": sum(a == b for a, b in zip(answers["auto"], answers[f])),
             "greedy_prefix_agreement": statistics.mean(agree), "decode_ms": {"1": [], "32": []}}
+    # Timing on engines with the default step budget: under the 64-token chunks above, 32 prompts of
+    # 256 take hundreds of steps to prefill while the first ones decode, and the timed contexts would drift.
+    del llms
+    timed = {f: LLM(model, kv_cache_dtype=f, max_num_seqs=32, enable_prefix_caching=False,
+                    kv_cache_memory_gb=args.kv_cache_memory_gb, compile="blocking") for f in formats} if args.rounds else {}
     for r in range(args.rounds):
         for f in rotated(formats, r):
             for batch in (1, 32):
-                result["formats"][f]["decode_ms"][str(batch)].append(decode_ms(llms[f].engine, batch, 256, 16))
+                result["formats"][f]["decode_ms"][str(batch)].append(decode_ms(timed[f].engine, batch, 256, 16))
     base = result["formats"]["auto"]
     for row in result["formats"].values():
         row["perplexity_vs_auto"] = row["perplexity"] / base["perplexity"] - 1
