@@ -555,7 +555,7 @@ def int8(r: Results) -> Slide:
     runs = [("135M: o_proj + gate_up", r.json("int8/bundled.json")),
             ("135M: all five kinds", r.json("int8/bundled-all-linears.json")),
             ("1.5B: o_proj + gate_up", r.json("int8/qwen2.5-coder-1.5b.json"))]
-    kv = r.json("kv/kv-cache-dtype-qwen2.5-coder-0.5b.json")
+    kv = r.json("kv/kv-int8-smoothed-qwen2.5-coder-0.5b.json")
     fig, ax = figure(6.4, 4.4)
     batches = sorted({b for _, d in runs for b in d["modes"]["int8 compute"]["decode_speedup"]}, key=int)
     w = 0.8 / len(runs)
@@ -584,19 +584,19 @@ def int8(r: Results) -> Slide:
         f"1.5B: {span(big, ('1', '8', '16', '32'))}, within the run's spread: its step's time is elsewhere "
         "(LM head, down_proj, attention). Off by default.",
         f"KV pool in int8 (0.5B): {a['bytes_per_token']:,} &rarr; {q['bytes_per_token']:,} bytes a token, "
-        f"<b>{q['capacity_vs_auto']:.1f}x</b> the sequences, perplexity +{100 * q['perplexity_vs_auto']:.1f}%, "
+        f"<b>{q['capacity_vs_auto']:.1f}x</b> the sequences, perplexity {100 * q['perplexity_vs_auto']:+.1f}%, "
         f"decode at 32 rows {a['decode_ms_32_median']:.1f} vs {q['decode_ms_32_median']:.1f} ms.",
     ])
     notes = ("Int8 compute pays only where a step is compute-bound and the int8 kinds dominate it: the small model's "
-             f"batched steps. Int8 KV doubles capacity for +{100 * q['perplexity_vs_auto']:.1f}% perplexity, but "
+             f"batched steps. Int8 KV doubles capacity for {100 * q['perplexity_vs_auto']:+.1f}% perplexity, but "
              f"only {q['greedy_identical']} of 16 greedy answers stay identical, so it is opt-in.")
     return Slide("Int8 compute and an int8 KV pool", body, notes, [
         _src(r, "int8/bundled*.json", "python -m tinyserve_lab.ablations.int8_compute (all-linears: every kind "
              "forced to int8, REPORT I8)"),
         _src(r, "int8/qwen2.5-coder-1.5b.json", "python -m tinyserve_lab.ablations.int8_compute --model "
              "qwen2.5-coder-1.5b --batches 1 8 16 32 --rounds 2"),
-        _src(r, "kv/kv-cache-dtype-qwen2.5-coder-0.5b.json",
-             "python -m tinyserve_lab.ablations.kv_cache_dtype --model qwen2.5-coder-0.5b")],
+        _src(r, "kv/kv-int8-smoothed-qwen2.5-coder-0.5b.json",
+             "python -m tinyserve_lab.ablations.kv_cache_dtype --model qwen2.5-coder-0.5b --formats auto int8 --rounds 5")],
         figure=png_uri(fig), figure_alt="int8 compute speedups by batch")
 
 
@@ -825,7 +825,7 @@ def dead_ends(r: Results) -> Slide:
     bi = r.jsonl("speed3/batch-invariance.jsonl")
     d = r.json("int8/qwen2.5-coder-1.5b.json")
     tp = r.json("tp/qwen1.5b.json")
-    kv = r.json("kv/kv-cache-dtype-qwen2.5-coder-0.5b.json")
+    kv = r.json("kv/kv-int8-smoothed-qwen2.5-coder-0.5b.json")
     default = next(x for x in bi if not x["config"])
     inv = next(x for x in bi if x["config"] == {"batch_invariant": True})
     i8 = d["modes"]["int8 compute"]
@@ -838,7 +838,7 @@ def dead_ends(r: Results) -> Slide:
         ("TP=2 on 2 cores", f"{tp['decode_step_ms']['tp2']['1']:.1f} vs {tp['decode_step_ms']['tp1 compiled']['1']:.1f}"
          " ms a step", "same cores, plus collectives"),
         ("int8 KV, greedy", f"{q['greedy_identical']} of 16 answers identical",
-         f"perplexity +{100 * q['perplexity_vs_auto']:.1f}%: opt-in only"),
+         f"perplexity {100 * q['perplexity_vs_auto']:+.1f}%: opt-in only"),
     ]
     head = "<table class='left'><thead><tr><th>tried</th><th>measured</th><th>why it stays off</th></tr></thead><tbody>"
     body = head + "".join(f"<tr><td>{a}</td><td>{b}</td><td>{c}</td></tr>" for a, b, c in rows) + "</tbody></table>"
@@ -865,15 +865,15 @@ def dead_ends(r: Results) -> Slide:
         _src(r, "int8/qwen2.5-coder-1.5b.json", "python -m tinyserve_lab.ablations.int8_compute --model "
              "qwen2.5-coder-1.5b --batches 1 8 16 32 --rounds 2"),
         _src(r, "tp/qwen1.5b.json", "python -m tinyserve_lab.ablations.tensor_parallel --model qwen2.5-coder-1.5b"),
-        _src(r, "kv/kv-cache-dtype-qwen2.5-coder-0.5b.json",
-             "python -m tinyserve_lab.ablations.kv_cache_dtype --model qwen2.5-coder-0.5b")],
+        _src(r, "kv/kv-int8-smoothed-qwen2.5-coder-0.5b.json",
+             "python -m tinyserve_lab.ablations.kv_cache_dtype --model qwen2.5-coder-0.5b --formats auto int8 --rounds 5")],
         figure=png_uri(fig), figure_alt="batch invariance cost", wide=True)
 
 
 # -- 20. next ----------------------------------------------------------------------------------------
 def next_steps(r: Results) -> Slide:
     fp = r.json("fp8/quality-*.json")
-    kv = r.json("kv/kv-cache-dtype-fp8-SmolLM2-135M-Instruct.json")["formats"]
+    kv = r.json("kv/kv-formats-smoothed-SmolLM2-135M-Instruct.json")["formats"]
     modes = {m["mode"]: m for m in fp["modes"]}
     f8, f32 = modes["fp8"], modes["fp32"]
     bars_data = [("FP8 weights", f8["ppl_delta_pct"]), ("int8 KV", 100 * kv["int8"]["perplexity_vs_auto"]),
@@ -899,7 +899,7 @@ def next_steps(r: Results) -> Slide:
              f"{kv['int8']['greedy_identical']}: both are opt-in. Invite the discussion on where the next gain is.")
     return Slide("What next: a GPU, more machines", body, notes, [
         _src(r, "fp8/quality-*.json", "tinyserve bench quality --modes fp32 fp8 (bundled model)"),
-        _src(r, "kv/kv-cache-dtype-fp8-SmolLM2-135M-Instruct.json",
+        _src(r, "kv/kv-formats-smoothed-SmolLM2-135M-Instruct.json",
              "python -m tinyserve_lab.ablations.kv_cache_dtype --formats auto int8 fp8_e4m3 --rounds 0")],
         figure=png_uri(fig), figure_alt="quality cost of FP8 and int8 formats")
 
