@@ -20,6 +20,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -89,6 +90,11 @@ def pressure(model: str | None, args: argparse.Namespace, batch_invariant: bool)
         runs[name] = run_batch(llm.engine, prompts, args.output_len)
         runs[name]["swap_blocks"] = llm.engine.tiers.stats.traffic["swap", "out"].blocks
         runs[name]["swap_seconds"] = sum(llm.engine.tiers.stats.traffic["swap", w].seconds for w in ("out", "in"))
+        # the scheduler's swap-or-recompute inputs, as measured in the run, and what they decided
+        per_block, per_token = llm.engine.tiers.swap_seconds_per_block(), llm.engine.scheduler.prefill_seconds_per_token
+        runs[name]["swap_ms_per_block"] = per_block and per_block * 1e3
+        runs[name]["prefill_ms_per_token"] = per_token and per_token * 1e3
+        runs[name]["swap_declined"] = llm.engine.tiers.stats.swap_declined
         del llm
     ref = runs["unpressured"]["outputs"]
     for r in runs.values():
@@ -144,13 +150,20 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--system-len", type=int, default=2048)
     ap.add_argument("--json", default=None, help="write the results here too")
+    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="which measurements (default: all)")
     args = ap.parse_args()
-    result = {"machine": machine_info(), "args": vars(args),
-              "pressure": pressure(args.model, args, batch_invariant=False),
-              "pressure_batch_invariant": pressure(args.model, args, batch_invariant=True),
-              "restart": restart(args.model, args),
-              "write_through_output_tok_s": write_through(args.model, args)}
+    result = {"machine": machine_info(), "args": vars(args)}
+    for part in args.parts:
+        result[part] = PARTS[part](args.model, args)
     report(result, args.json)
+
+
+PARTS: dict[str, Callable[[str | None, argparse.Namespace], Any]] = {
+    "pressure": lambda model, args: pressure(model, args, batch_invariant=False),
+    "pressure_batch_invariant": lambda model, args: pressure(model, args, batch_invariant=True),
+    "restart": restart,
+    "write_through_output_tok_s": write_through,
+}
 
 
 if __name__ == "__main__":
