@@ -106,10 +106,17 @@ class PeerSpec:
 
 
 def model_paths(args: argparse.Namespace) -> tuple[Path | None, Path]:
-    """(GGUF for llama.cpp or None, HF dir for the others)."""
+    """(GGUF for llama.cpp or None, HF dir for the others). `--gguf` may name an offline model
+    (`qwen2.5-coder-1.5b`, with or without `.gguf`): it is fetched into the cache and args.gguf set to it."""
     from tinyserve.models.gguf import export_gguf
     from tinyserve.models.loader import bundled_gguf_path
+    from tinyserve_lab.offline_models import OFFLINE_GGUFS, offline_gguf
 
+    if args.gguf and not Path(args.gguf).exists():
+        name = args.gguf.removesuffix(".gguf")
+        if name not in OFFLINE_GGUFS:
+            raise SystemExit(f"--gguf {args.gguf}: no such file, nor an offline model ({', '.join(OFFLINE_GGUFS)})")
+        args.gguf = str(offline_gguf(name))
     if args.hf_dir:
         return (Path(args.gguf) if args.gguf else None), Path(args.hf_dir)
     gguf = Path(args.gguf) if args.gguf else bundled_gguf_path()
