@@ -95,3 +95,10 @@ def test_peer_that_fails_to_start_is_reported(tmp_path: Path) -> None:
     assert o["status"] == "failed" and "exited with status 3" in o["message"], o
     assert "fake llama-server got:" in o["message"] and "-np 1 -cb -c 2048" in o["message"]  # sized for the first point
     assert "m.gguf native" in o["weights"] and out["rows"] == []
+
+
+def test_a_missing_gguf_is_a_clear_error(tmp_path: Path) -> None:
+    from tinyserve_lab.peers import model_paths
+
+    with pytest.raises(SystemExit, match="no such file .*qwen2.5-coder-1.5b"):
+        model_paths(peer_args("--gguf", str(tmp_path / "nope.gguf")))

@@ -57,6 +57,8 @@ ALL_PEERS = PEERS + INPROC_PEERS
 INSTALL_HINT = "scripts/install_peers.sh"
 
 
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # the bundled model's served name
+
 def usable_cpus() -> list[int]:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
 
@@ -65,7 +67,7 @@ def add_peers_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `tinyserve bench serve` flags (workload, load, report) plus which peers and how to run them.
     --base-url is ignored (each peer gets its own port); --model is the served model name."""
     add_serve_bench_args(parser)
-    parser.set_defaults(result_dir="results/peers", model="SmolLM2-135M-Instruct")
+    parser.set_defaults(result_dir="results/peers", model=DEFAULT_MODEL_NAME)
     g = parser.add_argument_group("peers")
     g.add_argument("--peers", nargs="+", choices=ALL_PEERS, default=list(ALL_PEERS),
                    help="which peers, in this order (ortgenai, openvino: in-process, offline)")
@@ -112,14 +114,13 @@ def model_paths(args: argparse.Namespace) -> tuple[Path | None, Path]:
     from tinyserve.models.loader import bundled_gguf_path
     from tinyserve_lab.offline_models import OFFLINE_GGUFS, offline_gguf
 
-    if args.gguf and not Path(args.gguf).exists():
-        name = args.gguf.removesuffix(".gguf")
-        if name not in OFFLINE_GGUFS:
-            raise SystemExit(f"--gguf {args.gguf}: no such file, nor an offline model ({', '.join(OFFLINE_GGUFS)})")
-        args.gguf = str(offline_gguf(name))
+    if args.gguf and not Path(args.gguf).exists() and args.gguf.removesuffix(".gguf") in OFFLINE_GGUFS:
+        args.gguf = str(offline_gguf(args.gguf.removesuffix(".gguf")))
     if args.hf_dir:
         return (Path(args.gguf) if args.gguf else None), Path(args.hf_dir)
     gguf = Path(args.gguf) if args.gguf else bundled_gguf_path()
+    if not gguf.is_file():
+        raise SystemExit(f"--gguf {gguf}: no such file (an offline model's name works too: {', '.join(OFFLINE_GGUFS)})")
     return gguf, export_gguf(gguf)
 
 
@@ -291,6 +292,10 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 def _run_peers(args: argparse.Namespace, tokenizer: Any, bench: Callable[..., dict[str, Any]]) -> dict[str, Any]:
     console = Console(width=max(Console().width, 150))  # the comparison table is wide; logs are not terminals
     gguf, hf_dir = model_paths(args)
+    if args.gguf and not args.hf_dir:  # another model than the bundled one: its own tokenizer and name
+        args.tokenizer = args.tokenizer or args.gguf
+        if args.model == DEFAULT_MODEL_NAME:
+            args.model = Path(args.gguf).stem
     if tokenizer is None:
         tokenizer = load_tokenizer(args.tokenizer or (str(hf_dir) if args.hf_dir else None))
     result_dir = Path(args.result_dir) if args.result_dir else None
