@@ -214,7 +214,7 @@ class Scheduler:
         """Swap unless recomputing measures cheaper: the copies' seconds per block (out and back in)
         against the prefill's seconds per token, both measured on this engine's own steps, for this
         sequence's blocks and tokens. Until both are measured, swap (on a CPU the copy is a memcpy, far
-        cheaper: REPORT T; over a GPU's PCIe link a short prefix can be cheaper to recompute)."""
+        cheaper: REPORT K2; over a GPU's PCIe link a short prefix can be cheaper to recompute)."""
         assert self.tiers is not None
         per_block = self.tiers.swap_seconds_per_block()
         if self.always_swap or per_block is None or self.prefill_seconds_per_token is None:

@@ -94,7 +94,7 @@ def k_smoothing(k_rms: torch.Tensor, queries_per_kv: int) -> torch.Tensor:
     unchanged. RoPE rotates channel i with channel i + D/2 by an angle that moves with the position, so
     after it both carry their pair's magnitude: s is the pair's, the same for both (which also makes it
     commute with RoPE). Normalized to a geometric mean of 1 per head (only ratios matter to a row's grid);
-    a dead channel is held at 1e-3 of its head's largest, so 1 / s stays finite."""
+    a dead channel is held at 1e-3 of the layer's largest, so 1 / s stays finite."""
     a, b = k_rms.float().chunk(2, -1)
     pair = (a * a + b * b).sqrt()
     s = torch.cat([pair, pair], -1)
