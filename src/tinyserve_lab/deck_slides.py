@@ -596,7 +596,8 @@ def int8(r: Results) -> Slide:
         _src(r, "int8/qwen2.5-coder-1.5b.json", "python -m tinyserve_lab.ablations.int8_compute --model "
              "qwen2.5-coder-1.5b --batches 1 8 16 32 --rounds 2"),
         _src(r, "kv/kv-int8-smoothed-qwen2.5-coder-0.5b.json",
-             "python -m tinyserve_lab.ablations.kv_cache_dtype --model qwen2.5-coder-0.5b --formats auto int8 --rounds 5")],
+             "python -m tinyserve_lab.ablations.kv_cache_dtype --model qwen2.5-coder-0.5b "
+             "--formats auto int8 --rounds 5")],
         figure=png_uri(fig), figure_alt="int8 compute speedups by batch")
 
 
@@ -866,7 +867,8 @@ def dead_ends(r: Results) -> Slide:
              "qwen2.5-coder-1.5b --batches 1 8 16 32 --rounds 2"),
         _src(r, "tp/qwen1.5b.json", "python -m tinyserve_lab.ablations.tensor_parallel --model qwen2.5-coder-1.5b"),
         _src(r, "kv/kv-int8-smoothed-qwen2.5-coder-0.5b.json",
-             "python -m tinyserve_lab.ablations.kv_cache_dtype --model qwen2.5-coder-0.5b --formats auto int8 --rounds 5")],
+             "python -m tinyserve_lab.ablations.kv_cache_dtype --model qwen2.5-coder-0.5b "
+             "--formats auto int8 --rounds 5")],
         figure=png_uri(fig), figure_alt="batch invariance cost", wide=True)
 
 

@@ -132,7 +132,8 @@ def main() -> None:
     # 256 take hundreds of steps to prefill while the first ones decode, and the timed contexts would drift.
     del llms
     timed = {f: LLM(model, kv_cache_dtype=f, max_num_seqs=32, enable_prefix_caching=False,
-                    kv_cache_memory_gb=args.kv_cache_memory_gb, compile="blocking") for f in formats} if args.rounds else {}
+                    kv_cache_memory_gb=args.kv_cache_memory_gb, compile="blocking")
+             for f in (formats if args.rounds else [])}
     for r in range(args.rounds):
         for f in rotated(formats, r):
             for batch in (1, 32):
