@@ -61,7 +61,7 @@ def serve_model(config: EngineConfig, src: ModelSource, mc: ModelConfig, quantiz
     resolved = served_quantization(config, quantization, src.stored_form)
     attention = select_backend(config.attention_backend, device, config.kv_cache_dtype)
     model = load_model(src, mc, max_len, dtype, device, resolved, config.quant_group_size, attention, tp)
-    if config.kv_cache_dtype == "int8":  # K stored smoothed (kv/quant.py): factors from the weights, milliseconds
+    if config.kv_cache_dtype == "int8":  # K stored smoothed (kv/quant.py): factors from the weights, 25-105 ms
         model.smooth_k_channels()
     # The packed/dense crossover depends on the machine, the model and the mode: measured once, cached.
     machine = f"{cpu_model()}|{config.device}|{config.num_threads} threads|torch {torch.__version__}"
