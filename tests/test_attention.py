@@ -90,6 +90,45 @@ def test_pure_decode_step_matches():
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pool", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("h,h_kv,d", [(9, 3, 64), (12, 2, 128)])
+def test_paged_kernel_one_sequence_or_many(pool, h, h_kv, d, restore_torch_threads):
+    """The paged kernel on many sequences (its work split by sequence) equals a float reference, and
+    gives each sequence the very bits it gets alone (split by KV head): what --batch-invariant needs.
+    Lengths straddle its 16-token chunks; blocks are scattered."""
+    from tinyserve.attention.paged import load_native
+    from tinyserve.kv.quant import dequantize, quantize
+
+    load_native()
+    torch.set_num_threads(2)
+    g = torch.Generator().manual_seed(3)
+    lens = [1, 15, 16, 17, 33, 47, 64, 70, 5, 100, 31, 2]  # 12 >= 4 per thread: one sequence per item
+    bs, width = 16, 7
+    k = torch.randn(len(lens) * width + 1, bs, h_kv, d, generator=g)
+    v = torch.randn(len(lens) * width + 1, bs, h_kv, d, generator=g)
+    if pool == "int8":
+        k_cache, v_cache, qdtype = quantize(k * 3), quantize(v), torch.bfloat16
+        kf, vf = dequantize(k_cache, torch.float32), dequantize(v_cache, torch.float32)
+    else:
+        qdtype = getattr(torch, pool)
+        k_cache, v_cache = (k * 3).to(qdtype), v.to(qdtype)
+        kf, vf = k_cache.float(), v_cache.float()
+    q = torch.randn(len(lens), h, d, generator=g).to(qdtype)
+    tables = torch.randperm(len(lens) * width, generator=g).add(1).view(len(lens), width).to(torch.int32)
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    scale = d**-0.5
+    out = torch.ops.tinyserve.paged_decode(q, k_cache, v_cache, tables, lens_t, scale)
+    tol = 1e-5 if pool == "float32" else 1e-2
+    for s, n in enumerate(lens):
+        ks = kf[tables[s].long()].reshape(-1, h_kv, d)[:n].repeat_interleave(h // h_kv, 1)
+        vs = vf[tables[s].long()].reshape(-1, h_kv, d)[:n].repeat_interleave(h // h_kv, 1)
+        p = (torch.einsum("hd,thd->ht", q[s].float(), ks) * scale).softmax(-1)
+        torch.testing.assert_close(out[s].float(), torch.einsum("ht,thd->hd", p, vs), rtol=tol, atol=tol)
+        alone = torch.ops.tinyserve.paged_decode(q[s : s + 1], k_cache, v_cache, tables[s : s + 1],
+                                                 lens_t[s : s + 1], scale)
+        assert torch.equal(alone[0], out[s]), f"sequence {s} alone differs from among others"
+
+
 def test_select_backend_errors():
     with pytest.raises(ValueError, match="attention_backend must be one of"):
         select_backend("flash", "cpu")

@@ -7,6 +7,12 @@
 // scores fit in a per-thread buffer, and this order streams K, then V, front to back.
 // Accumulation is fp32 whatever the cache dtype (fp32, bf16, or the int8 pool of codes and scales). Parallel over items with
 // at::parallel_for, so it follows torch.set_num_threads like every other op of the step.
+//
+// With AVX-512 and head_dim 64 or 128 (every model we serve) a vector kernel does the same sums in a
+// different order: each K or V row is widened to fp32 once for all G query heads (not once per head),
+// a score is a vector of partial products summed across lanes 16 tokens at a time (one shuffle tree,
+// not one horizontal sum per token and head), the softmax's exp is a vector polynomial, and the V sums
+// stay in registers. The portable loop below is the reference it is tested against.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -15,6 +21,11 @@
 #include <cmath>
 #include <cstring>
 #include <vector>
+
+#if defined(__AVX512F__) && !defined(TINYSERVE_PORTABLE)
+#define TINYSERVE_PAGED_AVX512 1
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -104,6 +115,219 @@ void decode_kernel(const T* q, const C* k_cache, const C* v_cache, const int32_t
   });
 }
 
+#if defined(TINYSERVE_PAGED_AVX512)
+// 16 cache values widened to fp32.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const double*) { return _mm512_setzero_ps(); }  // instantiated by the dispatch, never called
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// A pool row widened to kD / 16 fp32 vectors, and where its element d lands among them. bf16 rows
+// widen their even and odd elements apart (a shift and a mask per 32 values, no shuffle: the shuffle
+// port is what the rest of the kernel is short of); the query is laid out the same way, so the dot
+// products are unchanged, and the V sums are put back in order once per item.
+template <typename C>
+struct Widen {
+  static int64_t at(int64_t d) { return d; }
+  template <int kV>
+  static void load(const C* r, __m512* v) {
+    for (int j = 0; j < kV; ++j) v[j] = load16(r + 16 * j);
+  }
+};
+template <>
+struct Widen<c10::BFloat16> {
+  static int64_t at(int64_t d) { return d / 32 * 32 + d % 2 * 16 + d % 32 / 2; }
+  template <int kV>
+  static void load(const c10::BFloat16* r, __m512* v) {
+    for (int j = 0; j < kV / 2; ++j) {
+      const __m512i x = _mm512_loadu_si512(r + 32 * j);  // little-endian: element 2i is dword i's low half
+      v[2 * j] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+      v[2 * j + 1] = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(int32_t(0xFFFF0000u))));
+    }
+  }
+};
+
+// v[i] holds 16 partial sums of token i's score; returns the 16 scores (lane i = sum of v[i]'s lanes),
+// by a tree of in-lane then cross-lane shuffles: 45 instructions for 16 tokens.
+inline __m512 sum_lanes16(__m512* v) {
+  for (int i = 0; i < 8; ++i)  // lane k of 128 bits: [v2i 0+1, v2i 2+3, v2i+1 0+1, v2i+1 2+3]
+    v[i] = _mm512_add_ps(_mm512_shuffle_ps(v[2 * i], v[2 * i + 1], 0x88),
+                         _mm512_shuffle_ps(v[2 * i], v[2 * i + 1], 0xDD));
+  for (int i = 0; i < 4; ++i)  // lane k: tokens 4i..4i+3, each summed over lane k's four values
+    v[i] = _mm512_add_ps(_mm512_shuffle_ps(v[2 * i], v[2 * i + 1], 0x88),
+                         _mm512_shuffle_ps(v[2 * i], v[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)  // then across the four 128-bit lanes, twice
+    v[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x88), _mm512_shuffle_f32x4(v[0], v[1], 0xDD));
+}
+
+// exp(x) for x <= 0 (scores minus their max): 2^n * p(r), r in [-ln2/2, ln2/2], degree-6 polynomial
+// (relative error ~2e-7); below -87 it flushes to 0, as the softmax wants.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  const __m512 rr = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// One sequence's KV heads [h0, h1) (all of them when there are enough sequences to share out, one
+// at a time otherwise). The tokens go by in chunks of 16, and each chunk serves every head in the
+// range before the next: a token's rows for these heads are adjacent in the pool, so a chunk is one
+// contiguous run of a block that is read from memory once, fetched two chunks ahead (blocks are
+// scattered through the pool, a few KB each, and the hardware prefetcher loses the stream at each).
+template <typename C, bool kScaled, int kD>
+void decode_heads_avx512(const float* qf, const C* k_cache, const C* v_cache, const int32_t* table, int64_t n,
+                         int64_t G, int64_t h0, int64_t h1, int64_t row_stride, int64_t block_stride,
+                         int64_t block_size, float* scores, float* out) {
+  using R = Rows<C, kScaled>;
+  constexpr int kV = kD / 16;               // vectors per row
+  constexpr int kHeads = kD == 64 ? 4 : 2;  // query heads whose sums fit in 16 registers
+  constexpr int64_t kAhead = 32;
+  const int64_t W = kD + R::kExtra, n16 = (n + 15) / 16 * 16, span = (h1 - h0) * W * int64_t(sizeof(C));
+  auto row = [&](const C* cache, int64_t t, int64_t h) {
+    return cache + table[t / block_size] * block_stride + (t % block_size) * row_stride + h * W;
+  };
+  auto prefetch = [&](const C* cache, int64_t t0) {
+    for (int64_t t = std::max<int64_t>(t0, 0); t < std::min(t0 + 16, n); ++t) {
+      const char* r = reinterpret_cast<const char*>(row(cache, t, h0));
+      for (int64_t b = 0; b < span; b += 64) _mm_prefetch(r + b, _MM_HINT_T0);
+      _mm_prefetch(r + span - 1, _MM_HINT_T0);
+    }
+  };
+  for (int64_t t0 = 0; t0 < kAhead; t0 += 16) prefetch(k_cache, t0);
+  // Pass 1: scores[h][g][t] = (q_hg . k_ht) * the row's scale, summed across lanes 16 tokens at a time.
+  for (int64_t t0 = 0; t0 < n16; t0 += 16) {
+    prefetch(k_cache, t0 + kAhead);
+    prefetch(v_cache, t0 + kAhead - n16);  // pass 2's first chunks, during pass 1's last
+    for (int64_t h = h0; h < h1; ++h) {
+      for (int64_t g0 = 0; g0 < G; g0 += kHeads) {
+        const int64_t gn = std::min<int64_t>(kHeads, G - g0), qh = (h - h0) * G + g0;
+        __m512 q[kHeads][kV];
+        for (int g = 0; g < kHeads; ++g)
+          for (int j = 0; j < kV; ++j)
+            q[g][j] = g < gn ? _mm512_loadu_ps(qf + (qh + g) * kD + 16 * j) : _mm512_setzero_ps();
+        __m512 part[kHeads][16];
+        alignas(64) float ks[16];
+        for (int i = 0; i < 16; ++i) {
+          if (t0 + i >= n) {
+            for (int g = 0; g < kHeads; ++g) part[g][i] = _mm512_setzero_ps();
+            ks[i] = 0.f;
+            continue;
+          }
+          const C* k = row(k_cache, t0 + i, h);
+          ks[i] = R::scale(k, kD);
+          __m512 kv[kV];
+          Widen<C>::template load<kV>(k, kv);
+          for (int g = 0; g < kHeads; ++g) {
+            __m512 a = _mm512_mul_ps(q[g][0], kv[0]);
+            for (int j = 1; j < kV; ++j) a = _mm512_fmadd_ps(q[g][j], kv[j], a);
+            part[g][i] = a;
+          }
+        }
+        const __m512 scale16 = _mm512_load_ps(ks);
+        for (int g = 0; g < gn; ++g)
+          _mm512_storeu_ps(scores + (qh + g) * n16 + t0, _mm512_mul_ps(sum_lanes16(part[g]), scale16));
+      }
+    }
+  }
+  // Softmax over t, per query head (the padding past n is left out of the max and the sum).
+  for (int64_t r = 0; r < (h1 - h0) * G; ++r) {
+    float* sg = scores + r * n16;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < n16; t += 16) {
+      const __mmask16 m = n - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - t)) - 1);
+      mx = _mm512_mask_max_ps(mx, m, mx, _mm512_loadu_ps(sg + t));
+    }
+    const __m512 mxv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n16; t += 16) {
+      const __mmask16 m = n - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - t)) - 1);
+      const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_loadu_ps(sg + t), mxv)));
+      _mm512_storeu_ps(sg + t, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+    for (int64_t t = 0; t < n16; t += 16) _mm512_storeu_ps(sg + t, _mm512_mul_ps(_mm512_loadu_ps(sg + t), inv));
+  }
+  // Pass 2: out_hg = sum_t p[h][g][t] * scale_t * v_ht; the sums stay in registers through a chunk.
+  std::fill(out, out + (h1 - h0) * G * kD, 0.f);
+  for (int64_t t0 = 0; t0 < n; t0 += 16) {
+    prefetch(v_cache, t0 + kAhead);
+    const int64_t tn = std::min<int64_t>(16, n - t0);
+    for (int64_t h = h0; h < h1; ++h) {
+      for (int64_t g0 = 0; g0 < G; g0 += kHeads) {
+        const int64_t gn = std::min<int64_t>(kHeads, G - g0), qh = (h - h0) * G + g0;
+        __m512 acc[kHeads][kV];
+        for (int g = 0; g < kHeads; ++g)
+          for (int j = 0; j < kV; ++j)
+            acc[g][j] = g < gn ? _mm512_loadu_ps(out + (qh + g) * kD + 16 * j) : _mm512_setzero_ps();
+        for (int64_t i = 0; i < tn; ++i) {
+          const C* v = row(v_cache, t0 + i, h);
+          const float vs = R::scale(v, kD);
+          __m512 vv[kV];
+          Widen<C>::template load<kV>(v, vv);
+          for (int g = 0; g < kHeads; ++g) {
+            if (g >= gn) break;
+            const __m512 p = _mm512_set1_ps(scores[(qh + g) * n16 + t0 + i] * vs);
+            for (int j = 0; j < kV; ++j) acc[g][j] = _mm512_fmadd_ps(p, vv[j], acc[g][j]);
+          }
+        }
+        for (int g = 0; g < gn; ++g)
+          for (int j = 0; j < kV; ++j) _mm512_storeu_ps(out + (qh + g) * kD + 16 * j, acc[g][j]);
+      }
+    }
+  }
+}
+
+// The vector kernel's work items: a sequence each when there are enough of them for every thread to
+// get a few (whole blocks read, in order), else (sequence, KV head) pairs (batch 1 uses every thread).
+template <typename T, typename C, bool kScaled, int kD>
+void decode_avx512(const T* q, const C* k_cache, const C* v_cache, const int32_t* tables, const int32_t* lens,
+                   T* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                   int64_t block_size, int64_t table_width, float scale) {
+  const int64_t G = num_heads / num_kv_heads, W = kD + Rows<C, kScaled>::kExtra;
+  const int64_t row_stride = num_kv_heads * W, block_stride = block_size * row_stride;
+  const int64_t per_item = num_seqs >= 4 * at::get_num_threads() ? num_kv_heads : 1;
+  const int64_t items_per_seq = num_kv_heads / per_item;
+  at::parallel_for(0, num_seqs * items_per_seq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(per_item * G * kD), res(per_item * G * kD), scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t s = item / items_per_seq, h0 = item % items_per_seq * per_item, n = lens[s];
+      const T* qs = q + (s * num_heads + h0 * G) * kD;  // the query heads of KV heads [h0, h0 + per_item)
+      for (int64_t i = 0; i < per_item * G * kD; ++i) qf[i / kD * kD + Widen<C>::at(i % kD)] = to_float(qs[i]) * scale;
+      scores.resize(per_item * G * ((n + 15) / 16 * 16));
+      decode_heads_avx512<C, kScaled, kD>(qf.data(), k_cache, v_cache, tables + s * table_width, n, G, h0,
+                                          h0 + per_item, row_stride, block_stride, block_size, scores.data(),
+                                          res.data());
+      T* os = out + (s * num_heads + h0 * G) * kD;
+      for (int64_t i = 0; i < per_item * G * kD; ++i) os[i] = static_cast<T>(res[i / kD * kD + Widen<C>::at(i % kD)]);
+    }
+  });
+}
+#endif
+
+// head_dim 64 and 128 on the vector kernel where there is one (the dispatch below names scalar_t).
+#if defined(TINYSERVE_PAGED_AVX512)
+#define TINYSERVE_KERNEL(C, S, D) decode_avx512<scalar_t, C, S, D>
+#else
+#define TINYSERVE_KERNEL(C, S, D) decode_kernel<scalar_t, C, S, D>
+#endif
+
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q [B, H, D], caches [blocks, block_size, kv_heads, D]");
@@ -131,18 +355,20 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
     };
     if (q8) {
       const int8_t *k = k_cache.data_ptr<int8_t>(), *v = v_cache.data_ptr<int8_t>();
-      if (D == 64) run(decode_kernel<scalar_t, int8_t, true, 64>, k, v);
-      else if (D == 128) run(decode_kernel<scalar_t, int8_t, true, 128>, k, v);
+      if (D == 64) run(TINYSERVE_KERNEL(int8_t, true, 64), k, v);
+      else if (D == 128) run(TINYSERVE_KERNEL(int8_t, true, 128), k, v);
       else run(decode_kernel<scalar_t, int8_t, true, 0>, k, v);
     } else {
       const scalar_t *k = k_cache.data_ptr<scalar_t>(), *v = v_cache.data_ptr<scalar_t>();
-      if (D == 64) run(decode_kernel<scalar_t, scalar_t, false, 64>, k, v);
-      else if (D == 128) run(decode_kernel<scalar_t, scalar_t, false, 128>, k, v);
+      if (D == 64) run(TINYSERVE_KERNEL(scalar_t, false, 64), k, v);
+      else if (D == 128) run(TINYSERVE_KERNEL(scalar_t, false, 128), k, v);
       else run(decode_kernel<scalar_t, scalar_t, false, 0>, k, v);
     }
   });
   return out;
 }
+
+#undef TINYSERVE_KERNEL
 
 }  // namespace
 
