@@ -1,29 +1,51 @@
-"""Time the paged decode kernel alone against the sdpa back end's gather + SDPA, per call (one layer).
+"""Time the paged decode kernel against the sdpa back end's gather + SDPA, per call (one layer).
 
     .venv/bin/python -m tinyserve_lab.ablations.paged_decode [--threads 1] [--batch 32] [--context 300]
-Shapes of the bundled model (9 query heads, 3 KV heads, head_dim 64, 16-token blocks), fp32 and bf16.
+    .venv/bin/python -m tinyserve_lab.ablations.paged_decode --layers 30 --shape 12 2 128 [--source OLD.cpp]
+
+With `--layers 1` (the default) one layer's pool is read call after call, hot in the caches, and both
+back ends are timed in fp32 and bf16. With `--layers N` each call reads the next of N layers' pools,
+blocks shuffled through each pool as a served engine leaves them: what a decode step sees, its K/V
+coming from memory (N x the context's bytes must exceed the last-level cache). `--source` times
+another version of the kernel's C++ (e.g. `git show REV:src/tinyserve/attention/csrc/paged_decode.cpp`)
+in this process instead of the tree's: run it and the tree's one after the other for an A/B.
+`--shape` is query heads, KV heads, head_dim (default: the bundled model's 9 3 64).
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from tinyserve.attention import select_backend
+from tinyserve.attention import paged, select_backend
 from tinyserve.attention.base import AttentionBackend, BatchLayout, DecodeMeta, SeqSpan
 
+BLOCK = 16  # the engine's default block size
 
-def per_call_ms(backend: AttentionBackend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: DecodeMeta,
-                reps: int = 20) -> float:
-    """ms per `decode` call, best-effort warm (3 calls first), mean of `reps`."""
-    for _ in range(3):
-        backend.decode(q, k, v, meta, q.shape[-1] ** -0.5)
-    t = time.perf_counter()
-    for _ in range(reps):
-        backend.decode(q, k, v, meta, q.shape[-1] ** -0.5)
-    return (time.perf_counter() - t) / reps * 1e3
+
+def per_call_ms_of(fn: Callable[[torch.Tensor, torch.Tensor], object],
+                   pools: list[tuple[torch.Tensor, torch.Tensor]], reps: int) -> float:
+    """ms per call of `fn` on one layer's (K, V), each call on the next layer's; median over `reps`
+    passes over all of them, after two to warm up."""
+    times = []
+    for rep in range(reps + 2):
+        t = time.perf_counter()
+        for k, v in pools:
+            fn(k, v)
+        if rep >= 2:
+            times.append((time.perf_counter() - t) / len(pools))
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def per_call_ms(backend: AttentionBackend, q: torch.Tensor, pools: list[tuple[torch.Tensor, torch.Tensor]],
+                meta: DecodeMeta, reps: int) -> float:
+    scale = q.shape[-1] ** -0.5
+    return per_call_ms_of(lambda k, v: backend.decode(q, k, v, meta, scale), pools, reps)
 
 
 def main() -> None:
@@ -31,25 +53,41 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--context", type=int, default=300)
+    p.add_argument("--layers", type=int, default=1, help="pools read in turn (1: hot in cache)")
+    p.add_argument("--shape", type=int, nargs=3, default=[9, 3, 64], metavar=("HEADS", "KV_HEADS", "HEAD_DIM"))
+    p.add_argument("--source", type=Path, help="another version of attention/csrc/paged_decode.cpp to time")
+    p.add_argument("--reps", type=int, default=15)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    b, ctx, h, h_kv, d, bs = args.batch, args.context, 9, 3, 64, 16
-    nbk = -(-ctx // bs)
-    spans = [SeqSpan(i, 1, ctx - 1, list(range(i * nbk, (i + 1) * nbk))) for i in range(b)]
-    layout = BatchLayout(spans, [], torch.zeros(b, dtype=torch.long), bs, torch.device("cpu"))
-    for dtype in (torch.float32, torch.bfloat16):
-        k = torch.randn(b * nbk, bs, h_kv, d, dtype=dtype)
-        v = torch.randn(b * nbk, bs, h_kv, d, dtype=dtype)
+    if args.source is not None:
+        paged.SOURCE = args.source.resolve()  # built and cached like the tree's, keyed by its text
+    b, ctx, (h, h_kv, d) = args.batch, args.context, args.shape
+    nbk = -(-ctx // BLOCK)
+    num_blocks = 2 * b * nbk  # half the pool in use, the rest free
+    blocks = list(range(num_blocks))
+    random.Random(0).shuffle(blocks)
+    spans = [SeqSpan(i, 1, ctx - 1, blocks[i * nbk:(i + 1) * nbk]) for i in range(b)]
+    layout = BatchLayout(spans, [], torch.zeros(b, dtype=torch.long), BLOCK, torch.device("cpu"))
+    names = ("sdpa", "paged") if args.layers == 1 else ("paged",)
+    dtypes = (torch.float32, torch.bfloat16) if args.layers == 1 else (torch.bfloat16,)
+    for dtype in dtypes:
+        pools = [(torch.randn(num_blocks, BLOCK, h_kv, d, dtype=dtype), torch.randn(num_blocks, BLOCK, h_kv, d,
+                                                                                    dtype=dtype))
+                 for _ in range(args.layers)]
         q = torch.randn(b, h, d, dtype=dtype)
         row = {}
-        for name in ("sdpa", "paged"):
+        for name in names:
             backend = select_backend(name, "cpu")
             meta = backend.build(layout).decode
             assert meta is not None  # every span is a decode
-            row[name] = per_call_ms(backend, q, k, v, meta)
+            row[name] = per_call_ms(backend, q, pools, meta, args.reps)
+        if args.layers > 1:  # the memory floor: a sum streaming as many bytes, contiguous, from each layer
+            row["stream"] = per_call_ms_of(lambda k, v: (k[:b * nbk].sum(), v[:b * nbk].sum()), pools, args.reps)
         rows = b * ctx * h_kv
-        print(f"{str(dtype):>15}  sdpa {row['sdpa']:.3f} ms  paged {row['paged']:.3f} ms  "
-              f"({row['paged'] * 1e6 / rows:.1f} ns per K/V row)")
+        gbs = 2 * rows * d * dtype.itemsize / row["paged"] / 1e6
+        times = "  ".join(f"{n} {ms:.3f} ms" for n, ms in row.items())
+        print(f"{str(dtype):>15}  {times}  ({row['paged'] * 1e6 / rows:.1f} ns per K/V row, {gbs:.1f} GB/s of K/V)"
+              f"  [{args.source or 'tree'}, {args.layers} layer(s), batch {b}, context {ctx}, shape {h}/{h_kv}/{d}]")
 
 
 if __name__ == "__main__":
