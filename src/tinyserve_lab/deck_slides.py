@@ -901,9 +901,9 @@ def next_steps(r: Results) -> Slide:
     modes = {m["mode"]: m for m in fp["modes"]}
     f8, f32 = modes["fp8"], modes["fp32"]
     served = {}  # the rewrite's served A/B: tok/s per run kind, the range over its rounds
-    for kind in ("before", "after", "vllm"):
+    for kind, runs in (("before", "before[0-9]"), ("after", "after[0-9]"), ("vllm", "vllm")):  # not after-int8kv
         tps = [r.json(f)["metrics"]["output_throughput"]
-               for f in r.find_all(f"attention/serve-bundled/{kind}*/*-conc32-*.json")]
+               for f in r.find_all(f"attention/serve-bundled/{runs}/*-conc32-*.json")]
         served[kind] = "-".join(f"{t:.0f}" for t in sorted({min(tps), max(tps)}))
     bars_data = [("FP8 weights", f8["ppl_delta_pct"]), ("int8 KV", 100 * kv["int8"]["perplexity_vs_auto"]),
                  ("FP8 KV", 100 * kv["fp8_e4m3"]["perplexity_vs_auto"])]
