@@ -9,10 +9,13 @@
 // at::parallel_for, so it follows torch.set_num_threads like every other op of the step.
 //
 // With AVX-512 and head_dim 64 or 128 (every model we serve) a vector kernel does the same sums in a
-// different order: each K or V row is widened to fp32 once for all G query heads (not once per head),
-// a score is a vector of partial products summed across lanes 16 tokens at a time (one shuffle tree,
-// not one horizontal sum per token and head), the softmax's exp is a vector polynomial, and the V sums
-// stay in registers. The portable loop below is the reference it is tested against.
+// different order, for K/V that come from memory rather than cache (docs/REPORT.md, section PA): a
+// work item is a whole sequence when there are enough of them (its chunks of 16 tokens are contiguous
+// runs of a block, read ahead), each K or V row is widened to fp32 once for all G query heads, a score
+// is a vector of partial products summed across lanes 16 tokens at a time (one shuffle tree, not one
+// horizontal sum per token and head), the softmax's exp is a vector polynomial, and the V sums stay in
+// registers. A sequence's result does not depend on how the items are split (tested). The portable
+// loop below serves other head sizes and CPUs without AVX-512.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -116,13 +119,9 @@ void decode_kernel(const T* q, const C* k_cache, const C* v_cache, const int32_t
 }
 
 #if defined(TINYSERVE_PAGED_AVX512)
-// 16 cache values widened to fp32.
+// 16 cache values widened to fp32 (bf16 rows: Widen below).
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const double*) { return _mm512_setzero_ps(); }  // instantiated by the dispatch, never called
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 inline __m512 load16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
