@@ -184,6 +184,13 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// The first `gn` of kHeads query heads' rows of kV vectors from `p` into registers, zeros after them.
+template <int kHeads, int kV>
+inline void load_heads(const float* p, int64_t gn, __m512 (&r)[kHeads][kV]) {
+  for (int g = 0; g < kHeads; ++g)
+    for (int j = 0; j < kV; ++j) r[g][j] = g < gn ? _mm512_loadu_ps(p + (g * kV + j) * 16) : _mm512_setzero_ps();
+}
+
 // One sequence's KV heads [h0, h1) (all of them when there are enough sequences to share out, one
 // at a time otherwise). The tokens go by in chunks of 16, and each chunk serves every head in the
 // range before the next: a token's rows for these heads are adjacent in the pool, so a chunk is one
@@ -217,9 +224,7 @@ void decode_heads_avx512(const float* qf, const C* k_cache, const C* v_cache, co
       for (int64_t g0 = 0; g0 < G; g0 += kHeads) {
         const int64_t gn = std::min<int64_t>(kHeads, G - g0), qh = (h - h0) * G + g0;
         __m512 q[kHeads][kV];
-        for (int g = 0; g < kHeads; ++g)
-          for (int j = 0; j < kV; ++j)
-            q[g][j] = g < gn ? _mm512_loadu_ps(qf + (qh + g) * kD + 16 * j) : _mm512_setzero_ps();
+        load_heads(qf + qh * kD, gn, q);
         __m512 part[kHeads][16];
         alignas(64) float ks[16];
         for (int i = 0; i < 16; ++i) {
@@ -272,9 +277,7 @@ void decode_heads_avx512(const float* qf, const C* k_cache, const C* v_cache, co
       for (int64_t g0 = 0; g0 < G; g0 += kHeads) {
         const int64_t gn = std::min<int64_t>(kHeads, G - g0), qh = (h - h0) * G + g0;
         __m512 acc[kHeads][kV];
-        for (int g = 0; g < kHeads; ++g)
-          for (int j = 0; j < kV; ++j)
-            acc[g][j] = g < gn ? _mm512_loadu_ps(out + (qh + g) * kD + 16 * j) : _mm512_setzero_ps();
+        load_heads(out + qh * kD, gn, acc);
         for (int64_t i = 0; i < tn; ++i) {
           const C* v = row(v_cache, t0 + i, h);
           const float vs = R::scale(v, kD);
