@@ -71,9 +71,8 @@ def main() -> None:
     names = ("sdpa", "paged") if args.layers == 1 else ("paged",)
     dtypes = (torch.float32, torch.bfloat16) if args.layers == 1 else (torch.bfloat16,)
     for dtype in dtypes:
-        pools = [(torch.randn(num_blocks, BLOCK, h_kv, d, dtype=dtype), torch.randn(num_blocks, BLOCK, h_kv, d,
-                                                                                    dtype=dtype))
-                 for _ in range(args.layers)]
+        shape = (num_blocks, BLOCK, h_kv, d)
+        pools = [(torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)) for _ in range(args.layers)]
         q = torch.randn(b, h, d, dtype=dtype)
         row = {}
         for name in names:
