@@ -29,9 +29,14 @@ log = logging.getLogger(__name__)
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math")
 
 
+# Headers our kernels share (tinyserve/csrc): part of every kernel's key, so a change to one rebuilds them.
+SHARED = Path(__file__).parent / "csrc"
+
+
 def build_dir(source: Path, cflags: tuple[str, ...] = CFLAGS) -> Path:
     """Where `source`'s shared object for this machine lives (the key names everything it depends on)."""
-    key = "|".join([source.read_text(), " ".join(cflags), cpu_model(), " ".join(sorted(cpu_flags())),
+    headers = [h.read_text() for h in sorted(SHARED.glob("*.h"))]
+    key = "|".join([source.read_text(), *headers, " ".join(cflags), cpu_model(), " ".join(sorted(cpu_flags())),
                     torch.__version__])
     return cache_dir() / "ext" / f"{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 

@@ -36,6 +36,7 @@ from tinyserve.kv.quant import INT8_LAYOUT
 from tinyserve.kv.tiers import KVTiers
 from tinyserve.layers import QUANTIZATION
 from tinyserve.layers import prefetch as prefetch_quantization
+from tinyserve.models import eager_ops
 from tinyserve.models.loader import ModelSource, model_config, resolve_model
 from tinyserve.outputs import RequestOutput
 from tinyserve.sampling import SamplingParams
@@ -82,6 +83,7 @@ class LLMEngine:
         assert config.num_threads is not None  # resolved in EngineConfig.__post_init__
         torch.set_num_threads(config.num_threads)
         prefetch_attention(config.attention_backend, config.device)  # its kernel builds while the model loads
+        eager_ops.prefetch(config.torch_dtype, config.device)  # so do the eager steps' norm and SwiGLU
         self.source = src = resolve_model(config.model)
         # the GGUF kernel builds while the tokenizer and the weights load (a cold machine: seconds, once)
         prefetch_quantization(served_quantization(config, config.quantization, src.stored_form), config.device)

@@ -25,6 +25,7 @@ from tinyserve.attention.base import AttentionBackend
 from tinyserve.config import ModelConfig
 from tinyserve.layers import QUANTIZATION
 from tinyserve.layers.formats import WeightSource, as_dense
+from tinyserve.models import eager_ops
 from tinyserve.models.gguf import export_gguf, gguf_source, gguf_weights, is_gguf_source
 from tinyserve.models.llama import SUPPORTED_ARCHS, LlamaForCausalLM, RotaryEmbedding
 from tinyserve.models.quantized import is_quantized_dir, quantized_weights
@@ -172,4 +173,5 @@ def load_model(src: ModelSource, cfg: ModelConfig, max_len: int, dtype: torch.dt
     # A bar on a terminal (a 1B model takes seconds to pack); nothing in a log file.
     model.load_weights(tqdm(weights, desc=f"loading {src.name}", unit=" tensors", leave=False, disable=None,
                             mininterval=1.0), dtype, device)
+    eager_ops.enable(dtype, device)  # decided before the first step, for the life of the process
     return model.eval().requires_grad_(False)

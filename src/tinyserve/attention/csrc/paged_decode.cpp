@@ -27,7 +27,7 @@
 
 #if defined(__AVX512F__) && !defined(TINYSERVE_PORTABLE)
 #define TINYSERVE_PAGED_AVX512 1
-#include <immintrin.h>
+#include "../../csrc/vec_math.h"
 #endif
 
 namespace {
@@ -166,24 +166,6 @@ inline __m512 sum_lanes16(__m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x88), _mm512_shuffle_f32x4(v[0], v[1], 0xDD));
 }
 
-// exp(x) for x <= 0 (scores minus their max): 2^n * p(r), r in [-ln2/2, ln2/2], degree-6 polynomial
-// (relative error ~2e-7); below -87 it flushes to 0, as the softmax wants.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  const __m512 rr = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
 // The first `gn` of kHeads query heads' rows of kV vectors from `p` into registers, zeros after them.
 template <int kHeads, int kV>
 inline void load_heads(const float* p, int64_t gn, __m512 (&r)[kHeads][kV]) {
@@ -261,7 +243,7 @@ void decode_heads_avx512(const float* qf, const C* k_cache, const C* v_cache, co
     __m512 sum = _mm512_setzero_ps();
     for (int64_t t = 0; t < n16; t += 16) {
       const __mmask16 m = n - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - t)) - 1);
-      const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_loadu_ps(sg + t), mxv)));
+      const __m512 e = _mm512_maskz_mov_ps(m, tinyserve::exp16(_mm512_sub_ps(_mm512_loadu_ps(sg + t), mxv)));
       _mm512_storeu_ps(sg + t, e);
       sum = _mm512_add_ps(sum, e);
     }
