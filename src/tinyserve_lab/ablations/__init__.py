@@ -7,7 +7,9 @@ follow the engine as it changes, or are dropped once their numbers stop matterin
 
 - `speed2`            Speed II, each change on and off (eager/compiled x sdpa/paged) [ablate_speed2]
 - `decode_attention`  the decode attention path's four versions, whole steps [ablate_decode_attention]
-- `paged_decode`      the paged decode kernel alone vs gather + SDPA, one layer per call [bench_paged_decode]
+- `paged_decode`      the paged decode kernel alone vs gather + SDPA, one layer per call, hot or from memory,
+                      or against another version of its source [bench_paged_decode]
+- `eager_ops`         a wave of prefills with the eager steps' native RMSNorm and SiLU * up on and off
 - `chunk_attention`   warm prefill over a cached prefix: chunk attention as GEMMs vs SDPA [ablate_chunk_attention]
 - `compiled_step`     the compiled decode step: eager, torch.compile (with and without guards), AOTInductor
 - `step_thread`       a decode step on the loading thread vs another one [probe_step_thread]
