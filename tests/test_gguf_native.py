@@ -113,6 +113,65 @@ def test_each_row_is_computed_alone(qtype):
         assert torch.equal(y[lo:hi], run(x[lo:hi], [t]))
 
 
+def run_tiles(x: torch.Tensor, shards: list[GGUFTensor]) -> torch.Tensor:
+    tiles = [torch.ops.tinyserve.gguf_repack(s.data, QTYPES[s.qtype]) for s in shards]
+    return torch.ops.tinyserve.gguf_linear(x, [s.data for s in shards], [QTYPES[s.qtype] for s in shards], tiles)
+
+
+needs_tiles = pytest.mark.skipif("not gguf_native.tiles_available()", reason="no AMX tiles on this CPU")
+
+
+@needs_tiles
+@pytest.mark.parametrize("rows", [1, 3, 8, 17, 35])
+def test_tiles_match_gguf_dequantization_within_its_bound(rows):
+    """Q4_K on AMX tiles: 48 output rows (three tile groups, uneven over threads), 1 to 35 activation rows
+    (a partial tile, a full one, more than one), fp32 activations: within the int16 path's bound, and
+    that path's result up to fp32 rounding (the same integer sums, scaled and summed in another order)."""
+    t = random_blocks("Q4_K", 48, 768, seed=rows)
+    x = torch.randn(rows, 768, generator=torch.Generator().manual_seed(rows))
+    w = reference(t)
+    y = run_tiles(x, [t])
+    ref = x.double() @ w.t()
+    bound = ERROR_BOUND * (group_amax(x, 256).double() @ w.abs().t()) + 1e-6 * (x.double().abs() @ w.abs().t())
+    err = (y.double() - ref).abs()
+    assert bool((err <= bound).all()), f"max error {err.max():.3g}, bound there {bound.flatten()[err.argmax()]:.3g}"
+    scale = x.double().abs() @ w.abs().t()  # fp32 rounding is relative to the terms' size, not the sum's
+    assert bool(((y.double() - run(x, [t]).double()).abs() <= 1e-6 * scale).all())
+
+
+@needs_tiles
+def test_tiles_in_a_fused_linear_and_where_they_cannot_go():
+    """A fused q/k/v of Q4_K, Q6_K and Q4_K shards: the first on tiles, the Q6_K and the Q4_K starting
+    off a 16-row boundary on the int16 path; each column block is its shard's own product. A Q4_K whose
+    rows are not in 16s has no tile form."""
+    shards = [random_blocks("Q4_K", 32, 256, 1), random_blocks("Q6_K", 8, 256, 2), random_blocks("Q4_K", 16, 256, 3)]
+    tiles = [torch.ops.tinyserve.gguf_repack(s.data, QTYPES[s.qtype]) for s in shards]
+    assert [t.numel() > 0 for t in tiles] == [True, False, True]
+    x = torch.randn(6, 256).bfloat16()
+    y = run_tiles(x, shards)
+    assert torch.equal(y[:, :32], run_tiles(x, shards[:1]))
+    assert torch.equal(y[:, 32:], torch.cat([run(x, [s]) for s in shards[1:]], dim=1))
+    assert torch.ops.tinyserve.gguf_repack(random_blocks("Q4_K", 8, 256).data, QTYPES["Q4_K"]).numel() == 0
+
+
+@needs_tiles
+def test_weights_use_tiles_for_several_rows_except_in_the_invariant_mode():
+    """The default mode multiplies steps of TILE_MIN_ROWS rows or more on tiles (a result within fp32
+    rounding of the int16 path's), fewer on the int16 path (bit for bit); `gguf-native`, whose rows must
+    never depend on the batch, keeps no tile form."""
+    cpu = torch.device("cpu")
+    t = random_blocks("Q4_K", 32, 512)
+    w = GGUFMethod(keep_dense=False).pack([t], torch.bfloat16, cpu)
+    assert isinstance(w, GGUFWeight) and w.kind.endswith("+tiles")
+    x = torch.randn(gguf_native.TILE_MIN_ROWS, 512).bfloat16()
+    assert torch.equal(w(x[:1]), run(x[:1], [t]))
+    assert torch.equal(w(x), run_tiles(x, [t]))
+    assert w.bytes_read(1) == t.data.nbytes and w.bytes_read(len(x)) == w.tiles0.nbytes
+    native = GGUFMethod(kernel="native", keep_dense=False).pack([t], torch.bfloat16, cpu)
+    assert isinstance(native, GGUFWeight) and not native.tile_names
+    assert torch.equal(native(x), run(x, [t]))
+
+
 def test_bad_input_is_a_clear_error():
     t = random_blocks("Q4_K", 8, 256)
     with pytest.raises(RuntimeError, match="unsupported GGML type"):
@@ -130,7 +189,8 @@ def test_method_serves_each_type_on_its_kernel():
     large steps is the file's weights."""
     native = GGUFMethod().pack([random_blocks("Q4_K", 16, 256), random_blocks("Q6_K", 8, 256)], torch.bfloat16,
                                torch.device("cpu"))
-    assert isinstance(native, GGUFWeight) and native.kind == "gguf-Q4_K+Q6_K"
+    tiles = "+tiles" if gguf_native.tiles_available() else ""
+    assert isinstance(native, GGUFWeight) and native.kind == "gguf-Q4_K+Q6_K" + tiles
     assert native.dense is not None and native.dense.dtype == torch.bfloat16
     ref = torch.cat([reference(random_blocks("Q4_K", 16, 256)), reference(random_blocks("Q6_K", 8, 256))])
     assert torch.equal(native.dense, ref.bfloat16())

@@ -1,5 +1,6 @@
 """Every weight matrix of a GGUF's decode step (all layers and the output layer), per block type, on
-three kernels: ours (layers/csrc/gguf_linear.cpp), PyTorch's int4 kernel where the type maps onto it
+three kernels: ours (layers/csrc/gguf_linear.cpp; where the CPU has AMX also `ours-tiles`, its Q4_K
+weights on AMX tiles at every row count), PyTorch's int4 kernel where the type maps onto it
 exactly (layers/gguf_blocks.py), and the dense bf16 copy (oneDNN; AMX where present). Rows 1 / 4 / 8
 (decode batches), `--rounds` interleaved rounds, best per kernel; the machine's read bandwidth is
 measured in the same run, so each kernel's GB/s (file bytes per second) reads as a share of it.
@@ -31,7 +32,7 @@ from tinyserve_lab import roofline
 from tinyserve_lab.ablations import rotated
 from tinyserve_lab.env_info import run_header, save_json
 
-KERNELS = ("ours", "int4", "dense-bf16")
+KERNELS = ("ours", "ours-tiles", "int4", "dense-bf16")
 
 
 def load(model: str | None) -> list[GGUFTensor]:
@@ -44,6 +45,10 @@ def load(model: str | None) -> list[GGUFTensor]:
 def kernels(t: GGUFTensor) -> dict[str, nn.Module | torch.Tensor]:
     cpu = torch.device("cpu")
     out: dict[str, nn.Module | torch.Tensor] = {"ours": gguf_native.GGUFWeight([t], None)}
+    if gguf_native.tiles_available():  # the tiles at every row count; other types as `ours` (a whole step)
+        tiles = gguf_native.GGUFWeight([t], None, tiles=True)
+        tiles.tile_min_rows = 1
+        out["ours-tiles"] = tiles if tiles.tile_names else out["ours"]
     if t.qtype in GGUF_INT4:
         out["int4"] = GGUFMethod(kernel="int4", keep_dense=False).pack([t], torch.bfloat16, cpu)
     out["dense-bf16"] = gguf_native.dequantize_into(t, torch.bfloat16)
