@@ -122,12 +122,14 @@ needs_tiles = pytest.mark.skipif("not gguf_native.tiles_available()", reason="no
 
 
 @needs_tiles
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
 @pytest.mark.parametrize("rows", [1, 3, 8, 17, 35])
-def test_tiles_match_gguf_dequantization_within_its_bound(rows):
-    """Q4_K on AMX tiles: 48 output rows (three tile groups, uneven over threads), 1 to 35 activation rows
-    (a partial tile, a full one, more than one), fp32 activations: within the int16 path's bound, and
-    that path's result up to fp32 rounding (the same integer sums, scaled and summed in another order)."""
-    t = random_blocks("Q4_K", 48, 768, seed=rows)
+def test_tiles_match_gguf_dequantization_within_its_bound(qtype, rows):
+    """Q4_K and Q6_K on AMX tiles: 48 output rows (three tile groups, uneven over threads), 1 to 35
+    activation rows (a partial tile, a full one, more than one), fp32 activations: within the int16
+    path's bound, and that path's result up to fp32 rounding (the same integer sums, scaled and summed
+    in another order)."""
+    t = random_blocks(qtype, 48, 768, seed=rows)
     x = torch.randn(rows, 768, generator=torch.Generator().manual_seed(rows))
     w = reference(t)
     y = run_tiles(x, [t])
@@ -155,18 +157,19 @@ def test_tiles_in_a_fused_linear_and_where_they_cannot_go():
 
 
 @needs_tiles
-def test_weights_use_tiles_for_several_rows_except_in_the_invariant_mode():
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+def test_weights_use_tiles_for_several_rows_except_in_the_invariant_mode(qtype):
     """The default mode multiplies steps of TILE_MIN_ROWS rows or more on tiles (a result within fp32
     rounding of the int16 path's), fewer on the int16 path (bit for bit); `gguf-native`, whose rows must
     never depend on the batch, keeps no tile form."""
     cpu = torch.device("cpu")
-    t = random_blocks("Q4_K", 32, 512)
+    t = random_blocks(qtype, 32, 512)
     w = GGUFMethod(keep_dense=False).pack([t], torch.bfloat16, cpu)
     assert isinstance(w, GGUFWeight) and w.kind.endswith("+tiles")
-    x = torch.randn(gguf_native.TILE_MIN_ROWS, 512).bfloat16()
-    assert torch.equal(w(x[:1]), run(x[:1], [t]))
+    x = torch.randn(gguf_native.TILE_MIN_ROWS[qtype], 512).bfloat16()
+    assert torch.equal(w(x[:-1]), run(x[:-1], [t]))
     assert torch.equal(w(x), run_tiles(x, [t]))
-    assert w.bytes_read(1) == t.data.nbytes and w.bytes_read(len(x)) == w.tiles0.nbytes
+    assert w.bytes_read(len(x) - 1) == t.data.nbytes and w.bytes_read(len(x)) == w.tiles0.nbytes
     native = GGUFMethod(kernel="native", keep_dense=False).pack([t], torch.bfloat16, cpu)
     assert isinstance(native, GGUFWeight) and not native.tile_names
     assert torch.equal(native(x), run(x, [t]))

@@ -29,18 +29,20 @@ from tinyserve.system import cpu_flags
 SOURCE = Path(__file__).parent / "csrc" / "gguf_linear.cpp"
 # GGML's type ids (the kernel's `qtypes`) for the block types it reads.
 QTYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
-# Steps of this many rows or more multiply a Q4_K shard on AMX tiles, where it has them. The tiles' time
-# hardly grows with rows (decoding the weights into tiles is most of it), the int16 products' does:
-# the 1.5B's 56 gate/up matrices took 30.9 / 36.7 / 42.9 / 53.2 ms at 4 / 5 / 6 / 8 rows on the int16
-# path and 37.1 / 38.0 / 38.4 / 40.2 ms on tiles (2 threads, Xeon with AMX; also
-# `python -m tinyserve_lab.ablations.gguf_kernel --rows 4 8 16`, kernels ours vs ours-tiles).
-TILE_MIN_ROWS = 6
+# Steps of this many rows or more multiply a shard of the type on AMX tiles, where it has them. The
+# tiles' time hardly grows with rows (decoding the weights into tiles is most of it), the int16
+# products' does. The 1.5B's 56 gate/up matrices (Q4_K) took 33.2 / 53.3 / 65.9 ms at 4 / 6 / 8 rows on
+# the int16 path and 40.4 / 41.1 / 42.7 ms on tiles; its Q6_K matrices (the LM head, half the down and v
+# projections) 31.5 / 30.8 / 47.7 / 56.0 ms at 6 / 8 / 10 / 16 rows and 39.4 / 35.8 / 38.5 / 45.1 on tiles
+# (2 threads, Xeon with AMX; `python -m tinyserve_lab.ablations.gguf_kernel --rows 4 8 16` compares
+# every matrix of a model, kernels ours vs ours-tiles).
+TILE_MIN_ROWS = {"Q4_K": 6, "Q6_K": 10}
 # |y - x W^T| <= ERROR_BOUND * sum_k |w_k| * max|x| over the activation group (int16 rounding: 2^-15
 # of the group's magnitude, halved), plus fp32 accumulation.
 ERROR_BOUND = 2.0**-15
 
 
-def _fake(x, weights, qtypes, repacked=None, tile_min_rows=1):  # shapes for torch.export
+def _fake(x, weights, qtypes, repacked=None, tile_min_rows=None):  # shapes for torch.export
     return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))
 
 
@@ -59,7 +61,7 @@ def kernel_available() -> bool:
 
 @functools.cache
 def tiles_available() -> bool:
-    """Whether Q4_K weights get the AMX tile path here: the kernel built with it (a CPU with AMX-INT8)
+    """Whether Q4_K and Q6_K weights get the AMX tile path here: the kernel built with it (a CPU with AMX-INT8)
     and the OS granting this process tile data."""
     probe = torch.zeros(16, 144, dtype=torch.uint8)
     return kernel_available() and torch.ops.tinyserve.gguf_repack(probe, QTYPES["Q4_K"]).numel() > 0
@@ -77,8 +79,8 @@ def vectorized() -> bool:
 
 class GGUFWeight(PackedWeight):
     """A linear's GGUF tensors as stored, one buffer per shard (uint8 [N_i, row_bytes_i]); with `tiles`,
-    where this CPU has AMX, each Q4_K shard also in the kernel's tile layout (`gguf_repack`: the same
-    nibbles, 16 rows interleaved), on which steps of `TILE_MIN_ROWS` rows or more multiply."""
+    where this CPU has AMX, each Q4_K and Q6_K shard also in the kernel's tile layout (`gguf_repack`: the
+    same bits per weight, 16 rows interleaved), on which steps of `TILE_MIN_ROWS` rows or more multiply."""
 
     def __init__(self, shards: Sequence[GGUFTensor], dense: torch.Tensor | None, tiles: bool = False) -> None:
         super().__init__(dense)
@@ -87,7 +89,7 @@ class GGUFWeight(PackedWeight):
         for i, s in enumerate(shards):
             self.register_buffer(f"blocks{i}", s.data)
             self.names.append(f"blocks{i}")
-        # empty where a shard has no tile form (not Q4_K, rows not in 16s, no AMX)
+        # empty where a shard has no tile form (not Q4_K/Q6_K, rows not in 16s, no AMX)
         repacked = ([torch.ops.tinyserve.gguf_repack(s.data, q) for s, q in zip(shards, self.qtypes)]
                     if tiles and tiles_available() else [])
         self.tile_names = []
@@ -95,12 +97,13 @@ class GGUFWeight(PackedWeight):
             for i, r in enumerate(repacked):
                 self.register_buffer(f"tiles{i}", r)
                 self.tile_names.append(f"tiles{i}")
-        self.tile_min_rows = TILE_MIN_ROWS
+        self.tile_min_rows = [TILE_MIN_ROWS.get(s.qtype, 1 << 30) for s in shards]
         types = sorted({s.qtype for s in shards})
         self.kind = "gguf-" + "+".join(types) + ("+tiles" if self.tile_names else "")
 
-    def _on_tiles(self, rows: int) -> bool:
-        return bool(self.tile_names) and rows >= self.tile_min_rows
+    def _on_tiles(self, rows: int, shard: int) -> bool:
+        return bool(self.tile_names) and getattr(self, self.tile_names[shard]).numel() > 0 and \
+            rows >= self.tile_min_rows[shard]
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         blocks = [getattr(self, n) for n in self.names]
@@ -110,15 +113,14 @@ class GGUFWeight(PackedWeight):
     def bytes_read(self, rows: int) -> int:
         if self.has_copy and rows > self.packed_max_rows:
             return super().bytes_read(rows)
-        if not self._on_tiles(rows):
-            return sum(getattr(self, n).nbytes for n in self.names)
-        return sum(getattr(self, t).nbytes or getattr(self, b).nbytes for b, t in zip(self.names, self.tile_names))
+        return sum(getattr(self, self.tile_names[i] if self._on_tiles(rows, i) else n).nbytes
+                   for i, n in enumerate(self.names))
 
 
 def gguf_weight(shards: Sequence[GGUFTensor], dtype: torch.dtype, device: torch.device,
                 keep_dense: bool, tiles: bool = False) -> GGUFWeight | None:
     """The shards as one weight on the kernel; None where it cannot serve them (not a CPU, no compiler).
-    `tiles`: also the AMX layout of its Q4_K shards, where this CPU has AMX."""
+    `tiles`: also the AMX layout of its Q4_K and Q6_K shards, where this CPU has AMX."""
     if device.type != "cpu" or not kernel_available():
         return None
     dense = torch.cat([dequantize_into(s, dtype) for s in shards]) if keep_dense else None

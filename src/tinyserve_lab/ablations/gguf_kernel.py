@@ -47,7 +47,7 @@ def kernels(t: GGUFTensor) -> dict[str, nn.Module | torch.Tensor]:
     out: dict[str, nn.Module | torch.Tensor] = {"ours": gguf_native.GGUFWeight([t], None)}
     if gguf_native.tiles_available():  # the tiles at every row count; other types as `ours` (a whole step)
         tiles = gguf_native.GGUFWeight([t], None, tiles=True)
-        tiles.tile_min_rows = 1
+        tiles.tile_min_rows = [1] * len(tiles.qtypes)
         out["ours-tiles"] = tiles if tiles.tile_names else out["ours"]
     if t.qtype in GGUF_INT4:
         out["int4"] = GGUFMethod(kernel="int4", keep_dense=False).pack([t], torch.bfloat16, cpu)

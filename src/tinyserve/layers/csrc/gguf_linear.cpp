@@ -485,22 +485,26 @@ void dispatch(int64_t t, const uint8_t* w, int64_t row_bytes, const Activations&
   }
 }
 
-// ---- Q4_K on AMX tiles, for steps of several rows ----------------------------------------------------
+// ---- Q4_K and Q6_K on AMX tiles, for steps of several rows --------------------------------------------
 // The int16 products above are compute-bound from ~4 rows (S4: 8 rows 2.2x the one-row time). AMX
 // multiplies int8 tiles at ~30x VNNI's rate, but wants the weights as its B operand: [K/4][16 rows][4
-// bytes], i.e. 16 output rows interleaved by 4-byte groups. `gguf_repack` writes a Q4_K tensor so,
-// once at load (the same nibbles, 4.6 bits per weight instead of 4.5). The arithmetic is the int16
-// path's, exactly, in integers:
+// bytes], i.e. 16 output rows interleaved by 4-byte groups. `gguf_repack` writes a tensor so, once at
+// load, with the same bits per weight (Q4_K 4.6 instead of 4.5, Q6_K 6.56 as stored). The arithmetic
+// is the int16 path's, exactly, in integers:
 // - activations: the same int16 codes xq, split as xq = 256 * hi + lo (hi signed, lo unsigned bytes);
-// - weights: codes q (0..15) times their 6-bit sub-scale s, split as s = lo3 + 8 * hi3, so q * lo3 and
-//   q * hi3 are both <= 105 (bytes; one vpmullw makes both of a 16-bit lane's bytes: no carry);
-// - four int32 tiles per super-block (hi/lo activations x lo3/hi3 scales, each |sum| < 7e6), combined
-//   as 256 * (C_hl + 8 C_hh) + (C_ll + 8 C_lh) in fp32, then d * dx and the mins as in `rows_of`.
-// A row's integer sums do not depend on the others, but the fp32 order differs from `rows_of`, so the
-// batch-invariant mode (gguf-native) never repacks.
+// - Q4_K: codes q (0..15) times their 6-bit sub-scale s, split as s = lo3 + 8 * hi3, so q * lo3 and
+//   q * hi3 are both <= 105 (unsigned bytes; one vpmullw makes both of a 16-bit lane's bytes: no
+//   carry); the four int32 tiles (each |sum| < 7e6) combine as 256 (C_hl + 8 C_hh) + C_ll + 8 C_lh;
+// - Q6_K: the 16-bit product sc * (q - 32) (|.| <= 4096) split into its low byte (unsigned) and high
+//   byte (signed); the tiles (|sum| < 2e7) combine as 65536 C_hh + 256 (C_hl + C_lh) + C_ll;
+// then, per super-block, d * dx and the mins in fp32 as in `rows_of`. A row's integer sums do not
+// depend on the others, but the fp32 order differs from `rows_of`, so the batch-invariant mode
+// (gguf-native) never repacks.
 #if defined(TINYSERVE_GGUF_AMX)
-constexpr int64_t kAmxGroup = 16;      // output rows per B tile
-constexpr int64_t kAmxBlock = 2368;    // repacked bytes per 16 rows x 256 weights (see `repack_q4k`)
+constexpr int64_t kAmxGroup = 16;  // output rows per B tile
+
+// Repacked bytes per 16 rows x 256 weights (`repack_q4k`, `repack_q6k`).
+constexpr int64_t amx_block(int64_t t) { return t == Q4_K ? 2368 : 3360; }
 
 // The process may use tile data only after asking the kernel (Linux 5.16+); once, cached.
 bool amx_permitted() {
@@ -508,7 +512,7 @@ bool amx_permitted() {
   return ok;
 }
 
-// Every tile 16 rows of 64 bytes: 0-3 the int32 sums, 4-5 the weights (x lo3 / x hi3), 6-7 the
+// Every tile 16 rows of 64 bytes: 0-3 the int32 sums, 4-5 the weights (two byte planes), 6-7 the
 // activations (hi / lo). Rows past M are zeros in the activation buffers.
 void configure_tiles() {
   alignas(64) uint8_t cfg[64] = {};
@@ -520,35 +524,61 @@ void configure_tiles() {
   _tile_loadconfig(cfg);
 }
 
-// A Q4_K tensor [N, K / 256 * 144] as [N / 16][K / 256][2368 bytes]: per 16 rows and super-block,
-// d[16] and dmin[16] (fp16), the 6-bit scales and mins as [8 sub-blocks][16 rows] bytes, then the
-// nibbles as 32 vectors of 64 bytes: vector 8c + p holds byte qs[32c + 4p + i] of row n at 4n + i,
-// whose low nibble is weight 64c + 4p + i and high nibble weight 64c + 32 + 4p + i (llama.cpp's
-// order): the low nibbles are B rows p of chunk c, the high ones B rows p + 8.
-at::Tensor repack_q4k(const at::Tensor& blocks) {
-  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 2 && blocks.is_contiguous(),
-              "gguf_repack: contiguous uint8 [N, bytes] blocks");
-  const int64_t N = blocks.size(0), nb = blocks.size(1) / 144;
-  TORCH_CHECK(N % kAmxGroup == 0 && blocks.size(1) == nb * 144, "gguf_repack: Q4_K rows in multiples of 16");
-  at::Tensor out = at::empty({N / kAmxGroup, nb * kAmxBlock}, blocks.options());
+// Q4_K [N, K / 256 * 144] as [N / 16][K / 256][2368 bytes]: per 16 rows and super-block, d[16] and
+// dmin[16] (fp16), the 6-bit scales and mins as [8 sub-blocks][16 rows] bytes, then the nibbles as 32
+// vectors of 64 bytes: vector 8c + p holds byte qs[32c + 4p + i] of row n at 4n + i, whose low nibble is
+// weight 64c + 4p + i and high nibble weight 64c + 32 + 4p + i (llama.cpp's order): the low nibbles
+// are B rows p of chunk c, the high ones B rows p + 8.
+void repack_q4k(const uint8_t* b, uint8_t* o, int n) {
+  std::memcpy(o + 2 * n, b, 2);
+  std::memcpy(o + 32 + 2 * n, b + 2, 2);
+  const ScalesMins sm = scales_mins(b + 4);
+  for (int j = 0; j < 8; ++j) {
+    o[64 + 16 * j + n] = static_cast<uint8_t>(byte_of(sm.scales, j));
+    o[192 + 16 * j + n] = static_cast<uint8_t>(byte_of(sm.mins, j));
+  }
+  for (int v = 0; v < 32; ++v) std::memcpy(o + 320 + 64 * v + 4 * n, b + 16 + 4 * v, 4);
+}
+
+// Q6_K's 6-bit code of weight k (0..255) in a block, as llama.cpp's dequantize_row_q6_K reads it.
+inline int q6_code(const uint8_t* b, int k) {
+  const int h = k / 128, l = k % 32, part = (k % 128) / 32;  // part: which of the four 32-weight runs
+  const uint8_t* ql = b + 64 * h;
+  const uint8_t* qh = b + 128 + 32 * h;
+  const int low = (part & 1 ? ql[l + 32] : ql[l]) >> (part & 2 ? 4 : 0) & 15;
+  return low | ((qh[l] >> (2 * part)) & 3) << 4;
+}
+
+// Q6_K [N, K / 256 * 210] as [N / 16][K / 256][3360 bytes]: d[16] (fp16), the int8 scales as [16 x 16
+// weights][16 rows], then the codes of B row r (weights 4r..4r + 3 of each row n at 4n + i) in two
+// planes: their low nibbles in 32 vectors (vector v: rows v low, v + 32 high), their high two bits in
+// 16 (vector u: rows u + 16t in bits 2t, 2t + 1).
+void repack_q6k(const uint8_t* b, uint8_t* o, int n) {
+  std::memcpy(o + 2 * n, b + 208, 2);
+  for (int j = 0; j < 16; ++j) o[32 + 16 * j + n] = b[192 + j];
+  for (int r = 0; r < 64; ++r)
+    for (int i = 0; i < 4; ++i) {
+      const int q = q6_code(b, 4 * r + i);
+      uint8_t& nib = o[288 + 64 * (r % 32) + 4 * n + i];
+      nib = static_cast<uint8_t>(nib | (q & 15) << (r < 32 ? 0 : 4));
+      uint8_t& high = o[2336 + 64 * (r % 16) + 4 * n + i];
+      high = static_cast<uint8_t>(high | (q >> 4) << (2 * (r / 16)));
+    }
+}
+
+at::Tensor repack(const at::Tensor& blocks, int64_t t) {
+  const int64_t N = blocks.size(0), bytes = layout(t).bytes, nb = blocks.size(1) / bytes;
+  at::Tensor out = at::zeros({N / kAmxGroup, nb * amx_block(t)}, blocks.options());
   const uint8_t* src = blocks.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   at::parallel_for(0, N / kAmxGroup, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g)
-      for (int64_t sb = 0; sb < nb; ++sb) {
-        uint8_t* o = dst + (g * nb + sb) * kAmxBlock;
+      for (int64_t sb = 0; sb < nb; ++sb)
         for (int n = 0; n < kAmxGroup; ++n) {
-          const uint8_t* b = src + ((g * kAmxGroup + n) * nb + sb) * 144;
-          std::memcpy(o + 2 * n, b, 2);
-          std::memcpy(o + 32 + 2 * n, b + 2, 2);
-          const ScalesMins sm = scales_mins(b + 4);
-          for (int j = 0; j < 8; ++j) {
-            o[64 + 16 * j + n] = static_cast<uint8_t>(byte_of(sm.scales, j));
-            o[192 + 16 * j + n] = static_cast<uint8_t>(byte_of(sm.mins, j));
-          }
-          for (int v = 0; v < 32; ++v) std::memcpy(o + 320 + 64 * v + 4 * n, b + 16 + 4 * v, 4);
+          const uint8_t* b = src + ((g * kAmxGroup + n) * nb + sb) * bytes;
+          uint8_t* o = dst + (g * nb + sb) * amx_block(t);
+          t == Q4_K ? repack_q4k(b, o, n) : repack_q6k(b, o, n);
         }
-      }
   });
   return out;
 }
@@ -579,13 +609,14 @@ inline __m512i pair_words(const uint8_t* p) {  // 16 bytes as 16 lanes of two eq
   return _mm512_or_si512(v, _mm512_slli_epi32(v, 16));
 }
 
-// One super-block of 16 rows decoded into B tiles: per 64-weight chunk, the codes times their scales'
-// low three bits (`lo`) and high three (`hi`), 16 rows of 64 bytes each.
+// One super-block of 16 rows decoded into B tiles: per 64-weight chunk, two byte planes of 16 rows of
+// 64 bytes (Q4_K: the codes times the scales' low and high three bits; Q6_K: the products' low and
+// high bytes).
 struct TileWeights {
   alignas(64) uint8_t lo[4][16 * 64], hi[4][16 * 64];
 };
 
-inline void decode_tiles(const uint8_t* blk, TileWeights& w) {
+inline void decode_q4k_tiles(const uint8_t* blk, TileWeights& w) {
   const __m512i nib = _mm512_set1_epi8(15), three = _mm512_set1_epi16(7);
   for (int ch = 0; ch < 4; ++ch) {
     const __m512i sa = pair_words(blk + 64 + 16 * (2 * ch)), sb = pair_words(blk + 64 + 16 * (2 * ch + 1));
@@ -602,11 +633,55 @@ inline void decode_tiles(const uint8_t* blk, TileWeights& w) {
   }
 }
 
+// B row r of a Q6_K super-block (codes 0..63 of 16 rows x 4 weights) into its two byte planes, with no
+// shuffles: the even and odd bytes of each 16-bit lane are multiplied apart (`sc`: the row's scale in
+// both 16-bit halves of its 32-bit lane) and their products' low and high bytes interleaved back.
+inline void q6k_row(__m512i codes, __m512i sc, uint8_t* lo, uint8_t* hi) {
+  const __m512i low8 = _mm512_set1_epi16(0x00FF), off = _mm512_set1_epi16(32);
+  const __m512i pe = _mm512_mullo_epi16(_mm512_sub_epi16(_mm512_and_si512(codes, low8), off), sc);
+  const __m512i po = _mm512_mullo_epi16(_mm512_sub_epi16(_mm512_srli_epi16(codes, 8), off), sc);
+  // ternary 0xE4: (c & a) | (~c & b) with c = low8: a where low8, b elsewhere
+  _mm512_store_si512(lo, _mm512_ternarylogic_epi32(pe, _mm512_slli_epi16(po, 8), low8, 0xE4));
+  _mm512_store_si512(hi, _mm512_ternarylogic_epi32(_mm512_srli_epi16(pe, 8), po, low8, 0xE4));
+}
+
+inline void decode_q6k_tiles(const uint8_t* blk, TileWeights& w) {
+  const __m512i nib = _mm512_set1_epi8(15), two = _mm512_set1_epi8(3);
+  __m512i sc[16];  // per 16 weights (4 B rows): each row's int8 scale in both halves of its 32-bit lane
+  for (int j = 0; j < 16; ++j) {
+    const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 32 + 16 * j)));
+    sc[j] = _mm512_or_si512(_mm512_and_si512(v, _mm512_set1_epi32(0xFFFF)), _mm512_slli_epi32(v, 16));
+  }
+  for (int v = 0; v < 32; ++v) {
+    const __m512i z = _mm512_loadu_si512(blk + 288 + 64 * v);
+    const __m512i h = _mm512_loadu_si512(blk + 2336 + 64 * (v % 16));
+    const int t = v / 16;  // row v's high bits at 2t, row v + 32's at 2t + 4
+    const __m512i h0 = _mm512_and_si512(_mm512_srli_epi16(h, 2 * t), two);
+    const __m512i h1 = _mm512_and_si512(_mm512_srli_epi16(h, 2 * t + 4), two);
+    const __m512i c0 = _mm512_or_si512(_mm512_and_si512(z, nib), _mm512_slli_epi16(h0, 4));
+    const __m512i c1 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(z, 4), nib), _mm512_slli_epi16(h1, 4));
+    const int r0 = v, r1 = v + 32;  // B rows; chunk r / 16, row r % 16 there; scale (4 rows each) r / 4
+    q6k_row(c0, sc[r0 / 4], w.lo[r0 / 16] + 64 * (r0 % 16), w.hi[r0 / 16] + 64 * (r0 % 16));
+    q6k_row(c1, sc[r1 / 4], w.lo[r1 / 16] + 64 * (r1 % 16), w.hi[r1 / 16] + 64 * (r1 % 16));
+  }
+}
+
 // A super-block's four int32 tiles, as stored, folded into the rows' fp32 accumulators.
+template <int64_t T>
 inline void accumulate_tiles(const int32_t (*c)[16 * 16], const uint8_t* blk, const Activations& a, int64_t m0,
                              int rows, int64_t nb, int64_t sb, __m512* acc) {
   const int64_t K = a.K;
   const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
+  if constexpr (T == Q6_K) {
+    for (int r = 0; r < rows; ++r) {
+      const __m512i mid = _mm512_add_epi32(_mm512_load_si512(c[0] + 16 * r), _mm512_load_si512(c[3] + 16 * r));
+      const __m512 v = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c[1] + 16 * r)),
+                                                       _mm512_set1_ps(256.f), _mm512_cvtepi32_ps(mid)),
+                                       _mm512_set1_ps(256.f), _mm512_cvtepi32_ps(_mm512_load_si512(c[2] + 16 * r)));
+      acc[r] = _mm512_fmadd_ps(v, _mm512_mul_ps(d, _mm512_set1_ps(a.dx[(m0 + r) * nb + sb])), acc[r]);
+    }
+    return;
+  }
   const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32)));
   __m512 mn[8];
   for (int j = 0; j < 8; ++j)
@@ -625,13 +700,14 @@ inline void accumulate_tiles(const int32_t (*c)[16 * 16], const uint8_t* blk, co
   }
 }
 
-// Output row groups [g0, g1) of a repacked Q4_K weight for all M activation rows: per super-block, the
+// Output row groups [g0, g1) of a repacked weight for all M activation rows: per super-block, the
 // vector units decode the B tiles, the tiles multiply, the vector units fold the sums. (Pipelining
 // these over super-blocks, decoding sb + 1 while the tiles multiply sb, measured slower: 457 vs 370 ns
-// per 4096 weights on one core; the units do not overlap either way, they share the L1's bandwidth.)
-template <typename Out>
-void amx_q4k(const uint8_t* rp, int64_t nb, const Activations& a, const TileActivations& t, int64_t M, int64_t g0,
-             int64_t g1, Out* y, int64_t y_stride, int64_t col0) {
+// per 4096 Q4_K weights on one core; the units do not overlap either way.)
+template <int64_t T, typename Out>
+void amx_rows(const uint8_t* rp, int64_t nb, const Activations& a, const TileActivations& t, int64_t M, int64_t g0,
+              int64_t g1, Out* y, int64_t y_stride, int64_t col0) {
+  constexpr int64_t block = amx_block(T);
   const int64_t K = a.K;
   TileWeights w;
   alignas(64) int32_t c[4][16 * 16];
@@ -644,20 +720,26 @@ void amx_q4k(const uint8_t* rp, int64_t nb, const Activations& a, const TileActi
       __m512 acc[16];
       for (int r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
       for (int64_t sb = 0; sb < nb; ++sb) {
-        const uint8_t* blk = rp + (g * nb + sb) * kAmxBlock;
-        for (int64_t o = 0; o < kAmxBlock; o += 64)
+        const uint8_t* blk = rp + (g * nb + sb) * block;
+        for (int64_t o = 0; o < block; o += 64)
           _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch + o), _MM_HINT_T1);
-        decode_tiles(blk, w);
+        if constexpr (T == Q4_K) decode_q4k_tiles(blk, w);
+        else decode_q6k_tiles(blk, w);
         memory_barrier();  // the tiles read what the vector stores wrote
         for (int ch = 0; ch < 4; ++ch) {
           _tile_loadd(4, w.lo[ch], 64);
           _tile_loadd(5, w.hi[ch], 64);
           _tile_loadd(6, ahi + sb * 256 + 64 * ch, K);
           _tile_loadd(7, alo + sb * 256 + 64 * ch, K);
-          _tile_dpbsud(0, 6, 4);
-          _tile_dpbsud(1, 6, 5);
-          _tile_dpbuud(2, 7, 4);
-          _tile_dpbuud(3, 7, 5);
+          _tile_dpbsud(0, 6, 4);  // hi x lo plane: signed x unsigned
+          _tile_dpbuud(2, 7, 4);  // lo x lo plane: unsigned x unsigned
+          if constexpr (T == Q4_K) {  // both weight planes unsigned
+            _tile_dpbsud(1, 6, 5);
+            _tile_dpbuud(3, 7, 5);
+          } else {  // Q6_K's high bytes are signed
+            _tile_dpbssd(1, 6, 5);
+            _tile_dpbusd(3, 7, 5);
+          }
         }
         _tile_stored(0, c[0], 64);
         _tile_stored(1, c[1], 64);
@@ -668,7 +750,7 @@ void amx_q4k(const uint8_t* rp, int64_t nb, const Activations& a, const TileActi
         _tile_zero(2);
         _tile_zero(3);
         memory_barrier();  // and the vector loads read what the tiles stored
-        accumulate_tiles(c, blk, a, m0, rows, nb, sb, acc);
+        accumulate_tiles<T>(c, blk, a, m0, rows, nb, sb, acc);
       }
       for (int r = 0; r < rows; ++r) {
         _mm512_store_ps(out, acc[r]);
@@ -681,10 +763,11 @@ void amx_q4k(const uint8_t* rp, int64_t nb, const Activations& a, const TileActi
 
 // y [M, sum N_i] = x [M, K] times the weights stacked along N (a fused q/k/v may mix block types).
 // `repacked`: none, or per weight its `gguf_repack` form (an empty tensor where it has none), which
-// steps of `tile_min_rows` rows or more multiply on AMX tiles. The choice is made here, not by the
-// caller: a compiled step traced over a range of rows then needs no branch on the row count.
+// steps of `tile_min_rows[i]` rows or more (default: any) multiply on AMX tiles. The choice is made
+// here, not by the caller: a compiled step traced over a range of rows needs no branch on the rows.
 at::Tensor gguf_linear(const at::Tensor& x, at::TensorList weights, at::IntArrayRef qtypes,
-                       std::optional<at::TensorList> repacked_or_none, int64_t tile_min_rows) {
+                       std::optional<at::TensorList> repacked_or_none,
+                       std::optional<at::IntArrayRef> tile_min_rows) {
   const at::TensorList repacked = repacked_or_none.value_or(at::TensorList());
   TORCH_CHECK(x.dim() == 2, "gguf_linear: x must be [M, K]");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
@@ -705,16 +788,17 @@ at::Tensor gguf_linear(const at::Tensor& x, at::TensorList weights, at::IntArray
   const int64_t N = first.back();
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  // which weights go to the tiles: a repacked Q4_K whose columns start on a 16-row group
+  // which weights go to the tiles: a repacked one whose columns start on a 16-row group
   std::vector<char> tiles(weights.size(), 0);
 #if defined(TINYSERVE_GGUF_AMX)
-  if (M >= tile_min_rows && !repacked.empty() && amx_permitted())
+  TORCH_CHECK(!tile_min_rows || tile_min_rows->size() == weights.size(), "gguf_linear: one tile_min_rows per weight");
+  if (!repacked.empty() && amx_permitted())
     for (size_t i = 0; i < weights.size(); ++i) {
       const at::Tensor& r = repacked[i];
-      if (r.numel() == 0) continue;
-      TORCH_CHECK(qtypes[i] == Q4_K && r.scalar_type() == at::kByte && r.is_contiguous() &&
-                  r.size(0) * kAmxGroup == weights[i].size(0) && r.size(1) == K / 256 * kAmxBlock,
-                  "gguf_linear: repacked form ", i, " does not match its Q4_K weight");
+      if (r.numel() == 0 || (tile_min_rows && M < (*tile_min_rows)[i])) continue;
+      TORCH_CHECK((qtypes[i] == Q4_K || qtypes[i] == Q6_K) && r.scalar_type() == at::kByte && r.is_contiguous() &&
+                  r.size(0) * kAmxGroup == weights[i].size(0) && r.size(1) == K / 256 * amx_block(qtypes[i]),
+                  "gguf_linear: repacked form ", i, " does not match its weight");
       tiles[i] = first[i] % kAmxGroup == 0;
     }
 #endif
@@ -752,10 +836,15 @@ at::Tensor gguf_linear(const at::Tensor& x, at::TensorList weights, at::IntArray
       if (tiles[i]) {
         const uint8_t* r = repacked[i].data_ptr<uint8_t>();
         const int64_t g0 = (lo - first[i]) / kAmxGroup, g1 = (hi - first[i]) / kAmxGroup;
-        if (y.scalar_type() == at::kBFloat16)
-          amx_q4k(r, K / 256, a, *tile_acts, M, g0, g1, y.data_ptr<c10::BFloat16>(), N, first[i]);
-        else
-          amx_q4k(r, K / 256, a, *tile_acts, M, g0, g1, y.data_ptr<float>(), N, first[i]);
+        if (y.scalar_type() == at::kBFloat16) {
+          auto* out = y.data_ptr<c10::BFloat16>();
+          qtypes[i] == Q4_K ? amx_rows<Q4_K>(r, K / 256, a, *tile_acts, M, g0, g1, out, N, first[i])
+                            : amx_rows<Q6_K>(r, K / 256, a, *tile_acts, M, g0, g1, out, N, first[i]);
+        } else {
+          auto* out = y.data_ptr<float>();
+          qtypes[i] == Q4_K ? amx_rows<Q4_K>(r, K / 256, a, *tile_acts, M, g0, g1, out, N, first[i])
+                            : amx_rows<Q6_K>(r, K / 256, a, *tile_acts, M, g0, g1, out, N, first[i]);
+        }
         continue;
       }
 #endif
@@ -773,21 +862,25 @@ at::Tensor gguf_linear(const at::Tensor& x, at::TensorList weights, at::IntArray
   return y;
 }
 
-// A tensor's form for the AMX path (`amx_q4k`), or an empty tensor where this build or CPU has none
-// (no AMX, or the kernel refused tile data) or the tensor cannot take it (not Q4_K, rows not in 16s).
+// A tensor's form for the AMX path (`amx_rows`), or an empty tensor where this build or CPU has none
+// (no AMX, or the kernel refused tile data) or the tensor cannot take it (not Q4_K or Q6_K, rows not
+// in 16s).
 at::Tensor gguf_repack(const at::Tensor& blocks, int64_t qtype) {
+  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 2, "gguf_repack: uint8 [N, bytes] blocks");
 #if defined(TINYSERVE_GGUF_AMX)
-  if (qtype == Q4_K && blocks.dim() == 2 && blocks.size(0) % kAmxGroup == 0 && amx_permitted())
-    return repack_q4k(blocks.contiguous());
+  if ((qtype == Q4_K || qtype == Q6_K) && blocks.size(0) % kAmxGroup == 0 && amx_permitted()) {
+    TORCH_CHECK(blocks.size(1) % layout(qtype).bytes == 0, "gguf_repack: rows of whole blocks");
+    return repack(blocks.contiguous(), qtype);
+  }
 #endif
-  return at::empty({0}, blocks.options().dtype(at::kByte));
+  return at::empty({0}, blocks.options());
 }
 
 }  // namespace
 
 // A fragment: the paged attention kernel's library owns the `tinyserve` namespace.
 TORCH_LIBRARY_FRAGMENT(tinyserve, m) {
-  m.def("gguf_linear(Tensor x, Tensor[] weights, int[] qtypes, Tensor[]? repacked=None, int tile_min_rows=1) -> Tensor");
+  m.def("gguf_linear(Tensor x, Tensor[] weights, int[] qtypes, Tensor[]? repacked=None, int[]? tile_min_rows=None) -> Tensor");
   m.def("gguf_repack(Tensor blocks, int qtype) -> Tensor");
 }
 
