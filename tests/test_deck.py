@@ -81,8 +81,9 @@ def test_no_unformatted_placeholders(page: str) -> None:
 
 
 def test_numbers_come_from_the_files(page: str) -> None:
-    """The headline table carries the served run's throughput, read from the newest S4 files."""
-    runs = [json.loads(p.read_text()) for p in (RESULTS / "speed3" / "serve").glob("tinyserve-*conc1-*.json")]
+    """The headline table carries the served run's throughput, read from the newest files (section AX)."""
+    folder = (RESULTS / deck_slides.SERVE_1_5B).parent
+    runs = [json.loads(p.read_text()) for p in folder.glob("tinyserve-*conc1-*.json")]
     newest = max(runs, key=lambda d: d["date"])
     first = _sections(page)[0]
     assert f"{newest['metrics']['output_throughput']:.1f}" in first

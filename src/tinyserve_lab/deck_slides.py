@@ -28,10 +28,12 @@ from tinyserve_lab.deck import (
 )
 from tinyserve_lab.report import _log2_ticks
 
-PEERS_S4 = ("tinyserve bench peers --peers tinyserve llamacpp vllm --vllm-dtype bfloat16 "
+PEERS_AX = ("tinyserve bench peers --peers tinyserve llamacpp vllm --vllm-dtype bfloat16 "
             "--gguf qwen2.5-coder-1.5b.gguf --dataset random --random-input-len 128 --random-output-len 64 "
             "--max-concurrency 1 8 --num-prompts 16 "
-            "--ignore-eos --tinyserve-args \"--compile blocking\"")
+            "--ignore-eos --tinyserve-args \"--compile blocking\" --result-dir docs/results/tiles/serve")
+# The 1.5B served side by side, newest: after the batched steps moved onto AMX tiles (REPORT AX).
+SERVE_1_5B = "tiles/serve/*.json"
 PEERS_OL = ("tinyserve bench peers --peers tinyserve llamacpp vllm --vllm-dtype bfloat16 --gguf qwen2.5-coder-1.5b "
             "--dataset random --random-input-len 128 --random-output-len 64 --request-rate 0.25 0.5 1 "
             "--num-prompts 24 --ignore-eos --goodput ttft:2000 tpot:150 --tinyserve-args \"--compile blocking\" "
@@ -79,7 +81,7 @@ def _src(r: Results, pattern: str, command: str) -> Source:
 
 # -- 1. title and headline ---------------------------------------------------------------------------
 def title(r: Results) -> Slide:
-    m = _by_label_conc(_serve_runs(r, "speed3/serve/*.json"))
+    m = _by_label_conc(_serve_runs(r, SERVE_1_5B))
     rows = []
     for label in ("tinyserve", "llamacpp", "vllm"):
         a, b = m[(label, 1)], m[(label, 8)]
@@ -95,10 +97,10 @@ def title(r: Results) -> Slide:
         + table(["server", "1 in flight: out tok/s", "TPOT p50 ms", "8 in flight: out tok/s", "TPOT p50 ms"], rows)
         + f"<p>1 in flight: <b>{one:.2f}x</b> the best peer; 8 in flight: <b>{eight:.2f}x</b> vLLM-CPU.</p>")
     notes = ("Open with the headline, then the question. The engine is tinyserve: continuous batching, paged KV, "
-             "GGUF blocks on our own kernels, a compiled decode step. The table is the S4 serving run on the Xeon; "
+             "GGUF blocks on our own kernels, a compiled decode step. The table is the AX serving run on the Xeon; "
              "every later slide says which machine and which file its numbers come from.")
     return Slide("tinyserve: what we built, what it bought, what failed", body, notes,
-                 [_src(r, "speed3/serve/*.json", PEERS_S4)])
+                 [_src(r, SERVE_1_5B, PEERS_AX)])
 
 
 # -- 2. question and models --------------------------------------------------------------------------
@@ -288,8 +290,9 @@ def roofline(r: Results) -> Slide:
         "dense bf16 copies (AMX).",
     ])
     notes = ("Roofline in one line: decode tok/s at batch 1 cannot beat bandwidth divided by bytes per token. We are "
-             "at two thirds of it on the 1.5B. At batch 8 the int16 products of the block kernel are the limit, "
-             "which is where start-up hands large steps to AMX. On the small model Python and launch overheads "
+             "at two thirds of it on the 1.5B. At batch 8 the int16 products of the block kernel were the limit, "
+             "now AMX-INT8 tiles on a repacked copy (REPORT AX); start-up hands larger steps to dense AMX bf16. "
+             "On the small model Python and launch overheads "
              "were the first target.")
     return Slide("Where a step's time goes: the roofline", body, notes, [
         _src(r, "speed3/profile-bfloat16-*.json",
@@ -417,8 +420,8 @@ def gguf(r: Results) -> Slide:
         f"PyTorch's int4 on the Q4_K part alone and {rows[('dense-bf16', 'all')][1]:.0f} ms dense.",
         f"The 1.5B's decode step at batch 1: {old:.1f} &rarr; <b>{new:.1f} ms</b> ({old / new:.2f}x) against "
         "the previous mode (Q6_K served as dense bf16).",
-        "At 8 rows ours is compute-bound and level with dense: the crossover measured at start-up hands big "
-        "steps to AMX.",
+        "At 8 rows the int16 products are compute-bound and level with dense; since, Q4_K and Q6_K repacked for "
+        "AMX-INT8 tiles take 6-16 rows with the same integer arithmetic: a batch-8 step 1.35-1.5x faster (REPORT AX).",
     ])
     notes = ("The Q4_K_M file mixes Q4_K and Q6_K, and the output layer is Q6_K: serving Q6_K as dense bf16 copies "
              "read several times the file's bytes. The error bound is tested against gguf's own dequantization "
@@ -766,7 +769,7 @@ def scale_out(r: Results) -> Slide:
 
 # -- 17. peers, Xeon ---------------------------------------------------------------------------------
 def peers_xeon(r: Results) -> Slide:
-    runs = _serve_runs(r, "speed3/serve/*.json")
+    runs = _serve_runs(r, SERVE_1_5B)
     m = _by_label_conc(runs)
     labels = ("tinyserve", "llamacpp", "vllm")
     weights = {run["_label"]: html.escape(str((run.get("peer") or {}).get("weights", "?"))) for run in runs}
@@ -794,9 +797,10 @@ def peers_xeon(r: Results) -> Slide:
         f"1 in flight: TPOT {m[('tinyserve', 1)]['tpot_median_ms']:.1f} ms vs llama.cpp "
         f"{m[('llamacpp', 1)]['tpot_median_ms']:.1f} and vLLM {m[('vllm', 1)]['tpot_median_ms']:.1f}: the block "
         "kernel reads less and faster.",
-        f"8 in flight: level with vLLM ({t8['output_throughput']:.1f} vs {v8['output_throughput']:.1f} tok/s); "
-        f"our steps are faster (TPOT {t8['tpot_median_ms']:.0f} vs {v8['tpot_median_ms']:.0f} ms) but TTFT is higher "
-        f"({t8['ttft_median_ms'] / 1000:.1f} vs {v8['ttft_median_ms'] / 1000:.1f} s p50): our reading, a wave of "
+        f"8 in flight: {t8['output_throughput'] / v8['output_throughput']:.2f}x vLLM "
+        f"({t8['output_throughput']:.1f} vs {v8['output_throughput']:.1f} tok/s), the batched steps on AMX tiles "
+        f"(TPOT {t8['tpot_median_ms']:.0f} vs {v8['tpot_median_ms']:.0f} ms); TTFT still higher "
+        f"({t8['ttft_median_ms'] / 1000:.1f} vs {v8['ttft_median_ms'] / 1000:.1f} s p50): a wave of "
         "prefills on the dense copies.",
         f"Poisson arrivals at {' / '.join(f'{x:g}' for x in rates)} req/s: out tok/s tinyserve {at('tinyserve')}, "
         f"vLLM {at('vllm')}, llama.cpp {at('llamacpp')}; goodput (TTFT &le; 2 s, TPOT &le; 150 ms) at "
@@ -805,12 +809,12 @@ def peers_xeon(r: Results) -> Slide:
                     for lab in labels)
         + ".",
     ])
-    notes = ("The discussion point: we beat both at batch 1 by bytes read, but vLLM's scheduler gets the same "
-             "throughput at 8 with all requests sent at once, with slower steps; our TTFT under a wave of prefills "
+    notes = ("The discussion point: we beat both at batch 1 by bytes read; at 8 the int16 products made our steps "
+             "compute-bound (level with vLLM until the AMX tiles, REPORT AX); our TTFT under a wave of prefills "
              "is the open problem. Under Poisson arrivals, where prefills come spread out, we lead at every rate. "
              "llama.cpp's server is slower per step here and its TTFT grows with the queue.")
     return Slide("Side by side on the Xeon: Qwen2.5-Coder-1.5B", body, notes,
-                 [_src(r, "speed3/serve/*.json", PEERS_S4), _src(r, "speed3/online/*-random-*.json", PEERS_OL)],
+                 [_src(r, SERVE_1_5B, PEERS_AX), _src(r, "speed3/online/*-random-*.json", PEERS_OL)],
                  figure=png_uri(fig), figure_alt="peers side by side")
 
 
