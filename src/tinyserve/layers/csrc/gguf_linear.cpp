@@ -368,17 +368,12 @@ inline void store(float* p, float v) { *p = v; }
 inline void store(c10::BFloat16* p, float v) { *p = c10::BFloat16(v); }
 
 constexpr int64_t kPrefetch = 8192;
-// A thread takes its output rows in kStreams interleaved runs (`interleaved`): a core reading several
+// A thread takes its output rows in kStreams interleaved runs (`rows_of`): a core reading several
 // sequential streams at once keeps more reads in flight than reading one. One core reading 512 MB: 12.2-12.9
 // GB/s as one stream, 14-15 as two, 15.8-16 as four; the 1.5B's gate/up matrices at one row 18.1 -> 22.1
 // GB/s (four; eight: 22.7), its Q6_K ones 20.7 -> 22.7 (2 threads, Xeon with AMX). The tiles, bound by
 // their decoding, gained nothing from it.
 constexpr int64_t kStreams = 4;
-
-// The idx-th of the rows begin.. in kStreams runs of `run` rows, visited in turn (may pass the end).
-inline int64_t interleaved(int64_t begin, int64_t run, int64_t idx) {
-  return begin + (idx % kStreams) * run + idx / kStreams;
-}
 constexpr int kRows = 4;    // activation rows whose accumulators live in registers
 constexpr int kMany = 32;   // beyond kRows, rows sharing one decode of a block (accumulators in L1)
 
@@ -393,9 +388,9 @@ void rows_of(const uint8_t* w, int64_t row_bytes, const Activations& a, int64_t 
   const int rows = R > 0 ? R : count;
   const int64_t K = a.K, blocks = K / QK, groups = K / a.group;  // one activation group per block
   const int64_t bytes = row_bytes / blocks;
-  const int64_t run = (end - begin + kStreams - 1) / kStreams;
+  const int64_t run = (end - begin + kStreams - 1) / kStreams;  // rows begin + s * run + i, s in turn
   for (int64_t idx = 0; idx < run * kStreams; ++idx) {
-    const int64_t n = interleaved(begin, run, idx);
+    const int64_t n = begin + (idx % kStreams) * run + idx / kStreams;
     if (n >= end) continue;
     const uint8_t* row = w + n * row_bytes;
     float mins[cap] = {};
