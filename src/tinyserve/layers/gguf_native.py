@@ -48,11 +48,7 @@ def _fake(x, weights, qtypes, repacked=None, tile_min_rows=None):  # shapes for 
     return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))
 
 
-def _fake_repack(blocks, qtype):
-    raise NotImplementedError("gguf_repack runs at load, never traced")
-
-
-OPS = native.NativeOps(SOURCE, {"tinyserve::gguf_linear": _fake, "tinyserve::gguf_repack": _fake_repack},
+OPS = native.NativeOps(SOURCE, {"tinyserve::gguf_linear": _fake},
                        "GGUF blocks go to PyTorch's int4 kernel or dense instead")
 
 

@@ -595,12 +595,11 @@ at::Tensor repack(const at::Tensor& blocks, int64_t t) {
 
 // The activations for the tiles: xq split into hi (signed) and lo (unsigned) bytes, rows padded to 16.
 struct TileActivations {
-  int64_t rows = 0;
   std::vector<int8_t> hi;
   std::vector<uint8_t> lo;
 
   void split(const Activations& a, int64_t M) {
-    rows = (M + 15) / 16 * 16;
+    const int64_t rows = (M + 15) / 16 * 16;
     hi.assign(rows * a.K, 0);
     lo.assign(rows * a.K, 0);
     for (int64_t i = 0; i < M * a.K; ++i) {
