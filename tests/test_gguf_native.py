@@ -114,21 +114,25 @@ def test_each_row_is_computed_alone(qtype):
 
 
 def run_tiles(x: torch.Tensor, shards: list[GGUFTensor]) -> torch.Tensor:
+    """Through each shard's repacked form, where it has one: on AMX tiles where the CPU has them, else
+    (Q4_K) on the vector units."""
     tiles = [torch.ops.tinyserve.gguf_repack(s.data, QTYPES[s.qtype]) for s in shards]
     return torch.ops.tinyserve.gguf_linear(x, [s.data for s in shards], [QTYPES[s.qtype] for s in shards], tiles)
 
 
 needs_tiles = pytest.mark.skipif("not gguf_native.tiles_available()", reason="no AMX tiles on this CPU")
+needs_repacked = pytest.mark.skipif("not gguf_native.repack_available()", reason="no AVX-512 VNNI on this CPU")
+no_amx = pytest.mark.skipif("gguf_native.tiles_available()", reason="AMX: Q4_K's repacked form goes to the tiles")
 
 
-@needs_tiles
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", [pytest.param("Q4_K", marks=needs_repacked), pytest.param("Q6_K", marks=needs_tiles)])
 @pytest.mark.parametrize("rows", [1, 3, 8, 17, 35])
-def test_tiles_match_gguf_dequantization_within_its_bound(qtype, rows):
-    """Q4_K and Q6_K on AMX tiles: 48 output rows (three tile groups, uneven over threads), 1 to 35
-    activation rows (a partial tile, a full one, more than one), fp32 activations: within the int16
-    path's bound, and that path's result up to fp32 rounding (the same integer sums, scaled and summed
-    in another order)."""
+def test_repacked_matches_gguf_dequantization_within_its_bound(qtype, rows):
+    """Q4_K and Q6_K repacked (on AMX tiles; Q4_K without AMX on the vector units): 48 output rows (three
+    16-row groups, uneven over threads), 1 to 35 activation rows (a partial tile, a full one, more than
+    one; one to four rows at a time and a remainder), fp32 activations: within the int16 path's bound,
+    and that path's result up to fp32 rounding (the same integer sums, scaled and summed in another
+    order)."""
     t = random_blocks(qtype, 48, 768, seed=rows)
     x = torch.randn(rows, 768, generator=torch.Generator().manual_seed(rows))
     w = reference(t)
@@ -141,7 +145,7 @@ def test_tiles_match_gguf_dequantization_within_its_bound(qtype, rows):
     assert bool(((y.double() - run(x, [t]).double()).abs() <= 1e-6 * scale).all())
 
 
-@needs_tiles
+@needs_repacked
 def test_tiles_in_a_fused_linear_and_where_they_cannot_go():
     """A fused q/k/v of Q4_K, Q6_K and Q4_K shards: the first on tiles, the Q6_K and the Q4_K starting
     off a 16-row boundary on the int16 path; each column block is its shard's own product. A Q4_K whose
@@ -154,6 +158,28 @@ def test_tiles_in_a_fused_linear_and_where_they_cannot_go():
     assert torch.equal(y[:, :32], run_tiles(x, shards[:1]))
     assert torch.equal(y[:, 32:], torch.cat([run(x, [s]) for s in shards[1:]], dim=1))
     assert torch.ops.tinyserve.gguf_repack(random_blocks("Q4_K", 8, 256).data, QTYPES["Q4_K"]).numel() == 0
+
+
+@needs_repacked
+@no_amx
+def test_without_amx_q4k_is_read_repacked_at_every_row_count():
+    """On AVX-512 VNNI without AMX: Q4_K's repacked form at any rows (each row alone: the same bits
+    whatever the rows beside it, 1 to 4 at a time or more), Q6_K its file's blocks; `gguf-native` keeps
+    none."""
+    cpu = torch.device("cpu")
+    t = random_blocks("Q4_K", 32, 512)
+    w = GGUFMethod(keep_dense=False).pack([t], torch.bfloat16, cpu)
+    assert isinstance(w, GGUFWeight) and w.kind == "gguf-Q4_K+repacked"
+    x = torch.randn(9, 512).bfloat16()
+    y = w(x)
+    assert torch.equal(y, run_tiles(x, [t]))
+    for lo, hi in ((0, 1), (3, 4), (2, 5), (1, 9)):
+        assert torch.equal(y[lo:hi], w(x[lo:hi]))
+    assert w.bytes_read(1) == w.bytes_read(9) == w.tiles0.nbytes
+    six = GGUFMethod(keep_dense=False).pack([random_blocks("Q6_K", 32, 512)], torch.bfloat16, cpu)
+    assert isinstance(six, GGUFWeight) and not six.tile_names
+    native = GGUFMethod(kernel="native", keep_dense=False).pack([t], torch.bfloat16, cpu)
+    assert isinstance(native, GGUFWeight) and not native.tile_names and torch.equal(native(x), run(x, [t]))
 
 
 @needs_tiles
@@ -192,7 +218,7 @@ def test_method_serves_each_type_on_its_kernel():
     large steps is the file's weights."""
     native = GGUFMethod().pack([random_blocks("Q4_K", 16, 256), random_blocks("Q6_K", 8, 256)], torch.bfloat16,
                                torch.device("cpu"))
-    tiles = "+tiles" if gguf_native.tiles_available() else ""
+    tiles = "+tiles" if gguf_native.tiles_available() else "+repacked" if gguf_native.repack_available() else ""
     assert isinstance(native, GGUFWeight) and native.kind == "gguf-Q4_K+Q6_K" + tiles
     assert native.dense is not None and native.dense.dtype == torch.bfloat16
     ref = torch.cat([reference(random_blocks("Q4_K", 16, 256)), reference(random_blocks("Q6_K", 8, 256))])

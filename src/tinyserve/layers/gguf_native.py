@@ -57,12 +57,23 @@ def kernel_available() -> bool:
     return OPS.available()
 
 
+def _repacks(qtype: str) -> bool:
+    probe = torch.zeros(16, 210 if qtype == "Q6_K" else 144, dtype=torch.uint8)
+    return kernel_available() and torch.ops.tinyserve.gguf_repack(probe, QTYPES[qtype]).numel() > 0
+
+
+@functools.cache
+def repack_available() -> bool:
+    """Whether Q4_K weights get a repacked form here (16 rows interleaved): the kernel built with
+    AVX-512 VNNI, which reads it on the vector units, or on AMX tiles where the CPU has them."""
+    return _repacks("Q4_K")
+
+
 @functools.cache
 def tiles_available() -> bool:
     """Whether Q4_K and Q6_K weights get the AMX tile path here: the kernel built with it (a CPU with AMX-INT8)
-    and the OS granting this process tile data."""
-    probe = torch.zeros(16, 144, dtype=torch.uint8)
-    return kernel_available() and torch.ops.tinyserve.gguf_repack(probe, QTYPES["Q4_K"]).numel() > 0
+    and the OS granting this process tile data (only then is Q6_K repacked)."""
+    return _repacks("Q6_K")
 
 
 def supports(shards: Sequence[object]) -> bool:
@@ -77,8 +88,9 @@ def vectorized() -> bool:
 
 class GGUFWeight(PackedWeight):
     """A linear's GGUF tensors as stored, one buffer per shard (uint8 [N_i, row_bytes_i]); with `tiles`,
-    where this CPU has AMX, each Q4_K and Q6_K shard also in the kernel's tile layout (`gguf_repack`: the
-    same bits per weight, 16 rows interleaved), on which steps of `TILE_MIN_ROWS` rows or more multiply."""
+    a repacked form (`gguf_repack`: the same bits per weight, 16 rows interleaved) of each shard that has
+    one here: where the CPU has AMX, Q4_K and Q6_K, multiplied on tiles from `TILE_MIN_ROWS` rows; on
+    other AVX-512 VNNI CPUs, Q4_K, read by the vector units at every row count."""
 
     def __init__(self, shards: Sequence[GGUFTensor], dense: torch.Tensor | None, tiles: bool = False) -> None:
         super().__init__(dense)
@@ -87,9 +99,9 @@ class GGUFWeight(PackedWeight):
         for i, s in enumerate(shards):
             self.register_buffer(f"blocks{i}", s.data)
             self.names.append(f"blocks{i}")
-        # empty where a shard has no tile form (not Q4_K/Q6_K, rows not in 16s, no AMX)
+        # empty where a shard has no repacked form (see gguf_repack; rows not in 16s)
         repacked = ([torch.ops.tinyserve.gguf_repack(s.data, q) for s, q in zip(shards, self.qtypes)]
-                    if tiles and tiles_available() else [])
+                    if tiles and repack_available() else [])
         self.tile_names = []
         if any(r.numel() for r in repacked):
             for i, r in enumerate(repacked):
@@ -97,11 +109,13 @@ class GGUFWeight(PackedWeight):
                 self.tile_names.append(f"tiles{i}")
         self.tile_min_rows = [TILE_MIN_ROWS.get(s.qtype, 1 << 30) for s in shards]
         types = sorted({s.qtype for s in shards})
-        self.kind = "gguf-" + "+".join(types) + ("+tiles" if self.tile_names else "")
+        suffix = ("+tiles" if tiles_available() else "+repacked") if self.tile_names else ""
+        self.kind = "gguf-" + "+".join(types) + suffix
 
     def _on_tiles(self, rows: int, shard: int) -> bool:
+        """Whether a step of `rows` reads the shard's repacked form (the kernel's own choice, mirrored)."""
         return bool(self.tile_names) and getattr(self, self.tile_names[shard]).numel() > 0 and \
-            rows >= self.tile_min_rows[shard]
+            (rows >= self.tile_min_rows[shard] or not tiles_available())
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         blocks = [getattr(self, n) for n in self.names]

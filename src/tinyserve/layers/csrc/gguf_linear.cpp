@@ -495,44 +495,14 @@ void dispatch(int64_t t, const uint8_t* w, int64_t row_bytes, const Activations&
   }
 }
 
-// ---- Q4_K and Q6_K on AMX tiles, for steps of several rows --------------------------------------------
-// The int16 products above are compute-bound from ~4 rows (S4: 8 rows 2.2x the one-row time). AMX
-// multiplies int8 tiles at ~30x VNNI's rate, but wants the weights as its B operand: [K/4][16 rows][4
-// bytes], i.e. 16 output rows interleaved by 4-byte groups. `gguf_repack` writes a tensor so, once at
-// load, with the same bits per weight (Q4_K 4.6 instead of 4.5, Q6_K 6.56 as stored). The arithmetic
-// is the int16 path's, exactly, in integers:
-// - activations: the same int16 codes xq, split as xq = 256 * hi + lo (hi signed, lo unsigned bytes);
-// - Q4_K: codes q (0..15) times their 6-bit sub-scale s, split as s = lo3 + 8 * hi3, so q * lo3 and
-//   q * hi3 are both <= 105 (unsigned bytes; one vpmullw makes both of a 16-bit lane's bytes: no
-//   carry); the four int32 tiles (each |sum| < 7e6) combine as 256 (C_hl + 8 C_hh) + C_ll + 8 C_lh;
-// - Q6_K: the 16-bit product sc * (q - 32) (|.| <= 4096) split into its low byte (unsigned) and high
-//   byte (signed); the tiles (|sum| < 2e7) combine as 65536 C_hh + 256 (C_hl + C_lh) + C_ll;
-// then, per super-block, d * dx and the mins in fp32 as in `rows_of`. A row's integer sums do not
-// depend on the others, but the fp32 order differs from `rows_of`, so the batch-invariant mode
-// (gguf-native) never repacks.
-#if defined(TINYSERVE_GGUF_AMX)
-constexpr int64_t kAmxGroup = 16;  // output rows per B tile
+// ---- Q4_K and Q6_K repacked: 16 output rows interleaved -----------------------------------------------
+// Written once at load (`gguf_repack`), the same bits per weight. AMX reads both types so (the tiles'
+// B operand); the AVX-512 path reads Q4_K so on CPUs without AMX (`vnni_q4k_rows`).
+#if defined(TINYSERVE_GGUF_VNNI)
+constexpr int64_t kRowGroup = 16;  // output rows interleaved (an AMX B tile's)
 
 // Repacked bytes per 16 rows x 256 weights (`repack_q4k`, `repack_q6k`).
-constexpr int64_t amx_block(int64_t t) { return t == Q4_K ? 2368 : 3360; }
-
-// The process may use tile data only after asking the kernel (Linux 5.16+); once, cached.
-bool amx_permitted() {
-  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-  return ok;
-}
-
-// Every tile 16 rows of 64 bytes: 0-3 the int32 sums, 4-5 the weights (two byte planes), 6-7 the
-// activations (hi / lo). Rows past M are zeros in the activation buffers.
-void configure_tiles() {
-  alignas(64) uint8_t cfg[64] = {};
-  cfg[0] = 1;  // palette 1
-  for (int t = 0; t < 8; ++t) {
-    cfg[16 + 2 * t] = 64;  // bytes per row (little-endian uint16)
-    cfg[48 + t] = 16;      // rows
-  }
-  _tile_loadconfig(cfg);
-}
+constexpr int64_t repacked_bytes(int64_t t) { return t == Q4_K ? 2368 : 3360; }
 
 // Q4_K [N, K / 256 * 144] as [N / 16][K / 256][2368 bytes]: per 16 rows and super-block, d[16] and
 // dmin[16] (fp16), the 6-bit scales and mins as [8 sub-blocks][16 rows] bytes, then the nibbles as 32
@@ -578,19 +548,151 @@ void repack_q6k(const uint8_t* b, uint8_t* o, int n) {
 
 at::Tensor repack(const at::Tensor& blocks, int64_t t) {
   const int64_t N = blocks.size(0), bytes = layout(t).bytes, nb = blocks.size(1) / bytes;
-  at::Tensor out = at::zeros({N / kAmxGroup, nb * amx_block(t)}, blocks.options());
+  at::Tensor out = at::zeros({N / kRowGroup, nb * repacked_bytes(t)}, blocks.options());
   const uint8_t* src = blocks.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
-  at::parallel_for(0, N / kAmxGroup, 1, [&](int64_t g0, int64_t g1) {
+  at::parallel_for(0, N / kRowGroup, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g)
       for (int64_t sb = 0; sb < nb; ++sb)
-        for (int n = 0; n < kAmxGroup; ++n) {
-          const uint8_t* b = src + ((g * kAmxGroup + n) * nb + sb) * bytes;
-          uint8_t* o = dst + (g * nb + sb) * amx_block(t);
+        for (int n = 0; n < kRowGroup; ++n) {
+          const uint8_t* b = src + ((g * kRowGroup + n) * nb + sb) * bytes;
+          uint8_t* o = dst + (g * nb + sb) * repacked_bytes(t);
           t == Q4_K ? repack_q4k(b, o, n) : repack_q6k(b, o, n);
         }
   });
   return out;
+}
+
+// Q4_K on the repacked layout, without AMX: one 64-byte vector is 16 rows x 4 bytes, and two byte
+// shuffles make it four vectors of 16 rows x 2 codes, each multiplied (vpdpwssd) by a pair of
+// activations broadcast from memory. The file's layout needs one weight row per vector, so its sub-scales
+// are multiplied into the codes and broadcast per 32 weights; here they multiply the int32 sums per
+// sub-block, 16 rows at once: ~11 vector instructions per 128 weights at one row instead of ~27.
+// The integer sum per super-block is the int16 path's exactly; the fp32 steps are d * dx per
+// super-block and the mins, as in `rows_of`, in another order (so gguf-native never repacks).
+template <int R, typename Out>
+void q4k_group_rows(const uint8_t* rp, int64_t nb, const Activations& a, int64_t m0, int64_t g, Out* y,
+                    int64_t y_stride, int64_t col0) {
+  constexpr int64_t block = repacked_bytes(Q4_K);
+  const int64_t K = a.K;
+  // per dword (one row's 4 bytes): bytes 0, 1 (then 2, 3) into the low bytes of its two 16-bit lanes
+  const __m512i first = _mm512_broadcast_i32x4(_mm_setr_epi8(0, -1, 1, -1, 4, -1, 5, -1, 8, -1, 9, -1, 12, -1, 13, -1));
+  const __m512i second = _mm512_broadcast_i32x4(_mm_setr_epi8(2, -1, 3, -1, 6, -1, 7, -1, 10, -1, 11, -1, 14, -1, 15, -1));
+  const __m512i low4 = _mm512_set1_epi16(15);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t sb = 0; sb < nb; ++sb) {
+    const uint8_t* blk = rp + (g * nb + sb) * block;
+    for (int64_t o = 0; o < block; o += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch + o), _MM_HINT_T1);
+    const int16_t* x[R];
+    for (int r = 0; r < R; ++r) x[r] = a.xq.data() + (m0 + r) * K + sb * 256;
+    __m512 total[R];  // per row: its 64-weight chunks' exact int32 sums, added in fp32
+    for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
+    for (int c = 0; c < 4; ++c) {
+      __m512i lo[R], hi[R];  // sub-blocks 2c (low nibbles) and 2c + 1 (high)
+      for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm512_setzero_si512();
+      for (int p = 0; p < 8; ++p) {
+        const __m512i v = _mm512_loadu_si512(blk + 320 + 64 * (8 * c + p));
+        const __m512i a01 = _mm512_shuffle_epi8(v, first), a23 = _mm512_shuffle_epi8(v, second);
+        const __m512i q0 = _mm512_and_si512(a01, low4), q2 = _mm512_and_si512(a23, low4);
+        const __m512i q32 = _mm512_srli_epi16(a01, 4), q34 = _mm512_srli_epi16(a23, 4);
+        const int k = 64 * c + 4 * p;  // weights k..k + 3 (low nibbles), k + 32.. (high)
+        for (int r = 0; r < R; ++r) {
+          int32_t pair[4];
+          std::memcpy(&pair[0], x[r] + k, 4);
+          std::memcpy(&pair[1], x[r] + k + 2, 4);
+          std::memcpy(&pair[2], x[r] + k + 32, 4);
+          std::memcpy(&pair[3], x[r] + k + 34, 4);
+          lo[r] = _mm512_dpwssd_epi32(lo[r], q0, _mm512_set1_epi32(pair[0]));
+          lo[r] = _mm512_dpwssd_epi32(lo[r], q2, _mm512_set1_epi32(pair[1]));
+          hi[r] = _mm512_dpwssd_epi32(hi[r], q32, _mm512_set1_epi32(pair[2]));
+          hi[r] = _mm512_dpwssd_epi32(hi[r], q34, _mm512_set1_epi32(pair[3]));
+        }
+      }
+      const __m512i s_lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 64 + 32 * c)));
+      const __m512i s_hi = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 80 + 32 * c)));
+      // |lo * s_lo + hi * s_hi| <= 2 * 32 * 15 * 63 * 32767 < 2^31: exact (a whole super-block might not be)
+      for (int r = 0; r < R; ++r)
+        total[r] = _mm512_add_ps(total[r], _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_mullo_epi32(lo[r], s_lo),
+                                                                               _mm512_mullo_epi32(hi[r], s_hi))));
+    }
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
+    const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32)));
+    __m512 mn[8];
+    for (int j = 0; j < 8; ++j)
+      mn[j] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192 + 16 * j))));
+    for (int r = 0; r < R; ++r) {
+      const int64_t m = m0 + r;
+      acc[r] = _mm512_fmadd_ps(total[r], _mm512_mul_ps(d, _mm512_set1_ps(a.dx[m * nb + sb])), acc[r]);
+      const float* s = a.sums.data() + m * (K / 32) + sb * 8;
+      __m512 mins = _mm512_mul_ps(mn[0], _mm512_set1_ps(s[0]));
+      for (int j = 1; j < 8; ++j) mins = _mm512_fmadd_ps(mn[j], _mm512_set1_ps(s[j]), mins);
+      acc[r] = _mm512_fnmadd_ps(dmin, mins, acc[r]);
+    }
+  }
+  alignas(64) float out[16];
+  for (int r = 0; r < R; ++r) {
+    _mm512_store_ps(out, acc[r]);
+    for (int i = 0; i < 16; ++i) store(y + (m0 + r) * y_stride + col0 + g * kRowGroup + i, out[i]);
+  }
+}
+
+// Output row groups [g0, g1) of a repacked Q4_K weight for all M activation rows, up to four at a
+// time (their accumulators in registers), a group's bytes read from L2 again for each four; the
+// groups taken as kStreams interleaved runs, as `rows_of` takes rows.
+template <typename Out>
+void vnni_q4k_rows(const uint8_t* rp, int64_t nb, const Activations& a, int64_t M, int64_t g0, int64_t g1, Out* y,
+                   int64_t y_stride, int64_t col0) {
+  const int64_t run = (g1 - g0 + kStreams - 1) / kStreams;
+  for (int64_t idx = 0; idx < run * kStreams; ++idx) {
+    const int64_t g = g0 + (idx % kStreams) * run + idx / kStreams;
+    if (g >= g1) continue;
+    for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+      switch (std::min<int64_t>(kRows, M - m0)) {
+        case 4: q4k_group_rows<4>(rp, nb, a, m0, g, y, y_stride, col0); break;
+        case 3: q4k_group_rows<3>(rp, nb, a, m0, g, y, y_stride, col0); break;
+        case 2: q4k_group_rows<2>(rp, nb, a, m0, g, y, y_stride, col0); break;
+        default: q4k_group_rows<1>(rp, nb, a, m0, g, y, y_stride, col0);
+      }
+    }
+  }
+}
+
+#endif
+
+// ---- Q4_K and Q6_K on AMX tiles, for steps of several rows --------------------------------------------
+// The int16 products above are compute-bound from ~4 rows (S4: 8 rows 2.2x the one-row time). AMX
+// multiplies int8 tiles at ~30x VNNI's rate, but wants the weights as its B operand: [K/4][16 rows][4
+// bytes], i.e. 16 output rows interleaved by 4-byte groups. `gguf_repack` writes a tensor so, once at
+// load, with the same bits per weight (Q4_K 4.6 instead of 4.5, Q6_K 6.56 as stored). The arithmetic
+// is the int16 path's, exactly, in integers:
+// - activations: the same int16 codes xq, split as xq = 256 * hi + lo (hi signed, lo unsigned bytes);
+// - Q4_K: codes q (0..15) times their 6-bit sub-scale s, split as s = lo3 + 8 * hi3, so q * lo3 and
+//   q * hi3 are both <= 105 (unsigned bytes; one vpmullw makes both of a 16-bit lane's bytes: no
+//   carry); the four int32 tiles (each |sum| < 7e6) combine as 256 (C_hl + 8 C_hh) + C_ll + 8 C_lh;
+// - Q6_K: the 16-bit product sc * (q - 32) (|.| <= 4096) split into its low byte (unsigned) and high
+//   byte (signed); the tiles (|sum| < 2e7) combine as 65536 C_hh + 256 (C_hl + C_lh) + C_ll;
+// then, per super-block, d * dx and the mins in fp32 as in `rows_of`. A row's integer sums do not
+// depend on the others, but the fp32 order differs from `rows_of`, so the batch-invariant mode
+// (gguf-native) never repacks.
+#if defined(TINYSERVE_GGUF_AMX)
+// The process may use tile data only after asking the kernel (Linux 5.16+); once, cached.
+bool amx_permitted() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+}
+
+// Every tile 16 rows of 64 bytes: 0-3 the int32 sums, 4-5 the weights (two byte planes), 6-7 the
+// activations (hi / lo). Rows past M are zeros in the activation buffers.
+void configure_tiles() {
+  alignas(64) uint8_t cfg[64] = {};
+  cfg[0] = 1;  // palette 1
+  for (int t = 0; t < 8; ++t) {
+    cfg[16 + 2 * t] = 64;  // bytes per row (little-endian uint16)
+    cfg[48 + t] = 16;      // rows
+  }
+  _tile_loadconfig(cfg);
 }
 
 // The activations for the tiles: xq split into hi (signed) and lo (unsigned) bytes, rows padded to 16.
@@ -716,7 +818,7 @@ inline void accumulate_tiles(const int32_t (*c)[16 * 16], const uint8_t* blk, co
 template <int64_t T, typename Out>
 void amx_rows(const uint8_t* rp, int64_t nb, const Activations& a, const TileActivations& t, int64_t M, int64_t g0,
               int64_t g1, Out* y, int64_t y_stride, int64_t col0) {
-  constexpr int64_t block = amx_block(T);
+  constexpr int64_t block = repacked_bytes(T);
   const int64_t K = a.K;
   TileWeights w;
   alignas(64) int32_t c[4][16 * 16];
@@ -763,7 +865,7 @@ void amx_rows(const uint8_t* rp, int64_t nb, const Activations& a, const TileAct
       }
       for (int r = 0; r < rows; ++r) {
         _mm512_store_ps(out, acc[r]);
-        for (int i = 0; i < 16; ++i) store(y + (m0 + r) * y_stride + col0 + g * kAmxGroup + i, out[i]);
+        for (int i = 0; i < 16; ++i) store(y + (m0 + r) * y_stride + col0 + g * kRowGroup + i, out[i]);
       }
     }
   }
@@ -797,21 +899,28 @@ at::Tensor gguf_linear(const at::Tensor& x, at::TensorList weights, at::IntArray
   const int64_t N = first.back();
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  // which weights go to the tiles: a repacked one whose columns start on a 16-row group
-  std::vector<char> tiles(weights.size(), 0);
-#if defined(TINYSERVE_GGUF_AMX)
+  // how each weight is read: its file blocks, or its repacked form (one whose columns start on a 16-row
+  // group) on AMX tiles from `tile_min_rows[i]` rows, or, Q4_K where the CPU has no AMX, at any rows
+  enum Path : char { kFile, kTiles, kVnniRepacked };
+  std::vector<char> path(weights.size(), kFile);
+#if defined(TINYSERVE_GGUF_VNNI)
   TORCH_CHECK(!tile_min_rows || tile_min_rows->size() == weights.size(), "gguf_linear: one tile_min_rows per weight");
-  if (!repacked.empty() && amx_permitted())
-    for (size_t i = 0; i < weights.size(); ++i) {
-      const at::Tensor& r = repacked[i];
-      if (r.numel() == 0 || (tile_min_rows && M < (*tile_min_rows)[i])) continue;
-      TORCH_CHECK((qtypes[i] == Q4_K || qtypes[i] == Q6_K) && r.scalar_type() == at::kByte && r.is_contiguous() &&
-                  r.size(0) * kAmxGroup == weights[i].size(0) && r.size(1) == K / 256 * amx_block(qtypes[i]),
-                  "gguf_linear: repacked form ", i, " does not match its weight");
-      tiles[i] = first[i] % kAmxGroup == 0;
+  for (size_t i = 0; i < repacked.size(); ++i) {
+    const at::Tensor& r = repacked[i];
+    if (r.numel() == 0 || first[i] % kRowGroup != 0) continue;
+    TORCH_CHECK((qtypes[i] == Q4_K || qtypes[i] == Q6_K) && r.scalar_type() == at::kByte && r.is_contiguous() &&
+                r.size(0) * kRowGroup == weights[i].size(0) && r.size(1) == K / 256 * repacked_bytes(qtypes[i]),
+                "gguf_linear: repacked form ", i, " does not match its weight");
+#if defined(TINYSERVE_GGUF_AMX)
+    if (amx_permitted()) {
+      if (!tile_min_rows || M >= (*tile_min_rows)[i]) path[i] = kTiles;
+      continue;
     }
 #endif
-  const bool any_tiles = std::find(tiles.begin(), tiles.end(), 1) != tiles.end();
+    if (qtypes[i] == Q4_K) path[i] = kVnniRepacked;
+  }
+#endif
+  const bool any_tiles = std::find(path.begin(), path.end(), kTiles) != path.end();
   const at::Tensor xc = x.contiguous();
   thread_local Activations scratch[2];
   // [0]: groups of 32 (legacy types), [1]: of 256 (K-quants); the workers read this thread's copy
@@ -828,8 +937,24 @@ at::Tensor gguf_linear(const at::Tensor& x, at::TensorList weights, at::IntArray
   }
 #if defined(TINYSERVE_GGUF_AMX)
   thread_local TileActivations tile_scratch;
-  TileActivations* tile_acts = &tile_scratch;  // as above: the workers read this thread's copy
-  if (any_tiles) tile_acts->split(by_group[1], M);
+  const TileActivations* tile_acts = &tile_scratch;  // as above: the workers read this thread's copy
+  if (any_tiles) tile_scratch.split(by_group[1], M);
+#endif
+#if defined(TINYSERVE_GGUF_VNNI)
+  // a repacked weight's groups [g0, g1): on the tiles, or (Q4_K) on the vector units
+  const auto repacked_rows = [&](bool on_tiles, int64_t t, const uint8_t* r, int64_t nb, const Activations& a,
+                                 int64_t rows, int64_t g0, int64_t g1, auto* out, int64_t stride, int64_t col0) {
+#if defined(TINYSERVE_GGUF_AMX)
+    if (on_tiles) {
+      t == Q4_K ? amx_rows<Q4_K>(r, nb, a, *tile_acts, rows, g0, g1, out, stride, col0)
+                : amx_rows<Q6_K>(r, nb, a, *tile_acts, rows, g0, g1, out, stride, col0);
+      return;
+    }
+#endif
+    (void)on_tiles;
+    (void)t;
+    vnni_q4k_rows(r, nb, a, rows, g0, g1, out, stride, col0);
+  };
 #endif
   // in groups of 16 output rows, so that a thread's range never splits a tile's rows
   at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t g_begin, int64_t g_end) {
@@ -841,19 +966,14 @@ at::Tensor gguf_linear(const at::Tensor& x, at::TensorList weights, at::IntArray
       const int64_t lo = std::max(begin, first[i]), hi = std::min(end, first[i + 1]);
       if (lo >= hi) continue;
       const Activations& a = by_group[is_k_quant(qtypes[i])];
-#if defined(TINYSERVE_GGUF_AMX)
-      if (tiles[i]) {
+#if defined(TINYSERVE_GGUF_VNNI)
+      if (path[i] != kFile) {
         const uint8_t* r = repacked[i].data_ptr<uint8_t>();
-        const int64_t g0 = (lo - first[i]) / kAmxGroup, g1 = (hi - first[i]) / kAmxGroup;
-        if (y.scalar_type() == at::kBFloat16) {
-          auto* out = y.data_ptr<c10::BFloat16>();
-          qtypes[i] == Q4_K ? amx_rows<Q4_K>(r, K / 256, a, *tile_acts, M, g0, g1, out, N, first[i])
-                            : amx_rows<Q6_K>(r, K / 256, a, *tile_acts, M, g0, g1, out, N, first[i]);
-        } else {
-          auto* out = y.data_ptr<float>();
-          qtypes[i] == Q4_K ? amx_rows<Q4_K>(r, K / 256, a, *tile_acts, M, g0, g1, out, N, first[i])
-                            : amx_rows<Q6_K>(r, K / 256, a, *tile_acts, M, g0, g1, out, N, first[i]);
-        }
+        const int64_t g0 = (lo - first[i]) / kRowGroup, g1 = (hi - first[i]) / kRowGroup;
+        if (y.scalar_type() == at::kBFloat16)
+          repacked_rows(path[i] == kTiles, qtypes[i], r, K / 256, a, M, g0, g1, y.data_ptr<c10::BFloat16>(), N, first[i]);
+        else
+          repacked_rows(path[i] == kTiles, qtypes[i], r, K / 256, a, M, g0, g1, y.data_ptr<float>(), N, first[i]);
         continue;
       }
 #endif
@@ -871,13 +991,18 @@ at::Tensor gguf_linear(const at::Tensor& x, at::TensorList weights, at::IntArray
   return y;
 }
 
-// A tensor's form for the AMX path (`amx_rows`), or an empty tensor where this build or CPU has none
-// (no AMX, or the kernel refused tile data) or the tensor cannot take it (not Q4_K or Q6_K, rows not
-// in 16s).
+// A tensor's repacked form (Q4_K for `vnni_q4k_rows` and `amx_rows`; Q6_K only for `amx_rows`, where the
+// CPU has AMX and the kernel grants tile data), or an empty tensor where this build has no use for one
+// or the tensor cannot take it (another type, rows not in 16s).
 at::Tensor gguf_repack(const at::Tensor& blocks, int64_t qtype) {
   TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 2, "gguf_repack: uint8 [N, bytes] blocks");
+#if defined(TINYSERVE_GGUF_VNNI)
 #if defined(TINYSERVE_GGUF_AMX)
-  if ((qtype == Q4_K || qtype == Q6_K) && blocks.size(0) % kAmxGroup == 0 && amx_permitted()) {
+  const bool wanted = qtype == Q4_K || (qtype == Q6_K && amx_permitted());
+#else
+  const bool wanted = qtype == Q4_K;  // Q6_K's file layout reads at the bandwidth already (REPORT section V4)
+#endif
+  if (wanted && blocks.size(0) % kRowGroup == 0) {
     TORCH_CHECK(blocks.size(1) % layout(qtype).bytes == 0, "gguf_repack: rows of whole blocks");
     return repack(blocks.contiguous(), qtype);
   }
