@@ -113,22 +113,22 @@ def test_each_row_is_computed_alone(qtype):
         assert torch.equal(y[lo:hi], run(x[lo:hi], [t]))
 
 
-def run_tiles(x: torch.Tensor, shards: list[GGUFTensor]) -> torch.Tensor:
+def run_repacked(x: torch.Tensor, shards: list[GGUFTensor]) -> torch.Tensor:
     """Through each shard's repacked form, where it has one: on AMX tiles where the CPU has them, else
     (Q4_K) on the vector units."""
     tiles = [torch.ops.tinyserve.gguf_repack(s.data, QTYPES[s.qtype]) for s in shards]
     return torch.ops.tinyserve.gguf_linear(x, [s.data for s in shards], [QTYPES[s.qtype] for s in shards], tiles)
 
 
-needs_tiles = pytest.mark.skipif("not gguf_native.tiles_available()", reason="no AMX tiles on this CPU")
 needs_repacked = pytest.mark.skipif("not gguf_native.repack_available()", reason="no AVX-512 VNNI on this CPU")
-no_amx = pytest.mark.skipif("gguf_native.tiles_available()", reason="AMX: Q4_K's repacked form goes to the tiles")
+no_amx = pytest.mark.skipif("gguf_native.tiles_available()", reason="AMX: the repacked form goes to the tiles")
 
 
-@pytest.mark.parametrize("qtype", [pytest.param("Q4_K", marks=needs_repacked), pytest.param("Q6_K", marks=needs_tiles)])
+@needs_repacked
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
 @pytest.mark.parametrize("rows", [1, 3, 8, 17, 35])
 def test_repacked_matches_gguf_dequantization_within_its_bound(qtype, rows):
-    """Q4_K and Q6_K repacked (on AMX tiles; Q4_K without AMX on the vector units): 48 output rows (three
+    """Q4_K and Q6_K repacked (on AMX tiles where the CPU has them, else the vector units): 48 output rows (three
     16-row groups, uneven over threads), 1 to 35 activation rows (a partial tile, a full one, more than
     one; one to four rows at a time and a remainder), fp32 activations: within the int16 path's bound,
     and that path's result up to fp32 rounding (the same integer sums, scaled and summed in another
@@ -136,7 +136,7 @@ def test_repacked_matches_gguf_dequantization_within_its_bound(qtype, rows):
     t = random_blocks(qtype, 48, 768, seed=rows)
     x = torch.randn(rows, 768, generator=torch.Generator().manual_seed(rows))
     w = reference(t)
-    y = run_tiles(x, [t])
+    y = run_repacked(x, [t])
     ref = x.double() @ w.t()
     bound = ERROR_BOUND * (group_amax(x, 256).double() @ w.abs().t()) + 1e-6 * (x.double().abs() @ w.abs().t())
     err = (y.double() - ref).abs()
@@ -147,57 +147,51 @@ def test_repacked_matches_gguf_dequantization_within_its_bound(qtype, rows):
 
 @needs_repacked
 def test_tiles_in_a_fused_linear_and_where_they_cannot_go():
-    """A fused q/k/v of Q4_K, Q6_K and Q4_K shards: the first on tiles, the Q6_K and the Q4_K starting
-    off a 16-row boundary on the int16 path; each column block is its shard's own product. A Q4_K whose
-    rows are not in 16s has no tile form."""
+    """A fused q/k/v of Q4_K, Q6_K and Q4_K shards: the first repacked, the Q6_K (8 rows) and the Q4_K
+    starting off a 16-row boundary on the int16 path; each column block is its shard's own product. A
+    Q4_K whose rows are not in 16s has no repacked form."""
     shards = [random_blocks("Q4_K", 32, 256, 1), random_blocks("Q6_K", 8, 256, 2), random_blocks("Q4_K", 16, 256, 3)]
     tiles = [torch.ops.tinyserve.gguf_repack(s.data, QTYPES[s.qtype]) for s in shards]
     assert [t.numel() > 0 for t in tiles] == [True, False, True]
     x = torch.randn(6, 256).bfloat16()
-    y = run_tiles(x, shards)
-    assert torch.equal(y[:, :32], run_tiles(x, shards[:1]))
+    y = run_repacked(x, shards)
+    assert torch.equal(y[:, :32], run_repacked(x, shards[:1]))
     assert torch.equal(y[:, 32:], torch.cat([run(x, [s]) for s in shards[1:]], dim=1))
     assert torch.ops.tinyserve.gguf_repack(random_blocks("Q4_K", 8, 256).data, QTYPES["Q4_K"]).numel() == 0
 
 
 @needs_repacked
 @no_amx
-def test_without_amx_q4k_is_read_repacked_at_every_row_count():
-    """On AVX-512 VNNI without AMX: Q4_K's repacked form at any rows (each row alone: the same bits
-    whatever the rows beside it, 1 to 4 at a time or more), Q6_K its file's blocks; `gguf-native` keeps
-    none."""
-    cpu = torch.device("cpu")
-    t = random_blocks("Q4_K", 32, 512)
-    w = GGUFMethod(keep_dense=False).pack([t], torch.bfloat16, cpu)
-    assert isinstance(w, GGUFWeight) and w.kind == "gguf-Q4_K+repacked"
-    x = torch.randn(9, 512).bfloat16()
-    y = w(x)
-    assert torch.equal(y, run_tiles(x, [t]))
-    for lo, hi in ((0, 1), (3, 4), (2, 5), (1, 9)):
-        assert torch.equal(y[lo:hi], w(x[lo:hi]))
-    assert w.bytes_read(1) == w.bytes_read(9) == w.tiles0.nbytes
-    six = GGUFMethod(keep_dense=False).pack([random_blocks("Q6_K", 32, 512)], torch.bfloat16, cpu)
-    assert isinstance(six, GGUFWeight) and not six.tile_names
-    native = GGUFMethod(kernel="native", keep_dense=False).pack([t], torch.bfloat16, cpu)
-    assert isinstance(native, GGUFWeight) and not native.tile_names and torch.equal(native(x), run(x, [t]))
-
-
-@needs_tiles
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
-def test_weights_use_tiles_for_several_rows_except_in_the_invariant_mode(qtype):
-    """The default mode multiplies steps of TILE_MIN_ROWS rows or more on tiles (a result within fp32
-    rounding of the int16 path's), fewer on the int16 path (bit for bit); `gguf-native`, whose rows must
-    never depend on the batch, keeps no tile form."""
+def test_vector_path_computes_each_row_alone(qtype):
+    """Without AMX the repacked form is read by the vector units, one to four activation rows at a time:
+    a row's result is the same bits whatever rows share its call."""
+    t = random_blocks(qtype, 48, 512)
+    x = torch.randn(11, 512).bfloat16()
+    y = run_repacked(x, [t])
+    for lo, hi in ((0, 1), (3, 4), (2, 5), (1, 11), (4, 9)):
+        assert torch.equal(y[lo:hi], run_repacked(x[lo:hi], [t]))
+
+
+@needs_repacked
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+def test_weights_read_repacked_from_their_min_rows_except_in_the_invariant_mode(qtype):
+    """The default mode reads steps of `repacked_min_rows()` rows or more from the repacked form (on
+    AMX tiles or the vector units: a result within fp32 rounding of the int16 path's), fewer from the
+    file's blocks (bit for bit); `gguf-native`, whose rows must never depend on the batch, keeps none."""
     cpu = torch.device("cpu")
     t = random_blocks(qtype, 32, 512)
     w = GGUFMethod(keep_dense=False).pack([t], torch.bfloat16, cpu)
-    assert isinstance(w, GGUFWeight) and w.kind.endswith("+tiles")
-    x = torch.randn(gguf_native.TILE_MIN_ROWS[qtype], 512).bfloat16()
-    assert torch.equal(w(x[:-1]), run(x[:-1], [t]))
-    assert torch.equal(w(x), run_tiles(x, [t]))
-    assert w.bytes_read(len(x) - 1) == t.data.nbytes and w.bytes_read(len(x)) == w.tiles0.nbytes
+    assert isinstance(w, GGUFWeight) and w.kind.endswith("+tiles" if gguf_native.tiles_available() else "+repacked")
+    n = gguf_native.repacked_min_rows()[qtype]
+    x = torch.randn(n + 1, 512).bfloat16()
+    if n > 1:
+        assert torch.equal(w(x[: n - 1]), run(x[: n - 1], [t]))
+        assert w.bytes_read(n - 1) == t.data.nbytes
+    assert torch.equal(w(x[:n]), run_repacked(x[:n], [t])) and torch.equal(w(x), run_repacked(x, [t]))
+    assert w.bytes_read(n) == w.repacked0.nbytes
     native = GGUFMethod(kernel="native", keep_dense=False).pack([t], torch.bfloat16, cpu)
-    assert isinstance(native, GGUFWeight) and not native.tile_names
+    assert isinstance(native, GGUFWeight) and not native.repacked_names
     assert torch.equal(native(x), run(x, [t]))
 
 

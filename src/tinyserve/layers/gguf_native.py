@@ -37,14 +37,16 @@ QTYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5
 # the int16 path and 40.4 / 41.1 / 42.7 ms on tiles; its Q6_K matrices (the LM head, half the down and v
 # projections) 31.5 / 30.8 / 47.7 / 56.0 ms at 6 / 8 / 10 / 16 rows and 39.4 / 35.8 / 38.5 / 45.1 on tiles
 # (2 threads, Xeon with AMX; `python -m tinyserve_lab.ablations.gguf_kernel --rows 4 8 16` compares
-# every matrix of a model, kernels ours vs ours-tiles).
+# every matrix of a model, kernels ours vs ours-repacked).
 TILE_MIN_ROWS = {"Q4_K": 6, "Q6_K": 10}
+# Without AMX, the vector units read the repacked form from this many rows (REPORT section VR).
+VECTOR_MIN_ROWS = {"Q4_K": 1, "Q6_K": 3}
 # |y - x W^T| <= ERROR_BOUND * sum_k |w_k| * max|x| over the activation group (int16 rounding: 2^-15
 # of the group's magnitude, halved), plus fp32 accumulation.
 ERROR_BOUND = 2.0**-15
 
 
-def _fake(x, weights, qtypes, repacked=None, tile_min_rows=None):  # shapes for torch.export
+def _fake(x, weights, qtypes, repacked=None, repacked_min_rows=None):  # shapes for torch.export
     return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))
 
 
@@ -57,23 +59,24 @@ def kernel_available() -> bool:
     return OPS.available()
 
 
-def _repacks(qtype: str) -> bool:
-    probe = torch.zeros(16, 210 if qtype == "Q6_K" else 144, dtype=torch.uint8)
-    return kernel_available() and torch.ops.tinyserve.gguf_repack(probe, QTYPES[qtype]).numel() > 0
-
-
 @functools.cache
 def repack_available() -> bool:
-    """Whether Q4_K weights get a repacked form here (16 rows interleaved): the kernel built with
-    AVX-512 VNNI, which reads it on the vector units, or on AMX tiles where the CPU has them."""
-    return _repacks("Q4_K")
+    """Whether Q4_K and Q6_K weights get a repacked form here (16 rows interleaved): the kernel built
+    with AVX-512 VNNI, which reads it on the vector units, or on AMX tiles where the CPU has them."""
+    probe = torch.zeros(16, 144, dtype=torch.uint8)
+    return kernel_available() and torch.ops.tinyserve.gguf_repack(probe, QTYPES["Q4_K"]).numel() > 0
 
 
 @functools.cache
 def tiles_available() -> bool:
-    """Whether Q4_K and Q6_K weights get the AMX tile path here: the kernel built with it (a CPU with AMX-INT8)
-    and the OS granting this process tile data (only then is Q6_K repacked)."""
-    return _repacks("Q6_K")
+    """Whether repacked weights multiply on AMX tiles here: the kernel built with AMX-INT8 (a CPU that
+    has it) and the OS granting this process tile data."""
+    return kernel_available() and bool(torch.ops.tinyserve.gguf_tiles())
+
+
+def repacked_min_rows() -> dict[str, int]:
+    """Steps of this many rows or more read a type's repacked form instead of the file's blocks."""
+    return TILE_MIN_ROWS if tiles_available() else VECTOR_MIN_ROWS
 
 
 def supports(shards: Sequence[object]) -> bool:
@@ -87,12 +90,12 @@ def vectorized() -> bool:
 
 
 class GGUFWeight(PackedWeight):
-    """A linear's GGUF tensors as stored, one buffer per shard (uint8 [N_i, row_bytes_i]); with `tiles`,
-    a repacked form (`gguf_repack`: the same bits per weight, 16 rows interleaved) of each shard that has
-    one here: where the CPU has AMX, Q4_K and Q6_K, multiplied on tiles from `TILE_MIN_ROWS` rows; on
-    other AVX-512 VNNI CPUs, Q4_K, read by the vector units at every row count."""
+    """A linear's GGUF tensors as stored, one buffer per shard (uint8 [N_i, row_bytes_i]); with `repack`,
+    also a repacked form (`gguf_repack`: the same bits per weight, 16 rows interleaved) of each Q4_K and
+    Q6_K shard, which steps of `repacked_min_rows()` rows or more read instead: on AMX tiles where the CPU
+    has them, else on the AVX-512 units."""
 
-    def __init__(self, shards: Sequence[GGUFTensor], dense: torch.Tensor | None, tiles: bool = False) -> None:
+    def __init__(self, shards: Sequence[GGUFTensor], dense: torch.Tensor | None, repack: bool = False) -> None:
         super().__init__(dense)
         self.qtypes = [QTYPES[s.qtype] for s in shards]
         self.names = []
@@ -101,42 +104,43 @@ class GGUFWeight(PackedWeight):
             self.names.append(f"blocks{i}")
         # empty where a shard has no repacked form (see gguf_repack; rows not in 16s)
         repacked = ([torch.ops.tinyserve.gguf_repack(s.data, q) for s, q in zip(shards, self.qtypes)]
-                    if tiles and repack_available() else [])
-        self.tile_names = []
+                    if repack and repack_available() else [])
+        self.repacked_names = []
         if any(r.numel() for r in repacked):
             for i, r in enumerate(repacked):
-                self.register_buffer(f"tiles{i}", r)
-                self.tile_names.append(f"tiles{i}")
-        self.tile_min_rows = [TILE_MIN_ROWS.get(s.qtype, 1 << 30) for s in shards]
+                self.register_buffer(f"repacked{i}", r)
+                self.repacked_names.append(f"repacked{i}")
+        thresholds = repacked_min_rows()
+        self.min_rows = [thresholds.get(s.qtype, 1 << 30) for s in shards]
         types = sorted({s.qtype for s in shards})
-        suffix = ("+tiles" if tiles_available() else "+repacked") if self.tile_names else ""
+        suffix = ("+tiles" if tiles_available() else "+repacked") if self.repacked_names else ""
         self.kind = "gguf-" + "+".join(types) + suffix
 
-    def _on_tiles(self, rows: int, shard: int) -> bool:
+    def _reads_repacked(self, rows: int, shard: int) -> bool:
         """Whether a step of `rows` reads the shard's repacked form (the kernel's own choice, mirrored)."""
-        return bool(self.tile_names) and getattr(self, self.tile_names[shard]).numel() > 0 and \
-            (rows >= self.tile_min_rows[shard] or not tiles_available())
+        return bool(self.repacked_names) and getattr(self, self.repacked_names[shard]).numel() > 0 and \
+            rows >= self.min_rows[shard]
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         blocks = [getattr(self, n) for n in self.names]
-        tiles = [getattr(self, n) for n in self.tile_names] or None
-        return torch.ops.tinyserve.gguf_linear(x, blocks, self.qtypes, tiles, self.tile_min_rows)
+        repacked = [getattr(self, n) for n in self.repacked_names] or None
+        return torch.ops.tinyserve.gguf_linear(x, blocks, self.qtypes, repacked, self.min_rows)
 
     def bytes_read(self, rows: int) -> int:
         if self.has_copy and rows > self.packed_max_rows:
             return super().bytes_read(rows)
-        return sum(getattr(self, self.tile_names[i] if self._on_tiles(rows, i) else n).nbytes
+        return sum(getattr(self, self.repacked_names[i] if self._reads_repacked(rows, i) else n).nbytes
                    for i, n in enumerate(self.names))
 
 
 def gguf_weight(shards: Sequence[GGUFTensor], dtype: torch.dtype, device: torch.device,
-                keep_dense: bool, tiles: bool = False) -> GGUFWeight | None:
+                keep_dense: bool, repack: bool = False) -> GGUFWeight | None:
     """The shards as one weight on the kernel; None where it cannot serve them (not a CPU, no compiler).
-    `tiles`: also the AMX layout of its Q4_K and Q6_K shards, where this CPU has AMX."""
+    `repack`: also the repacked form of its Q4_K and Q6_K shards, where this CPU reads one."""
     if device.type != "cpu" or not kernel_available():
         return None
     dense = torch.cat([dequantize_into(s, dtype) for s in shards]) if keep_dense else None
-    return GGUFWeight([GGUFTensor(s.qtype, s.data.contiguous(), s.shape) for s in shards], dense, tiles)
+    return GGUFWeight([GGUFTensor(s.qtype, s.data.contiguous(), s.shape) for s in shards], dense, repack)
 
 
 def dequantize_into(t: GGUFTensor, dtype: torch.dtype, chunk: int = 4096) -> torch.Tensor:

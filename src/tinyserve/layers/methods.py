@@ -99,9 +99,9 @@ class GGUFMethod:
 
     def pack(self, shards: Sequence[WeightSource], dtype: torch.dtype, device: torch.device) -> nn.Module:
         if self.kernel != "int4" and gguf_native.supports(shards) and (self.kernel == "native" or ours_faster(shards)):
-            # tiles (AMX, several rows) round differently from one row alone: never in the invariant mode
+            # the repacked form's fp32 steps differ from the file path's: never in the invariant mode
             weight = gguf_native.gguf_weight([s for s in shards if isinstance(s, GGUFTensor)], dtype, device,
-                                             self.keep_dense, tiles=self.kernel != "native")
+                                             self.keep_dense, repack=self.kernel != "native")
             if weight is not None:
                 return weight
         if not all(isinstance(s, GGUFTensor) and s.qtype in GGUF_INT4 for s in shards):

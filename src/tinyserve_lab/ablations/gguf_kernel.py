@@ -1,6 +1,7 @@
 """Every weight matrix of a GGUF's decode step (all layers and the output layer), per block type, on
-three kernels: ours (layers/csrc/gguf_linear.cpp; where the CPU has AMX also `ours-tiles`, its Q4_K
-weights on AMX tiles at every row count), PyTorch's int4 kernel where the type maps onto it
+three kernels: ours (layers/csrc/gguf_linear.cpp, the file's blocks; where the CPU has AVX-512 VNNI also
+`ours-repacked`: Q4_K and Q6_K repacked, on AMX tiles where it has them or else the vector units, at
+every row count), PyTorch's int4 kernel where the type maps onto it
 exactly (layers/gguf_blocks.py), and the dense bf16 copy (oneDNN; AMX where present). Rows 1 / 4 / 8
 (decode batches), `--rounds` interleaved rounds, best per kernel; the machine's read bandwidth is
 measured in the same run, so each kernel's GB/s (file bytes per second) reads as a share of it.
@@ -32,7 +33,7 @@ from tinyserve_lab import roofline
 from tinyserve_lab.ablations import rotated
 from tinyserve_lab.env_info import run_header, save_json
 
-KERNELS = ("ours", "ours-tiles", "int4", "dense-bf16")
+KERNELS = ("ours", "ours-repacked", "int4", "dense-bf16")
 
 
 def load(model: str | None) -> list[GGUFTensor]:
@@ -45,10 +46,10 @@ def load(model: str | None) -> list[GGUFTensor]:
 def kernels(t: GGUFTensor) -> dict[str, nn.Module | torch.Tensor]:
     cpu = torch.device("cpu")
     out: dict[str, nn.Module | torch.Tensor] = {"ours": gguf_native.GGUFWeight([t], None)}
-    if gguf_native.tiles_available():  # the tiles at every row count; other types as `ours` (a whole step)
-        tiles = gguf_native.GGUFWeight([t], None, tiles=True)
-        tiles.tile_min_rows = [1] * len(tiles.qtypes)
-        out["ours-tiles"] = tiles if tiles.tile_names else out["ours"]
+    if gguf_native.repack_available():  # at every row count; types with no repacked form as `ours` (a whole step)
+        repacked = gguf_native.GGUFWeight([t], None, repack=True)
+        repacked.min_rows = [1] * len(repacked.qtypes)
+        out["ours-repacked"] = repacked if repacked.repacked_names else out["ours"]
     if t.qtype in GGUF_INT4:
         out["int4"] = GGUFMethod(kernel="int4", keep_dense=False).pack([t], torch.bfloat16, cpu)
     out["dense-bf16"] = gguf_native.dequantize_into(t, torch.bfloat16)
@@ -94,6 +95,8 @@ def main() -> None:
             for r in range(args.rounds):
                 for name in rotated(KERNELS, r):
                     got = time_pass(weights, name, xs)
+                    if not got:  # a kernel this machine has not
+                        continue
                     cur = best.setdefault((m, name), {})
                     for q, s in got.items():
                         cur[q] = min(cur.get(q, float("inf")), s)

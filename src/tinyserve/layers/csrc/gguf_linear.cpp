@@ -497,7 +497,7 @@ void dispatch(int64_t t, const uint8_t* w, int64_t row_bytes, const Activations&
 
 // ---- Q4_K and Q6_K repacked: 16 output rows interleaved -----------------------------------------------
 // Written once at load (`gguf_repack`), the same bits per weight. AMX reads both types so (the tiles'
-// B operand); the AVX-512 path reads Q4_K so on CPUs without AMX (`vnni_q4k_rows`).
+// B operand); without AMX, the AVX-512 units read them so (`vector_rows`).
 #if defined(TINYSERVE_GGUF_VNNI)
 constexpr int64_t kRowGroup = 16;  // output rows interleaved (an AMX B tile's)
 
@@ -563,22 +563,99 @@ at::Tensor repack(const at::Tensor& blocks, int64_t t) {
   return out;
 }
 
-// Q4_K on the repacked layout, without AMX: one 64-byte vector is 16 rows x 4 bytes, and two byte
-// shuffles make it four vectors of 16 rows x 2 codes, each multiplied (vpdpwssd) by a pair of
-// activations broadcast from memory. The file's layout needs one weight row per vector, so its sub-scales
-// are multiplied into the codes and broadcast per 32 weights; here they multiply the int32 sums per
-// sub-block, 16 rows at once: ~11 vector instructions per 128 weights at one row instead of ~27.
-// The integer sum per super-block is the int16 path's exactly; the fp32 steps are d * dx per
-// super-block and the mins, as in `rows_of`, in another order (so gguf-native never repacks).
-template <int R, typename Out>
-void q4k_group_rows(const uint8_t* rp, int64_t nb, const Activations& a, int64_t m0, int64_t g, Out* y,
-                    int64_t y_stride, int64_t col0) {
-  constexpr int64_t block = repacked_bytes(Q4_K);
-  const int64_t K = a.K;
-  // per dword (one row's 4 bytes): bytes 0, 1 (then 2, 3) into the low bytes of its two 16-bit lanes
+// Q4_K and Q6_K on the repacked layout without AMX: one 64-byte vector is 16 rows x 4 bytes, and two
+// byte shuffles make it vectors of 16 rows x 2 codes, each multiplied (vpdpwssd) by a pair of
+// activations broadcast from memory. The file's layout needs one weight row per vector, so its
+// sub-scales are multiplied into the codes and broadcast per 16 or 32 weights; here they multiply the
+// int32 sums per sub-block, 16 rows at once (Q4_K at one row: ~11 vector instructions per 128 weights
+// instead of ~27). Each sum of products is exact in int32, as on the int16 path; the fp32 steps (d * dx
+// per super-block, Q4_K's mins) are `rows_of`'s in another order, so gguf-native never repacks.
+struct PairShuffles {  // per dword (a row's 4 bytes): bytes 0, 1 (then 2, 3) as the low bytes of its two 16-bit lanes
   const __m512i first = _mm512_broadcast_i32x4(_mm_setr_epi8(0, -1, 1, -1, 4, -1, 5, -1, 8, -1, 9, -1, 12, -1, 13, -1));
   const __m512i second = _mm512_broadcast_i32x4(_mm_setr_epi8(2, -1, 3, -1, 6, -1, 7, -1, 10, -1, 11, -1, 14, -1, 15, -1));
+};
+
+inline __m512i pair_at(const int16_t* x) {  // activations x[0], x[1] in every 32-bit lane
+  int32_t v;
+  std::memcpy(&v, x, 4);
+  return _mm512_set1_epi32(v);
+}
+
+inline __m512i scales_at(const uint8_t* p, bool is_signed) {  // 16 rows' scale bytes as int32
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return is_signed ? _mm512_cvtepi8_epi32(v) : _mm512_cvtepu8_epi32(v);
+}
+
+// Q4_K: sub-block 2c is the low nibbles of vectors 8c..8c + 7, 2c + 1 their high ones; `total` gets
+// each chunk's sum (|lo * s_lo + hi * s_hi| <= 2 * 32 * 15 * 63 * 32767 < 2^31: exact).
+template <int R>
+inline void q4k_products(const uint8_t* blk, const int16_t* const* x, __m512* total) {
+  const PairShuffles sh;
   const __m512i low4 = _mm512_set1_epi16(15);
+  for (int c = 0; c < 4; ++c) {
+    __m512i lo[R], hi[R];
+    for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm512_setzero_si512();
+    for (int p = 0; p < 8; ++p) {
+      const __m512i v = _mm512_loadu_si512(blk + 320 + 64 * (8 * c + p));
+      const __m512i a01 = _mm512_shuffle_epi8(v, sh.first), a23 = _mm512_shuffle_epi8(v, sh.second);
+      const __m512i q0 = _mm512_and_si512(a01, low4), q2 = _mm512_and_si512(a23, low4);
+      const __m512i q32 = _mm512_srli_epi16(a01, 4), q34 = _mm512_srli_epi16(a23, 4);
+      const int k = 64 * c + 4 * p;  // weights k..k + 3 (low nibbles), k + 32.. (high)
+      for (int r = 0; r < R; ++r) {
+        lo[r] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(lo[r], q0, pair_at(x[r] + k)), q2, pair_at(x[r] + k + 2));
+        hi[r] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(hi[r], q32, pair_at(x[r] + k + 32)), q34, pair_at(x[r] + k + 34));
+      }
+    }
+    const __m512i s_lo = scales_at(blk + 64 + 32 * c, false), s_hi = scales_at(blk + 80 + 32 * c, false);
+    for (int r = 0; r < R; ++r)
+      total[r] = _mm512_add_ps(total[r], _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_mullo_epi32(lo[r], s_lo),
+                                                                             _mm512_mullo_epi32(hi[r], s_hi))));
+  }
+}
+
+// Q6_K: vector v holds B rows v (low nibbles; high bits at 2t of high-bit vector v % 16, t = v / 16)
+// and v + 32 (high nibbles; bits 2t + 4), so vectors 4j..4j + 3 make sub-blocks j and j + 8 (16 weights
+// each); codes - 32 times int8 scales: |sum| <= 16 * 32 * 32767 * 128 < 2^31 per sub-block, exact.
+template <int R>
+inline void q6k_products(const uint8_t* blk, const int16_t* const* x, __m512* total) {
+  const PairShuffles sh;
+  const __m512i low4 = _mm512_set1_epi16(15), bits45 = _mm512_set1_epi16(0x30), off = _mm512_set1_epi16(32);
+  // (nibble | (high bits & 0x30)) - 32; ternary 0xF8: a | (b & c)
+  const auto code = [&](__m512i nib, __m512i high) { return _mm512_sub_epi16(_mm512_ternarylogic_epi32(nib, high, bits45, 0xF8), off); };
+  for (int t = 0; t < 2; ++t) {
+    const __m128i to_low = _mm_cvtsi32_si128(4 - 2 * t), to_high = _mm_cvtsi32_si128(2 * t);  // bits 2t (2t + 4) to 4
+    for (int j = 4 * t; j < 4 * t + 4; ++j) {
+      __m512i lo[R], hi[R];
+      for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm512_setzero_si512();
+      for (int v = 4 * j; v < 4 * j + 4; ++v) {
+        const __m512i z = _mm512_loadu_si512(blk + 288 + 64 * v), h = _mm512_loadu_si512(blk + 2336 + 64 * (v % 16));
+        const __m512i n01 = _mm512_shuffle_epi8(z, sh.first), n23 = _mm512_shuffle_epi8(z, sh.second);
+        const __m512i h01 = _mm512_shuffle_epi8(h, sh.first), h23 = _mm512_shuffle_epi8(h, sh.second);
+        const __m512i c0 = code(_mm512_and_si512(n01, low4), _mm512_sll_epi16(h01, to_low));
+        const __m512i c2 = code(_mm512_and_si512(n23, low4), _mm512_sll_epi16(h23, to_low));
+        const __m512i c128 = code(_mm512_srli_epi16(n01, 4), _mm512_srl_epi16(h01, to_high));
+        const __m512i c130 = code(_mm512_srli_epi16(n23, 4), _mm512_srl_epi16(h23, to_high));
+        const int k = 4 * v;  // weights k..k + 3 (B row v), k + 128.. (B row v + 32)
+        for (int r = 0; r < R; ++r) {
+          lo[r] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(lo[r], c0, pair_at(x[r] + k)), c2, pair_at(x[r] + k + 2));
+          hi[r] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(hi[r], c128, pair_at(x[r] + k + 128)), c130,
+                                      pair_at(x[r] + k + 130));
+        }
+      }
+      const __m512i s_lo = scales_at(blk + 32 + 16 * j, true), s_hi = scales_at(blk + 32 + 16 * (j + 8), true);
+      for (int r = 0; r < R; ++r)
+        total[r] = _mm512_add_ps(total[r], _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_mullo_epi32(lo[r], s_lo)),
+                                                         _mm512_cvtepi32_ps(_mm512_mullo_epi32(hi[r], s_hi))));
+    }
+  }
+}
+
+// One 16-row group of a repacked weight for activation rows m0..m0 + R (accumulators in registers).
+template <int64_t T, int R, typename Out>
+void group_rows(const uint8_t* rp, int64_t nb, const Activations& a, int64_t m0, int64_t g, Out* y, int64_t y_stride,
+                int64_t col0) {
+  constexpr int64_t block = repacked_bytes(T);
+  const int64_t K = a.K;
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t sb = 0; sb < nb; ++sb) {
@@ -587,48 +664,23 @@ void q4k_group_rows(const uint8_t* rp, int64_t nb, const Activations& a, int64_t
       _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch + o), _MM_HINT_T1);
     const int16_t* x[R];
     for (int r = 0; r < R; ++r) x[r] = a.xq.data() + (m0 + r) * K + sb * 256;
-    __m512 total[R];  // per row: its 64-weight chunks' exact int32 sums, added in fp32
+    __m512 total[R];  // per row: exact int32 sums of products, added in fp32
     for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
-    for (int c = 0; c < 4; ++c) {
-      __m512i lo[R], hi[R];  // sub-blocks 2c (low nibbles) and 2c + 1 (high)
-      for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm512_setzero_si512();
-      for (int p = 0; p < 8; ++p) {
-        const __m512i v = _mm512_loadu_si512(blk + 320 + 64 * (8 * c + p));
-        const __m512i a01 = _mm512_shuffle_epi8(v, first), a23 = _mm512_shuffle_epi8(v, second);
-        const __m512i q0 = _mm512_and_si512(a01, low4), q2 = _mm512_and_si512(a23, low4);
-        const __m512i q32 = _mm512_srli_epi16(a01, 4), q34 = _mm512_srli_epi16(a23, 4);
-        const int k = 64 * c + 4 * p;  // weights k..k + 3 (low nibbles), k + 32.. (high)
-        for (int r = 0; r < R; ++r) {
-          int32_t pair[4];
-          std::memcpy(&pair[0], x[r] + k, 4);
-          std::memcpy(&pair[1], x[r] + k + 2, 4);
-          std::memcpy(&pair[2], x[r] + k + 32, 4);
-          std::memcpy(&pair[3], x[r] + k + 34, 4);
-          lo[r] = _mm512_dpwssd_epi32(lo[r], q0, _mm512_set1_epi32(pair[0]));
-          lo[r] = _mm512_dpwssd_epi32(lo[r], q2, _mm512_set1_epi32(pair[1]));
-          hi[r] = _mm512_dpwssd_epi32(hi[r], q32, _mm512_set1_epi32(pair[2]));
-          hi[r] = _mm512_dpwssd_epi32(hi[r], q34, _mm512_set1_epi32(pair[3]));
-        }
-      }
-      const __m512i s_lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 64 + 32 * c)));
-      const __m512i s_hi = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 80 + 32 * c)));
-      // |lo * s_lo + hi * s_hi| <= 2 * 32 * 15 * 63 * 32767 < 2^31: exact (a whole super-block might not be)
-      for (int r = 0; r < R; ++r)
-        total[r] = _mm512_add_ps(total[r], _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_mullo_epi32(lo[r], s_lo),
-                                                                               _mm512_mullo_epi32(hi[r], s_hi))));
-    }
+    if constexpr (T == Q4_K) q4k_products<R>(blk, x, total);
+    else q6k_products<R>(blk, x, total);
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
-    const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32)));
-    __m512 mn[8];
-    for (int j = 0; j < 8; ++j)
-      mn[j] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192 + 16 * j))));
-    for (int r = 0; r < R; ++r) {
-      const int64_t m = m0 + r;
-      acc[r] = _mm512_fmadd_ps(total[r], _mm512_mul_ps(d, _mm512_set1_ps(a.dx[m * nb + sb])), acc[r]);
-      const float* s = a.sums.data() + m * (K / 32) + sb * 8;
-      __m512 mins = _mm512_mul_ps(mn[0], _mm512_set1_ps(s[0]));
-      for (int j = 1; j < 8; ++j) mins = _mm512_fmadd_ps(mn[j], _mm512_set1_ps(s[j]), mins);
-      acc[r] = _mm512_fnmadd_ps(dmin, mins, acc[r]);
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm512_fmadd_ps(total[r], _mm512_mul_ps(d, _mm512_set1_ps(a.dx[(m0 + r) * nb + sb])), acc[r]);
+    if constexpr (T == Q4_K) {  // minus dmin * sum_j m_j * (sum of x over sub-block j)
+      const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32)));
+      __m512 mn[8];
+      for (int j = 0; j < 8; ++j) mn[j] = _mm512_cvtepi32_ps(scales_at(blk + 192 + 16 * j, false));
+      for (int r = 0; r < R; ++r) {
+        const float* s = a.sums.data() + (m0 + r) * (K / 32) + sb * 8;
+        __m512 mins = _mm512_mul_ps(mn[0], _mm512_set1_ps(s[0]));
+        for (int j = 1; j < 8; ++j) mins = _mm512_fmadd_ps(mn[j], _mm512_set1_ps(s[j]), mins);
+        acc[r] = _mm512_fnmadd_ps(dmin, mins, acc[r]);
+      }
     }
   }
   alignas(64) float out[16];
@@ -638,22 +690,22 @@ void q4k_group_rows(const uint8_t* rp, int64_t nb, const Activations& a, int64_t
   }
 }
 
-// Output row groups [g0, g1) of a repacked Q4_K weight for all M activation rows, up to four at a
-// time (their accumulators in registers), a group's bytes read from L2 again for each four; the
-// groups taken as kStreams interleaved runs, as `rows_of` takes rows.
-template <typename Out>
-void vnni_q4k_rows(const uint8_t* rp, int64_t nb, const Activations& a, int64_t M, int64_t g0, int64_t g1, Out* y,
-                   int64_t y_stride, int64_t col0) {
+// Output row groups [g0, g1) of a repacked weight for all M activation rows, up to four at a time, a
+// group's bytes read from L2 again for each four; the groups taken as kStreams interleaved runs, as
+// `rows_of` takes rows.
+template <int64_t T, typename Out>
+void vector_rows(const uint8_t* rp, int64_t nb, const Activations& a, int64_t M, int64_t g0, int64_t g1, Out* y,
+                 int64_t y_stride, int64_t col0) {
   const int64_t run = (g1 - g0 + kStreams - 1) / kStreams;
   for (int64_t idx = 0; idx < run * kStreams; ++idx) {
     const int64_t g = g0 + (idx % kStreams) * run + idx / kStreams;
     if (g >= g1) continue;
     for (int64_t m0 = 0; m0 < M; m0 += kRows) {
       switch (std::min<int64_t>(kRows, M - m0)) {
-        case 4: q4k_group_rows<4>(rp, nb, a, m0, g, y, y_stride, col0); break;
-        case 3: q4k_group_rows<3>(rp, nb, a, m0, g, y, y_stride, col0); break;
-        case 2: q4k_group_rows<2>(rp, nb, a, m0, g, y, y_stride, col0); break;
-        default: q4k_group_rows<1>(rp, nb, a, m0, g, y, y_stride, col0);
+        case 4: group_rows<T, 4>(rp, nb, a, m0, g, y, y_stride, col0); break;
+        case 3: group_rows<T, 3>(rp, nb, a, m0, g, y, y_stride, col0); break;
+        case 2: group_rows<T, 2>(rp, nb, a, m0, g, y, y_stride, col0); break;
+        default: group_rows<T, 1>(rp, nb, a, m0, g, y, y_stride, col0);
       }
     }
   }
@@ -872,13 +924,23 @@ void amx_rows(const uint8_t* rp, int64_t nb, const Activations& a, const TileAct
 }
 #endif
 
+// Whether repacked weights go to AMX tiles: a build with AMX, and the kernel granting tile data.
+bool tiles_usable() {
+#if defined(TINYSERVE_GGUF_AMX)
+  return amx_permitted();
+#else
+  return false;
+#endif
+}
+
 // y [M, sum N_i] = x [M, K] times the weights stacked along N (a fused q/k/v may mix block types).
 // `repacked`: none, or per weight its `gguf_repack` form (an empty tensor where it has none), which
-// steps of `tile_min_rows[i]` rows or more (default: any) multiply on AMX tiles. The choice is made
-// here, not by the caller: a compiled step traced over a range of rows needs no branch on the rows.
+// steps of `repacked_min_rows[i]` rows or more (default: any) read instead of the file's blocks: on AMX
+// tiles where the CPU has them, else on the vector units. The choice is made here, not by the caller:
+// a compiled step traced over a range of rows needs no branch on the rows.
 at::Tensor gguf_linear(const at::Tensor& x, at::TensorList weights, at::IntArrayRef qtypes,
                        std::optional<at::TensorList> repacked_or_none,
-                       std::optional<at::IntArrayRef> tile_min_rows) {
+                       std::optional<at::IntArrayRef> repacked_min_rows) {
   const at::TensorList repacked = repacked_or_none.value_or(at::TensorList());
   TORCH_CHECK(x.dim() == 2, "gguf_linear: x must be [M, K]");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
@@ -899,25 +961,20 @@ at::Tensor gguf_linear(const at::Tensor& x, at::TensorList weights, at::IntArray
   const int64_t N = first.back();
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  // how each weight is read: its file blocks, or its repacked form (one whose columns start on a 16-row
-  // group) on AMX tiles from `tile_min_rows[i]` rows, or, Q4_K where the CPU has no AMX, at any rows
-  enum Path : char { kFile, kTiles, kVnniRepacked };
+  // how each weight is read: its file blocks, or its repacked form (where its columns start on a 16-row
+  // group) on AMX tiles or the vector units
+  enum Path : char { kFile, kTiles, kVector };
   std::vector<char> path(weights.size(), kFile);
 #if defined(TINYSERVE_GGUF_VNNI)
-  TORCH_CHECK(!tile_min_rows || tile_min_rows->size() == weights.size(), "gguf_linear: one tile_min_rows per weight");
+  TORCH_CHECK(!repacked_min_rows || repacked_min_rows->size() == weights.size(),
+              "gguf_linear: one repacked_min_rows per weight");
   for (size_t i = 0; i < repacked.size(); ++i) {
     const at::Tensor& r = repacked[i];
-    if (r.numel() == 0 || first[i] % kRowGroup != 0) continue;
+    if (r.numel() == 0 || first[i] % kRowGroup != 0 || (repacked_min_rows && M < (*repacked_min_rows)[i])) continue;
     TORCH_CHECK((qtypes[i] == Q4_K || qtypes[i] == Q6_K) && r.scalar_type() == at::kByte && r.is_contiguous() &&
                 r.size(0) * kRowGroup == weights[i].size(0) && r.size(1) == K / 256 * repacked_bytes(qtypes[i]),
                 "gguf_linear: repacked form ", i, " does not match its weight");
-#if defined(TINYSERVE_GGUF_AMX)
-    if (amx_permitted()) {
-      if (!tile_min_rows || M >= (*tile_min_rows)[i]) path[i] = kTiles;
-      continue;
-    }
-#endif
-    if (qtypes[i] == Q4_K) path[i] = kVnniRepacked;
+    path[i] = tiles_usable() ? kTiles : kVector;
   }
 #endif
   const bool any_tiles = std::find(path.begin(), path.end(), kTiles) != path.end();
@@ -941,7 +998,7 @@ at::Tensor gguf_linear(const at::Tensor& x, at::TensorList weights, at::IntArray
   if (any_tiles) tile_scratch.split(by_group[1], M);
 #endif
 #if defined(TINYSERVE_GGUF_VNNI)
-  // a repacked weight's groups [g0, g1): on the tiles, or (Q4_K) on the vector units
+  // a repacked weight's groups [g0, g1): on the tiles or the vector units
   const auto repacked_rows = [&](bool on_tiles, int64_t t, const uint8_t* r, int64_t nb, const Activations& a,
                                  int64_t rows, int64_t g0, int64_t g1, auto* out, int64_t stride, int64_t col0) {
 #if defined(TINYSERVE_GGUF_AMX)
@@ -952,8 +1009,8 @@ at::Tensor gguf_linear(const at::Tensor& x, at::TensorList weights, at::IntArray
     }
 #endif
     (void)on_tiles;
-    (void)t;
-    vnni_q4k_rows(r, nb, a, rows, g0, g1, out, stride, col0);
+    t == Q4_K ? vector_rows<Q4_K>(r, nb, a, rows, g0, g1, out, stride, col0)
+              : vector_rows<Q6_K>(r, nb, a, rows, g0, g1, out, stride, col0);
   };
 #endif
   // in groups of 16 output rows, so that a thread's range never splits a tile's rows
@@ -991,18 +1048,12 @@ at::Tensor gguf_linear(const at::Tensor& x, at::TensorList weights, at::IntArray
   return y;
 }
 
-// A tensor's repacked form (Q4_K for `vnni_q4k_rows` and `amx_rows`; Q6_K only for `amx_rows`, where the
-// CPU has AMX and the kernel grants tile data), or an empty tensor where this build has no use for one
-// or the tensor cannot take it (another type, rows not in 16s).
+// A Q4_K or Q6_K tensor's repacked form, or an empty tensor where this build has no use for one (no
+// AVX-512 VNNI) or the tensor cannot take it (another type, rows not in 16s).
 at::Tensor gguf_repack(const at::Tensor& blocks, int64_t qtype) {
   TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 2, "gguf_repack: uint8 [N, bytes] blocks");
 #if defined(TINYSERVE_GGUF_VNNI)
-#if defined(TINYSERVE_GGUF_AMX)
-  const bool wanted = qtype == Q4_K || (qtype == Q6_K && amx_permitted());
-#else
-  const bool wanted = qtype == Q4_K;  // Q6_K's file layout reads at the bandwidth already (REPORT section V4)
-#endif
-  if (wanted && blocks.size(0) % kRowGroup == 0) {
+  if ((qtype == Q4_K || qtype == Q6_K) && blocks.size(0) % kRowGroup == 0) {
     TORCH_CHECK(blocks.size(1) % layout(qtype).bytes == 0, "gguf_repack: rows of whole blocks");
     return repack(blocks.contiguous(), qtype);
   }
@@ -1014,8 +1065,9 @@ at::Tensor gguf_repack(const at::Tensor& blocks, int64_t qtype) {
 
 // A fragment: the paged attention kernel's library owns the `tinyserve` namespace.
 TORCH_LIBRARY_FRAGMENT(tinyserve, m) {
-  m.def("gguf_linear(Tensor x, Tensor[] weights, int[] qtypes, Tensor[]? repacked=None, int[]? tile_min_rows=None) -> Tensor");
+  m.def("gguf_linear(Tensor x, Tensor[] weights, int[] qtypes, Tensor[]? repacked=None, int[]? repacked_min_rows=None) -> Tensor");
   m.def("gguf_repack(Tensor blocks, int qtype) -> Tensor");
+  m.def("gguf_tiles() -> bool", &tiles_usable);
 }
 
 TORCH_LIBRARY_IMPL(tinyserve, CPU, m) {
