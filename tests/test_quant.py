@@ -266,6 +266,28 @@ def test_the_kernel_choice_is_bounded_in_time_and_a_cut_answer_is_not_cached(tmp
     assert not path.exists()
 
 
+def test_the_kernel_choice_times_one_linear_of_each_kind_per_rep():
+    """Linears alike in shape and kernel are one group: each rep times one member (another each rep, its
+    weights not left in the caches by the last), scaled by the group's size."""
+    import tinyserve.layers.kernel_choice as quant
+
+    def lin(n: int) -> Linear:
+        out = Linear(64, [n], bias=False, method=Int8Method())
+        out.load_shard(0, torch.randn(n, 64), torch.bfloat16, torch.device("cpu"))
+        return out
+
+    model = torch.nn.Sequential(lin(32), lin(32), lin(32), lin(16))
+    weights = quant.packed_weights(model)
+    groups = quant._alike(weights)
+    assert sorted(len(g) for g in groups) == [1, 3]
+    called = []
+    for _, w in weights:
+        w.packed_mm = lambda x, w=w: called.append(w) or torch.zeros(1)
+        w.copy_mm = lambda x: torch.zeros(1)
+    quant._time_kernels(groups, {64: torch.randn(2, 64).bfloat16()}, reps=3)
+    assert len(called) == 6 and len({id(w) for w in called}) == 4  # 2 per rep; the three alike in turn
+
+
 def test_packed_modes_are_cpu_only():
     """auto never picks the CPU kernels for another device; asking for them there is a clear error."""
     from tinyserve.layers import resolve_quantization

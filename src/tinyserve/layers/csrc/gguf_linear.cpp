@@ -520,13 +520,18 @@ void repack_q4k(const uint8_t* b, uint8_t* o, int n) {
   for (int v = 0; v < 32; ++v) std::memcpy(o + 320 + 64 * v + 4 * n, b + 16 + 4 * v, 4);
 }
 
-// Q6_K's 6-bit code of weight k (0..255) in a block, as llama.cpp's dequantize_row_q6_K reads it.
-inline int q6_code(const uint8_t* b, int k) {
-  const int h = k / 128, l = k % 32, part = (k % 128) / 32;  // part: which of the four 32-weight runs
-  const uint8_t* ql = b + 64 * h;
-  const uint8_t* qh = b + 128 + 32 * h;
-  const int low = (part & 1 ? ql[l + 32] : ql[l]) >> (part & 2 ? 4 : 0) & 15;
-  return low | ((qh[l] >> (2 * part)) & 3) << 4;
+// A Q6_K block's 256 6-bit codes in weight order, as llama.cpp's dequantize_row_q6_K reads them.
+inline void q6_codes(const uint8_t* b, uint8_t* q) {
+  for (int h = 0; h < 2; ++h) {
+    const uint8_t* ql = b + 64 * h;
+    const uint8_t* qh = b + 128 + 32 * h;
+    for (int l = 0; l < 32; ++l) {
+      q[128 * h + l] = static_cast<uint8_t>((ql[l] & 15) | (qh[l] & 3) << 4);
+      q[128 * h + l + 32] = static_cast<uint8_t>((ql[l + 32] & 15) | (qh[l] >> 2 & 3) << 4);
+      q[128 * h + l + 64] = static_cast<uint8_t>((ql[l] >> 4) | (qh[l] >> 4 & 3) << 4);
+      q[128 * h + l + 96] = static_cast<uint8_t>((ql[l + 32] >> 4) | (qh[l] >> 6 & 3) << 4);
+    }
+  }
 }
 
 // Q6_K [N, K / 256 * 210] as [N / 16][K / 256][3360 bytes]: d[16] (fp16), the int8 scales as [16 x 16
@@ -536,9 +541,11 @@ inline int q6_code(const uint8_t* b, int k) {
 void repack_q6k(const uint8_t* b, uint8_t* o, int n) {
   std::memcpy(o + 2 * n, b + 208, 2);
   for (int j = 0; j < 16; ++j) o[32 + 16 * j + n] = b[192 + j];
+  uint8_t codes[256];
+  q6_codes(b, codes);
   for (int r = 0; r < 64; ++r)
     for (int i = 0; i < 4; ++i) {
-      const int q = q6_code(b, 4 * r + i);
+      const int q = codes[4 * r + i];
       uint8_t& nib = o[288 + 64 * (r % 32) + 4 * n + i];
       nib = static_cast<uint8_t>(nib | (q & 15) << (r < 32 ? 0 : 4));
       uint8_t& high = o[2336 + 64 * (r % 16) + 4 * n + i];
