@@ -5,9 +5,10 @@ PyTorch's packed kernels take int4 groups and int8 rows, so only some GGUF block
 layer and half its `attn_v` and `ffn_down`, would be served as dense 16-bit weights, the largest
 share of a decode step's bytes. This kernel reads every common block type (Q4_0, Q4_1, Q5_0, Q5_1,
 Q8_0, Q4_K, Q5_K, Q6_K) as the file stores them: a step of few rows streams the file's bytes per
-weight. A linear whose shards mix types (q/k/v in a Q4_K_M file) is one call. Where the CPU has AMX,
-Q4_K and Q6_K are also repacked once at load into AMX-INT8 tiles' layout (the same bits per weight),
-on which steps of several rows multiply with the same integer arithmetic (`TILE_MIN_ROWS`).
+weight. A linear whose shards mix types (q/k/v in a Q4_K_M file) is one call. Q4_K and Q6_K are also
+repacked once at load (16 output rows interleaved, AMX-INT8 tiles' layout, the same bits per weight),
+which steps of `repacked_min_rows()` rows read with the same integer arithmetic: on AMX tiles where the
+CPU has them (`TILE_MIN_ROWS`), else on the AVX-512 units (`VECTOR_MIN_ROWS`).
 
 Accuracy: weights are the file's exactly; activations are rounded to int16 per group of 32 or 256 with
 a power-of-two step (exact for every bf16 value within 2^7 of its group's largest), and the products

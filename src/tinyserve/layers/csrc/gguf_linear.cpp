@@ -1,7 +1,8 @@
 // y = x W^T for W in a GGUF file's own blocks, read as stored (no repacking: the bytes the step
 // streams are the file's bytes per weight). Types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (blocks of 32) and
-// Q4_K, Q5_K, Q6_K (super-blocks of 256 with integer sub-scales). Steps of several rows may instead
-// multiply Q4_K and Q6_K on AMX tiles, from a copy repacked once at load (the section below).
+// Q4_K, Q5_K, Q6_K (super-blocks of 256 with integer sub-scales). Q4_K and Q6_K may instead be read
+// from a copy repacked once at load, 16 rows interleaved: on AMX tiles where the CPU has them, else on
+// the AVX-512 units (the sections below).
 //
 // Arithmetic (layers/gguf_native.py states the bound the tests check):
 // - Every block decodes to int16 codes q with w = d_j * q - min_j per 32 weights. The K-quants fold
