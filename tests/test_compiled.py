@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tinyserve import LLM, SamplingParams
+from tinyserve.worker import served_model
 from tinyserve_lab.probe import next_token_logits
 
 from conftest import TINY
@@ -231,9 +232,10 @@ def test_int8_compute_runs_in_the_graph_above_the_crossover(tiny_llama_dir, rest
     """--int8-compute: the compiled step's products above the crossover are int8 x int8 (an eager engine
     with the same products forced into its decode steps agrees as the int8 pool does: a value at a code's
     boundary may round the other way), eager steps keep the dense copy, and the int8 answers are not the
-    dense ones."""
+    dense ones. (As on a CPU with AMX: without, eager steps take the int8 copy too, the next test.)"""
     from tinyserve.layers.packed import PackedWeight
 
+    monkeypatch.setattr(served_model, "cpu_flags", lambda: frozenset({"amx_bf16"}))
     kw = dict(quantization="int8", packed_max_rows=2, block_size=4, num_kv_blocks=128)
     compiled = LLM(str(tiny_llama_dir), **{**COMPILED, **kw, "int8_compute": True})
     eager = LLM(str(tiny_llama_dir), **{**EAGER, **kw, "int8_compute": True})
@@ -261,3 +263,30 @@ def test_int8_compute_runs_in_the_graph_above_the_crossover(tiny_llama_dir, rest
              for a, b in zip(plain, got) for i, t in enumerate(a.outputs[0].token_ids[:4])
              if t in b.outputs[0].logprobs[i]]
     assert max(moved) > 1e-4, "the graph's products were not the int8 ones"
+
+
+def test_int8_compute_without_amx_takes_eager_steps_to_the_int8_copy(tiny_llama_dir, restore_torch_threads,
+                                                                      monkeypatch):
+    """On a CPU without AMX, --int8-compute multiplies eager steps above the crossover (prefills) on the int8
+    copy as well: their products are those of an engine whose int8 copies are switched on by hand, not the
+    dense ones."""
+    from tinyserve.layers.packed import PackedWeight
+
+    # no prefix cache: the second engine's prompts run twice, and must be computed again the second time
+    kw = dict(quantization="int8", packed_max_rows=2, block_size=4, num_kv_blocks=128, enable_prefix_caching=False)
+    params = SamplingParams(temperature=0, max_tokens=4, logprobs=1, ignore_eos=True)
+    monkeypatch.setattr(served_model, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    no_amx = LLM(str(tiny_llama_dir), **{**EAGER, **kw, "int8_compute": True})
+    int8 = [m for m in no_amx.engine.model.modules() if isinstance(m, PackedWeight) and m.dense_q is not None]
+    assert int8 and all(w.int8_active for w in int8)
+    monkeypatch.setattr(served_model, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    amx = LLM(str(tiny_llama_dir), **{**EAGER, **kw, "int8_compute": True})
+    by_hand = [m for m in amx.engine.model.modules() if isinstance(m, PackedWeight) and m.dense_q is not None]
+    assert not any(w.int8_active for w in by_hand)
+    prompts = _prompts(no_amx.engine.model_config.vocab_size)
+    dense = amx.generate(prompts, params)
+    for w in by_hand:
+        w.int8_active = True
+    got, want = no_amx.generate(prompts, params), amx.generate(prompts, params)
+    assert [o.outputs[0].logprobs for o in got] == [o.outputs[0].logprobs for o in want]
+    assert [o.outputs[0].logprobs for o in got] != [o.outputs[0].logprobs for o in dense]

@@ -143,14 +143,14 @@ def choose_packed_max_rows(model: nn.Module, dtype: torch.dtype, candidates: Seq
     if not weights or len(with_copy) < len(weights):
         return (1 << 30 if weights else 0), {}
     # With int8 copies the compiled decode step multiplies on them above the crossover: time those.
-    int8 = [w for _, w in with_copy if w.dense_q is not None]
+    int8 = {w: w.int8_active for _, w in with_copy if w.dense_q is not None}
     for w in int8:
         w.int8_active = True
     try:
         return _crossover(with_copy, dtype, candidates, reps, budget_s)
     finally:
-        for w in int8:
-            w.int8_active = False
+        for w, active in int8.items():  # as they were: eager steps too, where the CPU has no AMX
+            w.int8_active = active
 
 
 def _crossover(with_copy: Sequence[tuple[Linear, PackedWeight]], dtype: torch.dtype, candidates: Sequence[int],

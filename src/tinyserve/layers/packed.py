@@ -18,9 +18,10 @@ from torch import nn
 class PackedWeight(nn.Module):
     """A packed weight plus optional copies for steps with many rows: dense in the model dtype, and (int8
     compute) int8 per output channel, multiplied by the step's activations quantized per token. Rows up
-    to `packed_max_rows` run packed, above on a copy: the int8 one inside the compiled decode step
-    (`int8_active`), where the activations' quantization fuses into the ops around it; the dense one in
-    eager steps, where it would be separate passes over memory (slower than the 16-bit GEMM, REPORT)."""
+    to `packed_max_rows` run packed, above on a copy: the int8 one where `int8_active` — inside the
+    compiled decode step, where the activations' quantization fuses into the ops around it, and, on a CPU
+    without AMX, in eager steps too; the dense one in eager steps where AMX runs the 16-bit GEMM as fast
+    as the int8 product's separate passes over memory (REPORT I8, VR)."""
 
     # buffers: declared for the type checker (nn.Module.__getattr__ is untyped)
     dense: torch.Tensor | None
@@ -33,7 +34,7 @@ class PackedWeight(nn.Module):
         self.register_buffer("dense_q", None)
         self.register_buffer("dense_scales", None)
         self.packed_max_rows = 1 << 30  # packed kernel for every batch until a measurement says otherwise
-        self.int8_active = False  # products above packed_max_rows on the int8 copy (set in the compiled step)
+        self.int8_active = False  # products above packed_max_rows on the int8 copy (worker/served_model.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.has_copy and x.shape[0] > self.packed_max_rows:

@@ -22,7 +22,7 @@ from tinyserve.layers.linear import DenseWeight, Linear
 from tinyserve.layers.packed import INT8_COMPUTE_LINEARS, PackedWeight
 from tinyserve.models.llama import LlamaForCausalLM
 from tinyserve.models.loader import ModelSource, load_model
-from tinyserve.system import cache_dir, cpu_model
+from tinyserve.system import cache_dir, cpu_flags, cpu_model
 from tinyserve.worker.compiled import BackgroundCompile, CompiledDecode, artifact_dir, artifact_key, decode_forward
 from tinyserve.worker.cuda_graphs import Capture, GraphPool, cuda_capture
 from tinyserve.worker.runner import ModelRunner
@@ -74,9 +74,14 @@ def serve_model(config: EngineConfig, src: ModelSource, mc: ModelConfig, quantiz
         if not weights:
             raise ValueError(f"int8_compute runs the large steps of quantized weights; this model's weight mode "
                              f"({resolved}) has none: choose a quantized mode (gguf, int8, int4, checkpoint)")
-        for w in weights:  # used by the compiled decode step (layers/packed.py)
+        # Used by the compiled decode step (layers/packed.py); without AMX by eager steps (prefills) too, where
+        # the int8 product, with its separate passes, still beats the bf16 GEMM (REPORT VR: 1.46-1.59x at
+        # 128-512 rows on the 1.5B's shapes); with AMX the bf16 GEMM is as fast (REPORT I8).
+        eager = torch.device(device).type == "cpu" and "amx_bf16" not in cpu_flags()
+        for w in weights:
             w.int8_copy()
-        key += "|int8-compute"
+            w.int8_active = eager
+        key += "|int8-compute" + ("|eager" if eager else "")
     # batch-invariant: the packed kernel at every batch size (no dense copy kept)
     rows = config.max_num_batched_tokens if config.batch_invariant else config.packed_max_rows
     packed_max_rows = configure_packed_kernels(model, rows, config.max_num_batched_tokens, dtype,
