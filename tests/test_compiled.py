@@ -270,7 +270,7 @@ def test_int8_compute_without_amx_takes_eager_steps_to_the_int8_copy(tiny_llama_
     """On a CPU without AMX, --int8-compute multiplies eager steps above the crossover (prefills) on the int8
     copy as well: their products are those of an engine whose int8 copies are switched on by hand, not the
     dense ones."""
-    from tinyserve.layers.packed import PackedWeight
+    from tinyserve.layers.packed import INT8_CHUNK_ROWS, PackedWeight
 
     # no prefix cache: the second engine's prompts run twice, and must be computed again the second time
     kw = dict(quantization="int8", packed_max_rows=2, block_size=4, num_kv_blocks=128, enable_prefix_caching=False)
@@ -278,7 +278,7 @@ def test_int8_compute_without_amx_takes_eager_steps_to_the_int8_copy(tiny_llama_
     monkeypatch.setattr(served_model, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
     no_amx = LLM(str(tiny_llama_dir), **{**EAGER, **kw, "int8_compute": True})
     int8 = [m for m in no_amx.engine.model.modules() if isinstance(m, PackedWeight) and m.dense_q is not None]
-    assert int8 and all(w.int8_active for w in int8)
+    assert int8 and all(w.int8_active and w.int8_chunk_rows == INT8_CHUNK_ROWS for w in int8)
     monkeypatch.setattr(served_model, "cpu_flags", lambda: frozenset({"amx_bf16"}))
     amx = LLM(str(tiny_llama_dir), **{**EAGER, **kw, "int8_compute": True})
     by_hand = [m for m in amx.engine.model.modules() if isinstance(m, PackedWeight) and m.dense_q is not None]

@@ -288,6 +288,22 @@ def test_the_kernel_choice_times_one_linear_of_each_kind_per_rep():
     assert len(called) == 6 and len({id(w) for w in called}) == 4  # 2 per rep; the three alike in turn
 
 
+def test_eager_int8_products_in_pieces_are_the_whole_product():
+    """Eager int8 products split into row pieces (activations are quantized per row) give the whole
+    product's bits."""
+    from tinyserve.layers.packed import PackedWeight
+
+    w = PackedWeight(torch.randn(24, 64).bfloat16())
+    w.int8_copy()
+    w.int8_active = True
+    x = torch.randn(10, 64).bfloat16()
+    whole = w.copy_mm(x)
+    w.int8_chunk_rows = 4
+    assert torch.equal(w.copy_mm(x), whole)
+    w.int8_active = False
+    assert not torch.equal(w.copy_mm(x), whole)  # the dense copy's product
+
+
 def test_packed_modes_are_cpu_only():
     """auto never picks the CPU kernels for another device; asking for them there is a clear error."""
     from tinyserve.layers import resolve_quantization

@@ -19,7 +19,7 @@ from tinyserve.config import EngineConfig, ModelConfig
 from tinyserve.layers import batch_invariant_quantization, resolve_quantization
 from tinyserve.layers.kernel_choice import configure_packed_kernels, packed_weights
 from tinyserve.layers.linear import DenseWeight, Linear
-from tinyserve.layers.packed import INT8_COMPUTE_LINEARS, PackedWeight
+from tinyserve.layers.packed import INT8_CHUNK_ROWS, INT8_COMPUTE_LINEARS, PackedWeight
 from tinyserve.models.llama import LlamaForCausalLM
 from tinyserve.models.loader import ModelSource, load_model
 from tinyserve.system import cache_dir, cpu_flags, cpu_model
@@ -81,6 +81,7 @@ def serve_model(config: EngineConfig, src: ModelSource, mc: ModelConfig, quantiz
         for w in weights:
             w.int8_copy()
             w.int8_active = eager
+            w.int8_chunk_rows = INT8_CHUNK_ROWS if eager else None
         key += "|int8-compute" + ("|eager" if eager else "")
     # batch-invariant: the packed kernel at every batch size (no dense copy kept)
     rows = config.max_num_batched_tokens if config.batch_invariant else config.packed_max_rows
