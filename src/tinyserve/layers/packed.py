@@ -91,8 +91,8 @@ class PackedWeight(nn.Module):
 # +0.6%; all of them +4.1%.
 INT8_COMPUTE_LINEARS = ("o_proj", "gate_up_proj")
 # Eager int8 products (prefills, on CPUs without AMX) in pieces of this many rows: the quantize and rescale
-# passes around the GEMM then stay in the caches. The 1.5B's gate_up (1536 -> 17920) at 1024 rows took 181
-# ms whole, 8 x 11.7 in pieces of 128, against 148 for the bf16 GEMM (EPYC, REPORT VR).
+# passes around the GEMM then stay in the caches. The 1.5B's gate_up (1536 -> 17920) at 1024 rows took 169
+# ms whole, 119 in pieces of 128, against 142 for the bf16 GEMM (EPYC, REPORT VR).
 INT8_CHUNK_ROWS = 128
 
 
