@@ -195,6 +195,17 @@ def test_weights_read_repacked_from_their_min_rows_except_in_the_invariant_mode(
     assert torch.equal(native(x), run(x, [t]))
 
 
+@pytest.mark.parametrize("qtype", list(LAYOUT))
+def test_dequantization_is_gguf_bit_for_bit(qtype):
+    """The dense copies' native dequantization: `gguf`'s fp32 values exactly, and their bf16 rounding;
+    shards stacked along N (37 + 16 rows: uneven thread ranges)."""
+    shards = [random_blocks(qtype, 37, 512, seed=1), random_blocks(qtype, 16, 512, seed=2)]
+    ref = torch.cat([reference(s) for s in shards]).float()
+    assert torch.equal(gguf_native.dequantize_into(shards, torch.float32), ref)
+    assert torch.equal(gguf_native.dequantize_into(shards, torch.bfloat16), ref.bfloat16())
+    assert torch.equal(gguf_native.dequantize_into(shards, torch.float16), ref.half())  # the torch-ops path
+
+
 def test_bad_input_is_a_clear_error():
     t = random_blocks("Q4_K", 8, 256)
     with pytest.raises(RuntimeError, match="unsupported GGML type"):
@@ -205,6 +216,10 @@ def test_bad_input_is_a_clear_error():
         torch.ops.tinyserve.gguf_linear(torch.randn(1, 100), [t.data], [QTYPES["Q4_K"]])
     with pytest.raises(RuntimeError, match="float32 and bfloat16"):
         torch.ops.tinyserve.gguf_linear(torch.randn(1, 256).half(), [t.data], [QTYPES["Q4_K"]])
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        torch.ops.tinyserve.gguf_dequantize(t.data, QTYPES["Q4_K"], torch.empty(8, 256, dtype=torch.half))
+    with pytest.raises(RuntimeError, match="blocks must be contiguous uint8"):
+        torch.ops.tinyserve.gguf_dequantize(t.data, QTYPES["Q4_K"], torch.empty(8, 512))
 
 
 def test_method_serves_each_type_on_its_kernel():
@@ -226,17 +241,20 @@ def test_method_serves_each_type_on_its_kernel():
 def test_portable_path_builds_and_agrees():
     """The scalar path (what a CPU without AVX-512 VNNI compiles), in its own process (the op name is
     process-wide), gives the VNNI path's results: the same integer sums, scaled in the same order up to
-    fp32 rounding."""
+    fp32 rounding; its dequantization the same values exactly."""
     script = """
 import sys, torch
 sys.path.insert(0, "tests")
 from test_gguf_native import random_blocks, run
-from tinyserve.layers.gguf_native import SOURCE
+from tinyserve.layers.gguf_native import QTYPES, SOURCE
 from tinyserve.native import CFLAGS, load_kernel
 load_kernel(SOURCE, CFLAGS + ("-DTINYSERVE_PORTABLE",))
 x = torch.randn(5, 512, generator=torch.Generator().manual_seed(0))
 for q in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"):
-    torch.save(run(x, [random_blocks(q, 16, 512)]), f"{sys.argv[1]}/{q}.pt")
+    t = random_blocks(q, 16, 512)
+    w = torch.empty(16, 512)
+    torch.ops.tinyserve.gguf_dequantize(t.data, QTYPES[q], w)
+    torch.save((run(x, [t]), w), f"{sys.argv[1]}/{q}.pt")
 """
     import tempfile
 
@@ -245,8 +263,10 @@ for q in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"):
         assert proc.returncode == 0, proc.stderr[-2000:]
         x = torch.randn(5, 512, generator=torch.Generator().manual_seed(0))
         for q in LAYOUT:
-            torch.testing.assert_close(torch.load(f"{out}/{q}.pt"), run(x, [random_blocks(q, 16, 512)]),
-                                       rtol=1e-5, atol=1e-5)
+            y, w = torch.load(f"{out}/{q}.pt")
+            t = random_blocks(q, 16, 512)
+            torch.testing.assert_close(y, run(x, [t]), rtol=1e-5, atol=1e-5)
+            assert torch.equal(w, reference(t).float())
 
 
 def test_without_vnni_the_default_stays_on_the_int4_kernel(monkeypatch):

@@ -75,6 +75,11 @@ class NativeOps:
                 torch.library.register_fake(name)(fake)
             self._loaded = True
 
+    @property
+    def loaded(self) -> bool:
+        """Built and loaded already (asking never starts a build)."""
+        return self._loaded
+
     def available(self) -> bool:
         if self._available is None:
             try:

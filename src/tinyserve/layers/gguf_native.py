@@ -140,15 +140,25 @@ def gguf_weight(shards: Sequence[GGUFTensor], dtype: torch.dtype, device: torch.
     `repack`: also the repacked form of its Q4_K and Q6_K shards, where this CPU reads one."""
     if device.type != "cpu" or not kernel_available():
         return None
-    dense = torch.cat([dequantize_into(s, dtype) for s in shards]) if keep_dense else None
+    dense = dequantize_into(shards, dtype) if keep_dense else None
     return GGUFWeight([GGUFTensor(s.qtype, s.data.contiguous(), s.shape) for s in shards], dense, repack)
 
 
-def dequantize_into(t: GGUFTensor, dtype: torch.dtype, chunk: int = 4096) -> torch.Tensor:
-    """`t` dequantized into `dtype`, `chunk` rows at a time (a 150k-row head is ~1 GB in fp32)."""
-    rows, cols = t.shape
-    out = torch.empty(rows, cols, dtype=dtype)
-    for r in range(0, rows, chunk):
-        e = min(r + chunk, rows)
-        out[r:e] = GGUFTensor(t.qtype, t.data[r:e], (e - r, cols)).dequantize()
+def dequantize_into(shards: Sequence[GGUFTensor], dtype: torch.dtype, chunk: int = 4096) -> torch.Tensor:
+    """The shards dequantized into one `dtype` matrix, stacked along N: by the kernel (`gguf_dequantize`,
+    bit for bit `gguf`'s values) where it is loaded already (never built for this alone: a dense model's
+    embedding is no reason to compile) and writes `dtype`, else `chunk` rows at a time in torch ops (a
+    150k-row head is ~1 GB in fp32)."""
+    out = torch.empty(sum(s.shape[0] for s in shards), shards[0].shape[1], dtype=dtype)
+    native_ok = OPS.loaded and dtype in (torch.float32, torch.bfloat16)
+    r0 = 0
+    for t in shards:
+        rows, cols = t.shape
+        if native_ok and t.qtype in QTYPES:
+            torch.ops.tinyserve.gguf_dequantize(t.data.contiguous(), QTYPES[t.qtype], out[r0 : r0 + rows])
+        else:
+            for r in range(0, rows, chunk):
+                e = min(r + chunk, rows)
+                out[r0 + r : r0 + e] = GGUFTensor(t.qtype, t.data[r:e], (e - r, cols)).dequantize()
+        r0 += rows
     return out

@@ -52,7 +52,7 @@ def kernels(t: GGUFTensor) -> dict[str, nn.Module | torch.Tensor]:
         out["ours-repacked"] = repacked if repacked.repacked_names else out["ours"]
     if t.qtype in GGUF_INT4:
         out["int4"] = GGUFMethod(kernel="int4", keep_dense=False).pack([t], torch.bfloat16, cpu)
-    out["dense-bf16"] = gguf_native.dequantize_into(t, torch.bfloat16)
+    out["dense-bf16"] = gguf_native.dequantize_into([t], torch.bfloat16)
     return out
 
 
