@@ -91,7 +91,7 @@ def test_pure_decode_step_matches():
 
 
 @pytest.mark.parametrize("pool", ["float32", "bfloat16", "int8"])
-@pytest.mark.parametrize("h,h_kv,d", [(9, 3, 64), (12, 2, 128)])
+@pytest.mark.parametrize("h,h_kv,d", [(9, 3, 64), (8, 2, 64), (12, 2, 128)])  # G = 3, 4 and 6
 def test_paged_kernel_one_sequence_or_many(pool, h, h_kv, d, restore_torch_threads):
     """The paged kernel on many sequences (its work split by sequence) equals a float reference, and
     gives each sequence the very bits it gets alone (split by KV head): what --batch-invariant needs.

@@ -178,13 +178,15 @@ inline void load_heads(const float* p, int64_t gn, __m512 (&r)[kHeads][kV]) {
 // range before the next: a token's rows for these heads are adjacent in the pool, so a chunk is one
 // contiguous run of a block that is read from memory once, fetched two chunks ahead (blocks are
 // scattered through the pool, a few KB each, and the hardware prefetcher loses the stream at each).
-template <typename C, bool kScaled, int kD>
+// kHeads query heads share a pass over a chunk (their sums fit in registers): 4 at head_dim 64, 2 at 128;
+// 3 where G is a multiple of 3 and not of 4 (SmolLM2-135M: 9 query heads over 3 KV heads), whose last
+// group would otherwise multiply a zero head, a quarter of pass 1's products.
+template <typename C, bool kScaled, int kD, int kHeads>
 void decode_heads_avx512(const float* qf, const C* k_cache, const C* v_cache, const int32_t* table, int64_t n,
                          int64_t G, int64_t h0, int64_t h1, int64_t row_stride, int64_t block_stride,
                          int64_t block_size, float* scores, float* out) {
   using R = Rows<C, kScaled>;
   constexpr int kV = kD / 16;               // vectors per row
-  constexpr int kHeads = kD == 64 ? 4 : 2;  // query heads whose sums fit in 16 registers
   constexpr int64_t kAhead = 32;
   const int64_t W = kD + R::kExtra, n16 = (n + 15) / 16 * 16, span = (h1 - h0) * W * int64_t(sizeof(C));
   auto row = [&](const C* cache, int64_t t, int64_t h) {
@@ -295,9 +297,16 @@ void decode_avx512(const T* q, const C* k_cache, const C* v_cache, const int32_t
       const T* qs = q + (s * num_heads + h0 * G) * kD;  // the query heads of KV heads [h0, h0 + per_item)
       for (int64_t i = 0; i < per_item * G * kD; ++i) qf[i / kD * kD + Widen<C>::at(i % kD)] = to_float(qs[i]) * scale;
       scores.resize(per_item * G * ((n + 15) / 16 * 16));
-      decode_heads_avx512<C, kScaled, kD>(qf.data(), k_cache, v_cache, tables + s * table_width, n, G, h0,
-                                          h0 + per_item, row_stride, block_stride, block_size, scores.data(),
-                                          res.data());
+      const auto heads = [&](auto kernel) {
+        kernel(qf.data(), k_cache, v_cache, tables + s * table_width, n, G, h0, h0 + per_item, row_stride,
+               block_stride, block_size, scores.data(), res.data());
+      };
+      if constexpr (kD == 64) {
+        if (G % 4 != 0 && G % 3 == 0) heads(decode_heads_avx512<C, kScaled, kD, 3>);
+        else heads(decode_heads_avx512<C, kScaled, kD, 4>);
+      } else {
+        heads(decode_heads_avx512<C, kScaled, kD, 2>);
+      }
       T* os = out + (s * num_heads + h0 * G) * kD;
       for (int64_t i = 0; i < per_item * G * kD; ++i) os[i] = static_cast<T>(res[i / kD * kD + Widen<C>::at(i % kD)]);
     }
