@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && !defined(TINYSERVE_PORTABLE)
@@ -78,6 +79,21 @@ Layout layout(int64_t t) {
     case Q6_K: return {256, 210};
   }
   TORCH_CHECK(false, "gguf_linear: unsupported GGML type ", t);
+}
+
+// `f(type)` with the GGML type `t` as a compile-time constant (every op's switch over the block types).
+template <typename F>
+void with_type(int64_t t, F&& f) {
+  switch (t) {
+    case Q4_0: return f(std::integral_constant<int64_t, Q4_0>{});
+    case Q4_1: return f(std::integral_constant<int64_t, Q4_1>{});
+    case Q5_0: return f(std::integral_constant<int64_t, Q5_0>{});
+    case Q5_1: return f(std::integral_constant<int64_t, Q5_1>{});
+    case Q8_0: return f(std::integral_constant<int64_t, Q8_0>{});
+    case Q4_K: return f(std::integral_constant<int64_t, Q4_K>{});
+    case Q5_K: return f(std::integral_constant<int64_t, Q5_K>{});
+    case Q6_K: return f(std::integral_constant<int64_t, Q6_K>{});
+  }
 }
 
 // A K-quant's eight 6-bit scales and mins from their 12 bytes (llama.cpp's get_scale_min_k4, all
@@ -484,16 +500,7 @@ void weight_rows(const uint8_t* w, int64_t row_bytes, const Activations& a, int6
 template <typename Out>
 void dispatch(int64_t t, const uint8_t* w, int64_t row_bytes, const Activations& a, int64_t M, int64_t begin,
               int64_t end, Out* y, int64_t y_stride, int64_t col0) {
-  switch (t) {
-    case Q4_0: return weight_rows<Q4_0>(w, row_bytes, a, M, begin, end, y, y_stride, col0);
-    case Q4_1: return weight_rows<Q4_1>(w, row_bytes, a, M, begin, end, y, y_stride, col0);
-    case Q5_0: return weight_rows<Q5_0>(w, row_bytes, a, M, begin, end, y, y_stride, col0);
-    case Q5_1: return weight_rows<Q5_1>(w, row_bytes, a, M, begin, end, y, y_stride, col0);
-    case Q8_0: return weight_rows<Q8_0>(w, row_bytes, a, M, begin, end, y, y_stride, col0);
-    case Q4_K: return weight_rows<Q4_K>(w, row_bytes, a, M, begin, end, y, y_stride, col0);
-    case Q5_K: return weight_rows<Q5_K>(w, row_bytes, a, M, begin, end, y, y_stride, col0);
-    case Q6_K: return weight_rows<Q6_K>(w, row_bytes, a, M, begin, end, y, y_stride, col0);
-  }
+  with_type(t, [&](auto T) { weight_rows<T()>(w, row_bytes, a, M, begin, end, y, y_stride, col0); });
 }
 
 // ---- Q4_K and Q6_K repacked: 16 output rows interleaved -----------------------------------------------
@@ -1088,16 +1095,7 @@ void dequantize_rows(const uint8_t* w, int64_t row_bytes, int64_t K, int64_t beg
 
 template <typename Out>
 void dequantize_as(int64_t t, const uint8_t* w, int64_t row_bytes, int64_t K, int64_t begin, int64_t end, Out* out) {
-  switch (t) {
-    case Q4_0: return dequantize_rows<Q4_0>(w, row_bytes, K, begin, end, out);
-    case Q4_1: return dequantize_rows<Q4_1>(w, row_bytes, K, begin, end, out);
-    case Q5_0: return dequantize_rows<Q5_0>(w, row_bytes, K, begin, end, out);
-    case Q5_1: return dequantize_rows<Q5_1>(w, row_bytes, K, begin, end, out);
-    case Q8_0: return dequantize_rows<Q8_0>(w, row_bytes, K, begin, end, out);
-    case Q4_K: return dequantize_rows<Q4_K>(w, row_bytes, K, begin, end, out);
-    case Q5_K: return dequantize_rows<Q5_K>(w, row_bytes, K, begin, end, out);
-    case Q6_K: return dequantize_rows<Q6_K>(w, row_bytes, K, begin, end, out);
-  }
+  with_type(t, [&](auto T) { dequantize_rows<T()>(w, row_bytes, K, begin, end, out); });
 }
 
 void gguf_dequantize(const at::Tensor& blocks, int64_t qtype, const at::Tensor& out) {
