@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from tinyserve.layers import bf16_gemm
 from tinyserve.layers.formats import WeightSource, as_dense
 
 
@@ -30,14 +30,15 @@ class QuantMethod(Protocol):
 
 
 class DenseWeight(nn.Module):
-    """W [out, in] in the model dtype; F.linear. The reference, and the large-batch kernel."""
+    """W [out, in] in the model dtype, or packed for our bf16 kernel (layers/bf16_gemm.py). The reference,
+    and the large-batch kernel."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return bf16_gemm.linear(x, self.weight)
 
     @property
     def dense_weight(self) -> torch.Tensor:
@@ -48,7 +49,8 @@ class DenseWeight(nn.Module):
 
     @property
     def kind(self) -> str:
-        return f"dense-{str(self.weight.dtype).removeprefix('torch.')}"
+        layout = "-packed" if self.weight.dim() == 3 else ""
+        return f"dense-{str(self.weight.dtype).removeprefix('torch.')}{layout}"
 
 
 class Unquantized:

@@ -11,8 +11,9 @@ more rows. So a packed weight may keep a dense copy in the model dtype and switc
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from tinyserve.layers import bf16_gemm
 
 
 class PackedWeight(nn.Module):
@@ -55,7 +56,7 @@ class PackedWeight(nn.Module):
                                   for part in x.split(self.int8_chunk_rows)])
             return int8_linear(x, self.dense_q, self.dense_scales)
         assert self.dense is not None
-        return F.linear(x, self.dense)
+        return bf16_gemm.linear(x, self.dense)
 
     def _on_int8(self) -> bool:
         return self.dense_q is not None and (self.int8_active or self.dense is None)
@@ -63,7 +64,7 @@ class PackedWeight(nn.Module):
     def int8_copy(self) -> None:
         """Add an int8 copy beside the dense one: codes per output channel, from the dense copy."""
         if self.dense is not None:
-            self.dense_q, self.dense_scales = quantize_int8(self.dense, torch.float32)
+            self.dense_q, self.dense_scales = quantize_int8(bf16_gemm.unpack(self.dense), torch.float32)
 
     def drop_copy(self) -> None:
         self.dense = self.dense_q = self.dense_scales = None

@@ -19,7 +19,7 @@ from tinyserve.attention.base import AttentionBackend, AttentionMetadata
 from tinyserve.attention.sdpa import SdpaBackend
 from tinyserve.config import ModelConfig
 from tinyserve.kv.quant import k_smoothing
-from tinyserve.layers import gguf_native
+from tinyserve.layers import bf16_gemm, gguf_native
 from tinyserve.layers.formats import GGUFTensor, WeightSource, as_dense
 from tinyserve.layers.linear import Linear, QuantMethod, Unquantized
 from tinyserve.models import eager_ops
@@ -202,7 +202,8 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Hidden states of every token, [T, hidden]; the LM head runs only where we sample."""
-        x = self.embed_tokens(input_ids) if self.tp is None else self.tp.embed(input_ids, self.embed_tokens.weight)
+        table = self.embed_tokens.weight  # the LM head's packed table where tied (layers/bf16_gemm.py)
+        x = bf16_gemm.embedding(input_ids, table) if self.tp is None else self.tp.embed(input_ids, table)
         cos, sin = self.rotary(positions, x.dtype)
         for layer, kv in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, kv, meta)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from tinyserve.attention.base import AttentionBackend
 from tinyserve.config import ModelConfig
-from tinyserve.layers import QUANTIZATION
+from tinyserve.layers import QUANTIZATION, bf16_gemm
 from tinyserve.layers.formats import WeightSource, as_dense
 from tinyserve.models import eager_ops
 from tinyserve.models.gguf import export_gguf, gguf_source, gguf_weights, is_gguf_source
@@ -174,4 +174,5 @@ def load_model(src: ModelSource, cfg: ModelConfig, max_len: int, dtype: torch.dt
     model.load_weights(tqdm(weights, desc=f"loading {src.name}", unit=" tensors", leave=False, disable=None,
                             mininterval=1.0), dtype, device)
     eager_ops.enable(dtype, device)  # decided before the first step, for the life of the process
+    bf16_gemm.pack_model(model, dtype, device)  # before anything times or copies the dense weights
     return model.eval().requires_grad_(False)

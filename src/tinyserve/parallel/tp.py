@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tinyserve.config import ModelConfig
+from tinyserve.layers import bf16_gemm
 from tinyserve.layers.formats import GGUFTensor, QuantizedTensor, WeightSource, as_dense
 from tinyserve.parallel.shm import ShmComm
 
@@ -165,7 +166,7 @@ class TensorParallel:
         sum over ranks is the full lookup."""
         lo, hi = self.part.vocab
         outside = (ids < lo) | (ids >= hi)
-        x = F.embedding((ids - lo).masked_fill(outside, 0), table)
+        x = bf16_gemm.embedding((ids - lo).masked_fill(outside, 0), table)
         return self.all_reduce(x.masked_fill_(outside.unsqueeze(-1), 0))
 
     def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:

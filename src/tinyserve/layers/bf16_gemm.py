@@ -1,0 +1,115 @@
+"""Dense bf16 products on CPUs with AVX512-BF16 and no AMX: weights packed once, our kernel multiplies.
+
+ATen's bf16 `F.linear` runs oneDNN, which reorders the weight into its blocked layout on every call and
+blocks poorly for a decode step's 9-64 rows: the bundled model's 32-row products ran at 150-300 GFLOP/s
+of the ~420 this EPYC's bf16 units give. Packed once at load into the layout `vdpbf16ps` reads
+(csrc/bf16_gemm.cpp), the same products run at ~400-440 (`python -m tinyserve_lab.ablations.bf16_gemm`,
+docs/REPORT.md section BG). Where AMX is present oneDNN multiplies on the tiles, several times faster:
+there weights stay as they are.
+
+A packed weight is a 3-D tensor [N/16, K/2, 32], so the layout travels with the tensor: `linear` and
+`embedding` take either form, and nothing else needs to know which it holds. Same bytes, no copy kept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinyserve import native
+from tinyserve.system import cpu_flags
+
+SOURCE = Path(__file__).parent / "csrc" / "bf16_gemm.cpp"
+LANES = 16  # output rows per block of the layout
+
+
+def _fake(x, w):  # shapes for torch.export
+    return x.new_empty(x.shape[0], w.shape[0] * LANES)
+
+
+OPS = native.NativeOps(SOURCE, {"tinyserve::bf16_linear": _fake}, "dense bf16 products run ATen's F.linear")
+
+
+def wanted(dtype: torch.dtype, device: str | torch.device) -> bool:
+    """bf16 on a CPU whose vector units have bf16 dot products and which has no AMX tiles."""
+    flags = cpu_flags()
+    return (torch.device(device).type == "cpu" and dtype == torch.bfloat16 and "avx512_bf16" in flags
+            and "amx_bf16" not in flags)
+
+
+def prefetch(dtype: torch.dtype, device: str) -> None:
+    """Start building the kernel on a thread where `pack_model` will want it, to overlap loading the model."""
+    if wanted(dtype, device):
+        native.build_in_background(SOURCE)
+
+
+def packable(w: torch.Tensor) -> bool:
+    return w.dim() == 2 and w.dtype == torch.bfloat16 and w.shape[0] % LANES == 0 and w.shape[1] % 2 == 0
+
+
+def pack(w: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [N/16, K/2, 32]: for each 16 output rows, one line of 16 (row) pairs per pair of columns."""
+    n, k = w.shape
+    return w.reshape(n // LANES, LANES, k // 2, 2).permute(0, 2, 1, 3).reshape(n // LANES, k // 2, 2 * LANES)
+
+
+def unpack(w: torch.Tensor) -> torch.Tensor:
+    """The [N, K] matrix of either form (a packed one as a new tensor)."""
+    if w.dim() == 2:
+        return w
+    blocks, pairs, _ = w.shape
+    return w.reshape(blocks, pairs, LANES, 2).permute(0, 2, 1, 3).reshape(blocks * LANES, pairs * 2)
+
+
+def shape(w: torch.Tensor) -> tuple[int, int]:
+    """[N, K] of either form."""
+    return (w.shape[0] * LANES, w.shape[1] * 2) if w.dim() == 3 else (w.shape[0], w.shape[1])
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x W^T for a weight of either form; a packed one takes x of any leading shape."""
+    if w.dim() == 2:
+        return F.linear(x, w)
+    y = torch.ops.tinyserve.bf16_linear(x.reshape(-1, x.shape[-1]), w)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def embedding(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of a table of either form (a tied embedding shares the LM head's packed table)."""
+    if table.dim() == 2:
+        return F.embedding(ids, table)
+    blocks, pairs, _ = table.shape
+    rows = table.view(blocks, pairs, LANES, 2)[ids // LANES, :, ids % LANES]  # [*ids, K/2, 2]
+    return rows.reshape(*ids.shape, pairs * 2)
+
+
+def pack_model(model: nn.Module, dtype: torch.dtype, device: str | torch.device) -> int:
+    """Pack every dense bf16 weight matrix of `model` (linears and the dense copies of quantized ones)
+    where `wanted` and the kernel builds; a tensor shared by two modules (a tied embedding and head)
+    is packed once and shared as packed. Returns how many were packed."""
+    if not (wanted(dtype, device) and OPS.available()):
+        return 0
+
+    def key(t: torch.Tensor) -> tuple[int, tuple[int, ...]]:  # a shared table is one storage, not one object
+        return t.data_ptr(), tuple(t.shape)
+
+    # the weight modules' dense matrices (DenseWeight's, a PackedWeight's copy for large steps)
+    tables = (getattr(m, "dense_weight", None) for m in model.modules())
+    targets = {key(w) for w in tables if isinstance(w, torch.Tensor) and packable(w)}
+    holders: dict[tuple[int, tuple[int, ...]], list[tuple[dict[str, Any], str]]] = {}
+    for m in model.modules():  # every holder of a target: the tied embedding shares the head's table
+        stores: tuple[dict[str, Any], ...] = (m._parameters, m._buffers)
+        for store in stores:
+            for name, t in store.items():
+                if t is not None and key(t) in targets:
+                    holders.setdefault(key(t), []).append((store, name))
+    for places in holders.values():  # one at a time: the old matrix is freed before the next is packed
+        store, name = places[0]
+        new = pack(store[name])
+        for store, name in places:
+            store[name] = nn.Parameter(new, requires_grad=False) if isinstance(store[name], nn.Parameter) else new
+    return len(holders)
