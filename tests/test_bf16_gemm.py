@@ -35,8 +35,8 @@ def test_layout_round_trips_and_embeds():
 @pytest.mark.parametrize("m,k,n", [(1, 576, 960), (5, 1536, 576), (37, 64, 112), (70, 96, 48), (130, 32, 16 * 13)])
 def test_products_match_fp32_within_output_rounding(m, k, n):
     """Each product of two bf16 is exact in fp32; the sum's fp32 error is far below the output's rounding
-    to bf16 (2^-9 relative). n = 112 and 208 leave groups of fewer than 6 blocks; 70 and 130 rows cross a
-    row chunk (64) and leave tiles of fewer than 4 rows."""
+    to bf16 (2^-9 relative). n = 112 and 208 leave groups of fewer than 6 blocks; 5, 37, 70 and 130 rows
+    leave tiles of fewer than 4 rows."""
     bf16_gemm.OPS.load()
     x, w = _pair(m, k, n, m * n)
     ref = x.float() @ w.float().T

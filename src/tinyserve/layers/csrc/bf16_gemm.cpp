@@ -8,9 +8,11 @@
 //
 // Work: parallel over groups of kNr blocks (96 output rows); within a group, tiles of kMr activation rows
 // x 96 outputs: 24 accumulators, per K pair 6 weight lines and 4 broadcasts. The group's weights (K x 192
-// bytes) stay in L2 while every row tile passes over them; rows go in chunks of kMc so the chunk's
-// activations stay in the caches at prefill sizes too. Each output is one fp32 sum over K in order, then
-// rounded to bf16 once: a row's result does not depend on the other rows or the row count (batch-invariant).
+// bytes) stay in L2 while every row tile passes over them, so each weight is read from memory once per
+// call; the activations come from L2/L3 once per group (96 products per byte: far below those caches'
+// rates). Chunking the rows instead (64 at a time) read the LM head 16 times at 1,024 rows: 0.93x ATen
+// there, 1.12x without. Each output is one fp32 sum over K in order, then rounded to bf16 once: a row's
+// result does not depend on the other rows or the row count (batch-invariant).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -25,7 +27,6 @@ namespace {
 
 constexpr int64_t kLanes = 16;  // output rows per block: one fp32 vector
 constexpr int kMr = 4, kNr = 6;
-constexpr int64_t kMc = 64;
 
 #if defined(__AVX512BF16__)
 // Rows [0, MR) of x times blocks [0, NR) of the group at w (each block K/2 lines of 32 bf16).
@@ -66,26 +67,22 @@ void group(int64_t m, const c10::BFloat16* x, int64_t K, const c10::BFloat16* w,
 
 void gemm(const c10::BFloat16* x, const c10::BFloat16* w, c10::BFloat16* y, int64_t M, int64_t K, int64_t blocks) {
   const int64_t N = blocks * kLanes, groups = (blocks + kNr - 1) / kNr;
-  for (int64_t m0 = 0; m0 < M; m0 += kMc) {
-    const int64_t m = std::min(kMc, M - m0);
-    at::parallel_for(0, groups, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t g = lo; g < hi; ++g) {
-        const int64_t b0 = g * kNr;
-        const c10::BFloat16* wg = w + b0 * K * kLanes;  // K/2 lines of 2 x 16 per block
-        const c10::BFloat16* xg = x + m0 * K;
-        c10::BFloat16* yg = y + m0 * N + b0 * kLanes;
-        switch (std::min<int64_t>(kNr, blocks - b0)) {
-          case 6: group<6>(m, xg, K, wg, yg, N); break;
-          case 5: group<5>(m, xg, K, wg, yg, N); break;
-          case 4: group<4>(m, xg, K, wg, yg, N); break;
-          case 3: group<3>(m, xg, K, wg, yg, N); break;
-          case 2: group<2>(m, xg, K, wg, yg, N); break;
-          default: group<1>(m, xg, K, wg, yg, N); break;
-        }
-        static_assert(kNr == 6, "the switch covers 1..kNr blocks");
+  at::parallel_for(0, groups, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t g = lo; g < hi; ++g) {
+      const int64_t b0 = g * kNr;
+      const c10::BFloat16* wg = w + b0 * K * kLanes;  // K/2 lines of 2 x 16 per block
+      c10::BFloat16* yg = y + b0 * kLanes;
+      switch (std::min<int64_t>(kNr, blocks - b0)) {
+        case 6: group<6>(M, x, K, wg, yg, N); break;
+        case 5: group<5>(M, x, K, wg, yg, N); break;
+        case 4: group<4>(M, x, K, wg, yg, N); break;
+        case 3: group<3>(M, x, K, wg, yg, N); break;
+        case 2: group<2>(M, x, K, wg, yg, N); break;
+        default: group<1>(M, x, K, wg, yg, N); break;
       }
-    });
-  }
+      static_assert(kNr == 6, "the switch covers 1..kNr blocks");
+    }
+  });
 }
 #endif
 
