@@ -87,6 +87,12 @@ def embedding(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return rows.reshape(*ids.shape, pairs * 2)
 
 
+def packed(model: nn.Module) -> bool:
+    """Whether any dense matrix of `model` is packed (its products run on our kernel)."""
+    return any(isinstance(w := getattr(m, "dense_weight", None), torch.Tensor) and w.dim() == 3
+               for m in model.modules())
+
+
 def pack_model(model: nn.Module, dtype: torch.dtype, device: str | torch.device) -> int:
     """Pack every dense bf16 weight matrix of `model` (linears and the dense copies of quantized ones)
     where `wanted` and the kernel builds; a tensor shared by two modules (a tied embedding and head)

@@ -16,7 +16,7 @@ import torch
 from tinyserve.attention import select_backend
 from tinyserve.attention.base import AttentionBackend
 from tinyserve.config import EngineConfig, ModelConfig
-from tinyserve.layers import batch_invariant_quantization, resolve_quantization
+from tinyserve.layers import batch_invariant_quantization, bf16_gemm, resolve_quantization
 from tinyserve.layers.kernel_choice import configure_packed_kernels, packed_weights
 from tinyserve.layers.linear import DenseWeight, Linear
 from tinyserve.layers.packed import INT8_CHUNK_ROWS, INT8_COMPUTE_LINEARS, PackedWeight
@@ -66,6 +66,8 @@ def serve_model(config: EngineConfig, src: ModelSource, mc: ModelConfig, quantiz
     # The packed/dense crossover depends on the machine, the model and the mode: measured once, cached.
     machine = f"{cpu_model()}|{config.device}|{config.num_threads} threads|torch {torch.__version__}"
     key = f"{src.path}|{resolved}|g{config.quant_group_size}|{dtype}|{machine}"
+    if bf16_gemm.packed(model):  # the dense copies on our GEMM (layers/bf16_gemm.py): another crossover
+        key += "|dense on bf16_gemm"
     if tp is not None:
         key += f"|tp rank {tp.rank} of {tp.part.world}"
     if config.int8_compute:
@@ -132,10 +134,12 @@ def _compiled_step(model: LlamaForCausalLM, runner: ModelRunner, attention: Atte
     """The compiled decode step (not loaded yet) and the directory of its packages. Its regimes split at
     the quantized linears' packed/dense crossover where dense copies exist (worker/compiled.py)."""
     dense = any(w.has_copy for _, w in packed_weights(model))
-    # A dense 16-bit linear in the compiled graph rounds one row differently from several; fp32's
-    # dense GEMM has no row count that agrees with another, so it gains nothing from two rows.
+    # A dense 16-bit linear in the compiled graph rounds one row differently from several (not one packed
+    # for our GEMM, which computes each row alone); fp32's dense GEMM has no row count that agrees with
+    # another, so it gains nothing from two rows.
     one_row_dense = runner.dtype != torch.float32 and any(
-        isinstance(m, Linear) and isinstance(m.impl, DenseWeight) for m in model.modules())
+        isinstance(m, Linear) and isinstance(m.impl, DenseWeight) and m.impl.weight.dim() == 2
+        for m in model.modules())
     step = CompiledDecode(model, runner.block_size, packed_max_rows if dense else None, top,
                           two_row_minimum=one_row_dense)
     key = artifact_key(model, runner.kv_caches[0][0], attention.index_dtype, runner.block_size, step.packed_max_rows)
