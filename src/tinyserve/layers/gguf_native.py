@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from tinyserve import native
+from tinyserve.layers import bf16_gemm
 from tinyserve.layers.formats import GGUFTensor
 from tinyserve.layers.packed import PackedWeight
 from tinyserve.system import cpu_flags
@@ -140,25 +141,38 @@ def gguf_weight(shards: Sequence[GGUFTensor], dtype: torch.dtype, device: torch.
     `repack`: also the repacked form of its Q4_K and Q6_K shards, where this CPU reads one."""
     if device.type != "cpu" or not kernel_available():
         return None
-    dense = dequantize_into(shards, dtype) if keep_dense else None
+    dense = dequantize_into(shards, dtype, packed=bf16_gemm.enabled(dtype, device)) if keep_dense else None
     return GGUFWeight([GGUFTensor(s.qtype, s.data.contiguous(), s.shape) for s in shards], dense, repack)
 
 
-def dequantize_into(shards: Sequence[GGUFTensor], dtype: torch.dtype, chunk: int = 4096) -> torch.Tensor:
+def dequantize_into(shards: Sequence[GGUFTensor], dtype: torch.dtype, chunk: int = 4096,
+                    packed: bool = False) -> torch.Tensor:
     """The shards dequantized into one `dtype` matrix, stacked along N: by the kernel (`gguf_dequantize`,
     bit for bit `gguf`'s values) where it is loaded already (never built for this alone: a dense model's
     embedding is no reason to compile) and writes `dtype`, else `chunk` rows at a time in torch ops (a
-    150k-row head is ~1 GB in fp32)."""
-    out = torch.empty(sum(s.shape[0] for s in shards), shards[0].shape[1], dtype=dtype)
+    150k-row head is ~1 GB in fp32). `packed` (bf16, shards of whole 16-row blocks): in bf16_gemm's layout,
+    each `chunk` rows dequantized into a scratch matrix and packed from the caches (packing the whole
+    matrices afterwards added 3-4 s to the 1.5B's load)."""
+    rows_total, cols = sum(s.shape[0] for s in shards), shards[0].shape[1]
+    packed = packed and dtype == torch.bfloat16 and all(bf16_gemm.fits(s.shape[0], cols) for s in shards)
+    if packed:  # chunks of whole blocks
+        chunk = max(bf16_gemm.LANES, chunk // bf16_gemm.LANES * bf16_gemm.LANES)
+    out = (torch.empty(rows_total // bf16_gemm.LANES, cols // 2, 2 * bf16_gemm.LANES, dtype=dtype) if packed
+           else torch.empty(rows_total, cols, dtype=dtype))
     native_ok = OPS.loaded and dtype in (torch.float32, torch.bfloat16)
+    scratch = torch.empty(min(chunk, rows_total), cols, dtype=dtype) if packed else None
     r0 = 0
     for t in shards:
-        rows, cols = t.shape
-        if native_ok and t.qtype in QTYPES:
-            torch.ops.tinyserve.gguf_dequantize(t.data.contiguous(), QTYPES[t.qtype], out[r0 : r0 + rows])
-        else:
-            for r in range(0, rows, chunk):
-                e = min(r + chunk, rows)
-                out[r0 + r : r0 + e] = GGUFTensor(t.qtype, t.data[r:e], (e - r, cols)).dequantize()
+        rows = t.shape[0]
+        for r in range(0, rows, chunk):
+            e = min(r + chunk, rows)
+            dst = out[r0 + r : r0 + e] if scratch is None else scratch[: e - r]
+            if native_ok and t.qtype in QTYPES:
+                torch.ops.tinyserve.gguf_dequantize(t.data[r:e].contiguous(), QTYPES[t.qtype], dst)
+            else:
+                dst.copy_(GGUFTensor(t.qtype, t.data[r:e], (e - r, cols)).dequantize())
+            if scratch is not None:
+                lanes = bf16_gemm.LANES
+                bf16_gemm.pack(dst, out[(r0 + r) // lanes : (r0 + e) // lanes])
         r0 += rows
     return out

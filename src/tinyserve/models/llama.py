@@ -299,7 +299,7 @@ class LlamaForCausalLM(nn.Module):
         serves the embedding lookups too: one table in memory, not two."""
         table = getattr(self.lm_head.impl, "dense_weight", None)
         if table is None or table.dtype != self.embed_tokens.weight.dtype or \
-                table.shape != self.embed_tokens.weight.shape:
+                bf16_gemm.shape(table) != self.embed_tokens.weight.shape:
             return False
         self.embed_tokens.weight = nn.Parameter(table, requires_grad=False)
         return True
