@@ -1,8 +1,8 @@
 """Dense bf16 products on CPUs with AVX512-BF16 and no AMX: weights packed once, our kernel multiplies.
 
 ATen's bf16 `F.linear` runs oneDNN, which reorders the weight into its blocked layout on every call and
-blocks poorly for a decode step's 9-64 rows: the bundled model's 32-row products ran at 150-300 GFLOP/s
-of the ~420 this EPYC's bf16 units give. Packed once at load into the layout `vdpbf16ps` reads
+blocks poorly for a decode step's 9-64 rows: the bundled model's 8- to 32-row products ran at 130-300
+GFLOP/s against the 410-430 of a 2048^3 bf16 GEMM on this EPYC. Packed once at load into the layout `vdpbf16ps` reads
 (csrc/bf16_gemm.cpp), the same products run at ~400-440 (`python -m tinyserve_lab.ablations.bf16_gemm`,
 docs/REPORT.md section BG). Where AMX is present oneDNN multiplies on the tiles, several times faster:
 there weights stay as they are.
