@@ -34,7 +34,7 @@ from tinyserve.kv.disk_tier import DiskTier
 from tinyserve.kv.disk_tier import namespace as kv_namespace
 from tinyserve.kv.quant import INT8_LAYOUT
 from tinyserve.kv.tiers import KVTiers
-from tinyserve.layers import QUANTIZATION, bf16_gemm
+from tinyserve.layers import QUANTIZATION, bf16_gemm, int8_gemm
 from tinyserve.layers import prefetch as prefetch_quantization
 from tinyserve.models import eager_ops
 from tinyserve.models.loader import ModelSource, model_config, resolve_model
@@ -85,6 +85,8 @@ class LLMEngine:
         prefetch_attention(config.attention_backend, config.device)  # its kernel builds while the model loads
         eager_ops.prefetch(config.torch_dtype, config.device)  # so do the eager steps' norm and SwiGLU
         bf16_gemm.prefetch(config.torch_dtype, config.device)  # and the dense bf16 GEMM's
+        if config.int8_compute:
+            int8_gemm.prefetch(config.torch_dtype, config.device)  # and int8 compute's
         self.source = src = resolve_model(config.model)
         # the GGUF kernel builds while the tokenizer and the weights load (a cold machine: seconds, once)
         prefetch_quantization(served_quantization(config, config.quantization, src.stored_form), config.device)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tinyserve.layers import bf16_gemm
+from tinyserve.layers import bf16_gemm, int8_gemm
 
 
 class PackedWeight(nn.Module):
@@ -26,7 +26,7 @@ class PackedWeight(nn.Module):
 
     # buffers: declared for the type checker (nn.Module.__getattr__ is untyped)
     dense: torch.Tensor | None
-    dense_q: torch.Tensor | None  # int8 [out, in]: the int8-compute copy
+    dense_q: torch.Tensor | None  # the int8-compute copy: int8 [out, in], or packed (layers/int8_gemm.py)
     dense_scales: torch.Tensor | None  # fp32 [out]
 
     def __init__(self, dense: torch.Tensor | None) -> None:
@@ -51,9 +51,10 @@ class PackedWeight(nn.Module):
         """The product on the large-step copy."""
         if self._on_int8():
             assert self.dense_q is not None and self.dense_scales is not None
-            if self.int8_chunk_rows is not None and x.shape[0] > self.int8_chunk_rows:
+            rows = self.int8_chunk_rows if self.dense_q.dim() == 2 else None  # our kernel needs no pieces
+            if rows is not None and x.shape[0] > rows:
                 return torch.cat([int8_linear(part, self.dense_q, self.dense_scales)
-                                  for part in x.split(self.int8_chunk_rows)])
+                                  for part in x.split(rows)])
             return int8_linear(x, self.dense_q, self.dense_scales)
         assert self.dense is not None
         return bf16_gemm.linear(x, self.dense)
@@ -62,9 +63,12 @@ class PackedWeight(nn.Module):
         return self.dense_q is not None and (self.int8_active or self.dense is None)
 
     def int8_copy(self) -> None:
-        """Add an int8 copy beside the dense one: codes per output channel, from the dense copy."""
+        """Add an int8 copy beside the dense one: codes per output channel, from the dense copy; packed for
+        our kernel where it runs (bf16 activations on a CPU with VNNI and no AMX)."""
         if self.dense is not None:
-            self.dense_q, self.dense_scales = quantize_int8(bf16_gemm.unpack(self.dense), torch.float32)
+            q, self.dense_scales = quantize_int8(bf16_gemm.unpack(self.dense), torch.float32)
+            ours = self.dense.dtype == torch.bfloat16 and int8_gemm.fits(*q.shape) and int8_gemm.enabled(q.device)
+            self.dense_q = int8_gemm.pack(q) if ours else q
 
     def drop_copy(self) -> None:
         self.dense = self.dense_q = self.dense_scales = None
@@ -114,12 +118,16 @@ def int8_in_graph(model: nn.Module) -> None:
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, w_scales: torch.Tensor) -> torch.Tensor:
     """x @ (q * w_scales).T with x quantized to int8 per row (dynamic, symmetric): an int8 x int8 -> int32
-    GEMM (oneDNN: VNNI, AMX where present), then both scales. `q.t()` is the column-major [in, out]
-    operand oneDNN multiplies fastest (1.3-1.8x the row-major one, docs/REPORT.md)."""
+    GEMM, then both scales. On codes packed for our VNNI kernel (layers/int8_gemm.py) that kernel, with
+    these bits; else oneDNN's (VNNI, AMX where present), with `q.t()` the column-major [in, out] operand it
+    multiplies fastest (1.3-1.8x the row-major one, docs/REPORT.md). The reciprocal and the product of the
+    two scales are written out so that the kernel, built with -ffast-math, can do the same arithmetic."""
+    if q.dim() == 3:
+        return int8_gemm.linear(x, q, w_scales)
     xf = x.float()
     x_scales = xf.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
-    xq = (xf / x_scales).round().to(torch.int8)  # |x / scale| <= 127 by construction
-    return (torch._int_mm(xq, q.t()).float() * x_scales * w_scales).to(x.dtype)
+    xq = (xf * (1 / x_scales)).round().to(torch.int8)  # |x / scale| <= 127 (to a rounding) by construction
+    return (torch._int_mm(xq, q.t()).float() * (x_scales * w_scales)).to(x.dtype)
 
 
 class Int8Weight(PackedWeight):

@@ -85,6 +85,8 @@ def serve_model(config: EngineConfig, src: ModelSource, mc: ModelConfig, quantiz
             w.int8_active = eager
             w.int8_chunk_rows = INT8_CHUNK_ROWS if eager else None
         key += "|int8-compute" + ("|eager" if eager else "")
+        if any(w.dense_q is not None and w.dense_q.dim() == 3 for w in weights):
+            key += "|int8 on int8_gemm"  # our VNNI kernel (layers/int8_gemm.py): another crossover
     # batch-invariant: the packed kernel at every batch size (no dense copy kept)
     rows = config.max_num_batched_tokens if config.batch_invariant else config.packed_max_rows
     packed_max_rows = configure_packed_kernels(model, rows, config.max_num_batched_tokens, dtype,

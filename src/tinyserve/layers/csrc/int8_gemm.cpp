@@ -1,0 +1,170 @@
+// y = (x quantized to int8 per row) x (W int8 per output channel)^T, rescaled to bf16, on AVX512-VNNI
+// (layers/int8_gemm.py packs W once and says when this runs; layers/packed.py:int8_linear is the reference).
+//
+// Layout: W [N, K] int8 is stored as [N/16][K/4 + 1][64 bytes]: for each block of 16 output rows, one
+// 64-byte line per quad of K positions (the quad of each of the 16 rows), then one line of 16 int32:
+// 128 x the row's sum of codes. `vpdpbusd` multiplies unsigned by signed bytes, so a row of activations
+// is stored as q + 128 (1..255) and that line takes the 128 back out of the int32 sum, exactly.
+//
+// One call quantizes x once (each row alone: its absmax / 127, then round(x * (1 / scale)) to nearest
+// even, as the reference does), then runs the products like csrc/bf16_gemm.cpp: parallel over groups
+// of 6 blocks (96 outputs), tiles of 4 rows x 96 outputs (24 accumulators), the group's weights in L2
+// while every row passes. Each output is an exact int32 sum, then float(sum) * (x_scale * w_scale)
+// rounded to bf16 once: the reference's bits, whatever the row count (batch-invariant). A `vpdpbusd`
+// does 64 multiply-adds, twice a `vdpbf16ps`: the point of int8 compute where there is no AMX.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define TINYSERVE_VNNI 1
+#endif
+
+namespace {
+
+constexpr int64_t kLanes = 16;  // output rows per block: one int32 vector
+constexpr int kMr = 4, kNr = 6;
+
+// The scale's divisor, read at run time: under -ffast-math a division by a constant may become a
+// multiplication by its rounded reciprocal, which is not the reference's scale.
+volatile float kQmax = 127.0f;
+
+#if defined(TINYSERVE_VNNI)
+// acc + the 4-byte dot products of unsigned a and signed b, per lane; b in a register: given the builtin,
+// GCC reads each weight line from L1 again for every row.
+inline __v16si dpbusd(__v16si acc, __v16si a, __v16si b) {
+  asm("vpdpbusd %[b], %[a], %[acc]" : [acc] "+v"(acc) : [a] "v"(a), [b] "v"(b));
+  return acc;
+}
+
+// Row x [K] -> q + 128 as bytes into u [K]; returns the row's scale.
+inline float quantize_row(const c10::BFloat16* x, int64_t K, uint8_t* u) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(x);
+  auto widen = [](__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); };
+  const int64_t K16 = K / 16 * 16;
+  __m512 vmax = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K16; k += 16)
+    vmax = _mm512_max_ps(vmax, _mm512_abs_ps(widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + k)))));
+  float amax = _mm512_reduce_max_ps(vmax);
+  for (int64_t k = K16; k < K; ++k) amax = std::max(amax, std::fabs(static_cast<float>(x[k])));
+  const float scale = std::max(amax, 1e-12f) / kQmax;
+  const float inv = 1.0f / scale;
+  const __m512 vinv = _mm512_set1_ps(inv);
+  const __m512i offset = _mm512_set1_epi32(128);
+  for (int64_t k = 0; k < K16; k += 16) {
+    const __m512 v = _mm512_mul_ps(widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + k))), vinv);
+    const __m512i q = _mm512_cvtps_epi32(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(u + k), _mm512_cvtepi32_epi8(_mm512_add_epi32(q, offset)));
+  }
+  for (int64_t k = K16; k < K; ++k) u[k] = static_cast<uint8_t>(std::nearbyint(static_cast<float>(x[k]) * inv) + 128);
+  return scale;
+}
+
+// Rows [0, MR) of the quantized x (u, scales xs) times blocks [0, NR) of the group at w.
+template <int MR, int NR>
+inline void tile(const uint8_t* u, const float* xs, int64_t K, const int8_t* w, const float* ws, c10::BFloat16* y,
+                 int64_t ldy) {
+  // Typed as GCC's own vector of 16 int32: as __m512i (8 x int64), each step's conversions kept the 24
+  // accumulators in memory (260 GOP/s instead of ~800).
+  __v16si acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = (__v16si)_mm512_setzero_si512();
+  const int64_t K4 = K / 4, line = K4 + 1;  // a block: K/4 lines of quads, then its compensation line
+  const int32_t* quads = reinterpret_cast<const int32_t*>(u);
+  for (int64_t kq = 0; kq < K4; ++kq) {
+    __v16si b[NR];
+    for (int j = 0; j < NR; ++j) b[j] = (__v16si)_mm512_loadu_si512(w + (j * line + kq) * 64);
+    for (int i = 0; i < MR; ++i) {
+      const __v16si a = (__v16si)_mm512_set1_epi32(quads[i * K4 + kq]);
+      for (int j = 0; j < NR; ++j) acc[i][j] = dpbusd(acc[i][j], a, b[j]);
+    }
+  }
+  for (int j = 0; j < NR; ++j) {
+    const __m512i comp = _mm512_loadu_si512(w + (j * line + K4) * 64);
+    const __m512 wsj = _mm512_loadu_ps(ws + j * kLanes);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 s = _mm512_mul_ps(_mm512_set1_ps(xs[i]), wsj);
+      const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32((__m512i)acc[i][j], comp)), s);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i * ldy + j * kLanes), (__m256i)_mm512_cvtneps_pbh(v));
+    }
+  }
+}
+
+// Every row against NR blocks: full row tiles, then the rest in one narrower tile.
+template <int NR>
+void group(int64_t m, const uint8_t* u, const float* xs, int64_t K, const int8_t* w, const float* ws,
+           c10::BFloat16* y, int64_t ldy) {
+  int64_t i = 0;
+  for (; i + kMr <= m; i += kMr) tile<kMr, NR>(u + i * K, xs + i, K, w, ws, y + i * ldy, ldy);
+  switch (m - i) {
+    case 1: tile<1, NR>(u + i * K, xs + i, K, w, ws, y + i * ldy, ldy); break;
+    case 2: tile<2, NR>(u + i * K, xs + i, K, w, ws, y + i * ldy, ldy); break;
+    case 3: tile<3, NR>(u + i * K, xs + i, K, w, ws, y + i * ldy, ldy); break;
+    default: break;
+  }
+  static_assert(kMr == 4, "the tail switch covers kMr - 1 rows");
+}
+
+void gemm(const c10::BFloat16* x, const int8_t* w, const float* ws, c10::BFloat16* y, int64_t M, int64_t K,
+          int64_t blocks) {
+  std::vector<uint8_t> u(static_cast<size_t>(M * K));
+  std::vector<float> xs(static_cast<size_t>(M));
+  at::parallel_for(0, M, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t m = lo; m < hi; ++m) xs[m] = quantize_row(x + m * K, K, u.data() + m * K);
+  });
+  const int64_t N = blocks * kLanes, groups = (blocks + kNr - 1) / kNr, line = K / 4 + 1;
+  at::parallel_for(0, groups, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t g = lo; g < hi; ++g) {
+      const int64_t b0 = g * kNr;
+      const int8_t* wg = w + b0 * line * 64;
+      const float* wsg = ws + b0 * kLanes;
+      c10::BFloat16* yg = y + b0 * kLanes;
+      switch (std::min<int64_t>(kNr, blocks - b0)) {
+        case 6: group<6>(M, u.data(), xs.data(), K, wg, wsg, yg, N); break;
+        case 5: group<5>(M, u.data(), xs.data(), K, wg, wsg, yg, N); break;
+        case 4: group<4>(M, u.data(), xs.data(), K, wg, wsg, yg, N); break;
+        case 3: group<3>(M, u.data(), xs.data(), K, wg, wsg, yg, N); break;
+        case 2: group<2>(M, u.data(), xs.data(), K, wg, wsg, yg, N); break;
+        default: group<1>(M, u.data(), xs.data(), K, wg, wsg, yg, N); break;
+      }
+      static_assert(kNr == 6, "the switch covers 1..kNr blocks");
+    }
+  });
+}
+#endif
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scales) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "int8_linear: x must be 2-D bfloat16");
+  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kChar && w.size(2) == 64 && w.is_contiguous(),
+              "int8_linear: w must be packed [N/16, K/4 + 1, 64] int8 (layers/int8_gemm.py)");
+  const int64_t M = x.size(0), K = x.size(1), blocks = w.size(0);
+  TORCH_CHECK((w.size(1) - 1) * 4 == K, "int8_linear: x has ", K, " columns, the weight ", (w.size(1) - 1) * 4);
+  TORCH_CHECK(w_scales.scalar_type() == at::kFloat && w_scales.numel() == blocks * kLanes && w_scales.is_contiguous(),
+              "int8_linear: w_scales must be float32 [N]");
+  at::Tensor y = at::empty({M, blocks * kLanes}, x.options());
+  if (M == 0) return y;
+#if defined(TINYSERVE_VNNI)
+  const at::Tensor xc = x.contiguous();
+  gemm(xc.data_ptr<c10::BFloat16>(), w.data_ptr<int8_t>(), w_scales.data_ptr<float>(), y.data_ptr<c10::BFloat16>(),
+       M, K, blocks);
+#else
+  TORCH_CHECK(false, "int8_linear: built for a CPU without AVX512-VNNI and AVX512-BF16");
+#endif
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tinyserve, m) {
+  m.def("int8_linear(Tensor x, Tensor w, Tensor w_scales) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tinyserve, CPU, m) {
+  m.impl("int8_linear", &int8_linear);
+}
