@@ -120,14 +120,13 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, w_scales: torch.Tensor) -> tor
     """x @ (q * w_scales).T with x quantized to int8 per row (dynamic, symmetric): an int8 x int8 -> int32
     GEMM, then both scales. On codes packed for our VNNI kernel (layers/int8_gemm.py) that kernel, with
     these bits; else oneDNN's (VNNI, AMX where present), with `q.t()` the column-major [in, out] operand it
-    multiplies fastest (1.3-1.8x the row-major one, docs/REPORT.md). The reciprocal and the product of the
-    two scales are written out so that the kernel, built with -ffast-math, can do the same arithmetic."""
+    multiplies fastest (1.3-1.8x the row-major one, docs/REPORT.md)."""
     if q.dim() == 3:
         return int8_gemm.linear(x, q, w_scales)
     xf = x.float()
     x_scales = xf.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
-    xq = (xf * (1 / x_scales)).round().to(torch.int8)  # |x / scale| <= 127 (to a rounding) by construction
-    return (torch._int_mm(xq, q.t()).float() * (x_scales * w_scales)).to(x.dtype)
+    xq = (xf / x_scales).round().to(torch.int8)  # |x / scale| <= 127 by construction
+    return (torch._int_mm(xq, q.t()).float() * x_scales * w_scales).to(x.dtype)
 
 
 class Int8Weight(PackedWeight):

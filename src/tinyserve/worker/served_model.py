@@ -84,6 +84,8 @@ def serve_model(config: EngineConfig, src: ModelSource, mc: ModelConfig, quantiz
             w.int8_copy()
             w.int8_active = eager
             w.int8_chunk_rows = INT8_CHUNK_ROWS if eager else None
+            if eager:  # every step above the crossover takes the int8 copy: the dense one is never read
+                w.dense = None
         key += "|int8-compute" + ("|eager" if eager else "")
         if any(w.dense_q is not None and w.dense_q.dim() == 3 for w in weights):
             key += "|int8 on int8_gemm"  # our VNNI kernel (layers/int8_gemm.py): another crossover

@@ -6,10 +6,10 @@
 // 128 x the row's sum of codes. `vpdpbusd` multiplies unsigned by signed bytes, so a row of activations
 // is stored as q + 128 (1..255) and that line takes the 128 back out of the int32 sum, exactly.
 //
-// One call quantizes x once (each row alone: its absmax / 127, then round(x * (1 / scale)) to nearest
-// even, as the reference does), then runs the products like csrc/bf16_gemm.cpp: parallel over groups
+// One call quantizes x once (each row alone: its absmax / 127, then round(x / scale) to nearest even,
+// as the reference does), then runs the products like csrc/bf16_gemm.cpp: parallel over groups
 // of 6 blocks (96 outputs), tiles of 4 rows x 96 outputs (24 accumulators), the group's weights in L2
-// while every row passes. Each output is an exact int32 sum, then float(sum) * (x_scale * w_scale)
+// while every row passes. Each output is an exact int32 sum, then float(sum) * x_scale * w_scale
 // rounded to bf16 once: the reference's bits, whatever the row count (batch-invariant). A `vpdpbusd`
 // does 64 multiply-adds, twice a `vdpbf16ps`: the point of int8 compute where there is no AMX.
 #include <ATen/ATen.h>
@@ -31,9 +31,27 @@ namespace {
 constexpr int64_t kLanes = 16;  // output rows per block: one int32 vector
 constexpr int kMr = 4, kNr = 6;
 
-// The scale's divisor, read at run time: under -ffast-math a division by a constant may become a
-// multiplication by its rounded reciprocal, which is not the reference's scale.
+// The reference's arithmetic, held against -ffast-math (which every kernel here is built with): a
+// division by a constant, or by the same value many times, may become a multiplication by the rounded
+// reciprocal, and a product of three may be reassociated. Neither is the reference's rounding, and the
+// reciprocal is worse than it looks: many bf16 activations are exact binary fractions of their row's
+// absmax, so x / scale lands on ties (63.5, ...) that a rounded reciprocal pushes all one way (+0.5%
+// perplexity on the bundled model, docs/REPORT.md V8). So the divisor 127 is read at run time, the
+// vector division is written out (`divide`), and `opaque` hides a value from the optimizer at each use.
 volatile float kQmax = 127.0f;
+
+template <typename T>
+inline T opaque(T v) {
+  asm("" : "+v"(v));
+  return v;
+}
+
+// n / d correctly rounded: GCC under -ffast-math turns `_mm512_div_ps` into `vrcp14ps` and a Newton step.
+inline __m512 divide(__m512 n, __m512 d) {
+  __m512 q;
+  asm("vdivps %[d], %[n], %[q]" : [q] "=v"(q) : [n] "v"(n), [d] "v"(d));
+  return q;
+}
 
 #if defined(TINYSERVE_VNNI)
 // acc + the 4-byte dot products of unsigned a and signed b, per lane; b in a register: given the builtin,
@@ -54,15 +72,14 @@ inline float quantize_row(const c10::BFloat16* x, int64_t K, uint8_t* u) {
   float amax = _mm512_reduce_max_ps(vmax);
   for (int64_t k = K16; k < K; ++k) amax = std::max(amax, std::fabs(static_cast<float>(x[k])));
   const float scale = std::max(amax, 1e-12f) / kQmax;
-  const float inv = 1.0f / scale;
-  const __m512 vinv = _mm512_set1_ps(inv);
+  const __m512 vscale = _mm512_set1_ps(scale);
   const __m512i offset = _mm512_set1_epi32(128);
   for (int64_t k = 0; k < K16; k += 16) {
-    const __m512 v = _mm512_mul_ps(widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + k))), vinv);
+    const __m512 v = divide(widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + k))), vscale);
     const __m512i q = _mm512_cvtps_epi32(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(u + k), _mm512_cvtepi32_epi8(_mm512_add_epi32(q, offset)));
   }
-  for (int64_t k = K16; k < K; ++k) u[k] = static_cast<uint8_t>(std::nearbyint(static_cast<float>(x[k]) * inv) + 128);
+  for (int64_t k = K16; k < K; ++k) u[k] = static_cast<uint8_t>(std::nearbyint(static_cast<float>(x[k]) / opaque(scale)) + 128);
   return scale;
 }
 
@@ -89,8 +106,8 @@ inline void tile(const uint8_t* u, const float* xs, int64_t K, const int8_t* w, 
     const __m512i comp = _mm512_loadu_si512(w + (j * line + K4) * 64);
     const __m512 wsj = _mm512_loadu_ps(ws + j * kLanes);
     for (int i = 0; i < MR; ++i) {
-      const __m512 s = _mm512_mul_ps(_mm512_set1_ps(xs[i]), wsj);
-      const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32((__m512i)acc[i][j], comp)), s);
+      const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32((__m512i)acc[i][j], comp)), _mm512_set1_ps(xs[i]));
+      const __m512 v = _mm512_mul_ps(opaque(t), wsj);  // (sum * x_scale) * w_scale, in the reference's order
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i * ldy + j * kLanes), (__m256i)_mm512_cvtneps_pbh(v));
     }
   }
