@@ -75,9 +75,9 @@ def test_a_row_gets_the_same_bits_alone_and_among_others():
 
 @needs_vnni
 def test_an_engine_serves_its_int8_copies_on_the_kernel(tmp_path, monkeypatch):
-    """bf16 --int8-compute on a CPU without AMX: the o_proj and gate_up copies are packed (their dense copies
-    dropped), and the engine's logprobs are those of the same engine with the copies unpacked by hand (oneDNN's product: the
-    reference), and not those of the dense bf16 products."""
+    """bf16 --int8-compute on a CPU without AMX: the o_proj and gate_up copies are packed (their dense
+    copies dropped), and the engine's logprobs are those of the same engine with the copies unpacked by
+    hand (oneDNN's product: the reference), and not those of the dense bf16 products."""
     from tinyserve import LLM, SamplingParams
     from tinyserve.layers.packed import PackedWeight
     from tinyserve.worker import served_model

@@ -31,13 +31,15 @@ namespace {
 constexpr int64_t kLanes = 16;  // output rows per block: one int32 vector
 constexpr int kMr = 4, kNr = 6;
 
+#if defined(TINYSERVE_VNNI)
 // The reference's arithmetic, held against -ffast-math (which every kernel here is built with): a
 // division by a constant, or by the same value many times, may become a multiplication by the rounded
-// reciprocal, and a product of three may be reassociated. Neither is the reference's rounding, and the
-// reciprocal is worse than it looks: many bf16 activations are exact binary fractions of their row's
-// absmax, so x / scale lands on ties (63.5, ...) that a rounded reciprocal pushes all one way (+0.5%
-// perplexity on the bundled model, docs/REPORT.md V8). So the divisor 127 is read at run time, the
-// vector division is written out (`divide`), and `opaque` hides a value from the optimizer at each use.
+// reciprocal, a vector division a reciprocal estimate, and a product of three may be reassociated. None
+// is the reference's rounding, and a reciprocal is worse than it looks: bf16 activations carry 8
+// significant bits, so x / scale lands exactly on n + 0.5 far more often than fp32 data would, and a
+// rounded reciprocal pushes all those ties one way (int8 compute's perplexity cost on the bundled model
+// +0.88% instead of +0.40%, docs/REPORT.md V8). So the divisor 127 is read at run time, the vector
+// division is written out (`divide`), and `opaque` hides a value from the optimizer at each use.
 volatile float kQmax = 127.0f;
 
 template <typename T>
@@ -53,7 +55,6 @@ inline __m512 divide(__m512 n, __m512 d) {
   return q;
 }
 
-#if defined(TINYSERVE_VNNI)
 // acc + the 4-byte dot products of unsigned a and signed b, per lane; b in a register: given the builtin,
 // GCC reads each weight line from L1 again for every row.
 inline __v16si dpbusd(__v16si acc, __v16si a, __v16si b) {
