@@ -409,6 +409,23 @@ def test_nf4_checkpoint_serves_packed_with_the_dense_decodes_tokens(tiny_llama_d
             == [o.outputs[0].token_ids for o in dense.generate(prompts, params)])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_quantization_in_pieces_is_the_whole_matrix_formula(dtype):
+    """quantize_int8 runs a piece of rows at a time (for speed): the same codes and scales as one pass over
+    the whole matrix, across piece edges (873 rows per piece at 300 columns), and its input untouched."""
+    from tinyserve.layers.packed import quantize_int8
+
+    w = (torch.randn(2000, 300, generator=torch.Generator().manual_seed(3)) * 4).to(dtype)
+    w[5] = 0  # an all-zero row: the scale's floor
+    before = w.clone()
+    for scale_dtype in (torch.float32, torch.bfloat16):
+        scales = (w.float().abs().amax(-1) / 127).clamp(min=1e-8).to(scale_dtype).float()
+        q = (w.float() / scales[:, None]).round().clamp(-128, 127).to(torch.int8)
+        got_q, got_scales = quantize_int8(w, scale_dtype)
+        assert torch.equal(got_q, q) and torch.equal(got_scales, scales)
+    assert torch.equal(w, before)
+
+
 def test_int8_linear_is_the_product_of_the_rounded_operands():
     """int8 compute: x rounded per row, w per output channel, multiplied exactly in int32 and scaled: equal
     (to fp32 rounding) to the float product of the two dequantized operands, and within the rounding
