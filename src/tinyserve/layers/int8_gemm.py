@@ -1,13 +1,13 @@
 """Int8 products on CPUs with AVX512-VNNI and no AMX: the int8 copies packed once, our kernel multiplies.
 
 `--int8-compute`'s reference product (layers/packed.py:`int8_linear`) is `torch._int_mm` (oneDNN) between
-passes that quantize the activations and rescale the int32 result: on the EPYC the GEMM alone ran at
-450-890 GOP/s, the whole product at 190-570 (the passes over an [M, N] int32 and two fp32 temporaries),
-no faster than our bf16 GEMM at a decode step's 32 rows. Our kernel (csrc/int8_gemm.cpp) quantizes the
-rows once, multiplies with `vpdpbusd` (twice the multiply-adds of `vdpbf16ps`) on weights packed once
-at load, and rescales in registers: the reference's bits, at up to twice the bf16 rate
-(`python -m tinyserve_lab.ablations.int8_gemm`). Where AMX is present oneDNN runs `_int_mm` on the tiles
-instead, several times faster.
+passes that quantize the activations and rescale the int32 result (an [M, N] int32 and fp32 temporaries):
+on the EPYC, over the bundled model's shapes at a decode step's 32 rows, 279 GOP/s against our bf16
+GEMM's 410. Our kernel (csrc/int8_gemm.cpp) quantizes the rows once, multiplies with `vpdpbusd` (twice
+the multiply-adds of `vdpbf16ps`) on weights packed once at load, and rescales in registers: the
+reference's bits at 500-800 GOP/s, 1.5-2.3x our bf16 GEMM (`python -m tinyserve_lab.ablations.bf16_gemm
+--int8`, docs/REPORT.md V8). Where AMX is present oneDNN runs `_int_mm` on the tiles instead, several
+times faster.
 
 A packed copy is a 3-D int8 tensor [N/16, K/4 + 1, 64] (the last line of each 16-row block holds the
 rows' code sums, which the kernel needs): `packed.int8_linear` takes either form.
