@@ -15,7 +15,7 @@ follow the engine as it changes, or are dropped once their numbers stop matterin
 - `step_thread`       a decode step on the loading thread vs another one [probe_step_thread]
 - `linear_kernels`    every linear of a step per mode, kernel and row count: the kernel choice [bench_linear_kernels]
 - `gguf_kernel`       every GGUF weight of a decode step per block type: our kernel, PyTorch's int4, dense bf16
-- `bf16_gemm`         a model's dense bf16 products by row count: ATen (oneDNN) vs ours on weights packed once
+- `bf16_gemm`         dense products by row count: ATen vs ours packed once; `--int8`: int8 compute's too
 - `batch_invariance`  greedy answers alone vs 32 together, per configuration (`--batch-invariant`'s check and cost)
 - `quant_layer_error` one layer's output error after RTN and GPTQ, calibration vs held-out text [quant_layer_error]
 - `kv_cache_dtype`    the KV pool's formats (auto, int8, fp8_e4m3): perplexity through the pool, capacity, decode speed

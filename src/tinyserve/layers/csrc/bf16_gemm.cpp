@@ -17,16 +17,15 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
-
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
+
+#include "../../csrc/gemm_tiles.h"
 #endif
 
 namespace {
 
 constexpr int64_t kLanes = 16;  // output rows per block: one fp32 vector
-constexpr int kMr = 4, kNr = 6;
 
 #if defined(__AVX512BF16__)
 // Rows [0, MR) of x times blocks [0, NR) of the group at w (each block K/2 lines of 32 bf16).
@@ -51,37 +50,13 @@ inline void tile(const c10::BFloat16* x, int64_t K, const c10::BFloat16* w, c10:
                           (__m256i)_mm512_cvtneps_pbh(acc[i][j]));
 }
 
-// Every row of a chunk against NR blocks: full row tiles, then the rest in one narrower tile.
-template <int NR>
-void group(int64_t m, const c10::BFloat16* x, int64_t K, const c10::BFloat16* w, c10::BFloat16* y, int64_t ldy) {
-  int64_t i = 0;
-  for (; i + kMr <= m; i += kMr) tile<kMr, NR>(x + i * K, K, w, y + i * ldy, ldy);
-  switch (m - i) {
-    case 1: tile<1, NR>(x + i * K, K, w, y + i * ldy, ldy); break;
-    case 2: tile<2, NR>(x + i * K, K, w, y + i * ldy, ldy); break;
-    case 3: tile<3, NR>(x + i * K, K, w, y + i * ldy, ldy); break;
-    default: break;
-  }
-  static_assert(kMr == 4, "the tail switch covers kMr - 1 rows");
-}
-
 void gemm(const c10::BFloat16* x, const c10::BFloat16* w, c10::BFloat16* y, int64_t M, int64_t K, int64_t blocks) {
-  const int64_t N = blocks * kLanes, groups = (blocks + kNr - 1) / kNr;
-  at::parallel_for(0, groups, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t g = lo; g < hi; ++g) {
-      const int64_t b0 = g * kNr;
-      const c10::BFloat16* wg = w + b0 * K * kLanes;  // K/2 lines of 2 x 16 per block
-      c10::BFloat16* yg = y + b0 * kLanes;
-      switch (std::min<int64_t>(kNr, blocks - b0)) {
-        case 6: group<6>(M, x, K, wg, yg, N); break;
-        case 5: group<5>(M, x, K, wg, yg, N); break;
-        case 4: group<4>(M, x, K, wg, yg, N); break;
-        case 3: group<3>(M, x, K, wg, yg, N); break;
-        case 2: group<2>(M, x, K, wg, yg, N); break;
-        default: group<1>(M, x, K, wg, yg, N); break;
-      }
-      static_assert(kNr == 6, "the switch covers 1..kNr blocks");
-    }
+  const int64_t N = blocks * kLanes;
+  tinyserve::block_groups(blocks, [&](auto nr, int64_t b0) {
+    const c10::BFloat16* wg = w + b0 * K * kLanes;  // K/2 lines of 2 x 16 per block
+    tinyserve::row_tiles(M, [&](auto mr, int64_t i) {
+      tile<decltype(mr)::value, decltype(nr)::value>(x + i * K, K, wg, y + i * N + b0 * kLanes, N);
+    });
   });
 }
 #endif

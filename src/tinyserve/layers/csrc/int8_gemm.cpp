@@ -23,13 +23,14 @@
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
 #include <immintrin.h>
+
+#include "../../csrc/gemm_tiles.h"
 #define TINYSERVE_VNNI 1
 #endif
 
 namespace {
 
 constexpr int64_t kLanes = 16;  // output rows per block: one int32 vector
-constexpr int kMr = 4, kNr = 6;
 
 #if defined(TINYSERVE_VNNI)
 // The reference's arithmetic, held against -ffast-math (which every kernel here is built with): a
@@ -114,21 +115,6 @@ inline void tile(const uint8_t* u, const float* xs, int64_t K, const int8_t* w, 
   }
 }
 
-// Every row against NR blocks: full row tiles, then the rest in one narrower tile.
-template <int NR>
-void group(int64_t m, const uint8_t* u, const float* xs, int64_t K, const int8_t* w, const float* ws,
-           c10::BFloat16* y, int64_t ldy) {
-  int64_t i = 0;
-  for (; i + kMr <= m; i += kMr) tile<kMr, NR>(u + i * K, xs + i, K, w, ws, y + i * ldy, ldy);
-  switch (m - i) {
-    case 1: tile<1, NR>(u + i * K, xs + i, K, w, ws, y + i * ldy, ldy); break;
-    case 2: tile<2, NR>(u + i * K, xs + i, K, w, ws, y + i * ldy, ldy); break;
-    case 3: tile<3, NR>(u + i * K, xs + i, K, w, ws, y + i * ldy, ldy); break;
-    default: break;
-  }
-  static_assert(kMr == 4, "the tail switch covers kMr - 1 rows");
-}
-
 void gemm(const c10::BFloat16* x, const int8_t* w, const float* ws, c10::BFloat16* y, int64_t M, int64_t K,
           int64_t blocks) {
   std::vector<uint8_t> u(static_cast<size_t>(M * K));
@@ -136,23 +122,13 @@ void gemm(const c10::BFloat16* x, const int8_t* w, const float* ws, c10::BFloat1
   at::parallel_for(0, M, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t m = lo; m < hi; ++m) xs[m] = quantize_row(x + m * K, K, u.data() + m * K);
   });
-  const int64_t N = blocks * kLanes, groups = (blocks + kNr - 1) / kNr, line = K / 4 + 1;
-  at::parallel_for(0, groups, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t g = lo; g < hi; ++g) {
-      const int64_t b0 = g * kNr;
-      const int8_t* wg = w + b0 * line * 64;
-      const float* wsg = ws + b0 * kLanes;
-      c10::BFloat16* yg = y + b0 * kLanes;
-      switch (std::min<int64_t>(kNr, blocks - b0)) {
-        case 6: group<6>(M, u.data(), xs.data(), K, wg, wsg, yg, N); break;
-        case 5: group<5>(M, u.data(), xs.data(), K, wg, wsg, yg, N); break;
-        case 4: group<4>(M, u.data(), xs.data(), K, wg, wsg, yg, N); break;
-        case 3: group<3>(M, u.data(), xs.data(), K, wg, wsg, yg, N); break;
-        case 2: group<2>(M, u.data(), xs.data(), K, wg, wsg, yg, N); break;
-        default: group<1>(M, u.data(), xs.data(), K, wg, wsg, yg, N); break;
-      }
-      static_assert(kNr == 6, "the switch covers 1..kNr blocks");
-    }
+  const int64_t N = blocks * kLanes, line = K / 4 + 1;
+  tinyserve::block_groups(blocks, [&](auto nr, int64_t b0) {
+    const int8_t* wg = w + b0 * line * 64;
+    tinyserve::row_tiles(M, [&](auto mr, int64_t i) {
+      tile<decltype(mr)::value, decltype(nr)::value>(u.data() + i * K, xs.data() + i, K, wg, ws + b0 * kLanes,
+                                                     y + i * N + b0 * kLanes, N);
+    });
   });
 }
 #endif
