@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 from tinyserve.registry import Registry
 
 if TYPE_CHECKING:
+    import torch
+
     from tinyserve.attention.base import AttentionBackend
 
 log = logging.getLogger(__name__)
@@ -56,14 +58,16 @@ def _triton(device: str) -> AttentionBackend:
     return TritonBackend()
 
 
-def prefetch(name: str, device: str) -> None:
+def prefetch(name: str, device: str, dtype: torch.dtype) -> None:
     """Start what `select_backend(name, device)` will need, so it overlaps loading the model: the paged
-    back end's native kernel, built on a thread (seconds on a cold machine, once)."""
+    back end's native kernels, built on threads (seconds on a cold machine, once)."""
     if name in ("auto", "paged") and device == "cpu":
+        from tinyserve.attention import prefill
         from tinyserve.attention.paged import SOURCE
         from tinyserve.native import build_in_background
 
         build_in_background(SOURCE)
+        prefill.prefetch(device, dtype)
 
 
 def select_backend(name: str, device: str, kv_cache_dtype: str = "auto") -> AttentionBackend:

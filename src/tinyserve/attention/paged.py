@@ -2,7 +2,8 @@
 
 csrc/paged_decode.cpp scores each K row against the query heads that share it and sums V rows in
 the same pass order, straight out of the pool's blocks: no gathered copy of the context. It is
-compiled on first use for this machine and cached (tinyserve/native.py).
+compiled on first use for this machine and cached (tinyserve/native.py). Prompts (and prompt chunks)
+of a bf16 engine take another kernel of ours where the CPU has AVX512-BF16 (prefill.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 
 from tinyserve.native import load_kernel
 
-from .base import AttentionBackend, DecodeMeta
+from . import prefill as fast_prefill
+from .base import AttentionBackend, DecodeMeta, PrefillChunk, gather_blocks
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
 
@@ -45,3 +47,18 @@ class PagedBackend(AttentionBackend):
         # has one row, and asking would make torch.compile guard on (specialize) batch 1.
         q = q.clone(memory_format=torch.contiguous_format)
         return torch.ops.tinyserve.paged_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, c: PrefillChunk, scale: float) -> torch.Tensor:
+        if not fast_prefill.usable(q):
+            return super().prefill(q, k, v, k_cache, v_cache, c, scale)
+        qc = q[c.start : c.start + c.num_tokens]
+        if c.block_table is None:  # a fresh prompt: its own K/V are the whole context
+            return fast_prefill.attend(qc, k[c.start : c.start + c.num_tokens], v[c.start : c.start + c.num_tokens],
+                                       scale)
+        # A later chunk: the cached prefix and the chunk itself, read back from the pool ([Hkv, ctx, D] views).
+        ctx = c.num_cached + c.num_tokens
+        bt = c.block_table.unsqueeze(0)
+        kc = gather_blocks(k_cache, bt, q.dtype)[0, :, :ctx].transpose(0, 1)
+        vc = gather_blocks(v_cache, bt, q.dtype)[0, :, :ctx].transpose(0, 1)
+        return fast_prefill.attend(qc, kc, vc, scale)

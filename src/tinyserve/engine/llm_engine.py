@@ -82,7 +82,8 @@ class LLMEngine:
                 registry.check(name)
         assert config.num_threads is not None  # resolved in EngineConfig.__post_init__
         torch.set_num_threads(config.num_threads)
-        prefetch_attention(config.attention_backend, config.device)  # its kernel builds while the model loads
+        # the attention kernels build while the model loads
+        prefetch_attention(config.attention_backend, config.device, config.torch_dtype)
         eager_ops.prefetch(config.torch_dtype, config.device)  # so do the eager steps' norm and SwiGLU
         bf16_gemm.prefetch(config.torch_dtype, config.device)  # and the dense bf16 GEMM's
         if config.int8_compute:

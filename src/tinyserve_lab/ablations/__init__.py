@@ -11,6 +11,7 @@ follow the engine as it changes, or are dropped once their numbers stop matterin
                       or against another version of its source [bench_paged_decode]
 - `eager_ops`         a wave of prefills with the eager steps' native RMSNorm and SiLU * up on and off
 - `chunk_attention`   warm prefill over a cached prefix: chunk attention as GEMMs vs SDPA [ablate_chunk_attention]
+- `prefill_attention` prompt attention on our AVX512-BF16 kernel vs SDPA / the GEMMs: alone, and prefills in an engine
 - `compiled_step`     the compiled decode step: eager, torch.compile (with and without guards), AOTInductor
 - `step_thread`       a decode step on the loading thread vs another one [probe_step_thread]
 - `linear_kernels`    every linear of a step per mode, kernel and row count: the kernel choice [bench_linear_kernels]
