@@ -176,32 +176,57 @@ inline void load_heads(const float* p, int64_t gn, __m512 (&r)[kHeads][kV]) {
 // One sequence's KV heads [h0, h1) (all of them when there are enough sequences to share out, one
 // at a time otherwise). The tokens go by in chunks of 16, and each chunk serves every head in the
 // range before the next: a token's rows for these heads are adjacent in the pool, so a chunk is one
-// contiguous run of a block that is read from memory once, fetched two chunks ahead (blocks are
-// scattered through the pool, a few KB each, and the hardware prefetcher loses the stream at each).
+// contiguous run of a block that is read from memory once. While an item is computed, the next item's K
+// and V rows are fetched into L2, a slice per chunk: the item then runs at about the speed it has with its
+// K/V in cache. Fetching only two chunks ahead into L1 (before) left a thread's loads waiting on memory:
+// 32 sequences of 256 tokens, K/V from memory, 0.59-0.89 ms per layer against 0.36-0.54 ms now, with the
+// pool's blocks in order, interleaved or shuffled (docs/REPORT.md, section FA). An item nobody fetched (a
+// thread's first) is still fetched two chunks ahead.
 // kHeads query heads share a pass over a chunk (their sums fit in registers): 4 at head_dim 64, 2 at 128;
 // 3 where G is a multiple of 3 and not of 4 (SmolLM2-135M: 9 query heads over 3 KV heads), whose last
 // group would otherwise multiply a zero head, a quarter of pass 1's products.
+// `bytes` from r into the cache level `kHint` names, a line at a time (the last line too where r is not aligned).
+template <_mm_hint kHint>
+inline void fetch(const void* r, int64_t bytes) {
+  const char* b = static_cast<const char*>(r);
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(b + i, kHint);
+  _mm_prefetch(b + bytes - 1, kHint);
+}
+
+// The item after this one in a thread's range: its sequence's block table and length, its first KV head.
+struct NextItem {
+  const int32_t* table;
+  int64_t n, h0;
+};
+
 template <typename C, bool kScaled, int kD, int kHeads>
 void decode_heads_avx512(const float* qf, const C* k_cache, const C* v_cache, const int32_t* table, int64_t n,
                          int64_t G, int64_t h0, int64_t h1, int64_t row_stride, int64_t block_stride,
-                         int64_t block_size, float* scores, float* out) {
+                         int64_t block_size, float* scores, float* out, const NextItem& next, bool fetched) {
   using R = Rows<C, kScaled>;
   constexpr int kV = kD / 16;               // vectors per row
   constexpr int64_t kAhead = 32;
   const int64_t W = kD + R::kExtra, n16 = (n + 15) / 16 * 16, span = (h1 - h0) * W * int64_t(sizeof(C));
-  auto row = [&](const C* cache, int64_t t, int64_t h) {
-    return cache + table[t / block_size] * block_stride + (t % block_size) * row_stride + h * W;
+  auto row_of = [&](const C* cache, const int32_t* tab, int64_t t, int64_t h) {
+    return cache + tab[t / block_size] * block_stride + (t % block_size) * row_stride + h * W;
   };
+  auto row = [&](const C* cache, int64_t t, int64_t h) { return row_of(cache, table, t, h); };
   auto prefetch = [&](const C* cache, int64_t t0) {
-    for (int64_t t = std::max<int64_t>(t0, 0); t < std::min(t0 + 16, n); ++t) {
-      const char* r = reinterpret_cast<const char*>(row(cache, t, h0));
-      for (int64_t b = 0; b < span; b += 64) _mm_prefetch(r + b, _MM_HINT_T0);
-      _mm_prefetch(r + span - 1, _MM_HINT_T0);
-    }
+    if (fetched) return;
+    for (int64_t t = std::max<int64_t>(t0, 0); t < std::min(t0 + 16, n); ++t) fetch<_MM_HINT_T0>(row(cache, t, h0), span);
+  };
+  // The next item's rows (its K, then its V) into L2, `per` rows at each of this item's 2 * n16 / 16 chunks.
+  const int64_t per = next.table ? (2 * next.n + 2 * n16 / 16 - 1) / (2 * n16 / 16) : 0;
+  int64_t ahead = 0;
+  auto prefetch_next = [&]() {
+    for (const int64_t stop = std::min(ahead + per, 2 * next.n); ahead < stop; ++ahead)
+      fetch<_MM_HINT_T1>(ahead < next.n ? row_of(k_cache, next.table, ahead, next.h0)
+                                        : row_of(v_cache, next.table, ahead - next.n, next.h0), span);
   };
   for (int64_t t0 = 0; t0 < kAhead; t0 += 16) prefetch(k_cache, t0);
   // Pass 1: scores[h][g][t] = (q_hg . k_ht) * the row's scale, summed across lanes 16 tokens at a time.
   for (int64_t t0 = 0; t0 < n16; t0 += 16) {
+    prefetch_next();
     prefetch(k_cache, t0 + kAhead);
     prefetch(v_cache, t0 + kAhead - n16);  // pass 2's first chunks, during pass 1's last
     for (int64_t h = h0; h < h1; ++h) {
@@ -255,6 +280,7 @@ void decode_heads_avx512(const float* qf, const C* k_cache, const C* v_cache, co
   // Pass 2: out_hg = sum_t p[h][g][t] * scale_t * v_ht; the sums stay in registers through a chunk.
   std::fill(out, out + (h1 - h0) * G * kD, 0.f);
   for (int64_t t0 = 0; t0 < n; t0 += 16) {
+    prefetch_next();
     prefetch(v_cache, t0 + kAhead);
     const int64_t tn = std::min<int64_t>(16, n - t0);
     for (int64_t h = h0; h < h1; ++h) {
@@ -297,9 +323,14 @@ void decode_avx512(const T* q, const C* k_cache, const C* v_cache, const int32_t
       const T* qs = q + (s * num_heads + h0 * G) * kD;  // the query heads of KV heads [h0, h0 + per_item)
       for (int64_t i = 0; i < per_item * G * kD; ++i) qf[i / kD * kD + Widen<C>::at(i % kD)] = to_float(qs[i]) * scale;
       scores.resize(per_item * G * ((n + 15) / 16 * 16));
+      NextItem next{nullptr, 0, 0};
+      if (item + 1 < end) {
+        const int64_t s1 = (item + 1) / items_per_seq;
+        next = {tables + s1 * table_width, lens[s1], (item + 1) % items_per_seq * per_item};
+      }
       const auto heads = [&](auto kernel) {
         kernel(qf.data(), k_cache, v_cache, tables + s * table_width, n, G, h0, h0 + per_item, row_stride,
-               block_stride, block_size, scores.data(), res.data());
+               block_stride, block_size, scores.data(), res.data(), next, item > begin);
       };
       if constexpr (kD == 64) {
         if (G % 4 != 0 && G % 3 == 0) heads(decode_heads_avx512<C, kScaled, kD, 3>);
