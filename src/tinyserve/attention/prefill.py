@@ -1,8 +1,8 @@
 """Prompt attention on our AVX512-BF16 kernel (csrc/prefill_attention.cpp), for the `paged` back end.
 
-PyTorch's CPU flash attention ran bf16 prompts at ~55 GFLOP/s on the EPYC, a fifth to a third of the
-bundled model's prefill at 256-512 tokens; the kernel runs the same causal attention at 170-300 GFLOP/s
-(2.7-4.2x, `python -m tinyserve_lab.ablations.prefill_attention`, docs/REPORT.md section FA). It takes
+PyTorch's CPU flash attention ran bf16 prompts at 45-105 GFLOP/s on the EPYC, a fifth to a third of the
+bundled model's prefill at 256-512 tokens; the kernel runs the same causal attention at 170-290 GFLOP/s
+(2.7-4.3x, `python -m tinyserve_lab.ablations.prefill_attention --kernel`, docs/REPORT.md section FA). It takes
 a fresh prompt's K/V as the step computed them and a later chunk's read back from the pool, so prefix-cache
 hits and chunked prefills take it too. Built in the background while the model loads (`prefetch`); an
 engine asks once whether it loaded and keeps the answer, so every prefill of a process runs the same kernel.

@@ -9,7 +9,10 @@ blocks shuffled through each pool as a served engine leaves them: what a decode 
 coming from memory (N x the context's bytes must exceed the last-level cache). `--source` times
 another version of the kernel's C++ (e.g. `git show REV:src/tinyserve/attention/csrc/paged_decode.cpp`)
 in this process instead of the tree's: run it and the tree's one after the other for an A/B.
-`--shape` is query heads, KV heads, head_dim (default: the bundled model's 9 3 64).
+`--shape` is query heads, KV heads, head_dim (default: the bundled model's 9 3 64). `--layout` places
+each sequence's blocks: `shuffled` (the default: a long-running server's free list), `sequential` (a
+sequence's blocks in one run, as a fresh prompt takes them) or `interleaved` (block j of sequence i at
+j x batch + i, as sequences decoding in step cross their block boundaries together).
 """
 
 from __future__ import annotations
@@ -48,6 +51,17 @@ def per_call_ms(backend: AttentionBackend, q: torch.Tensor, pools: list[tuple[to
     return per_call_ms_of(lambda k, v: backend.decode(q, k, v, meta, scale), pools, reps)
 
 
+def block_tables(layout: str, batch: int, blocks_per_seq: int, num_blocks: int) -> list[list[int]]:
+    """Each sequence's block ids under `layout` (see the module's doc)."""
+    if layout == "sequential":
+        return [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(batch)]
+    if layout == "interleaved":
+        return [[j * batch + i for j in range(blocks_per_seq)] for i in range(batch)]
+    blocks = list(range(num_blocks))
+    random.Random(0).shuffle(blocks)
+    return [blocks[i * blocks_per_seq:(i + 1) * blocks_per_seq] for i in range(batch)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1)
@@ -57,6 +71,7 @@ def main() -> None:
     p.add_argument("--shape", type=int, nargs=3, default=[9, 3, 64], metavar=("HEADS", "KV_HEADS", "HEAD_DIM"))
     p.add_argument("--source", type=Path, help="another version of attention/csrc/paged_decode.cpp to time")
     p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--layout", choices=("shuffled", "sequential", "interleaved"), default="shuffled")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.source is not None:
@@ -64,9 +79,7 @@ def main() -> None:
     b, ctx, (h, h_kv, d) = args.batch, args.context, args.shape
     nbk = -(-ctx // BLOCK)
     num_blocks = 2 * b * nbk  # half the pool in use, the rest free
-    blocks = list(range(num_blocks))
-    random.Random(0).shuffle(blocks)
-    spans = [SeqSpan(i, 1, ctx - 1, blocks[i * nbk:(i + 1) * nbk]) for i in range(b)]
+    spans = [SeqSpan(i, 1, ctx - 1, table) for i, table in enumerate(block_tables(args.layout, b, nbk, num_blocks))]
     layout = BatchLayout(spans, [], torch.zeros(b, dtype=torch.long), BLOCK, torch.device("cpu"))
     names = ("sdpa", "paged") if args.layers == 1 else ("paged",)
     dtypes = (torch.float32, torch.bfloat16) if args.layers == 1 else (torch.bfloat16,)
@@ -86,7 +99,8 @@ def main() -> None:
         gbs = 2 * rows * d * dtype.itemsize / row["paged"] / 1e6
         times = "  ".join(f"{n} {ms:.3f} ms" for n, ms in row.items())
         print(f"{str(dtype):>15}  {times}  ({row['paged'] * 1e6 / rows:.1f} ns per K/V row, {gbs:.1f} GB/s of K/V)"
-              f"  [{args.source or 'tree'}, {args.layers} layer(s), batch {b}, context {ctx}, shape {h}/{h_kv}/{d}]")
+              f"  [{args.source or 'tree'}, {args.layers} layer(s), batch {b}, context {ctx}, shape {h}/{h_kv}/{d}, "
+              f"{args.layout}]")
 
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ inline void load_heads(const float* p, int64_t gn, __m512 (&r)[kHeads][kV]) {
 // contiguous run of a block that is read from memory once. While an item is computed, the next item's K
 // and V rows are fetched into L2, a slice per chunk: the item then runs at about the speed it has with its
 // K/V in cache. Fetching only two chunks ahead into L1 (before) left a thread's loads waiting on memory:
-// 32 sequences of 256 tokens, K/V from memory, 0.59-0.89 ms per layer against 0.36-0.54 ms now, with the
+// 32 sequences of 256 tokens, K/V from memory, 0.55-0.78 ms per layer against 0.32-0.53 ms now, with the
 // pool's blocks in order, interleaved or shuffled (docs/REPORT.md, section FA). An item nobody fetched (a
 // thread's first) is still fetched two chunks ahead.
 // kHeads query heads share a pass over a chunk (their sums fit in registers): 4 at head_dim 64, 2 at 128;

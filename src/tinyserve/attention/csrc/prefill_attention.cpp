@@ -1,8 +1,8 @@
 // Causal attention of a prompt's (or a prompt chunk's) queries on AVX512-BF16: the `paged` back end's prefill.
 //
-// PyTorch's CPU flash attention ran a bf16 prompt at ~55 GFLOP/s on the EPYC (head_dim 64, 256-1,024
-// tokens), an eighth of what `vdpbf16ps` gives our GEMM there, and at a prompt of 512 tokens it was a third
-// of the bundled model's prefill (docs/REPORT.md, section FA). This kernel is flash attention with the
+// PyTorch's CPU flash attention ran bf16 prompts at 45-105 GFLOP/s on the EPYC (128-1,024 tokens), a quarter
+// or less of what `vdpbf16ps` gives our GEMM there, and at a prompt of 512 tokens it was a third of the
+// bundled model's prefill (docs/REPORT.md, section FA). This kernel is flash attention with the
 // products on that instruction:
 //   - K and V of each KV head are packed once per call into the layouts `vdpbf16ps` reads: K as
 //     [keys/16][D/2][16][2] (one 64-byte line per pair of dimensions holds it for 16 keys, so a broadcast
