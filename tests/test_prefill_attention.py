@@ -91,6 +91,17 @@ def test_bad_input_is_an_error():
     assert not fast_prefill.usable(rand(4, 4, 96, seed=1)) and not fast_prefill.usable(q.float())
 
 
+def test_wanted_only_without_amx(monkeypatch):
+    """bf16 on a CPU with AVX512-BF16 and no AMX; never fp32, never where AMX is (PyTorch's attention there)."""
+    from tinyserve.attention import prefill
+
+    monkeypatch.setattr(prefill, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert prefill.wanted("cpu", torch.bfloat16) and not prefill.wanted("cpu", torch.float32)
+    monkeypatch.setattr(prefill, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16"}))
+    assert not prefill.wanted("cpu", torch.bfloat16)
+
+
+@pytest.mark.skipif("amx_bf16" in cpu_flags(), reason="with AMX the engine keeps PyTorch's attention")
 def test_engine_prefill_takes_the_kernel(monkeypatch):
     """A bf16 engine's prompts run the kernel, and its logprobs stay those of the SDPA path within bf16's error."""
     from tinyserve import LLM, SamplingParams

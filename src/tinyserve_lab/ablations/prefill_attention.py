@@ -4,7 +4,8 @@
   (its CPU flash attention), and a chunk over a cached prefix against `chunk_attention` (two batched GEMMs),
   at the bundled model's heads (9 query / 3 KV heads of 64) and the 1.5B's (12 / 2 of 128), the engine's
   threads;
-- in the engine (default): one eager engine, the kernel switched on and off between interleaved rounds:
+- in the engine (default): one eager engine, the kernel switched on and off between interleaved rounds
+  (forced on where the engine would keep PyTorch's attention, a CPU with AMX):
   a prompt's prefill at each `--lengths`, and held-out perplexity (the quality tool's windows) both ways.
 
     .venv/bin/python -m tinyserve_lab.ablations.prefill_attention --kernel
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -34,6 +36,11 @@ from tinyserve_lab.offline_models import OFFLINE_GGUFS, offline_gguf
 from tinyserve_lab.quality import shakespeare_windows
 
 SHAPES = {"bundled": (9, 3, 64), "1.5B": (12, 2, 128)}
+engine_wanted = fast_prefill.wanted
+
+
+def wanted_as(on: bool, device: str | torch.device, dtype: torch.dtype) -> bool:
+    return on and dtype == torch.bfloat16
 VARIANTS = ("kernel", "before")
 
 
@@ -91,13 +98,15 @@ def in_engine(model: str | None, lengths: list[int], rounds: int, windows: int, 
     ppl: dict[str, float] = {}
     for i in range(rounds):
         for variant in rotated(VARIANTS, i):
-            fast_prefill.OPS._available = variant == "kernel"  # what usable() asks; the back end reads it per call
+            # what usable() asks, per call: forced either way, so an AMX machine (where the engine keeps
+            # PyTorch's attention) can time the kernel too
+            fast_prefill.wanted = functools.partial(wanted_as, variant == "kernel")
             for n in lengths:
                 times[variant][n].append(prefill_ms(llm, n, seed=100 * i + n))
             if i == 0:
                 ppl[variant] = perplexity(llm, texts)
             print(variant, {n: round(t[-1], 1) for n, t in times[variant].items()}, flush=True)
-    fast_prefill.OPS.forget()
+    fast_prefill.wanted = engine_wanted
     return {"prefill_ms": {v: {str(n): statistics.median(t) for n, t in d.items()} for v, d in times.items()},
             "prefill_ms_all": {v: {str(n): t for n, t in d.items()} for v, d in times.items()},
             "perplexity": ppl, "text": source}

@@ -173,18 +173,6 @@ inline void load_heads(const float* p, int64_t gn, __m512 (&r)[kHeads][kV]) {
     for (int j = 0; j < kV; ++j) r[g][j] = g < gn ? _mm512_loadu_ps(p + (g * kV + j) * 16) : _mm512_setzero_ps();
 }
 
-// One sequence's KV heads [h0, h1) (all of them when there are enough sequences to share out, one
-// at a time otherwise). The tokens go by in chunks of 16, and each chunk serves every head in the
-// range before the next: a token's rows for these heads are adjacent in the pool, so a chunk is one
-// contiguous run of a block that is read from memory once. While an item is computed, the next item's K
-// and V rows are fetched into L2, a slice per chunk: the item then runs at about the speed it has with its
-// K/V in cache. Fetching only two chunks ahead into L1 (before) left a thread's loads waiting on memory:
-// 32 sequences of 256 tokens, K/V from memory, 0.55-0.78 ms per layer against 0.32-0.53 ms now, with the
-// pool's blocks in order, interleaved or shuffled (docs/REPORT.md, section FA). An item nobody fetched (a
-// thread's first) is still fetched two chunks ahead.
-// kHeads query heads share a pass over a chunk (their sums fit in registers): 4 at head_dim 64, 2 at 128;
-// 3 where G is a multiple of 3 and not of 4 (SmolLM2-135M: 9 query heads over 3 KV heads), whose last
-// group would otherwise multiply a zero head, a quarter of pass 1's products.
 // `bytes` from r into the cache level `kHint` names, a line at a time (the last line too where r is not aligned).
 template <_mm_hint kHint>
 inline void fetch(const void* r, int64_t bytes) {
@@ -199,6 +187,18 @@ struct NextItem {
   int64_t n, h0;
 };
 
+// One sequence's KV heads [h0, h1) (all of them when there are enough sequences to share out, one
+// at a time otherwise). The tokens go by in chunks of 16, and each chunk serves every head in the
+// range before the next: a token's rows for these heads are adjacent in the pool, so a chunk is one
+// contiguous run of a block that is read from memory once. While an item is computed, the next item's K
+// and V rows are fetched into L2, a slice per chunk: the item then runs at about the speed it has with its
+// K/V in cache. Fetching only two chunks ahead into L1 (before) left a thread's loads waiting on memory:
+// 32 sequences of 256 tokens, K/V from memory, 0.55-0.78 ms per layer against 0.32-0.53 ms now, with the
+// pool's blocks in order, interleaved or shuffled (docs/REPORT.md, section FA). An item nobody fetched (a
+// thread's first) is still fetched two chunks ahead.
+// kHeads query heads share a pass over a chunk (their sums fit in registers): 4 at head_dim 64, 2 at 128;
+// 3 where G is a multiple of 3 and not of 4 (SmolLM2-135M: 9 query heads over 3 KV heads), whose last
+// group would otherwise multiply a zero head, a quarter of pass 1's products.
 template <typename C, bool kScaled, int kD, int kHeads>
 void decode_heads_avx512(const float* qf, const C* k_cache, const C* v_cache, const int32_t* table, int64_t n,
                          int64_t G, int64_t h0, int64_t h1, int64_t row_stride, int64_t block_stride,
@@ -213,7 +213,8 @@ void decode_heads_avx512(const float* qf, const C* k_cache, const C* v_cache, co
   auto row = [&](const C* cache, int64_t t, int64_t h) { return row_of(cache, table, t, h); };
   auto prefetch = [&](const C* cache, int64_t t0) {
     if (fetched) return;
-    for (int64_t t = std::max<int64_t>(t0, 0); t < std::min(t0 + 16, n); ++t) fetch<_MM_HINT_T0>(row(cache, t, h0), span);
+    for (int64_t t = std::max<int64_t>(t0, 0); t < std::min(t0 + 16, n); ++t)
+      fetch<_MM_HINT_T0>(row(cache, t, h0), span);
   };
   // The next item's rows (its K, then its V) into L2, `per` rows at each of this item's 2 * n16 / 16 chunks.
   const int64_t per = next.table ? (2 * next.n + 2 * n16 / 16 - 1) / (2 * n16 / 16) : 0;

@@ -193,7 +193,8 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
               "prefill_attention takes bfloat16");
   TORCH_CHECK(k.sizes() == v.sizes(), "K and V differ in shape");
   const int64_t L = q.size(0), H = q.size(1), D = q.size(2), S = k.size(0), Hkv = k.size(1);
-  TORCH_CHECK(k.size(2) == D && H % Hkv == 0 && S >= L, "head_dim mismatch, heads not a multiple of kv_heads, or S < L");
+  TORCH_CHECK(k.size(2) == D && H % Hkv == 0 && S >= L,
+              "head_dim mismatch, heads not a multiple of kv_heads, or S < L");
   TORCH_CHECK(D == 64 || D == 128, "prefill_attention supports head_dim 64 and 128, got ", D);
   TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "the last dimension must be contiguous");
   auto out = at::empty({L, H, D}, q.options());
@@ -215,6 +216,8 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(tinyserve, m) { m.def("prefill_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(tinyserve, m) {
+  m.def("prefill_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+}
 
 TORCH_LIBRARY_IMPL(tinyserve, CPU, m) { m.impl("prefill_attention", &prefill_attention); }
