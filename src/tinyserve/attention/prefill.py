@@ -1,4 +1,5 @@
-"""Prompt attention on our AVX512-BF16 kernel (csrc/prefill_attention.cpp), for the `paged` back end.
+"""Prompt attention on our AVX512-BF16 kernel (csrc/prefill_attention.cpp), for the `paged` back end on
+CPUs without AMX (`wanted`).
 
 PyTorch's CPU flash attention ran bf16 prompts at 45-105 GFLOP/s on the EPYC, a fifth to a third of the
 bundled model's prefill at 256-512 tokens; the kernel runs the same causal attention at 170-290 GFLOP/s
