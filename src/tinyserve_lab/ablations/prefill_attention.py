@@ -36,12 +36,13 @@ from tinyserve_lab.offline_models import OFFLINE_GGUFS, offline_gguf
 from tinyserve_lab.quality import shakespeare_windows
 
 SHAPES = {"bundled": (9, 3, 64), "1.5B": (12, 2, 128)}
+VARIANTS = ("kernel", "before")
 engine_wanted = fast_prefill.wanted
 
 
 def wanted_as(on: bool, device: str | torch.device, dtype: torch.dtype) -> bool:
+    """`prefill.wanted` forced: the kernel for every bf16 prefill, or for none."""
     return on and dtype == torch.bfloat16
-VARIANTS = ("kernel", "before")
 
 
 def best_ms(reps: int, fn: Callable[..., Any], *args: Any) -> float:
