@@ -210,12 +210,17 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
         o = F.scaled_dot_product_attention(qc.transpose(0, 1).unsqueeze(0), kc, vc, is_causal=True, scale=scale,
                                            enable_gqa=gqa)
         return o.squeeze(0).transpose(0, 1)
-    # A later chunk: read the cached prefix and itself back from the pool.
+    kc, vc = chunk_context(k_cache, v_cache, c, q.dtype)
+    return chunk_attention(qc, kc, vc, c, scale)
+
+
+def chunk_context(k_cache: torch.Tensor, v_cache: torch.Tensor, c: PrefillChunk,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A later chunk's context, its cached prefix and itself, read back from the pool: K, V [Hkv, ctx, D]."""
+    assert c.block_table is not None
     bt = c.block_table.unsqueeze(0)
     ctx = c.num_cached + c.num_tokens
-    kc = gather_blocks(k_cache, bt, q.dtype)[0, :, :ctx]
-    vc = gather_blocks(v_cache, bt, q.dtype)[0, :, :ctx]
-    return chunk_attention(qc, kc, vc, c, scale)
+    return gather_blocks(k_cache, bt, dtype)[0, :, :ctx], gather_blocks(v_cache, bt, dtype)[0, :, :ctx]
 
 
 def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: PrefillChunk, scale: float) -> torch.Tensor:

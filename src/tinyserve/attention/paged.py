@@ -16,7 +16,7 @@ import torch
 from tinyserve.native import load_kernel
 
 from . import prefill as fast_prefill
-from .base import AttentionBackend, DecodeMeta, PrefillChunk, gather_blocks
+from .base import AttentionBackend, DecodeMeta, PrefillChunk, chunk_context
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
 
@@ -56,9 +56,5 @@ class PagedBackend(AttentionBackend):
         if c.block_table is None:  # a fresh prompt: its own K/V are the whole context
             return fast_prefill.attend(qc, k[c.start : c.start + c.num_tokens], v[c.start : c.start + c.num_tokens],
                                        scale)
-        # A later chunk: the cached prefix and the chunk itself, read back from the pool ([Hkv, ctx, D] views).
-        ctx = c.num_cached + c.num_tokens
-        bt = c.block_table.unsqueeze(0)
-        kc = gather_blocks(k_cache, bt, q.dtype)[0, :, :ctx].transpose(0, 1)
-        vc = gather_blocks(v_cache, bt, q.dtype)[0, :, :ctx].transpose(0, 1)
-        return fast_prefill.attend(qc, kc, vc, scale)
+        kc, vc = chunk_context(k_cache, v_cache, c, q.dtype)  # [Hkv, ctx, D]: the kernel reads [ctx, Hkv, D] views
+        return fast_prefill.attend(qc, kc.transpose(0, 1), vc.transpose(0, 1), scale)
