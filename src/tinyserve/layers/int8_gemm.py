@@ -1,16 +1,16 @@
 """Int8 products on CPUs with AVX512-VNNI and no AMX: the int8 copies packed once, our kernel multiplies.
 
-`--int8-compute`'s reference product (layers/packed.py:`int8_linear`) is `torch._int_mm` (oneDNN) between
-passes that quantize the activations and rescale the int32 result (an [M, N] int32 and fp32 temporaries):
-on the EPYC, over the bundled model's shapes at a decode step's 32 rows, 279 GOP/s against our bf16
-GEMM's 410. Our kernel (csrc/int8_gemm.cpp) quantizes the rows once, multiplies with `vpdpbusd` (twice
-the multiply-adds of `vdpbf16ps`) on weights packed once at load, and rescales in registers: the
-reference's bits at 500-800 GOP/s, 1.5-2.3x our bf16 GEMM (`python -m tinyserve_lab.ablations.bf16_gemm
---int8`, docs/REPORT.md V8). Where AMX is present oneDNN runs `_int_mm` on the tiles instead, several
-times faster.
+Our kernel (csrc/int8_gemm.cpp) quantizes each activation row per block of 64 columns, after multiplying its
+columns by the factors the weight was divided by (`column_factors`), multiplies with `vpdpbusd` (twice
+the multiply-adds of `vdpbf16ps`) on weights packed once at load, and rescales in registers. Blocked
+activations and evened-out weight columns hold every kind of linear within the noise (qkv_proj and
+down_proj cost +1.1-1.8% perplexity with one scale per token and per output channel: docs/REPORT.md I8,
+B8), so here int8 compute covers all four kinds of a layer. `reference` is its arithmetic in torch ops:
+the kernel gives its bits. Where AMX is present oneDNN runs `torch._int_mm` on the tiles instead, with one
+scale per token (layers/packed.py:int8_linear), on the kinds that tolerate it.
 
-A packed copy is a 3-D int8 tensor [N/16, K/4 + 1, 64] (the last line of each 16-row block holds the
-rows' code sums, which the kernel needs): `packed.int8_linear` takes either form.
+A packed copy is a 4-D int8 tensor [N/16, K/64, 17, 64]: per 16 output rows and 64 columns, a line of
+the rows' code sums (which the kernel needs) and 16 lines of quads.
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ from tinyserve.system import cpu_flags
 SOURCE = Path(__file__).parent / "csrc" / "int8_gemm.cpp"
 LANES = 16  # output rows per block of the layout
 QUAD = 4  # K positions per 32-bit lane
+BLOCK = 64  # activation columns per scale
+LINES = 1 + BLOCK // QUAD  # per 16 rows and block: the sums line, then the quads
 
 
-def _fake(x, w, w_scales):  # shapes for torch.export
+def _fake(x, w, w_scales, cols):  # shapes for torch.export
     return x.new_empty(x.shape[0], w.shape[0] * LANES)
 
 
@@ -49,8 +51,16 @@ def prefetch(dtype: torch.dtype, device: str) -> None:
 
 
 def fits(rows: int, cols: int) -> bool:
-    """Whether an [rows, cols] matrix has the layout's whole blocks (16 rows) and column quads."""
-    return rows % LANES == 0 and cols % QUAD == 0
+    """Whether an [rows, cols] matrix has the layout's whole blocks (16 rows, 64 columns)."""
+    return rows % LANES == 0 and cols % BLOCK == 0
+
+
+def column_factors(w: torch.Tensor) -> torch.Tensor:
+    """fp32 [K]: sqrt of each input column's absmax, mean 1. The weight is divided by them before its rows
+    are quantized (its columns evened out: down_proj's heavy ones no longer set a row's scale) and the
+    activations multiplied (SmoothQuant's alpha 0.5 with the weight's side only, no calibration data)."""
+    c = w.float().abs().amax(0).clamp(min=1e-6).sqrt()
+    return c / c.mean()
 
 
 def enabled(device: str | torch.device) -> bool:
@@ -59,23 +69,38 @@ def enabled(device: str | torch.device) -> bool:
 
 
 def pack(q: torch.Tensor) -> torch.Tensor:
-    """int8 [N, K] -> [N/16, K/4 + 1, 64]: per 16 output rows, one line of 16 (row) quads per quad of
-    columns, then the 16 rows' sums of codes times 128 as int32 (the kernel's offset for unsigned
-    activations)."""
+    """int8 [N, K] -> [N/16, K/64, 17, 64]: per 16 output rows and 64 columns, the 16 rows' sums of codes
+    times -128 as int32 (the kernel's offset for unsigned activations, taken back out), then one line of
+    16 (row) quads per quad of columns."""
     n, k = q.shape
-    blocks = q.contiguous().view(torch.int32).view(n // LANES, LANES, k // QUAD).transpose(1, 2)
-    sums = (q.sum(-1, dtype=torch.int32) * 128).view(n // LANES, 1, LANES)
-    return torch.cat([blocks, sums], 1).contiguous().view(torch.int8).view(n // LANES, k // QUAD + 1, QUAD * LANES)
+    rows = q.contiguous().view(n // LANES, LANES, k // BLOCK, BLOCK)
+    sums = (rows.sum(-1, dtype=torch.int32) * -128).transpose(1, 2).contiguous()  # [N/16, K/64, 16]
+    quads = rows.view(torch.int32).permute(0, 2, 3, 1)  # [N/16, K/64, 16 quads, 16 rows]
+    lines = torch.cat([sums.unsqueeze(2), quads], 2).contiguous()
+    return lines.view(torch.int8).view(n // LANES, k // BLOCK, LINES, QUAD * LANES)
 
 
 def unpack(w: torch.Tensor) -> torch.Tensor:
     """The int8 [N, K] codes of a packed copy."""
-    blocks, lines, _ = w.shape
-    quads = w[:, : lines - 1].contiguous().view(torch.int32)  # [N/16, K/4, 16]
-    return quads.transpose(1, 2).contiguous().view(torch.int8).reshape(blocks * LANES, (lines - 1) * QUAD)
+    blocks, nb = w.shape[:2]
+    quads = w[:, :, 1:].contiguous().view(torch.int32)  # [N/16, K/64, 16 quads, 16 rows]
+    return quads.permute(0, 3, 1, 2).contiguous().view(torch.int8).reshape(blocks * LANES, nb * BLOCK)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor) -> torch.Tensor:
-    """x (quantized per row) times a packed copy, rescaled: x of any leading shape, bf16."""
-    y = torch.ops.tinyserve.int8_linear(x.reshape(-1, x.shape[-1]), w, w_scales)
+def reference(x: torch.Tensor, q: torch.Tensor, w_scales: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """The kernel's arithmetic in torch ops, x [M, K] bf16 by codes q [N, K]: each block's products are
+    exact integers (|sum| < 2^24, so fp32 holds them), then summed in block order, each times its scale."""
+    xf = (x.float() * cols).view(x.shape[0], -1, BLOCK).transpose(0, 1)  # [K/64, M, 64]
+    scales = xf.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
+    xq = (xf / scales).round()
+    sums = torch.bmm(xq, q.float().view(q.shape[0], -1, BLOCK).permute(1, 2, 0))  # [K/64, M, N]
+    total = torch.zeros_like(sums[0])
+    for s, xs in zip(sums, scales):
+        total = total + s * xs
+    return (total * w_scales).to(x.dtype)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """x (times cols, quantized per row and block) times a packed copy, rescaled: x of any leading shape, bf16."""
+    y = torch.ops.tinyserve.int8_linear(x.reshape(-1, x.shape[-1]), w, w_scales, cols)
     return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -28,12 +28,14 @@ class PackedWeight(nn.Module):
     dense: torch.Tensor | None
     dense_q: torch.Tensor | None  # the int8-compute copy: int8 [out, in], or packed (layers/int8_gemm.py)
     dense_scales: torch.Tensor | None  # fp32 [out]
+    dense_cols: torch.Tensor | None  # fp32 [in]: the packed copy's column factors (int8_gemm.column_factors)
 
     def __init__(self, dense: torch.Tensor | None) -> None:
         super().__init__()
         self.register_buffer("dense", dense)
         self.register_buffer("dense_q", None)
         self.register_buffer("dense_scales", None)
+        self.register_buffer("dense_cols", None)
         self.packed_max_rows = 1 << 30  # packed kernel for every batch until a measurement says otherwise
         self.int8_active = False  # products above packed_max_rows on the int8 copy (worker/served_model.py)
         self.int8_chunk_rows: int | None = None  # eager int8 products in pieces of this many rows (None: whole)
@@ -51,7 +53,9 @@ class PackedWeight(nn.Module):
         """The product on the large-step copy."""
         if self._on_int8():
             assert self.dense_q is not None and self.dense_scales is not None
-            rows = self.int8_chunk_rows if self.dense_q.dim() == 2 else None  # our kernel needs no pieces
+            if self.dense_cols is not None:  # packed for our kernel, which needs no pieces
+                return int8_gemm.linear(x, self.dense_q, self.dense_scales, self.dense_cols)
+            rows = self.int8_chunk_rows
             if rows is not None and x.shape[0] > rows:
                 return torch.cat([int8_linear(part, self.dense_q, self.dense_scales)
                                   for part in x.split(rows)])
@@ -62,16 +66,24 @@ class PackedWeight(nn.Module):
     def _on_int8(self) -> bool:
         return self.dense_q is not None and (self.int8_active or self.dense is None)
 
-    def int8_copy(self) -> None:
-        """Add an int8 copy beside the dense one: codes per output channel, from the dense copy; packed for
-        our kernel where it runs (bf16 activations on a CPU with VNNI and no AMX)."""
-        if self.dense is not None:
-            q, self.dense_scales = quantize_int8(bf16_gemm.unpack(self.dense), torch.float32)
-            ours = self.dense.dtype == torch.bfloat16 and int8_gemm.fits(*q.shape) and int8_gemm.enabled(q.device)
-            self.dense_q = int8_gemm.pack(q) if ours else q
+    def int8_copy(self, per_token: bool = True) -> bool:
+        """Add an int8 copy beside the dense one, from it, codes per output channel: packed for our kernel
+        where it runs (bf16 activations on a CPU with VNNI and no AMX; columns evened out, activations
+        blocked), else for `int8_linear`'s one scale per token, if `per_token` (the kinds that tolerate
+        it). Returns whether a copy was made."""
+        if self.dense is None:
+            return False
+        w = bf16_gemm.unpack(self.dense)
+        if self.dense.dtype == torch.bfloat16 and int8_gemm.fits(*w.shape) and int8_gemm.enabled(w.device):
+            self.dense_cols = int8_gemm.column_factors(w)
+            q, self.dense_scales = quantize_int8(w.float() / self.dense_cols, torch.float32)
+            self.dense_q = int8_gemm.pack(q)
+        elif per_token:
+            self.dense_q, self.dense_scales = quantize_int8(w, torch.float32)
+        return self.dense_q is not None
 
     def drop_copy(self) -> None:
-        self.dense = self.dense_q = self.dense_scales = None
+        self.dense = self.dense_q = self.dense_scales = self.dense_cols = None
 
     @property
     def dense_weight(self) -> torch.Tensor | None:
@@ -79,7 +91,7 @@ class PackedWeight(nn.Module):
 
     def bytes_read(self, rows: int) -> int:
         """Weight bytes one product with `rows` rows streams: the copy's it runs on, or the packed ones'."""
-        copies = ("dense", "dense_q", "dense_scales")
+        copies = ("dense", "dense_q", "dense_scales", "dense_cols")
         if not (self.has_copy and rows > self.packed_max_rows):
             return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if n not in copies)
         used = copies[1:] if self._on_int8() else copies[:1]
@@ -89,12 +101,14 @@ class PackedWeight(nn.Module):
         raise NotImplementedError
 
 
-# The linears int8 compute multiplies in int8: those whose inputs quantize per token with no measurable
-# loss. Held-out perplexity of the bundled model with int8 products on each kind alone
-# (`python -m tinyserve_lab.ablations.int8_compute --per-linear`): o_proj -0.07%, gate_up_proj +0.29%,
-# both +0.02%; qkv_proj +1.1%, down_proj +1.8% (its SiLU-gated input is heavy-tailed), the LM head
-# +0.6%; all of them +4.1%.
-INT8_COMPUTE_LINEARS = ("o_proj", "gate_up_proj")
+# The linears int8 compute multiplies in int8. On our kernel (activations blocked, weight columns evened
+# out: layers/int8_gemm.py) every kind of a layer; with one scale per token (oneDNN's `_int_mm`, where AMX
+# runs it) those whose inputs quantize so with no measurable loss. Held-out perplexity of the bundled
+# model with per-token int8 products on each kind alone (`python -m tinyserve_lab.ablations.int8_compute
+# --per-linear`): o_proj -0.07%, gate_up_proj +0.29%, both +0.02%; qkv_proj +1.1%, down_proj +1.8% (its
+# SiLU-gated input is heavy-tailed), the LM head +0.6%; all of them +4.1% (REPORT I8, B8).
+INT8_COMPUTE_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+INT8_PER_TOKEN_LINEARS = ("o_proj", "gate_up_proj")
 # Eager int8 products (prefills, on CPUs without AMX) in pieces of this many rows: the quantize and rescale
 # passes around the GEMM then stay in the caches. The 1.5B's gate_up (1536 -> 17920) at 1024 rows took 169
 # ms whole, 119 in pieces of 128, against 142 for the bf16 GEMM (EPYC, REPORT VR).
@@ -127,11 +141,9 @@ def int8_in_graph(model: nn.Module) -> None:
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, w_scales: torch.Tensor) -> torch.Tensor:
     """x @ (q * w_scales).T with x quantized to int8 per row (dynamic, symmetric): an int8 x int8 -> int32
-    GEMM, then both scales. On codes packed for our VNNI kernel (layers/int8_gemm.py) that kernel, with
-    these bits; else oneDNN's (VNNI, AMX where present), with `q.t()` the column-major [in, out] operand it
-    multiplies fastest (1.3-1.8x the row-major one, docs/REPORT.md)."""
-    if q.dim() == 3:
-        return int8_gemm.linear(x, q, w_scales)
+    GEMM on oneDNN's kernel (VNNI, AMX where present), then both scales; `q.t()` is the column-major [in,
+    out] operand it multiplies fastest (1.3-1.8x the row-major one, docs/REPORT.md). Copies packed for our
+    VNNI kernel take `int8_gemm.linear` instead (blocked activations: another arithmetic)."""
     xf = x.float()
     x_scales = xf.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
     xq = (xf / x_scales).round().to(torch.int8)  # |x / scale| <= 127 by construction

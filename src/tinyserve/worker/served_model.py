@@ -19,7 +19,7 @@ from tinyserve.config import EngineConfig, ModelConfig
 from tinyserve.layers import batch_invariant_quantization, bf16_gemm, resolve_quantization
 from tinyserve.layers.kernel_choice import configure_packed_kernels, packed_weights
 from tinyserve.layers.linear import DenseWeight, Linear
-from tinyserve.layers.packed import INT8_CHUNK_ROWS, INT8_COMPUTE_LINEARS, PackedWeight
+from tinyserve.layers.packed import INT8_CHUNK_ROWS, INT8_COMPUTE_LINEARS, INT8_PER_TOKEN_LINEARS, PackedWeight
 from tinyserve.models.llama import LlamaForCausalLM
 from tinyserve.models.loader import ModelSource, load_model
 from tinyserve.system import cache_dir, cpu_flags, cpu_model
@@ -71,8 +71,10 @@ def serve_model(config: EngineConfig, src: ModelSource, mc: ModelConfig, quantiz
     if tp is not None:
         key += f"|tp rank {tp.rank} of {tp.part.world}"
     if config.int8_compute:
+        # Every kind on our kernel where it runs; the per-token ones only where oneDNN's product does.
         weights = [m.impl for name, m in model.named_modules() if isinstance(m, Linear)
-                   and isinstance(m.impl, PackedWeight) and name.rsplit(".", 1)[-1] in INT8_COMPUTE_LINEARS]
+                   and isinstance(m.impl, PackedWeight) and name.rsplit(".", 1)[-1] in INT8_COMPUTE_LINEARS
+                   and m.impl.int8_copy(per_token=name.rsplit(".", 1)[-1] in INT8_PER_TOKEN_LINEARS)]
         if not weights:
             raise ValueError(f"int8_compute runs the large steps of quantized weights; this model's weight mode "
                              f"({resolved}) has none: choose a quantized mode (gguf, int8, int4, checkpoint)")
@@ -81,14 +83,13 @@ def serve_model(config: EngineConfig, src: ModelSource, mc: ModelConfig, quantiz
         # 128-512 rows on the 1.5B's shapes); with AMX the bf16 GEMM is as fast (REPORT I8).
         eager = torch.device(device).type == "cpu" and "amx_bf16" not in cpu_flags()
         for w in weights:
-            w.int8_copy()
             w.int8_active = eager
             w.int8_chunk_rows = INT8_CHUNK_ROWS if eager else None
             if eager:  # every step above the crossover takes the int8 copy: the dense one is never read
                 w.dense = None
         key += "|int8-compute" + ("|eager" if eager else "")
-        if any(w.dense_q is not None and w.dense_q.dim() == 3 for w in weights):
-            key += "|int8 on int8_gemm"  # our VNNI kernel (layers/int8_gemm.py): another crossover
+        if any(w.dense_cols is not None for w in weights):
+            key += "|int8 blocked on int8_gemm"  # our VNNI kernel (layers/int8_gemm.py): another crossover
     # batch-invariant: the packed kernel at every batch size (no dense copy kept)
     rows = config.max_num_batched_tokens if config.batch_invariant else config.packed_max_rows
     packed_max_rows = configure_packed_kernels(model, rows, config.max_num_batched_tokens, dtype,

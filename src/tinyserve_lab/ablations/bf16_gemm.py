@@ -1,8 +1,9 @@
 """A model's dense bf16 products, ATen's `F.linear` (oneDNN) against ours on weights packed once
 (layers/bf16_gemm.py), at the row counts of batched decode steps and prefill chunks. With `--int8`, also
 `--int8-compute`'s products on the same shapes: the reference `int8_linear` (oneDNN's `torch._int_mm`
-between separate quantize and rescale passes, in pieces of 128 rows as eager steps run it) and our VNNI
-kernel (layers/int8_gemm.py), each from bf16 activations to bf16 outputs.
+between separate quantize and rescale passes, one scale per token, in pieces of 128 rows as eager steps
+run it) and our VNNI kernel (layers/int8_gemm.py: a scale per 64 columns of a token, the weight's columns
+evened out), each from bf16 activations to bf16 outputs.
 
 Random weights of the model's shapes (a product's time does not depend on the values): q/k/v, o, gate/up
 and down once each, scaled by the layer count, plus the LM head: one step's products. `--rounds`
@@ -50,21 +51,24 @@ def shapes(model: str | None) -> tuple[dict[str, tuple[int, int, int]], str]:
 
 
 def product(kernel: str, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-    """One product on `kernel`'s form of the weight (`w`: "dense", "packed", "q", "q packed", "scales")."""
+    """One product on `kernel`'s form of the weight (`w`: "dense", "packed", "q", "scales", and for our int8
+    kernel "q packed", "packed scales", "cols")."""
     if kernel == "aten":
         return F.linear(x, w["dense"])
     if kernel == "ours":
         return bf16_gemm.linear(x, w["packed"])
     if kernel == "int8 ref":
         return torch.cat([int8_linear(part, w["q"], w["scales"]) for part in x.split(INT8_CHUNK_ROWS)])
-    return int8_linear(x, w["q packed"], w["scales"])
+    return int8_gemm.linear(x, w["q packed"], w["packed scales"], w["cols"])
 
 
 def forms(w: torch.Tensor, int8: bool) -> dict[str, torch.Tensor]:
     out = {"dense": w, "packed": bf16_gemm.pack(w)}
     if int8:
         out["q"], out["scales"] = quantize_int8(w, torch.float32)
-        out["q packed"] = int8_gemm.pack(out["q"])
+        out["cols"] = int8_gemm.column_factors(w)
+        q, out["packed scales"] = quantize_int8(w.float() / out["cols"], torch.float32)
+        out["q packed"] = int8_gemm.pack(q)
     return out
 
 

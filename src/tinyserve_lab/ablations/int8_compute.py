@@ -56,7 +56,8 @@ def prefill_ms(llm: LLM, tokens: int, seed: int) -> float:
 
 SUBSETS = (("none",), ("qkv_proj",), ("o_proj",), ("gate_up_proj",), ("down_proj",), ("lm_head",),
            ("o_proj", "gate_up_proj"), ("o_proj", "gate_up_proj", "lm_head"), ("qkv_proj", "o_proj", "gate_up_proj"),
-           ("o_proj", "gate_up_proj", "down_proj"), ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"))
+           ("o_proj", "gate_up_proj", "down_proj"), ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+           ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"))
 
 
 KERNEL_SHAPES = ((576, 1536), (576, 49152), (1536, 8960), (8960, 1536))  # (in, out)

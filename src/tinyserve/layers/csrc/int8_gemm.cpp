@@ -1,17 +1,25 @@
-// y = (x quantized to int8 per row) x (W int8 per output channel)^T, rescaled to bf16, on AVX512-VNNI
-// (layers/int8_gemm.py packs W once and says when this runs; layers/packed.py:int8_linear is the reference).
+// y = (x quantized to int8 per row and block of 64 columns) x (W int8 per output channel)^T, rescaled to
+// bf16, on AVX512-VNNI (layers/int8_gemm.py packs W once, says when this runs and holds the reference).
 //
-// Layout: W [N, K] int8 is stored as [N/16][K/4 + 1][64 bytes]: for each block of 16 output rows, one
-// 64-byte line per quad of K positions (the quad of each of the 16 rows), then one line of 16 int32:
-// 128 x the row's sum of codes. `vpdpbusd` multiplies unsigned by signed bytes, so a row of activations
-// is stored as q + 128 (1..255) and that line takes the 128 back out of the int32 sum, exactly.
+// Per output channel one scale cannot hold every weight column of a down_proj, nor one per token every
+// activation of a qkv_proj (their inputs carry outlier channels): int8 products there cost +1.1-1.8%
+// perplexity. So each activation row is quantized per block of 64 columns (llama.cpp's activations are
+// blocked the same way), after its columns are multiplied by `cols`, a per-input-channel factor the weight
+// was divided by before it was quantized (sqrt of the column's absmax: the weight's columns evened out,
+// found from the weights alone). Every kind of linear then stays within the noise (docs/REPORT.md B8).
 //
-// One call quantizes x once (each row alone: its absmax / 127, then round(x / scale) to nearest even,
-// as the reference does), then runs the products like csrc/bf16_gemm.cpp: parallel over groups
-// of 6 blocks (96 outputs), tiles of 4 rows x 96 outputs (24 accumulators), the group's weights in L2
-// while every row passes. Each output is an exact int32 sum, then float(sum) * x_scale * w_scale
-// rounded to bf16 once: the reference's bits, whatever the row count (batch-invariant). A `vpdpbusd`
-// does 64 multiply-adds, twice a `vdpbf16ps`: the point of int8 compute where there is no AMX.
+// Layout: W [N, K] int8 is stored as [N/16][K/64][17][64 bytes]: for each block of 16 output rows and
+// each block of 64 columns, one line of 16 int32, -128 x the rows' sums of codes over the block, then 16
+// lines of quads of K positions (the quad of each of the 16 rows). `vpdpbusd` multiplies unsigned by
+// signed bytes, so activations are stored as q + 128 (1..255); a block's int32 sums start from that first
+// line and so end exact.
+//
+// Each output is sum over blocks of float(exact int32 sum) * x_scale, added in block order (multiply, then
+// add: no fused rounding), times w_scale, rounded to bf16 once: the reference's bits, whatever the row
+// count (batch-invariant). Work split as csrc/bf16_gemm.cpp: parallel over groups of 6 blocks of 16
+// outputs, each group run as two halves of 3 in tiles of 4 rows (12 int32 sums and 12 float totals in
+// registers), the half's weights in L2 while every row passes. A `vpdpbusd` does 64 multiply-adds, twice a
+// `vdpbf16ps`: the point of int8 compute where there is no AMX.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -31,6 +39,8 @@
 namespace {
 
 constexpr int64_t kLanes = 16;  // output rows per block: one int32 vector
+constexpr int64_t kBlock = 64;  // columns per activation scale
+constexpr int64_t kLines = 1 + kBlock / 4;  // per block of 16 outputs and 64 columns: sums, then quads
 
 #if defined(TINYSERVE_VNNI)
 // The reference's arithmetic, held against -ffast-math (which every kernel here is built with): a
@@ -63,90 +73,117 @@ inline __v16si dpbusd(__v16si acc, __v16si a, __v16si b) {
   return acc;
 }
 
-// Row x [K] -> q + 128 as bytes into u [K]; returns the row's scale.
-inline float quantize_row(const c10::BFloat16* x, int64_t K, uint8_t* u) {
+// Row x [K] times cols, per block of 64 -> q + 128 as bytes into u [K]; the blocks' scales into xs [K/64].
+inline void quantize_row(const c10::BFloat16* x, const float* cols, int64_t K, uint8_t* u, float* xs) {
   const uint16_t* bits = reinterpret_cast<const uint16_t*>(x);
   auto widen = [](__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); };
-  const int64_t K16 = K / 16 * 16;
-  __m512 vmax = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K16; k += 16)
-    vmax = _mm512_max_ps(vmax, _mm512_abs_ps(widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + k)))));
-  float amax = _mm512_reduce_max_ps(vmax);
-  for (int64_t k = K16; k < K; ++k) amax = std::max(amax, std::fabs(static_cast<float>(x[k])));
-  const float scale = std::max(amax, 1e-12f) / kQmax;
-  const __m512 vscale = _mm512_set1_ps(scale);
   const __m512i offset = _mm512_set1_epi32(128);
-  for (int64_t k = 0; k < K16; k += 16) {
-    const __m512 v = divide(widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + k))), vscale);
-    const __m512i q = _mm512_cvtps_epi32(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(u + k), _mm512_cvtepi32_epi8(_mm512_add_epi32(q, offset)));
+  for (int64_t b = 0; b < K / kBlock; ++b) {
+    __m512 v[4];
+    __m512 vmax = _mm512_setzero_ps();
+    for (int p = 0; p < 4; ++p) {
+      const int64_t k = b * kBlock + p * 16;
+      // opaque: x * cols is rounded once, as the reference's product, before the division below
+      v[p] = opaque(_mm512_mul_ps(widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + k))),
+                                  _mm512_loadu_ps(cols + k)));
+      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v[p]));
+    }
+    const float scale = std::max(_mm512_reduce_max_ps(vmax), 1e-12f) / kQmax;
+    xs[b] = scale;
+    const __m512 vscale = _mm512_set1_ps(scale);
+    for (int p = 0; p < 4; ++p) {
+      const __m512i q = _mm512_cvtps_epi32(_mm512_roundscale_ps(divide(v[p], vscale),
+                                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(u + b * kBlock + p * 16), _mm512_cvtepi32_epi8(_mm512_add_epi32(q, offset)));
+    }
   }
-  for (int64_t k = K16; k < K; ++k) u[k] = static_cast<uint8_t>(std::nearbyint(static_cast<float>(x[k]) / opaque(scale)) + 128);
-  return scale;
 }
 
-// Rows [0, MR) of the quantized x (u, scales xs) times blocks [0, NR) of the group at w.
+// Rows [0, MR) of the quantized x (u, block scales xs) times NR blocks of 16 outputs at w.
 template <int MR, int NR>
 inline void tile(const uint8_t* u, const float* xs, int64_t K, const int8_t* w, const float* ws, c10::BFloat16* y,
                  int64_t ldy) {
-  // Typed as GCC's own vector of 16 int32: as __m512i (8 x int64), each step's conversions kept the 24
-  // accumulators in memory (260 GOP/s instead of ~800).
-  __v16si acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = (__v16si)_mm512_setzero_si512();
-  const int64_t K4 = K / 4, line = K4 + 1;  // a block: K/4 lines of quads, then its compensation line
+  const int64_t nb = K / kBlock, K4 = K / 4, stride = nb * kLines * 64;  // stride: bytes per 16 outputs
   const int32_t* quads = reinterpret_cast<const int32_t*>(u);
-  for (int64_t kq = 0; kq < K4; ++kq) {
-    __v16si b[NR];
-    for (int j = 0; j < NR; ++j) b[j] = (__v16si)_mm512_loadu_si512(w + (j * line + kq) * 64);
+  __m512 total[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) total[i][j] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const int8_t* wb = w + b * kLines * 64;
+    // Typed as GCC's own vector of 16 int32: as __m512i (8 x int64) the conversions kept the sums in memory.
+    __v16si acc[MR][NR];
+    for (int j = 0; j < NR; ++j) {
+      const __v16si start = (__v16si)_mm512_loadu_si512(wb + j * stride);
+      for (int i = 0; i < MR; ++i) acc[i][j] = start;
+    }
+    for (int kq = 0; kq < kBlock / 4; ++kq) {
+      __v16si bv[NR];
+      for (int j = 0; j < NR; ++j) bv[j] = (__v16si)_mm512_loadu_si512(wb + j * stride + (1 + kq) * 64);
+      for (int i = 0; i < MR; ++i) {
+        const __v16si a = (__v16si)_mm512_set1_epi32(quads[i * K4 + b * (kBlock / 4) + kq]);
+        for (int j = 0; j < NR; ++j) acc[i][j] = dpbusd(acc[i][j], a, bv[j]);
+      }
+    }
     for (int i = 0; i < MR; ++i) {
-      const __v16si a = (__v16si)_mm512_set1_epi32(quads[i * K4 + kq]);
-      for (int j = 0; j < NR; ++j) acc[i][j] = dpbusd(acc[i][j], a, b[j]);
+      const __m512 s = _mm512_set1_ps(xs[i * nb + b]);
+      for (int j = 0; j < NR; ++j)
+        total[i][j] = _mm512_add_ps(total[i][j], opaque(_mm512_mul_ps(_mm512_cvtepi32_ps((__m512i)acc[i][j]), s)));
     }
   }
   for (int j = 0; j < NR; ++j) {
-    const __m512i comp = _mm512_loadu_si512(w + (j * line + K4) * 64);
     const __m512 wsj = _mm512_loadu_ps(ws + j * kLanes);
-    for (int i = 0; i < MR; ++i) {
-      const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32((__m512i)acc[i][j], comp)), _mm512_set1_ps(xs[i]));
-      const __m512 v = _mm512_mul_ps(opaque(t), wsj);  // (sum * x_scale) * w_scale, in the reference's order
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i * ldy + j * kLanes), (__m256i)_mm512_cvtneps_pbh(v));
-    }
+    for (int i = 0; i < MR; ++i)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i * ldy + j * kLanes),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(total[i][j], wsj)));
   }
 }
 
-void gemm(const c10::BFloat16* x, const int8_t* w, const float* ws, c10::BFloat16* y, int64_t M, int64_t K,
-          int64_t blocks) {
-  std::vector<uint8_t> u(static_cast<size_t>(M * K));
-  std::vector<float> xs(static_cast<size_t>(M));
-  at::parallel_for(0, M, 16, [&](int64_t lo, int64_t hi) {
-    for (int64_t m = lo; m < hi; ++m) xs[m] = quantize_row(x + m * K, K, u.data() + m * K);
+// Rows of x times the NR (<= 3) blocks at w, in tiles of up to 4 rows.
+template <int NR>
+inline void rows_pass(int64_t M, const uint8_t* u, const float* xs, int64_t K, const int8_t* w, const float* ws,
+                      c10::BFloat16* y, int64_t N) {
+  const int64_t nb = K / kBlock;
+  tinyserve::row_tiles(M, [&](auto mr, int64_t i) {
+    tile<decltype(mr)::value, NR>(u + i * K, xs + i * nb, K, w, ws, y + i * N, N);
   });
-  const int64_t N = blocks * kLanes, line = K / 4 + 1;
+}
+
+void gemm(const c10::BFloat16* x, const float* cols, const int8_t* w, const float* ws, c10::BFloat16* y, int64_t M,
+          int64_t K, int64_t blocks) {
+  const int64_t nb = K / kBlock;
+  std::vector<uint8_t> u(static_cast<size_t>(M * K));
+  std::vector<float> xs(static_cast<size_t>(M * nb));
+  at::parallel_for(0, M, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t m = lo; m < hi; ++m) quantize_row(x + m * K, cols, K, u.data() + m * K, xs.data() + m * nb);
+  });
+  const int64_t N = blocks * kLanes, stride = nb * kLines * 64;
   tinyserve::block_groups(blocks, [&](auto nr, int64_t b0) {
-    const int8_t* wg = w + b0 * line * 64;
-    tinyserve::row_tiles(M, [&](auto mr, int64_t i) {
-      tile<decltype(mr)::value, decltype(nr)::value>(u.data() + i * K, xs.data() + i, K, wg, ws + b0 * kLanes,
-                                                     y + i * N + b0 * kLanes, N);
-    });
+    constexpr int kNR = decltype(nr)::value, kFirst = kNR < 3 ? kNR : 3;
+    rows_pass<kFirst>(M, u.data(), xs.data(), K, w + b0 * stride, ws + b0 * kLanes, y + b0 * kLanes, N);
+    if constexpr (kNR > 3) {
+      const int64_t b1 = b0 + 3;
+      rows_pass<kNR - 3>(M, u.data(), xs.data(), K, w + b1 * stride, ws + b1 * kLanes, y + b1 * kLanes, N);
+    }
   });
 }
 #endif
 
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scales) {
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scales, const at::Tensor& cols) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "int8_linear: x must be 2-D bfloat16");
-  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kChar && w.size(2) == 64 && w.is_contiguous(),
-              "int8_linear: w must be packed [N/16, K/4 + 1, 64] int8 (layers/int8_gemm.py)");
+  TORCH_CHECK(w.dim() == 4 && w.scalar_type() == at::kChar && w.size(2) == kLines && w.size(3) == 64 && w.is_contiguous(),
+              "int8_linear: w must be packed [N/16, K/64, 17, 64] int8 (layers/int8_gemm.py)");
   const int64_t M = x.size(0), K = x.size(1), blocks = w.size(0);
-  TORCH_CHECK((w.size(1) - 1) * 4 == K, "int8_linear: x has ", K, " columns, the weight ", (w.size(1) - 1) * 4);
+  TORCH_CHECK(w.size(1) * kBlock == K, "int8_linear: x has ", K, " columns, the weight ", w.size(1) * kBlock);
   TORCH_CHECK(w_scales.scalar_type() == at::kFloat && w_scales.numel() == blocks * kLanes && w_scales.is_contiguous(),
               "int8_linear: w_scales must be float32 [N]");
+  TORCH_CHECK(cols.scalar_type() == at::kFloat && cols.numel() == K && cols.is_contiguous(),
+              "int8_linear: cols must be float32 [K]");
   at::Tensor y = at::empty({M, blocks * kLanes}, x.options());
   if (M == 0) return y;
 #if defined(TINYSERVE_VNNI)
   const at::Tensor xc = x.contiguous();
-  gemm(xc.data_ptr<c10::BFloat16>(), w.data_ptr<int8_t>(), w_scales.data_ptr<float>(), y.data_ptr<c10::BFloat16>(),
-       M, K, blocks);
+  gemm(xc.data_ptr<c10::BFloat16>(), cols.data_ptr<float>(), w.data_ptr<int8_t>(), w_scales.data_ptr<float>(),
+       y.data_ptr<c10::BFloat16>(), M, K, blocks);
 #else
   TORCH_CHECK(false, "int8_linear: built for a CPU without AVX512-VNNI and AVX512-BF16");
 #endif
@@ -156,7 +193,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tinyserve, m) {
-  m.def("int8_linear(Tensor x, Tensor w, Tensor w_scales) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor w, Tensor w_scales, Tensor cols) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tinyserve, CPU, m) {
