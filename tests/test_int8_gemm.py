@@ -25,7 +25,7 @@ def _pair(m: int, k: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor
     w = torch.randn(n, k, generator=g)
     w[:, -(k // 5):] *= 6
     cols = int8_gemm.column_factors(w)
-    q, scales = quantize_int8(w / cols, torch.float32)
+    q, scales = quantize_int8(w, torch.float32, cols)
     return x.bfloat16(), q, scales, cols
 
 
@@ -48,6 +48,11 @@ def test_column_factors_even_out_heavy_columns():
     assert c.shape == (256,) and c.dtype == torch.float32 and abs(c.mean().item() - 1) < 1e-5
     spread = (w / c).abs().amax(0)
     assert spread.max() / spread.min() < (w.abs().amax(0).max() / w.abs().amax(0).min()) ** 0.6
+    whole = w.abs().amax(0).sqrt()
+    assert torch.equal(c, whole / whole.mean())  # taken a piece of rows at a time: the same factors
+    big = torch.randn(3000, 256)  # several pieces of rows for quantize_int8
+    assert all(torch.equal(a, b) for a, b in zip(quantize_int8(big, torch.float32, c),
+                                                 quantize_int8(big / c, torch.float32)))
 
 
 def test_blocked_products_hold_an_outlier_that_one_scale_per_token_cannot():

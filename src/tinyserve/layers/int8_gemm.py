@@ -59,7 +59,10 @@ def column_factors(w: torch.Tensor) -> torch.Tensor:
     """fp32 [K]: sqrt of each input column's absmax, mean 1. The weight is divided by them before its rows
     are quantized (its columns evened out: down_proj's heavy ones no longer set a row's scale) and the
     activations multiplied (SmoothQuant's alpha 0.5 with the weight's side only, no calibration data)."""
-    c = w.float().abs().amax(0).clamp(min=1e-6).sqrt()
+    amax = torch.zeros(w.shape[1], dtype=torch.float32, device=w.device)
+    for part in w.split(max(1, (1 << 18) // w.shape[1])):  # 1 MB of fp32 at a time, as quantize_int8
+        torch.maximum(amax, part.float().abs().amax(0), out=amax)
+    c = amax.clamp(min=1e-6).sqrt()
     return c / c.mean()
 
 

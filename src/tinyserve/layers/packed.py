@@ -76,7 +76,7 @@ class PackedWeight(nn.Module):
         w = bf16_gemm.unpack(self.dense)
         if self.dense.dtype == torch.bfloat16 and int8_gemm.fits(*w.shape) and int8_gemm.enabled(w.device):
             self.dense_cols = int8_gemm.column_factors(w)
-            q, self.dense_scales = quantize_int8(w.float() / self.dense_cols, torch.float32)
+            q, self.dense_scales = quantize_int8(w, torch.float32, self.dense_cols)
             self.dense_q = int8_gemm.pack(q)
         elif per_token:
             self.dense_q, self.dense_scales = quantize_int8(w, torch.float32)
@@ -101,12 +101,12 @@ class PackedWeight(nn.Module):
         raise NotImplementedError
 
 
-# The linears int8 compute multiplies in int8. On our kernel (activations blocked, weight columns evened
-# out: layers/int8_gemm.py) every kind of a layer; with one scale per token (oneDNN's `_int_mm`, where AMX
-# runs it) those whose inputs quantize so with no measurable loss. Held-out perplexity of the bundled
-# model with per-token int8 products on each kind alone (`python -m tinyserve_lab.ablations.int8_compute
-# --per-linear`): o_proj -0.07%, gate_up_proj +0.29%, both +0.02%; qkv_proj +1.1%, down_proj +1.8% (its
-# SiLU-gated input is heavy-tailed), the LM head +0.6%; all of them +4.1% (REPORT I8, B8).
+# The linears int8 compute multiplies in int8. On our kernel (activations in blocks, weight columns evened
+# out: layers/int8_gemm.py) every kind of a layer: +0.56% held-out perplexity on the bundled model for the
+# four (`python -m tinyserve_lab.ablations.int8_compute --per-linear --windows 32`; the LM head would add
+# ~0.4% for a gain the noise hid: REPORT B8). With one scale per token (oneDNN's `_int_mm`, where AMX runs
+# it) only the kinds whose inputs tolerate it: per token qkv_proj cost +1.0%, down_proj +1.8% (its
+# SiLU-gated input is heavy-tailed), o_proj and gate_up_proj +0.2-0.4% each (REPORT I8, B8).
 INT8_COMPUTE_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 INT8_PER_TOKEN_LINEARS = ("o_proj", "gate_up_proj")
 # Eager int8 products (prefills, on CPUs without AMX) in pieces of this many rows: the quantize and rescale
@@ -115,16 +115,20 @@ INT8_PER_TOKEN_LINEARS = ("o_proj", "gate_up_proj")
 INT8_CHUNK_ROWS = 128
 
 
-def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per output channel; the scale is rounded to `dtype` before q is chosen. A 1 MB piece of
-    rows at a time, so the fp32 temporaries stay in cache (the same bits: each row is quantized alone
-    either way): as passes over whole matrices, the 1.5B's int8 copies took 8.5 s of its load."""
+def quantize_int8(w: torch.Tensor, dtype: torch.dtype,
+                  cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per output channel (of w / cols, where given: fp32 [in]); the scale is rounded to `dtype`
+    before q is chosen. A 1 MB piece of rows at a time, so the fp32 temporaries stay in cache (the same
+    bits: each row is quantized alone either way): as passes over whole matrices, the 1.5B's int8 copies
+    took 8.5 s of its load."""
     n, k = w.shape
     q = torch.empty(n, k, dtype=torch.int8, device=w.device)
     scales = torch.empty(n, dtype=torch.float32, device=w.device)
     step = max(1, (1 << 18) // k)  # rows per 1 MB of fp32
     for r in range(0, n, step):
         part = w[r : r + step].float()  # a view where w is fp32: not written to
+        if cols is not None:
+            part = part / cols
         s = (part.abs().amax(-1) / 127).clamp(min=1e-8).to(dtype).float()
         scales[r : r + step] = s
         q[r : r + step] = (part / s[:, None]).round_().clamp_(-128, 127)

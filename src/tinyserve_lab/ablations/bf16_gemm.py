@@ -67,7 +67,7 @@ def forms(w: torch.Tensor, int8: bool) -> dict[str, torch.Tensor]:
     if int8:
         out["q"], out["scales"] = quantize_int8(w, torch.float32)
         out["cols"] = int8_gemm.column_factors(w)
-        q, out["packed scales"] = quantize_int8(w.float() / out["cols"], torch.float32)
+        q, out["packed scales"] = quantize_int8(w, torch.float32, out["cols"])
         out["q packed"] = int8_gemm.pack(q)
     return out
 
