@@ -3,9 +3,9 @@
 Our kernel (csrc/int8_gemm.cpp) quantizes each activation row per block of 64 columns, after multiplying its
 columns by the factors the weight was divided by (`column_factors`), multiplies with `vpdpbusd` (twice
 the multiply-adds of `vdpbf16ps`) on weights packed once at load, and rescales in registers. Blocked
-activations and evened-out weight columns hold every kind of linear within the noise (qkv_proj and
-down_proj cost +1.1-1.8% perplexity with one scale per token and per output channel: docs/REPORT.md I8,
-B8), so here int8 compute covers all four kinds of a layer. `reference` is its arithmetic in torch ops:
+activations and evened-out weight columns let int8 compute cover all four kinds of a layer here at +0.56%
+perplexity on the bundled model (with one scale per token and per output channel qkv_proj and down_proj
+alone cost +1.0-1.8%: docs/REPORT.md I8, B8). `reference` is its arithmetic in torch ops:
 the kernel gives its bits. Where AMX is present oneDNN runs `torch._int_mm` on the tiles instead, with one
 scale per token (layers/packed.py:int8_linear), on the kinds that tolerate it.
 
