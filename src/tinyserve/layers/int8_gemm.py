@@ -77,8 +77,8 @@ def pack(q: torch.Tensor) -> torch.Tensor:
     16 (row) quads per quad of columns."""
     n, k = q.shape
     rows = q.contiguous().view(n // LANES, LANES, k // BLOCK, BLOCK)
-    # Block sums in fp32 (exact: |sum| <= 64 x 128), 1 MB of rows at a time: an int8 sum to int32 took
-    # 3.3 s of the 1.5B's load, this 0.5 s.
+    # Block sums in fp32 (exact: |sum| <= 64 x 128), 1 MB of rows at a time: `sum(dtype=int32)` over the
+    # int8 blocks took 3.3 s of the 1.5B's load (cProfile, docs/REPORT.md B8).
     step = max(1, (1 << 18) // k)
     sums = torch.cat([part.float().view(-1, k // BLOCK, BLOCK).sum(-1) for part in q.split(step)])
     lines = torch.empty(n // LANES, k // BLOCK, LINES, LANES, dtype=torch.int32, device=q.device)
