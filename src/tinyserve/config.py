@@ -187,10 +187,11 @@ class EngineConfig:
         "Default: measured at start-up on this machine",
     )
     int8_compute: bool = knob(
-        False, "compiled decode steps above the packed crossover (batches) multiply int8 activations (per token, "
-        "quantized on the fly) by an int8 copy of each quantized weight (per output channel) on VNNI/AMX "
-        "instead of its 16-bit dense copy; eager steps (prefills) too on a CPU without AMX (where AMX runs "
-        "the 16-bit GEMM, they keep it); lossy (docs/REPORT.md I8, VR)")
+        False, "compiled decode steps above the packed crossover (batches) multiply int8 activations (quantized on "
+        "the fly) by an int8 copy of each quantized weight (per output channel) instead of its 16-bit dense copy; "
+        "on a CPU with VNNI and no AMX our kernel, for eager steps (prefills) too, on every kind of linear with "
+        "activations in blocks of 64 columns; with AMX oneDNN's, per token, on o_proj and gate_up_proj; lossy "
+        "(docs/REPORT.md I8, VR, B8)")
     attention_backend: str = knob(  # the back ends are registered in attention/__init__.py
         "auto", "how attention reads the paged KV pool; auto = paged on CPU (sdpa where its kernel cannot "
         "be built), triton on CUDA (sdpa where triton is not installed)")
