@@ -55,12 +55,18 @@ def fits(rows: int, cols: int) -> bool:
     return rows % LANES == 0 and cols % BLOCK == 0
 
 
+def piece_rows(cols: int) -> int:
+    """Rows of a [*, cols] matrix per 1 MB of fp32: the piece the load-time passes over a weight take, so
+    their fp32 temporaries stay in cache (a pass over a whole matrix is several times slower)."""
+    return max(1, (1 << 18) // cols)
+
+
 def column_factors(w: torch.Tensor) -> torch.Tensor:
     """fp32 [K]: sqrt of each input column's absmax, mean 1. The weight is divided by them before its rows
     are quantized (its columns evened out: down_proj's heavy ones no longer set a row's scale) and the
     activations multiplied (SmoothQuant's alpha 0.5 with the weight's side only, no calibration data)."""
     amax = torch.zeros(w.shape[1], dtype=torch.float32, device=w.device)
-    for part in w.split(max(1, (1 << 18) // w.shape[1])):  # 1 MB of fp32 at a time, as quantize_int8
+    for part in w.split(piece_rows(w.shape[1])):
         torch.maximum(amax, part.float().abs().amax(0), out=amax)
     c = amax.clamp(min=1e-6).sqrt()
     return c / c.mean()
@@ -79,8 +85,7 @@ def pack(q: torch.Tensor) -> torch.Tensor:
     rows = q.contiguous().view(n // LANES, LANES, k // BLOCK, BLOCK)
     # Block sums in fp32 (exact: |sum| <= 64 x 128), 1 MB of rows at a time: `sum(dtype=int32)` over the
     # int8 blocks took 3.3 s of the 1.5B's load (cProfile, docs/REPORT.md B8).
-    step = max(1, (1 << 18) // k)
-    sums = torch.cat([part.float().view(-1, k // BLOCK, BLOCK).sum(-1) for part in q.split(step)])
+    sums = torch.cat([part.float().view(-1, k // BLOCK, BLOCK).sum(-1) for part in q.split(piece_rows(k))])
     lines = torch.empty(n // LANES, k // BLOCK, LINES, LANES, dtype=torch.int32, device=q.device)
     lines[:, :, 0] = (sums.to(torch.int32) * -128).view(n // LANES, LANES, k // BLOCK).transpose(1, 2)
     lines[:, :, 1:] = rows.view(torch.int32).permute(0, 2, 3, 1)  # [N/16, K/64, 16 quads, 16 rows]

@@ -124,7 +124,7 @@ def quantize_int8(w: torch.Tensor, dtype: torch.dtype,
     n, k = w.shape
     q = torch.empty(n, k, dtype=torch.int8, device=w.device)
     scales = torch.empty(n, dtype=torch.float32, device=w.device)
-    step = max(1, (1 << 18) // k)  # rows per 1 MB of fp32
+    step = int8_gemm.piece_rows(k)
     for r in range(0, n, step):
         part = w[r : r + step].float()  # a view where w is fp32: not written to
         if cols is not None:

@@ -72,9 +72,12 @@ def serve_model(config: EngineConfig, src: ModelSource, mc: ModelConfig, quantiz
         key += f"|tp rank {tp.rank} of {tp.part.world}"
     if config.int8_compute:
         # Every kind on our kernel where it runs; the per-token ones only where oneDNN's product does.
-        weights = [m.impl for name, m in model.named_modules() if isinstance(m, Linear)
-                   and isinstance(m.impl, PackedWeight) and name.rsplit(".", 1)[-1] in INT8_COMPUTE_LINEARS
-                   and m.impl.int8_copy(per_token=name.rsplit(".", 1)[-1] in INT8_PER_TOKEN_LINEARS)]
+        weights = []
+        for name, m in model.named_modules():
+            kind = name.rsplit(".", 1)[-1]
+            if isinstance(m, Linear) and isinstance(m.impl, PackedWeight) and kind in INT8_COMPUTE_LINEARS \
+                    and m.impl.int8_copy(per_token=kind in INT8_PER_TOKEN_LINEARS):
+                weights.append(m.impl)
         if not weights:
             raise ValueError(f"int8_compute runs the large steps of quantized weights; this model's weight mode "
                              f"({resolved}) has none: choose a quantized mode (gguf, int8, int4, checkpoint)")
